@@ -1,0 +1,245 @@
+"""The frozen backbone: any timm Vision Transformer, built by name, with its weights' fingerprint.
+
+Weights come from one of three places, and where they came from is recorded with the backbone:
+
+* ``"hub"``: timm's pretrained weights (downloaded from the hub once, then read from its cache);
+* ``"file:<path>"``: a local ``.safetensors`` file or torch checkpoint (read with ``weights_only=True``);
+* ``"random"``: timm's initialisation under a fixed seed, only when asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+from adaptkit.errors import BackboneError, OfflineError
+from adaptkit.hashing import tensors_sha256
+
+__all__ = ["DEFAULT_BACKBONE", "Backbone", "create_backbone", "fingerprint", "resolve_weights"]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+RANDOM_SEED = 0  # random backbones are seeded so that "random" names one fixed set of weights
+_HEAD_PREFIXES = ("head.",)  # task heads are adaptkit's; a checkpoint's own classifier is dropped
+
+
+@dataclass
+class Backbone:
+    """A frozen timm ViT (``num_classes=0``: it returns pooled features) and what identifies it."""
+
+    name: str
+    model: nn.Module
+    weights: str
+    fingerprint: str
+    data_config: dict = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.num_features)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def label(self) -> str:
+        """Name plus weight source, e.g. ``vit_tiny_patch16_224 (random weights)``."""
+        return self.name if self.weights in ("hub", "package") else f"{self.name} ({describe_weights(self.weights)})"
+
+
+def describe_weights(weights: str) -> str:
+    """A short human label for a weight source string."""
+    if weights == "random":
+        return "random weights"
+    if weights.startswith("file:"):
+        return f"weights from {weights[5:]}"
+    return f"{weights} weights"
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over every tensor of ``model.state_dict()`` (name, dtype, shape, bytes) in sorted name order."""
+    return tensors_sha256(model.state_dict())
+
+
+def resolve_weights(weights: str | os.PathLike | None, pretrained: bool) -> str:
+    """Turn the user's choice into a weight source string: ``hub``, ``random`` or ``file:<absolute path>``."""
+    if weights is not None:
+        text = str(weights)
+        if text in ("hub", "random", "package"):
+            return text
+        path = Path(text[5:] if text.startswith("file:") else text).expanduser()
+        if not path.is_file():
+            raise BackboneError(f"weights file {path} does not exist: pass the path of a .safetensors or .pth file")
+        return f"file:{path.resolve()}"
+    return "hub" if pretrained else "random"
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    weights: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """Build a frozen timm ViT by name.
+
+    Args:
+        name: a timm model name, optionally with a pretrained tag (``vit_base_patch16_224.augreg_in21k``).
+        weights: a local weights file, or a source string from the registry (``hub``, ``random``, ``file:...``).
+        pretrained: with no ``weights``, True loads timm's pretrained weights, False gives seeded random weights.
+        device: where to put the model.
+
+    Returns:
+        The backbone in eval mode with every parameter frozen.
+    """
+    source = resolve_weights(weights, pretrained)
+    if source == "package":
+        source = "hub"  # a packaged model's pretrained weights are a file timm already knows about
+    _check_known(name)
+    if source == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model = _create(name, pretrained=False)
+    elif source == "hub":
+        source = _hub_or_package(name)
+        model = _create(name, pretrained=True)
+    else:
+        model = _create(name, pretrained=False)
+        load_weights_file(model, Path(source[5:]))
+    if not hasattr(model, "blocks") or not hasattr(model, "forward_features"):
+        raise BackboneError(f"{name} is not a Vision Transformer with `blocks`; pick a timm ViT such as vit_base_patch16_224")
+    model.requires_grad_(False).eval().to(device)
+    data_config = timm.data.resolve_data_config({}, model=model)
+    return Backbone(name=name, model=model, weights=source, fingerprint=fingerprint(model), data_config=data_config)
+
+
+def _check_known(name: str) -> None:
+    arch = name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models("*vit*"), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See `timm.list_models('vit*')`."
+        raise BackboneError(f"unknown backbone {name!r}.{hint}")
+
+
+def _create(name: str, pretrained: bool) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except (OSError, RuntimeError, ValueError) as exc:  # hub, file and config failures all surface here
+        if pretrained and _looks_offline(exc):
+            raise OfflineError(_offline_message(name)) from exc
+        raise BackboneError(f"could not build backbone {name}: {exc}") from exc
+
+
+def _hub_or_package(name: str) -> str:
+    """Check that pretrained weights can be had without a long wait; return ``hub`` or ``package``."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:
+        cfg = None
+    if cfg is None:
+        raise BackboneError(f"{name} has no pretrained weights in timm: pass --weights FILE or --no-pretrained")
+    if cfg.file or cfg.state_dict:
+        return "package"
+    if cfg.hf_hub_id and _hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename):
+        return "hub"
+    if _offline_env() or not _hub_reachable():
+        raise OfflineError(_offline_message(name))
+    return "hub"
+
+
+def _hub_cached(repo_id: str, filename: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in names)
+
+
+def _offline_env() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub, so that an offline user hears in seconds instead of after retries."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _looks_offline(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(k in text for k in ("offline", "connection", "resolve", "network", "localentrynotfound", "timed out"))
+
+
+def _offline_message(name: str) -> str:
+    return (
+        f"pretrained weights for {name} are not in the local cache and the model hub cannot be reached. "
+        "Offline, use --weights FILE (a .safetensors or .pth checkpoint), a backbone that ships with adaptkit "
+        "(vit_cifar_tiny_patch4_32.adaptkit_c10), or --no-pretrained for random weights."
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a weights file: safetensors, or a torch checkpoint with ``weights_only=True``."""
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and header errors all mean the same thing to the user
+        raise BackboneError(f"could not read weights file {path}: {exc}") from exc
+    for key in ("state_dict", "model", "module", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path} does not hold a state dict of tensors")
+    for prefix in ("module.", "model.", "backbone."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a checkpoint into ``model``, adapting it with timm's filter and dropping any classifier head."""
+    if path.suffix == ".npz" and hasattr(model, "load_pretrained"):
+        model.load_pretrained(str(path))  # original JAX/big_vision checkpoints
+        return
+    state = read_state_dict(path)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise BackboneError(f"{path} does not fit this backbone (shape mismatch): {str(exc)[:300]}") from exc
+    missing = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
+    if missing or unexpected:
+        raise BackboneError(
+            f"{path} does not fit this backbone: missing {missing[:4]}, unexpected {unexpected[:4]}. "
+            "Check --backbone names the architecture the file was saved from."
+        )

@@ -1,0 +1,377 @@
+"""Data sets for adaptkit tasks: torchvision sets, image folders and a bundled offline set.
+
+A spec string names the data (`cifar100`, `folder:PATH`, `digits`). Every split yields
+`(tensor CxHxW, label)`: images become RGB with `to_rgb`, then go through timm's transforms built from the
+backbone's data config, so training and prediction see the same input size and normalisation. Sources hold raw
+PIL images; thin `TransformedSubset` views apply the transforms, so the validation split carved out of train
+gets the eval transform.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+
+from adaptkit.errors import DatasetError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+TEST_FRACTION = 0.2  # held out as test where a data set has no test split of its own
+SPLIT_SEED = 0  # fixed, so the test split never depends on the training seed
+DOWNLOAD_TIMEOUT_S = 30.0
+_TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# classes, train source and indices, test source and indices
+_Splits = tuple[list[str], Dataset, list[int], Dataset, list[int]]
+
+
+@dataclass
+class DatasetInfo:
+    """One row of `adaptkit datasets`."""
+
+    name: str
+    kind: str  # "torchvision" | "folder" | "bundled"
+    num_classes: int | None
+    description: str
+
+
+@dataclass
+class TaskData:
+    """The three splits of one task and its class names (index = label)."""
+
+    spec: str
+    classes: list[str]
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class _TorchvisionSet:
+    cls: str  # attribute of torchvision.datasets
+    train: tuple[dict[str, Any], ...]  # kwargs of one or more splits, concatenated
+    test: dict[str, Any] | None  # None: carve a seeded test split out of train
+    num_classes: int
+    description: str
+    class_name: str = "class_{:03d}"  # where the data set has no `.classes`
+
+
+_BY_FLAG = (({"train": True},), {"train": False})
+_BY_SPLIT = (({"split": "train"},), {"split": "test"})
+_TRAINVAL = (({"split": "trainval"},), {"split": "test"})
+_TRAIN_AND_VAL = (({"split": "train"}, {"split": "val"}), {"split": "test"})
+TORCHVISION_SETS: dict[str, _TorchvisionSet] = {
+    "cifar10": _TorchvisionSet("CIFAR10", *_BY_FLAG, 10, "CIFAR-10, 32x32 objects"),
+    "cifar100": _TorchvisionSet("CIFAR100", *_BY_FLAG, 100, "CIFAR-100, 32x32 objects"),
+    "svhn": _TorchvisionSet("SVHN", *_BY_SPLIT, 10, "Street View house numbers", class_name="{}"),
+    "food101": _TorchvisionSet("Food101", *_BY_SPLIT, 101, "Food-101 dishes"),
+    "flowers102": _TorchvisionSet("Flowers102", *_TRAIN_AND_VAL, 102, "Oxford 102 flowers (train+val)"),
+    "oxford_pets": _TorchvisionSet("OxfordIIITPet", *_TRAINVAL, 37, "Oxford-IIIT pet breeds"),
+    "dtd": _TorchvisionSet("DTD", *_TRAIN_AND_VAL, 47, "Describable textures (train+val)"),
+    "eurosat": _TorchvisionSet("EuroSAT", ({},), None, 10, "EuroSAT RGB land use (seeded 80/20 test split)"),
+    "gtsrb": _TorchvisionSet("GTSRB", *_BY_SPLIT, 43, "German traffic signs"),
+    "fgvc_aircraft": _TorchvisionSet("FGVCAircraft", *_TRAINVAL, 100, "FGVC aircraft variants"),
+    "stl10": _TorchvisionSet("STL10", *_BY_SPLIT, 10, "STL-10, 96x96 objects"),
+    "mnist": _TorchvisionSet("MNIST", *_BY_FLAG, 10, "MNIST handwritten digits"),
+    "fashion_mnist": _TorchvisionSet("FashionMNIST", *_BY_FLAG, 10, "Fashion-MNIST clothing"),
+}
+
+
+def list_datasets() -> list[DatasetInfo]:
+    """Every data set spec adaptkit understands, torchvision sets first."""
+    rows = [DatasetInfo(n, "torchvision", s.num_classes, s.description) for n, s in TORCHVISION_SETS.items()]
+    rows.append(DatasetInfo("folder", "folder", None, "folder:PATH, a folder per class, or train/ + test/"))
+    rows.append(DatasetInfo("digits", "bundled", 10, "scikit-learn 8x8 digits, 1797 images, works offline"))
+    return rows
+
+
+def default_data_dir() -> Path:
+    """Where torchvision sets live: `$ADAPTKIT_DATA_DIR`, else `~/.cache/adaptkit/data`."""
+    env = os.environ.get("ADAPTKIT_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "adaptkit" / "data"
+
+
+def _gray_to_8bit(img: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer or float grey image to 8 bits instead of clipping it."""
+    a = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535):
+        a = a / 257.0  # 0..65535 -> 0..255
+    elif lo < 0 or hi > 65535:
+        a = (a - lo) / max(hi - lo, 1e-12) * 255.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL image to 8-bit RGB; transparent parts are laid on white.
+
+    Args:
+        img: an image of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1, ...).
+
+    Returns:
+        An 'RGB' image of the same size.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _gray_to_8bit(img).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+class ImageTransform:
+    """`to_rgb` followed by a timm transform; a class (not a closure) so DataLoader workers can pickle it."""
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.transform(to_rgb(img))
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.transform!r})"
+
+
+def build_transform(
+    data_config: dict, train: bool, augment: bool = True
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Build timm's transform for the backbone's data config, preceded by `to_rgb`.
+
+    Args:
+        data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode).
+        train: random resized crop + horizontal flip when True (and `augment`), else resize + centre crop.
+        augment: False gives the eval transform for training too.
+
+    Returns:
+        A callable PIL image -> float tensor (C, H, W).
+    """
+    from timm.data import create_transform
+
+    kwargs = {k: data_config[k] for k in _TRANSFORM_KEYS if k in data_config}
+    if train and augment:
+        tf = create_transform(**kwargs, is_training=True, hflip=0.5, color_jitter=None)
+    else:
+        tf = create_transform(**kwargs, is_training=False)
+    return ImageTransform(tf)
+
+
+class TransformedSubset(Dataset):
+    """A view of `source[indices]` that applies `transform` to each image; the source is never modified."""
+
+    def __init__(self, source: Dataset, indices: Sequence[int], transform: Callable | None) -> None:
+        self.source, self.indices, self.transform = source, [int(i) for i in indices], transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img, label = self.source[self.indices[i]]
+        return (self.transform(img) if self.transform else img), int(label)
+
+
+class ImageFiles(Dataset):
+    """(path, label) pairs read lazily with PIL; yields (PIL image, label)."""
+
+    def __init__(self, samples: list[tuple[Path, int]]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img, label
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise DatasetError(f"cannot read image {path}: {exc}. Replace or delete this file.") from exc
+
+
+class _ArrayImages(Dataset):
+    """uint8 grey images (N, H, W) held in memory; yields (PIL 'L' image, label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[i]), int(self.labels[i])  # uint8 (H, W) -> mode L
+
+
+def _split_by_class(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded stratified split: `fraction` of each class (at least 1 of 2 or more) goes to the second list."""
+    labels_t = torch.as_tensor(list(labels))
+    gen = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in torch.unique(labels_t).tolist():
+        idx = torch.nonzero(labels_t == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)].tolist()
+        n = max(round(fraction * len(idx)), 1 if len(idx) > 1 else 0)
+        held += idx[:n]
+        keep += idx[n:]
+    return sorted(keep), sorted(held)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    files = (p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+    return sorted(p for p in files if p.is_file() and not p.name.startswith("."))
+
+
+def _class_tree(root: Path) -> dict[str, list[Path]]:
+    """Class folder name -> its images, checked; raises DatasetError with what to fix."""
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not dirs:
+        raise DatasetError(f"no class folders in {root}: put each class's images in their own sub-folder, "
+                           f"e.g. {root}/<class name>/<image>.jpg")
+    tree = {d.name: _list_images(d) for d in dirs}
+    empty = [name for name, files in tree.items() if not files]
+    if empty:
+        raise DatasetError(f"class folder(s) {empty} in {root} have no images ({', '.join(IMG_EXTENSIONS)}): "
+                           "add images or remove the folder")
+    return tree
+
+
+def _samples(tree: dict[str, list[Path]], classes: list[str]) -> list[tuple[Path, int]]:
+    return [(p, label) for label, c in enumerate(classes) for p in tree[c]]
+
+
+def _load_folder(path_str: str) -> _Splits:
+    """Class folders under PATH, or under PATH/train and PATH/test (else PATH/val) when those exist."""
+    root = Path(path_str).expanduser()
+    if not path_str or not root.is_dir():
+        raise DatasetError(f"folder data set path does not exist or is not a folder: '{root}'. Give "
+                           "folder:PATH with one sub-folder per class, or train/ and test/ of class folders")
+    tree_root = root / "train" if (root / "train").is_dir() else root
+    test_dir = next((d for d in (root / "test", root / "val") if d.is_dir()), None)
+    tree = _class_tree(tree_root)
+    classes = sorted(tree)
+    source = ImageFiles(_samples(tree, classes))
+    if tree_root != root and test_dir is not None:
+        test_tree = _class_tree(test_dir)
+        if set(tree) != set(test_tree):
+            raise DatasetError(
+                f"train/ and {test_dir.name}/ in {root} have different class folders: only in train: "
+                f"{sorted(set(tree) - set(test_tree))}, only in {test_dir.name}: "
+                f"{sorted(set(test_tree) - set(tree))}. Give both the same class folders")
+        test_src = ImageFiles(_samples(test_tree, classes))
+        return classes, source, list(range(len(source))), test_src, list(range(len(test_src)))
+    train_idx, test_idx = _split_by_class([label for _, label in source.samples], TEST_FRACTION, SPLIT_SEED)
+    if not train_idx or not test_idx:
+        raise DatasetError(f"too few images in {tree_root} to split into train and test: add 2+ per class")
+    return classes, source, train_idx, source, test_idx
+
+
+def _load_digits() -> _Splits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 16 grey levels -> 0..255
+    source = _ArrayImages(images, digits.target)
+    train_idx, test_idx = _split_by_class(digits.target.tolist(), TEST_FRACTION, SPLIT_SEED)
+    return [str(c) for c in digits.target_names], source, train_idx, source, test_idx
+
+
+def _load_torchvision(name: str, root: Path, download: bool) -> _Splits:
+    import torchvision.datasets
+
+    spec = TORCHVISION_SETS[name]
+    cls = getattr(torchvision.datasets, spec.cls)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a stalled download fails instead of hanging
+    try:
+        parts = [cls(root=str(root), download=download, **kw) for kw in spec.train]
+        test_src = cls(root=str(root), download=download, **spec.test) if spec.test is not None else None
+    except Exception as exc:
+        why = "the download failed" if download else "its files are not there and download=False"
+        raise DatasetError(
+            f"cannot load data set '{name}' from {root} ({why}: {exc}). To work offline, put the torchvision "
+            f"files for '{name}' in {root} (copy them from a machine with network access, or run once with "
+            "download enabled where there is network), or use a folder:PATH data set of class folders"
+        ) from exc
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    classes = getattr(parts[0], "classes", None)
+    classes = classes or [spec.class_name.format(i) for i in range(spec.num_classes)]
+    train_src = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    if test_src is None:
+        labels = getattr(parts[0], "targets", None) or [parts[0][i][1] for i in range(len(parts[0]))]
+        train_idx, test_idx = _split_by_class(labels, TEST_FRACTION, SPLIT_SEED)
+        return list(classes), train_src, train_idx, train_src, test_idx
+    return list(classes), train_src, list(range(len(train_src))), test_src, list(range(len(test_src)))
+
+
+def _shuffled(indices: list[int], seed: int) -> list[int]:
+    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [indices[i] for i in perm]
+
+
+def _carve_val(train_idx: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded random split of the train indices into (train, val), both in shuffled order."""
+    n_val = round(val_fraction * len(train_idx))
+    if val_fraction > 0 and len(train_idx) > 1:
+        n_val = min(max(n_val, 1), len(train_idx) - 1)
+    perm = _shuffled(train_idx, seed)
+    return perm[n_val:], perm[:n_val]
+
+
+def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None = None, download: bool = True,
+                   val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
+                   limit_train: int | None = None, limit_eval: int | None = None) -> TaskData:
+    """Load a data set by spec and split it into train / val / test with timm transforms.
+
+    Args:
+        spec: a torchvision set name (see `list_datasets`), `folder:PATH` or `digits`.
+        data_config: the backbone's timm data config; sets input size and normalisation.
+        data_dir: root of torchvision sets (each in `data_dir/<name>`); default `default_data_dir()`.
+        download: let torchvision download a missing set.
+        val_fraction: share of train carved out (seeded) as the validation split, in [0, 1).
+        seed: seeds the validation split and the `limit_*` subsets.
+        augment: random resized crop + flip for train; False uses the eval transform.
+        limit_train: keep only this many (seeded random) training images.
+        limit_eval: keep only this many (seeded random) images in each of val and test.
+
+    Returns:
+        TaskData with class names and the three splits, each yielding (tensor C x H x W, int label).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    for label, n in (("limit_train", limit_train), ("limit_eval", limit_eval)):
+        if n is not None and n < 1:
+            raise DatasetError(f"{label} must be at least 1 (or None for no limit), got {n}")
+    key = spec.strip()
+    name = key.lower().replace("-", "_")
+    if name.startswith("folder:"):
+        classes, train_src, train_idx, test_src, test_idx = _load_folder(key[len("folder:"):].strip())
+    elif name == "digits":
+        classes, train_src, train_idx, test_src, test_idx = _load_digits()
+    elif name in TORCHVISION_SETS:
+        root = (Path(data_dir).expanduser() if data_dir is not None else default_data_dir()) / name
+        classes, train_src, train_idx, test_src, test_idx = _load_torchvision(name, root, download)
+    else:
+        known = ", ".join([*TORCHVISION_SETS, "digits"])
+        raise DatasetError(f"unknown data set '{spec}': use one of {known}, or folder:PATH for your own "
+                           "images (one sub-folder per class)")
+    fit_idx, val_idx = _carve_val(train_idx, val_fraction, seed)
+    if limit_eval is not None and limit_eval < len(test_idx):
+        test_idx = sorted(_shuffled(test_idx, seed)[:limit_eval])
+    fit_idx, val_idx = fit_idx[:limit_train], val_idx[:limit_eval]  # a slice [:None] keeps all
+    train_tf = build_transform(data_config, train=True, augment=augment)
+    eval_tf = build_transform(data_config, train=False)
+    return TaskData(spec=spec, classes=classes, train=TransformedSubset(train_src, fit_idx, train_tf),
+                    val=TransformedSubset(train_src, val_idx, eval_tf),
+                    test=TransformedSubset(test_src, test_idx, eval_tf))

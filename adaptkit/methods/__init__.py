@@ -1,0 +1,26 @@
+"""Adaptation methods. Each is one file; ``METHODS`` maps a method's name to its class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adaptkit.errors import ConfigError
+from adaptkit.methods.adapter import AdapterConfig, AdapterMethod
+from adaptkit.methods.base import Method, TaskContext, TaskModel, unwrap
+from adaptkit.methods.linear import FullConfig, FullMethod, LinearConfig, LinearMethod
+from adaptkit.methods.lora import LoraConfig, LoraMethod, merge_lora
+
+__all__ = [
+    "METHODS", "get_method", "Method", "TaskContext", "TaskModel", "unwrap", "merge_lora",
+    "AdapterConfig", "AdapterMethod", "LoraConfig", "LoraMethod", "LinearConfig", "LinearMethod",
+    "FullConfig", "FullMethod",
+]
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (AdapterMethod, LoraMethod, LinearMethod, FullMethod)}
+
+
+def get_method(name: str, config: dict[str, Any] | None = None) -> Method:
+    """The method called ``name`` with settings from ``config`` (missing settings take their defaults)."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name].from_dict({k: v for k, v in (config or {}).items() if v is not None})

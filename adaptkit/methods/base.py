@@ -1,0 +1,228 @@
+"""The shared machinery of every method: task sites, the task context, and a task on a backbone.
+
+A *site* wraps one layer of the backbone (``self.base_layer``, as in PEFT) and holds, in a ``ModuleDict``, the
+modules that each attached task adds there. Every site of a backbone reads one :class:`TaskContext`, so switching
+the active task is one attribute assignment, whatever the number of tasks or layers. In a mixed batch the context
+carries one slot index per sample and each site applies every sample's own task with batched matrix products.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from adaptkit.errors import ConfigError
+
+__all__ = ["TaskContext", "TaskSite", "TaskModel", "Method", "find_site", "unwrap"]
+
+
+class TaskContext:
+    """Which task the sites of one backbone apply: ``active`` (one slot) or ``sample_slots`` (a mixed batch)."""
+
+    def __init__(self) -> None:
+        self.active: str | None = None
+        self.slot_order: tuple[str, ...] = ()  # the slots a mixed batch indexes into
+        self.sample_slots: torch.Tensor | None = None  # (B,) int64 indices into slot_order
+        self.generation = 0  # bumped when a slot is added or removed, so cached banks are rebuilt
+
+
+class TaskSite(nn.Module):
+    """A wrapper around ``base_layer`` that adds the active task's module(s), or nothing."""
+
+    def __init__(self, base_layer: nn.Module, ctx: TaskContext) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.tasks = nn.ModuleDict()
+        self.ctx = ctx  # plain attribute, not a submodule: shared by every site
+        self._bank: tuple[Any, Any] | None = None
+
+    def add(self, slot: str, module: nn.Module) -> None:
+        self.tasks[slot] = module
+        self.ctx.generation += 1
+
+    def remove(self, slot: str) -> None:
+        if slot in self.tasks:
+            del self.tasks[slot]
+            self.ctx.generation += 1
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        ctx = self.ctx
+        if ctx.sample_slots is not None:
+            return self.forward_mixed(x, ctx.sample_slots, self.bank(), *args, **kwargs)
+        module = self.tasks[ctx.active] if ctx.active is not None and ctx.active in self.tasks else None
+        return self.forward_task(x, module, *args, **kwargs)
+
+    def bank(self) -> Any:
+        """This site's tensors stacked over ``ctx.slot_order`` (zeros where a slot has no module), cached."""
+        key = (self.ctx.slot_order, self.ctx.generation)
+        if self._bank is None or self._bank[0] != key:
+            self._bank = (key, self.build_bank([self.tasks[s] if s in self.tasks else None for s in key[0]]))
+        return self._bank[1]
+
+    @abstractmethod
+    def forward_task(self, x: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Apply the base layer and ``module`` (None: the base layer alone)."""
+
+    @abstractmethod
+    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Apply the base layer and, per sample, the module of slot ``idx[b]``."""
+
+    @abstractmethod
+    def build_bank(self, modules: list[nn.Module | None]) -> Any:
+        """Stack the modules' tensors for :meth:`forward_mixed`."""
+
+
+def _canonical_get(root: nn.Module, path: str) -> nn.Module:
+    """Get the module at ``path`` as if no site were there (sites are looked through to their base layer)."""
+    module = root
+    for part in path.split(".") if path else []:
+        if isinstance(module, TaskSite):
+            module = module.base_layer
+        module = getattr(module, part)
+    return module
+
+
+def find_site(root: nn.Module, path: str, site_class: type[TaskSite], ctx: TaskContext) -> TaskSite:
+    """Return the site of ``site_class`` at ``path``, wrapping the layer there if it is not wrapped yet."""
+    parent_path, _, name = path.rpartition(".")
+    parent = _canonical_get(root, parent_path)
+    if isinstance(parent, TaskSite):
+        parent = parent.base_layer
+    current = getattr(parent, name)
+    layer = current
+    while isinstance(layer, TaskSite):  # a site of another kind may already wrap this layer
+        if isinstance(layer, site_class):
+            return layer
+        parent, name, layer = layer, "base_layer", layer.base_layer
+    site = site_class(layer, ctx)
+    setattr(parent, name, site)
+    return site
+
+
+def unwrap(root: nn.Module) -> nn.Module:
+    """Replace every site under ``root`` (in place) by its base layer; returns ``root``."""
+    for name, child in list(root.named_children()):
+        while isinstance(child, TaskSite):
+            child = child.base_layer
+        setattr(root, name, child)
+        unwrap(child)
+    return root
+
+
+class TaskModel(nn.Module):
+    """One task on a backbone: the (shared, frozen) trunk, the method's modules in its sites, and the head.
+
+    ``parts`` maps a stable name (the site's path plus the module's role, e.g. ``blocks.0.mlp.adapter``) to the
+    module this task added there; with the head they are exactly the task's trainable state.
+    """
+
+    def __init__(self, trunk: nn.Module, ctx: TaskContext, slot: str, method: Method, head: nn.Linear,
+                 parts: dict[str, nn.Module], sites: dict[str, TaskSite]) -> None:
+        super().__init__()
+        self.trunk, self.head, self.slot, self.method = trunk, head, slot, method
+        self.ctx = ctx
+        self.parts = parts  # plain dicts: the modules are registered in the trunk's sites already
+        self.sites = sites
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.ctx.active = self.slot
+        return self.head(self.trunk(x))
+
+    def train(self, mode: bool = True) -> TaskModel:
+        """Train mode reaches only what trains: a frozen trunk keeps its eval-mode behaviour."""
+        self.training = mode
+        self.head.train(mode)
+        for module in self.parts.values():
+            module.train(mode)
+        return self
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        for module in [*self.parts.values(), self.head]:
+            yield from module.parameters()
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for prefix, module in [*self.parts.items(), ("head", self.head)]:
+            for name, p in module.named_parameters():
+                yield f"{prefix}.{name}", p
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The task's tensors by stable name: the only thing written to its adapter file."""
+        out = {}
+        for prefix, module in [*self.parts.items(), ("head", self.head)]:
+            for name, t in module.state_dict().items():
+                out[f"{prefix}.{name}"] = t.detach()
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load exactly the tensors :meth:`state` names; any missing, extra or misshapen tensor is an error."""
+        expected = self.state()
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or extra:
+            raise ConfigError(f"adapter state does not match its method: missing {missing[:3]}, unexpected {extra[:3]}")
+        bad = [k for k, t in expected.items() if t.shape != state[k].shape]
+        if bad:
+            raise ConfigError(f"adapter tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
+                              f"expected {tuple(expected[bad[0]].shape)}")
+        with torch.no_grad():
+            for k, t in expected.items():
+                t.copy_(state[k])
+
+    def detach_from_trunk(self) -> None:
+        """Take this task's modules out of the shared trunk's sites."""
+        for site in self.sites.values():
+            site.remove(self.slot)
+
+
+class Method(ABC):
+    """A way to adapt a frozen backbone to a task. Subclasses set ``name`` and ``config_class``."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.config_class()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Method:
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ConfigError(f"unknown {cls.name} setting(s) {unknown}; known: {sorted(fields)}")
+        return cls(cls.config_class(**values))
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    def attach(self, trunk: nn.Module, ctx: TaskContext, slot: str, num_classes: int) -> TaskModel:
+        """Add this method's modules for task ``slot`` to ``trunk`` and return the task with a new head."""
+        if num_classes < 1:
+            raise ConfigError(f"a task needs at least one class, got {num_classes}")
+        trunk, parts, sites = self.inject(trunk, ctx, slot)
+        head = nn.Linear(int(trunk.num_features), num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        device = next(trunk.parameters()).device
+        for module in [*parts.values(), head]:
+            module.to(device)
+        return TaskModel(trunk, ctx, slot, self, head.to(device), parts, sites)
+
+    @abstractmethod
+    def inject(self, trunk: nn.Module, ctx: TaskContext,
+               slot: str) -> tuple[nn.Module, dict[str, nn.Module], dict[str, TaskSite]]:
+        """Add modules for ``slot``; return the trunk to run, the parts by stable name, and the sites used."""
+
+
+def private_trunk(trunk: nn.Module) -> nn.Module:
+    """A trainable copy of ``trunk`` with every site removed (for methods that train the backbone itself)."""
+    own = unwrap(copy.deepcopy(trunk))
+    own.requires_grad_(True)
+    return own

@@ -1,0 +1,131 @@
+"""LoRA (Hu et al. 2021) on the attention's qkv projection, and optionally its output projection and the MLP.
+
+``W x + (alpha / r) * B A x`` with A Kaiming-uniform and B zero, so the update starts at exactly zero. The update can
+be folded into a copy of the weights (:func:`merge_lora`) so that inference costs nothing extra.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit.errors import ConfigError
+from adaptkit.methods.base import Method, TaskContext, TaskModel, TaskSite, find_site, unwrap
+
+__all__ = ["LoraConfig", "LoraUpdate", "LoraSite", "LoraMethod", "merge_lora"]
+
+TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+@dataclass
+class LoraConfig:
+    """Settings of LoRA.
+
+    Args:
+        rank: rank r of the update.
+        alpha: the update is scaled by alpha / r.
+        targets: which linear layers of each block get an update: any of qkv, proj, fc1, fc2.
+        dropout: dropout on the update's input while training.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("qkv",)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"lora rank must be a positive integer, got {self.rank!r}")
+        self.targets = tuple(self.targets)
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ConfigError(f"lora targets must be some of {', '.join(TARGETS)}, got {list(self.targets)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+
+
+class LoraUpdate(nn.Module):
+    """The low-rank update ``scaling * B A x`` of one linear layer."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = alpha / rank
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.drop(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+
+class LoraSite(TaskSite):
+    """Wraps an ``nn.Linear``: ``base(x) + update(x)``."""
+
+    def forward_task(self, x: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y if module is None else y + module(x)
+
+    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.base_layer(x)
+        if bank is None:
+            return y
+        a, b, scaling = bank
+        return y + torch.bmm(torch.bmm(x, a[idx]), b[idx]) * scaling[idx]  # (B, N, in) -> (B, N, r) -> (B, N, out)
+
+    def build_bank(self, modules: list[nn.Module | None]) -> Any:
+        present = [m for m in modules if m is not None]
+        if not present:
+            return None
+        ref = present[0].lora_A
+        rank, count = max(m.lora_A.shape[0] for m in present), len(modules)
+        a = ref.new_zeros(count, self.base_layer.in_features, rank)
+        b = ref.new_zeros(count, rank, self.base_layer.out_features)
+        scaling = ref.new_zeros(count, 1, 1)
+        for i, m in enumerate(modules):
+            if m is not None:
+                r = m.lora_A.shape[0]
+                a[i, :, :r] = m.lora_A.detach().t()
+                b[i, :r] = m.lora_B.detach().t()
+                scaling[i] = m.scaling
+        return a, b, scaling
+
+
+class LoraMethod(Method):
+    """Low-rank updates of attention (and optionally MLP) weights, plus the head."""
+
+    name = "lora"
+    config_class = LoraConfig
+
+    def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
+        cfg = self.config
+        parts, sites = {}, {}
+        for i in range(len(trunk.blocks)):
+            for target in cfg.targets:
+                path = f"blocks.{i}.{TARGETS[target]}"
+                site = find_site(trunk, path, LoraSite, ctx)
+                base = site.base_layer
+                module = LoraUpdate(base.in_features, base.out_features, cfg.rank, cfg.alpha, cfg.dropout)
+                site.add(slot, module)
+                parts[f"{path}.lora"] = module
+                sites[path] = site
+        return trunk, parts, sites
+
+
+@torch.no_grad()
+def merge_lora(task: TaskModel) -> nn.Module:
+    """A plain copy of the task's trunk with its LoRA updates folded into the weights, followed by its head."""
+    merged = unwrap(copy.deepcopy(task.trunk))
+    for part_name, update in task.parts.items():
+        if isinstance(update, LoraUpdate):
+            layer = merged.get_submodule(part_name.rsplit(".", 1)[0])  # "blocks.0.attn.qkv.lora" -> the linear
+            layer.weight += update.delta_weight().to(layer.weight.dtype)
+    return nn.Sequential(merged, copy.deepcopy(task.head)).eval()

@@ -1,0 +1,275 @@
+"""Serving many tasks from one backbone: load it once, attach adapters, switch tasks, predict, mix tasks in a batch.
+
+Switching the active task sets one attribute of the backbone's :class:`~adaptkit.methods.TaskContext`; it never
+rebuilds a module or reloads the backbone. In a mixed batch the backbone runs once and each sample goes through its
+own task's adapter (gathered per sample, applied with batched matrix products) and its own head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from adaptkit.artifacts import AdapterMeta, load_adapter
+from adaptkit.backbone import Backbone, create_backbone
+from adaptkit.errors import AdaptkitError, ConfigError
+from adaptkit.methods import TaskContext, TaskModel, get_method, merge_lora
+from adaptkit.registry import Registry, VersionRow
+
+__all__ = ["Prediction", "Predictor", "LoadedTask", "default_device"]
+
+_log = logging.getLogger(__name__)
+ImageLike = Image.Image | str | Path | torch.Tensor
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    prob: float
+
+
+@dataclass
+class LoadedTask:
+    """A registered version attached to a resident backbone."""
+
+    ref: str
+    meta: AdapterMeta
+    model: TaskModel
+    host: _Host
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.classes
+
+
+@dataclass
+class _Host:
+    """One resident backbone, its task context, its eval transform and the tasks attached to it."""
+
+    backbone: Backbone
+    ctx: TaskContext = field(default_factory=TaskContext)
+    tasks: dict[str, LoadedTask] = field(default_factory=dict)
+    transform: Any = None
+    next_slot: int = 0
+
+
+class Predictor:
+    """Predict with registered tasks.
+
+    Args:
+        registry: a :class:`Registry` or its URL (default: ``$ADAPTKIT_REGISTRY`` or ``./registry.db``).
+        device: ``cuda``, ``cpu`` ...; default: CUDA when available.
+        max_backbones: how many backbones stay in memory at once (least recently used ones are dropped).
+        merge_lora: run a single ``lora`` task through a copy with its update merged into the weights.
+    """
+
+    def __init__(self, registry: Registry | str | None = None, *, device: str | None = None,
+                 max_backbones: int = 2, merge_lora: bool = False) -> None:
+        if max_backbones < 1:
+            raise ConfigError(f"max_backbones must be at least 1, got {max_backbones}")
+        self.registry = registry if isinstance(registry, Registry) else Registry(registry)
+        self.device = torch.device(device or default_device())
+        self.max_backbones = max_backbones
+        self.merge_lora = merge_lora
+        self._hosts: OrderedDict[str, _Host] = OrderedDict()  # by backbone fingerprint, LRU order
+        self._refs: dict[str, LoadedTask] = {}  # "task" and "task@N" -> loaded task
+        self._merged: tuple[str, torch.nn.Module] | None = None
+        self.active: LoadedTask | None = None
+
+    # -- loading and switching ---------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Forget how refs resolve (after the registry changed); resident backbones and adapters stay."""
+        self._refs.clear()
+
+    def load(self, ref: str) -> LoadedTask:
+        """Attach the version ``ref`` (``task`` or ``task@N``) to its backbone, loading either if needed."""
+        if ref in self._refs:
+            return self._refs[ref]
+        row = self.registry.get_version(ref)
+        key = f"{row.task.name}@{row.version}"
+        host = self._host_for(row)
+        task = host.tasks.get(key)
+        if task is None or task.model is None:
+            task = self._attach(host, row, key)
+        self._refs[ref] = self._refs[key] = task
+        return task
+
+    def activate(self, ref: str) -> LoadedTask:
+        """Make ``ref`` the active task: one attribute set when it is resident."""
+        task = self._refs.get(ref) or self.load(ref)
+        task.host.ctx.active = task.model.slot
+        self.active = task
+        return task
+
+    def unload(self, ref: str) -> None:
+        """Detach a task's adapter from its backbone and free it."""
+        task = self._refs.get(ref)
+        if task is None:
+            return
+        task.model.detach_from_trunk()
+        task.host.tasks.pop(task.ref, None)
+        for k in [k for k, v in self._refs.items() if v is task]:
+            del self._refs[k]
+        if self.active is task:
+            self.active = None
+
+    def _host_for(self, row: VersionRow) -> _Host:
+        fp = row.backbone.fingerprint
+        if fp in self._hosts:
+            self._hosts.move_to_end(fp)
+            return self._hosts[fp]
+        while len(self._hosts) >= self.max_backbones:
+            _, old = self._hosts.popitem(last=False)
+            for k in [k for k, v in self._refs.items() if v.host is old]:
+                del self._refs[k]
+            _log.info("dropped backbone %s from memory", old.backbone.name)
+        backbone = create_backbone(row.backbone.name, weights=row.backbone.weights, device=self.device)
+        if backbone.fingerprint != fp:
+            raise AdaptkitError(f"backbone {row.backbone.name} ({row.backbone.weights}) now has fingerprint "
+                                f"{backbone.fingerprint[:12]}, but its tasks were trained on {fp[:12]}: restore the "
+                                "original weights file")
+        from adaptkit.data import build_transform
+
+        host = _Host(backbone=backbone, transform=build_transform(backbone.data_config, train=False))
+        self._hosts[fp] = host
+        return host
+
+    def _attach(self, host: _Host, row: VersionRow, key: str) -> LoadedTask:
+        state, meta = load_adapter(self.registry.path_of(row), sha256=row.sha256,
+                                   fingerprint=host.backbone.fingerprint, device=self.device)
+        slot = f"t{host.next_slot}"
+        host.next_slot += 1
+        with torch.random.fork_rng(devices=[]):  # the fresh modules' initial values are overwritten at once
+            model = get_method(meta.method, meta.method_config).attach(host.backbone.model, host.ctx, slot,
+                                                                       len(meta.classes))
+        try:
+            model.load_state(state)
+        except ConfigError as exc:
+            model.detach_from_trunk()
+            raise AdaptkitError(f"adapter file of {key} does not fit its method: {exc}") from exc
+        model.eval()
+        task = LoadedTask(ref=key, meta=meta, model=model, host=host)
+        host.tasks[key] = task
+        return task
+
+    # -- predicting --------------------------------------------------------------------------------------------
+
+    def preprocess(self, images: list[ImageLike], task: LoadedTask) -> torch.Tensor:
+        """Images (PIL, paths, or tensors already transformed) -> a (B, 3, H, W) batch on the device."""
+        from adaptkit.data import to_rgb
+
+        tensors = []
+        for img in images:
+            if isinstance(img, torch.Tensor):
+                tensors.append(img if img.dim() == 3 else img.squeeze(0))
+                continue
+            if isinstance(img, (str, Path)):
+                img = _open_image(Path(img))
+            tensors.append(task.host.transform(to_rgb(img)))
+        if not tensors:
+            raise ConfigError("no images given")
+        return torch.stack(tensors).to(self.device)
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor, ref: str | None = None) -> torch.Tensor:
+        """Logits of a preprocessed batch under task ``ref`` (default: the active task)."""
+        task = self._task(ref)
+        with self._autocast():
+            if self.merge_lora and task.meta.method == "lora":
+                return self._merged_model(task)(x).float()
+            self.activate(task.ref)
+            return task.model(x).float()
+
+    @torch.inference_mode()
+    def logits_mixed(self, x: torch.Tensor, refs: list[str]) -> list[torch.Tensor]:
+        """Per-sample logits for a batch whose sample b belongs to task ``refs[b]``; the backbone runs once."""
+        if len(refs) != x.shape[0]:
+            raise ConfigError(f"{x.shape[0]} images but {len(refs)} task names: give one task per image")
+        tasks = [self._task(r) for r in refs]
+        out: list[torch.Tensor | None] = [None] * len(tasks)
+        groups: dict[int, list[int]] = {}
+        for i, t in enumerate(tasks):  # a shared trunk (any method but full) is one group; a full copy its own
+            groups.setdefault(id(t.model.trunk), []).append(i)
+        with self._autocast():
+            for members in groups.values():
+                self._run_group(x, tasks, members, out)
+        return out  # type: ignore[return-value]
+
+    def _run_group(self, x: torch.Tensor, tasks: list[LoadedTask], members: list[int], out: list) -> None:
+        first = tasks[members[0]]
+        ctx = first.host.ctx
+        slots = tuple(sorted({tasks[i].model.slot for i in members}))
+        index = torch.tensor([slots.index(tasks[i].model.slot) for i in members], device=x.device)
+        ctx.slot_order, ctx.sample_slots = slots, index
+        try:
+            feats = first.model.trunk(x[members])
+        finally:
+            ctx.sample_slots = None
+        for j, i in enumerate(members):
+            out[i] = tasks[i].model.head(feats[j : j + 1]).float()[0]
+
+    def predict(self, images: list[ImageLike], ref: str | None = None, topk: int = 5) -> list[list[Prediction]]:
+        """Top-k labels with probabilities for each image under one task."""
+        task = self._task(ref)
+        return [self._topk(row, task, topk) for row in self.logits(self.preprocess(images, task), task.ref)]
+
+    def predict_mixed(self, images: list[ImageLike], refs: list[str], topk: int = 5) -> list[list[Prediction]]:
+        """Top-k predictions for images that each name their own task, in one backbone pass per backbone."""
+        tasks = [self._task(r) for r in refs]
+        if len(images) != len(tasks):
+            raise ConfigError(f"{len(images)} images but {len(tasks)} task names: give one task per image")
+        x = torch.cat([self.preprocess([img], t) for img, t in zip(images, tasks, strict=True)])
+        return [self._topk(row, t, topk) for row, t in zip(self.logits_mixed(x, refs), tasks, strict=True)]
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _task(self, ref: str | None) -> LoadedTask:
+        if ref is None:
+            if self.active is None:
+                raise ConfigError("no active task: pass a task name or call activate(TASK) first")
+            return self.active
+        return self._refs.get(ref) or self.load(ref)
+
+    def _merged_model(self, task: LoadedTask) -> torch.nn.Module:
+        if self._merged is None or self._merged[0] != task.ref:
+            self._merged = None  # free the previous copy before making the next
+            self._merged = (task.ref, merge_lora(task.model))
+        return self._merged[1]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _topk(logits: torch.Tensor, task: LoadedTask, k: int) -> list[Prediction]:
+        probs = logits.float().softmax(-1)
+        values, indices = probs.topk(min(max(k, 1), probs.numel()))
+        return [Prediction(task.classes[i], int(i), float(p)) for p, i in zip(values.tolist(), indices.tolist(),
+                                                                              strict=True)]
+
+
+def _open_image(path: Path) -> Image.Image:
+    from PIL import UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except FileNotFoundError as exc:
+        raise ConfigError(f"image {path} does not exist") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ConfigError(f"{path} is not a readable image ({exc})") from exc
