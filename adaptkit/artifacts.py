@@ -47,6 +47,10 @@ class AdapterMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
 
+    def __post_init__(self) -> None:
+        for name in ("classes", "method_config", "data_config", "metrics"):  # as they read back from JSON
+            setattr(self, name, json.loads(json.dumps(getattr(self, name))))
+
     def to_strings(self, tensors_hash: str) -> dict[str, str]:
         out = {k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(self).items()}
         out.update(format=FORMAT_NAME, tensors_sha256=tensors_hash)

@@ -22,6 +22,7 @@ import timm
 import torch
 from torch import nn
 
+import adaptkit.models  # noqa: F401  (registers adaptkit's small ViTs with timm)
 from adaptkit.errors import BackboneError, OfflineError
 from adaptkit.hashing import tensors_sha256
 

@@ -145,7 +145,7 @@ class ImageTransform:
 
 
 def build_transform(
-    data_config: dict, train: bool, augment: bool = True
+    data_config: dict, train: bool, augment: bool = True, crop_scale: tuple[float, float] | None = None
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Build timm's transform for the backbone's data config, preceded by `to_rgb`.
 
@@ -153,6 +153,7 @@ def build_transform(
         data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode).
         train: random resized crop + horizontal flip when True (and `augment`), else resize + centre crop.
         augment: False gives the eval transform for training too.
+        crop_scale: the random resized crop's area range (timm's default (0.08, 1.0) when None).
 
     Returns:
         A callable PIL image -> float tensor (C, H, W).
@@ -161,7 +162,8 @@ def build_transform(
 
     kwargs = {k: data_config[k] for k in _TRANSFORM_KEYS if k in data_config}
     if train and augment:
-        tf = create_transform(**kwargs, is_training=True, hflip=0.5, color_jitter=None)
+        scale = {"scale": tuple(crop_scale)} if crop_scale else {}
+        tf = create_transform(**kwargs, is_training=True, hflip=0.5, color_jitter=None, **scale)
     else:
         tf = create_transform(**kwargs, is_training=False)
     return ImageTransform(tf)
@@ -331,7 +333,8 @@ def _carve_val(train_idx: list[int], val_fraction: float, seed: int) -> tuple[li
 
 def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None = None, download: bool = True,
                    val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
-                   limit_train: int | None = None, limit_eval: int | None = None) -> TaskData:
+                   limit_train: int | None = None, limit_eval: int | None = None,
+                   crop_scale: tuple[float, float] | None = None) -> TaskData:
     """Load a data set by spec and split it into train / val / test with timm transforms.
 
     Args:
@@ -344,6 +347,7 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         augment: random resized crop + flip for train; False uses the eval transform.
         limit_train: keep only this many (seeded random) training images.
         limit_eval: keep only this many (seeded random) images in each of val and test.
+        crop_scale: area range of the training random resized crop (default: timm's).
 
     Returns:
         TaskData with class names and the three splits, each yielding (tensor C x H x W, int label).
@@ -370,7 +374,7 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
     if limit_eval is not None and limit_eval < len(test_idx):
         test_idx = sorted(_shuffled(test_idx, seed)[:limit_eval])
     fit_idx, val_idx = fit_idx[:limit_train], val_idx[:limit_eval]  # a slice [:None] keeps all
-    train_tf = build_transform(data_config, train=True, augment=augment)
+    train_tf = build_transform(data_config, train=True, augment=augment, crop_scale=crop_scale)
     eval_tf = build_transform(data_config, train=False)
     return TaskData(spec=spec, classes=classes, train=TransformedSubset(train_src, fit_idx, train_tf),
                     val=TransformedSubset(train_src, val_idx, eval_tf),

@@ -20,7 +20,7 @@ from PIL import Image
 from adaptkit.artifacts import AdapterMeta, load_adapter
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.errors import AdaptkitError, ConfigError
-from adaptkit.methods import TaskContext, TaskModel, get_method, merge_lora
+from adaptkit.methods import TaskContext, TaskModel, get_method, merge_lora, task_context
 from adaptkit.registry import Registry, VersionRow
 
 __all__ = ["Prediction", "Predictor", "LoadedTask", "default_device"]
@@ -59,10 +59,12 @@ class _Host:
     """One resident backbone, its task context, its eval transform and the tasks attached to it."""
 
     backbone: Backbone
-    ctx: TaskContext = field(default_factory=TaskContext)
+    transform: Any
     tasks: dict[str, LoadedTask] = field(default_factory=dict)
-    transform: Any = None
-    next_slot: int = 0
+
+    @property
+    def ctx(self) -> TaskContext:
+        return task_context(self.backbone.model)
 
 
 class Predictor:
@@ -150,11 +152,8 @@ class Predictor:
     def _attach(self, host: _Host, row: VersionRow, key: str) -> LoadedTask:
         state, meta = load_adapter(self.registry.path_of(row), sha256=row.sha256,
                                    fingerprint=host.backbone.fingerprint, device=self.device)
-        slot = f"t{host.next_slot}"
-        host.next_slot += 1
         with torch.random.fork_rng(devices=[]):  # the fresh modules' initial values are overwritten at once
-            model = get_method(meta.method, meta.method_config).attach(host.backbone.model, host.ctx, slot,
-                                                                       len(meta.classes))
+            model = get_method(meta.method, meta.method_config).attach(host.backbone.model, len(meta.classes))
         try:
             model.load_state(state)
         except ConfigError as exc:

@@ -21,7 +21,9 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from adaptkit.artifacts import AdapterMeta, save_adapter
+import shutil
+
+from adaptkit.artifacts import AdapterMeta, load_adapter, save_adapter
 from adaptkit.errors import ConfigError, NotFoundError, RegistryError
 
 __all__ = ["Base", "BackboneRow", "TaskRow", "VersionRow", "Registry", "default_url", "parse_ref", "TASK_NAME"]
@@ -307,3 +309,26 @@ class Registry:
 
         self._retry(_set)
         return self.get_version(f"{target.task.name}@{target.version}")
+
+    # -- moving versions between registries -------------------------------------------------------------------
+
+    def export(self, ref: str, dest: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Copy a version's adapter file to ``dest`` after checking it; it describes itself and can be imported."""
+        version = self.get_version(ref)
+        dest = Path(dest).expanduser()
+        if dest.is_dir():
+            dest = dest / f"{version.task.name}-v{version.version}.safetensors"
+        if dest.exists() and not overwrite:
+            raise ConfigError(f"{dest} exists already: pick another path or pass --force to overwrite it")
+        load_adapter(self.path_of(version), sha256=version.sha256)  # never export a damaged file
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(self.path_of(version), tmp)
+        os.replace(tmp, dest)
+        return dest
+
+    def import_file(self, path: str | os.PathLike, task: str | None = None) -> VersionRow:
+        """Add an exported adapter file as the next version of its task (or of ``task``)."""
+        state, meta = load_adapter(path)
+        if task:
+            meta.task = task
+        return self.add_version(meta, state, train_info={"imported_from": str(Path(path).resolve())})

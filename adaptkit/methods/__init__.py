@@ -6,12 +6,12 @@ from typing import Any
 
 from adaptkit.errors import ConfigError
 from adaptkit.methods.adapter import AdapterConfig, AdapterMethod
-from adaptkit.methods.base import Method, TaskContext, TaskModel, unwrap
+from adaptkit.methods.base import Method, TaskContext, TaskModel, task_context, unwrap
 from adaptkit.methods.linear import FullConfig, FullMethod, LinearConfig, LinearMethod
 from adaptkit.methods.lora import LoraConfig, LoraMethod, merge_lora
 
 __all__ = [
-    "METHODS", "get_method", "Method", "TaskContext", "TaskModel", "unwrap", "merge_lora",
+    "METHODS", "get_method", "Method", "TaskContext", "TaskModel", "task_context", "unwrap", "merge_lora",
     "AdapterConfig", "AdapterMethod", "LoraConfig", "LoraMethod", "LinearConfig", "LinearMethod",
     "FullConfig", "FullMethod",
 ]

@@ -19,7 +19,7 @@ from torch import nn
 
 from adaptkit.errors import ConfigError
 
-__all__ = ["TaskContext", "TaskSite", "TaskModel", "Method", "find_site", "unwrap"]
+__all__ = ["TaskContext", "TaskSite", "TaskModel", "Method", "find_site", "task_context", "unwrap"]
 
 
 class TaskContext:
@@ -30,6 +30,21 @@ class TaskContext:
         self.slot_order: tuple[str, ...] = ()  # the slots a mixed batch indexes into
         self.sample_slots: torch.Tensor | None = None  # (B,) int64 indices into slot_order
         self.generation = 0  # bumped when a slot is added or removed, so cached banks are rebuilt
+        self._next = 0
+
+    def new_slot(self) -> str:
+        """A slot name not used before on this backbone (ModuleDict keys: no dots)."""
+        self._next += 1
+        return f"s{self._next}"
+
+
+def task_context(trunk: nn.Module) -> TaskContext:
+    """The one context of a backbone, made on first use and kept on the module."""
+    ctx = trunk.__dict__.get("_adaptkit_ctx")
+    if ctx is None:
+        ctx = TaskContext()
+        trunk.__dict__["_adaptkit_ctx"] = ctx
+    return ctx
 
 
 class TaskSite(nn.Module):
@@ -105,13 +120,13 @@ def find_site(root: nn.Module, path: str, site_class: type[TaskSite], ctx: TaskC
     return site
 
 
-def unwrap(root: nn.Module) -> nn.Module:
-    """Replace every site under ``root`` (in place) by its base layer; returns ``root``."""
+def unwrap(root: nn.Module, only_empty: bool = False) -> nn.Module:
+    """Replace every site under ``root`` (in place; with ``only_empty``, those with no task) by its base layer."""
     for name, child in list(root.named_children()):
-        while isinstance(child, TaskSite):
+        while isinstance(child, TaskSite) and not (only_empty and len(child.tasks)):
             child = child.base_layer
         setattr(root, name, child)
-        unwrap(child)
+        unwrap(child, only_empty)
     return root
 
 
@@ -177,9 +192,10 @@ class TaskModel(nn.Module):
                 t.copy_(state[k])
 
     def detach_from_trunk(self) -> None:
-        """Take this task's modules out of the shared trunk's sites."""
+        """Take this task's modules out of the shared trunk's sites; sites left empty are removed."""
         for site in self.sites.values():
             site.remove(self.slot)
+        unwrap(self.trunk, only_empty=True)
 
 
 class Method(ABC):
@@ -202,10 +218,18 @@ class Method(ABC):
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
-    def attach(self, trunk: nn.Module, ctx: TaskContext, slot: str, num_classes: int) -> TaskModel:
-        """Add this method's modules for task ``slot`` to ``trunk`` and return the task with a new head."""
+    def attach(self, trunk: nn.Module, num_classes: int, slot: str | None = None) -> TaskModel:
+        """Add this method's modules for a new task to ``trunk`` and return the task with a new head.
+
+        Args:
+            trunk: the backbone (a timm ViT with ``num_classes=0``); several tasks may share it.
+            num_classes: the size of the task's head.
+            slot: the task's key in the backbone's sites (default: a new unique one).
+        """
         if num_classes < 1:
             raise ConfigError(f"a task needs at least one class, got {num_classes}")
+        ctx = task_context(trunk)
+        slot = slot or ctx.new_slot()
         trunk, parts, sites = self.inject(trunk, ctx, slot)
         head = nn.Linear(int(trunk.num_features), num_classes)
         nn.init.trunc_normal_(head.weight, std=0.02)
@@ -224,5 +248,6 @@ class Method(ABC):
 def private_trunk(trunk: nn.Module) -> nn.Module:
     """A trainable copy of ``trunk`` with every site removed (for methods that train the backbone itself)."""
     own = unwrap(copy.deepcopy(trunk))
+    own.__dict__.pop("_adaptkit_ctx", None)
     own.requires_grad_(True)
     return own

@@ -124,6 +124,7 @@ class LoraMethod(Method):
 def merge_lora(task: TaskModel) -> nn.Module:
     """A plain copy of the task's trunk with its LoRA updates folded into the weights, followed by its head."""
     merged = unwrap(copy.deepcopy(task.trunk))
+    merged.__dict__.pop("_adaptkit_ctx", None)
     for part_name, update in task.parts.items():
         if isinstance(update, LoraUpdate):
             layer = merged.get_submodule(part_name.rsplit(".", 1)[0])  # "blocks.0.attn.qkv.lora" -> the linear

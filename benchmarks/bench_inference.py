@@ -1,0 +1,65 @@
+"""Inference time of each method against the bare backbone (the overhead ratio), single-task batches.
+
+Every method's task is attached to one backbone; the bare backbone is a clean copy without any sites. Configurations
+are timed round-robin (one call of each per round), so a slow spell of a shared machine hits them all alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, randomize, ratio, sync
+
+from adaptkit.backbone import create_backbone
+from adaptkit.methods import get_method, merge_lora
+
+
+def run(backbone_name: str, batch: int, repeats: int, device: str) -> list[list[str]]:
+    backbone = create_backbone(backbone_name, pretrained=False, device=device)
+    bare = copy.deepcopy(backbone.model)
+    configs = {"bare backbone": bare}
+    for label, (method, config) in METHOD_SPECS.items():
+        task = get_method(method, config).attach(backbone.model, 10)
+        randomize(task)
+        task.eval()
+        configs[label] = task
+        if method == "lora":
+            configs["lora r8 qkv, merged"] = merge_lora(task)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    with torch.inference_mode(), autocast:
+        for round_ in range(repeats + 1):  # round 0 is the warm-up
+            for label, model in configs.items():
+                sync()
+                start = time.perf_counter()
+                model(x)
+                sync()
+                if round_:
+                    times[label].append(time.perf_counter() - start)
+    base = statistics.median(times["bare backbone"])
+    return [[backbone_name, batch, label, f"{statistics.median(t) * 1e3:.1f}", ratio(statistics.median(t), base)]
+            for label, t in times.items()]
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    args = parse(parser)
+    if args.quick:
+        cases = [("vit_tiny_patch16_224", 1), ("vit_tiny_patch16_224", 8)]
+    else:
+        cases = [("vit_tiny_patch16_224", 1), ("vit_tiny_patch16_224", 32),
+                 ("vit_base_patch16_224", 1), ("vit_base_patch16_224", 32)]
+    repeats = args.repeats or (3 if args.quick else 7)
+    rows = []
+    for name, batch in cases:
+        rows += run(name, batch, repeats if batch < 32 or "tiny" in name else max(3, repeats // 2), args.device)
+    print(f"# inference, median of {repeats} rounds; {machine_line()}")
+    print_table(["backbone", "batch", "method", "ms", "vs bare"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Shared fixtures: offline, small ViTs, real images from ../shared/data/cifar10-mini, temporary registries."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a test never downloads
+os.environ.pop("ADAPTKIT_REGISTRY", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
+PICO = "vit_pico_patch4_32"  # adaptkit's 32x32 test ViT (random weights)
+
+
+@pytest.fixture(scope="session")
+def cifar_mini() -> Path:
+    if not CIFAR_MINI.is_dir():
+        pytest.skip(f"{CIFAR_MINI} is missing: clone the repository beside shared/")
+    return CIFAR_MINI
+
+
+@pytest.fixture
+def pico():
+    """A fresh frozen pico backbone (seeded random weights)."""
+    from adaptkit.backbone import create_backbone
+
+    return create_backbone(PICO, pretrained=False)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    from adaptkit.registry import Registry
+
+    return Registry(tmp_path / "registry.db")
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(4, 3, 32, 32)

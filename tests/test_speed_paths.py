@@ -1,0 +1,160 @@
+"""The fast paths of serving stay correct: mixed batches, merged LoRA, switching and unloading tasks.
+
+Every test runs a random-weight ``vit_tiny_patch16_224`` on the CPU with tasks whose weights are drawn at random (not
+zero), so that each task changes the output and a wrong slot, a missing module or a stale bank shows up in the logits.
+"""
+
+import pytest
+import torch
+
+from adaptkit.artifacts import AdapterMeta
+from adaptkit.backbone import create_backbone
+from adaptkit.methods import get_method, merge_lora, unwrap
+from adaptkit.methods.base import TaskSite
+from adaptkit.predict import Predictor
+from adaptkit.registry import Registry
+
+BACKBONE = "vit_tiny_patch16_224"
+
+# task -> (method, config, number of classes)
+TASKS = {
+    "par8": ("adapter", {"rank": 8, "placement": "parallel"}, 3),
+    "seq4": ("adapter", {"rank": 4, "placement": "sequential"}, 4),
+    "houlsby": ("adapter", {"rank": 8, "placement": "houlsby"}, 5),
+    "lora4": ("lora", {"rank": 4, "targets": ["qkv", "fc1"]}, 6),
+    "linear": ("linear", {}, 7),
+    "full": ("full", {}, 8),
+}
+
+
+def _register(reg: Registry, tasks: dict) -> None:
+    """Write each task with random, non-zero weights to ``reg`` (a full task's trunk is perturbed, not redrawn)."""
+    backbone = create_backbone(BACKBONE, pretrained=False)
+    for seed, (name, (method, config, num_classes)) in enumerate(tasks.items()):
+        torch.manual_seed(seed)
+        task = get_method(method, config).attach(backbone.model, num_classes)
+        with torch.no_grad():
+            for pname, p in task.named_trainable_parameters():
+                if pname.startswith("backbone."):
+                    p.add_(torch.randn_like(p) * 0.01)
+                else:
+                    torch.nn.init.normal_(p, std=0.05)
+        meta = AdapterMeta(task=name, classes=[f"c{i}" for i in range(num_classes)], method=method,
+                           method_config=task.method.config_dict(), backbone=backbone.name,
+                           backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
+                           backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
+                           data_config=backbone.data_config, dataset="random")
+        reg.add_version(meta, task.state())
+        task.detach_from_trunk()
+    unwrap(backbone.model)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Registry:
+    reg = Registry(tmp_path_factory.mktemp("speed") / "reg.db")
+    _register(reg, TASKS)
+    return reg
+
+
+@pytest.fixture
+def own_registry(tmp_path) -> Registry:
+    """A registry this test may damage (files deleted)."""
+    reg = Registry(tmp_path / "reg.db")
+    _register(reg, {k: TASKS[k] for k in ("par8", "lora4", "houlsby")})
+    return reg
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def test_mixed_batch_equals_each_sample_alone(registry, images):
+    refs = ["lora4", "par8", "full", "seq4", "houlsby", "linear", "par8", "lora4"]
+    predictor = Predictor(registry, device="cpu")
+    mixed = predictor.logits_mixed(images, refs)
+    for i, ref in enumerate(refs):
+        alone = predictor.logits(images[i : i + 1], ref)[0]
+        assert mixed[i].shape == (TASKS[ref][2],)
+        torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-5, msg=f"sample {i} ({ref})")
+
+
+def test_merged_lora_equals_unmerged(registry, images):
+    x = images[:4]
+    plain = Predictor(registry, device="cpu")
+    unmerged = plain.logits(x, "lora4")
+    task = plain.load("lora4")
+    torch.testing.assert_close(merge_lora(task.model)(x), unmerged, atol=1e-5, rtol=1e-5)
+    merged_predictor = Predictor(registry, device="cpu", merge_lora=True)
+    torch.testing.assert_close(merged_predictor.logits(x, "lora4"), unmerged, atol=1e-5, rtol=1e-5)
+    assert merged_predictor._merged is not None  # the merged copy really served the call
+
+
+def test_switching_is_exact_and_rebuilds_nothing(own_registry, images, monkeypatch):
+    x = images[:2]
+    predictor = Predictor(own_registry, device="cpu")
+    for ref in ("par8", "lora4", "houlsby"):
+        predictor.load(ref)
+    trunk = predictor.load("par8").host.backbone.model
+    modules_before = {name: id(m) for name, m in trunk.named_modules()}
+
+    for f in own_registry.adapter_dir.rglob("*.safetensors"):  # a switch must not read a file ...
+        f.unlink()
+
+    def no_query(*args, **kwargs):  # ... nor ask the registry
+        raise AssertionError("activate of a resident task queried the registry")
+
+    monkeypatch.setattr(own_registry, "get_version", no_query)
+
+    outputs = []
+    for ref in ("par8", "lora4", "par8", "houlsby", "par8"):
+        predictor.activate(ref)
+        outputs.append(predictor.logits(x))
+    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[0], outputs[4])
+    assert outputs[0].shape == (2, 3) and outputs[1].shape == (2, 6)
+    assert not torch.allclose(outputs[3][:, :3], outputs[0], atol=1e-3)  # houlsby's head is not par8's
+    assert {name: id(m) for name, m in trunk.named_modules()} == modules_before
+
+
+def test_switching_changes_the_trunk_features(own_registry, images):
+    """Two tasks that share a trunk give different features: the switch reaches the sites, not just the head."""
+    predictor = Predictor(own_registry, device="cpu")
+    a, b = predictor.load("par8"), predictor.load("houlsby")
+    with torch.inference_mode():
+        predictor.activate("par8")
+        fa = a.model.trunk(images[:2])
+        predictor.activate("houlsby")
+        fb = b.model.trunk(images[:2])
+        predictor.activate("par8")
+        fa2 = a.model.trunk(images[:2])
+    assert torch.equal(fa, fa2)
+    assert not torch.allclose(fa, fb, atol=1e-4)
+
+
+@pytest.mark.parametrize("ref", ["par8", "houlsby", "lora4"])
+def test_unload_restores_the_backbone(own_registry, images, ref):
+    x = images[:2]
+    with torch.inference_mode():
+        reference = create_backbone(BACKBONE, pretrained=False).model(x)
+        predictor = Predictor(own_registry, device="cpu")
+        task = predictor.load(ref)
+        trunk = task.host.backbone.model
+        predictor.activate(ref)
+        adapted = trunk(x)
+        assert not torch.allclose(adapted, reference, atol=1e-4)  # the task really changed the trunk's output
+
+        predictor.unload(ref)
+        assert predictor.active is None
+        assert all(len(s.tasks) == 0 for s in trunk.modules() if isinstance(s, TaskSite))
+        assert torch.equal(trunk(x), reference)  # the stale active slot names nothing any more
+        task.host.ctx.active = None
+        assert torch.equal(trunk(x), reference)
+
+
+def test_unloaded_task_reloads_from_its_file(own_registry, images):
+    x = images[:2]
+    predictor = Predictor(own_registry, device="cpu")
+    before = predictor.logits(x, "par8")
+    predictor.unload("par8")
+    assert "par8" not in predictor._refs
+    assert torch.equal(predictor.logits(x, "par8"), before)
