@@ -90,7 +90,7 @@ def save_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    data = save(tensors, metadata=meta.to_strings(tensors_sha256(tensors)))
+    data = _canonical(save(tensors, metadata=meta.to_strings(tensors_sha256(tensors))))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -102,6 +102,17 @@ def save_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: 
         Path(tmp).unlink(missing_ok=True)
         raise
     return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted, so equal tensors and metadata give equal bytes.
+
+    (safetensors writes the metadata in hash-map order, which changes from run to run.)
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to a multiple of 8 bytes
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def read_meta(path: str | os.PathLike) -> AdapterMeta:

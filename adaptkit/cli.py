@@ -120,6 +120,8 @@ def train(
     weight_decay: Annotated[float | None, typer.Option(help="[default: the method's]")] = None,
     warmup_epochs: Annotated[float, typer.Option(min=0)] = 1.0,
     label_smoothing: Annotated[float, typer.Option(min=0, max=0.99)] = 0.1,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop and flip while "
+                                          "training")] = True,
     seed: int = 0,
     device: Annotated[str | None, typer.Option(help="cuda, cpu ... [default: cuda if available]")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32")] = "auto",
@@ -138,7 +140,8 @@ def train(
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,
                                    targets=targets)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed, device=device,
+                         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, seed=seed,
+                         device=device,
                          precision=precision, limit_train=limit_train, limit_eval=limit_eval,
                          num_workers=num_workers)
     columns = [TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from datetime import UTC, datetime
@@ -20,8 +21,6 @@ from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, cre
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
-
-import shutil
 
 from adaptkit.artifacts import AdapterMeta, load_adapter, save_adapter
 from adaptkit.errors import ConfigError, NotFoundError, RegistryError

@@ -178,12 +178,12 @@ class Handlers:
         img = open_image(image)
         with self._lock:
             tick = time.perf_counter()
-            self.predictor.load(task)
+            ref = self.predictor.load(task).ref
             loaded = time.perf_counter() - tick
             tick = time.perf_counter()
             preds = self.predictor.predict([img], task, topk=int(topk))[0]
             took = time.perf_counter() - tick
-        timing = f"Predicted in **{took * 1000:.1f} ms** on {self.predictor.device.type}"
+        timing = f"`{ref}` predicted in **{took * 1000:.1f} ms** on {self.predictor.device.type}"
         if loaded > 0.001:
             timing += f" (loading the task first took {loaded * 1000:.0f} ms)"
         return {p.label: p.prob for p in preds}, timing + "."

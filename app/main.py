@@ -1,4 +1,4 @@
-"""The adaptkit web page: predict with any registered task, run one image through all of them, compare costs, add a task.
+"""The adaptkit web page: predict with any registered task, run an image through all of them, compare costs, add a task.
 
 Start it with ``adaptkit ui`` or ``python app/main.py [--registry PATH] [--host H] [--port P]``; ``gradio app/main.py``
 hot-reloads the module-level ``demo``. Building the page touches nothing: the registry is opened and the backbone
@@ -8,37 +8,39 @@ loaded on first use, and the task picker is filled when a page loads.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from typing import Any
 
 import gradio as gr
-
-from adaptkit.backbone import DEFAULT_BACKBONE
 from adaptkit_app.handlers import METHOD_CHOICES, RANKED_METHODS, Handlers, dataset_choices
 
-__all__ = ["ImageInput", "build_app", "launch", "main", "demo"]
+from adaptkit.backbone import DEFAULT_BACKBONE
 
+__all__ = ["image_input", "build_app", "launch", "main", "demo"]
+
+CSS = ".upscaled img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
 INTRO = """# adaptkit
 One frozen Vision Transformer, a small adapter per task. Pick a task and upload an image; switching the task re-runs
 the same image at once. The backbone is loaded once and shared by every task on it."""
 
 
-class ImageInput(gr.Image):
-    """A ``gr.Image`` that hands its handler the uploaded file's path without opening it.
+def image_input(**kwargs: Any) -> gr.Image:
+    """An image input (upload, paste, webcam) that hands its handler the uploaded file's path, unopened.
 
-    ``gr.Image`` decodes uploads before the handler runs, so a file that is not an image would fail there with no
-    message of ours; :func:`adaptkit_app.handlers.open_image` reads it instead and says what is wrong.
+    ``gr.Image`` decodes an upload before the handler runs, so a file that is not an image would fail there with no
+    message of ours; :func:`adaptkit_app.handlers.open_image` reads it instead and says what is wrong. (The override
+    is per instance: subclassing a Gradio component makes Gradio write a ``.pyi`` stub beside this module.)
     """
+    image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], **kwargs)
+    image.preprocess = functools.partial(_uploaded_path, image)
+    return image
 
-    is_template = True  # the page draws it with gr.Image's front end
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"], **kwargs)
-
-    def preprocess(self, payload: Any) -> str | None:
-        if payload is None or payload.path is None:
-            return super().preprocess(payload)  # None, or an inline data: URL that gr.Image writes to a file
-        return str(payload.path)
+def _uploaded_path(image: gr.Image, payload: Any) -> str | None:
+    if payload is None or payload.path is None:
+        return gr.Image.preprocess(image, payload)  # None, or an inline data: URL that gr.Image writes to a file
+    return str(payload.path)
 
 
 def build_app(registry: str | None = None) -> gr.Blocks:
@@ -52,7 +54,7 @@ def build_app(registry: str | None = None) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column():
                         task = gr.Dropdown(label="Task", choices=[], allow_custom_value=True, elem_id="task")
-                        image = ImageInput(label="Image", height=320, elem_id="image")
+                        image = image_input(label="Image", height=320, elem_id="image", elem_classes="upscaled")
                         topk = gr.Slider(1, 10, value=5, step=1, label="Top-k labels")
                     with gr.Column():
                         labels = gr.Label(label="Prediction", elem_id="labels")
@@ -60,7 +62,7 @@ def build_app(registry: str | None = None) -> gr.Blocks:
             with gr.Tab("All tasks", id="all"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        image_all = ImageInput(label="Image", height=280)
+                        image_all = image_input(label="Image", height=280, elem_classes="upscaled")
                         run_all = gr.Button("Run every task", variant="primary")
                     with gr.Column(scale=2):
                         table_all = gr.Dataframe(label="One row per task", interactive=False, wrap=True)
@@ -77,7 +79,7 @@ def build_app(registry: str | None = None) -> gr.Blocks:
                     storage_plot = gr.BarPlot(x="setup", y="MB", color="part",
                                               title="One backbone plus N adapters against N full copies")
                     accuracy_plot = gr.ScatterPlot(x="trainable params", y="test top-1", color="method",
-                                                   tooltip=["task", "trainable params", "test top-1"],
+                                                   tooltip=["task", "trainable params", "test top-1"], y_lim=[0, 1],
                                                    title="Test accuracy against trainable parameters")
             with gr.Tab("Add a task", id="add"):
                 with gr.Row():
@@ -95,13 +97,12 @@ def build_app(registry: str | None = None) -> gr.Blocks:
                             epochs = gr.Number(3, label="Epochs", precision=0, minimum=1)
                             batch_size = gr.Number(64, label="Batch size", precision=0, minimum=1)
                         with gr.Row():
-                            lr = gr.Number(None, label="Learning rate (empty: the method's default)", minimum=0)
-                            rank = gr.Number(None, label="Rank (empty: the method's default)", precision=0,
-                                             minimum=1)
+                            lr = gr.Number(0, label="Learning rate (0: the method's default)", minimum=0)
+                            rank = gr.Number(0, label="Rank (0: the method's default)", precision=0, minimum=0)
                         with gr.Accordion("Quick run: fewer images", open=False):
-                            limit_train = gr.Number(None, label="Training images (empty: all)", precision=0)
-                            limit_eval = gr.Number(None, label="Validation and test images (empty: all)",
-                                                   precision=0)
+                            limit_train = gr.Number(0, label="Training images (0: all)", precision=0, minimum=0)
+                            limit_eval = gr.Number(0, label="Validation and test images (0: all)", precision=0,
+                                                   minimum=0)
                         train_btn = gr.Button("Train", variant="primary")
                         train_status = gr.Markdown()
 
@@ -123,6 +124,7 @@ def build_app(registry: str | None = None) -> gr.Blocks:
 def launch(registry: str | None = None, host: str = "127.0.0.1", port: int | None = None, **kw: Any) -> gr.Blocks:
     """Build the page and serve it; returns the running Blocks (``prevent_thread_lock=True`` returns at once)."""
     app = build_app(registry)
+    kw.setdefault("css", CSS)
     app.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port, **kw)
     return app
 

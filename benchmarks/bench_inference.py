@@ -17,11 +17,13 @@ from adaptkit.backbone import create_backbone
 from adaptkit.methods import get_method, merge_lora
 
 
-def run(backbone_name: str, batch: int, repeats: int, device: str) -> list[list[str]]:
+def run(backbone_name: str, batch: int, repeats: int, device: str, only: list[str] | None) -> list[list[str]]:
     backbone = create_backbone(backbone_name, pretrained=False, device=device)
     bare = copy.deepcopy(backbone.model)
     configs = {"bare backbone": bare}
     for label, (method, config) in METHOD_SPECS.items():
+        if only and label not in only:
+            continue
         task = get_method(method, config).attach(backbone.model, 10)
         randomize(task)
         task.eval()
@@ -47,6 +49,9 @@ def run(backbone_name: str, batch: int, repeats: int, device: str) -> list[list[
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--backbone", help="one backbone instead of the default list")
+    parser.add_argument("--batch", type=int, help="one batch size instead of the default list")
+    parser.add_argument("--only", nargs="+", metavar="METHOD", help=f"some of: {', '.join(METHOD_SPECS)}")
     args = parse(parser)
     if args.quick:
         cases = [("vit_tiny_patch16_224", 1), ("vit_tiny_patch16_224", 8)]
@@ -54,11 +59,13 @@ def main() -> None:
         cases = [("vit_tiny_patch16_224", 1), ("vit_tiny_patch16_224", 32),
                  ("vit_base_patch16_224", 1), ("vit_base_patch16_224", 32)]
     repeats = args.repeats or (3 if args.quick else 7)
-    rows = []
-    for name, batch in cases:
-        rows += run(name, batch, repeats if batch < 32 or "tiny" in name else max(3, repeats // 2), args.device)
-    print(f"# inference, median of {repeats} rounds; {machine_line()}")
-    print_table(["backbone", "batch", "method", "ms", "vs bare"], rows)
+    if args.backbone or args.batch:
+        cases = [(args.backbone or n, args.batch or b) for n, b in cases]
+        cases = list(dict.fromkeys(cases))
+    print(f"# inference, median of {repeats} rounds; {machine_line()}", flush=True)
+    for name, batch in cases:  # one table per case, printed as soon as it is measured
+        print_table(["backbone", "batch", "method", "ms", "vs bare"], run(name, batch, repeats, args.device, args.only))
+        print(flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pretrain adaptkit's small packaged backbone from scratch on CIFAR-10, with adaptkit's own loop (method ``full``).
 
     python examples/pretrain_backbone.py                      # reads ../shared/data/cifar10.tar.gz or downloads
-    python examples/pretrain_backbone.py --archive PATH.tar.gz --epochs 20
+    python examples/pretrain_backbone.py --archive PATH.tar.gz --epochs 16
 
 The archive is unpacked into a cache folder (never into the repository). The trained trunk is written in fp16 to
 ``adaptkit/weights/vit_cifar_tiny_patch4_32.adaptkit_c10.safetensors`` (the file timm loads for
@@ -29,7 +29,7 @@ from adaptkit.train import TrainConfig, TrainEvent, train
 ARCH = PACKAGED_BACKBONE.split(".")[0]
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10.tar.gz"
 CACHE = Path.home() / ".cache" / "adaptkit" / "cifar10"
-RECIPE = TrainConfig(epochs=20, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=2, label_smoothing=0.1,
+RECIPE = TrainConfig(epochs=16, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=2, label_smoothing=0.1,
                      grad_clip=1.0, seed=0, precision="bf16", crop_scale=(0.6, 1.0), val_fraction=0.05)
 
 

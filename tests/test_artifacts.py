@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import PICO
 from safetensors import safe_open
 
 from adaptkit.artifacts import AdapterMeta, load_adapter, read_meta, save_adapter
 from adaptkit.backbone import create_backbone
 from adaptkit.errors import ArtifactError
 from adaptkit.methods import get_method
-from conftest import PICO
 
 
 def _trained(backbone, method="adapter", config=None, classes=5):

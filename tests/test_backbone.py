@@ -6,11 +6,11 @@ import time
 
 import pytest
 import torch
+from conftest import PICO
 from safetensors.torch import save_file
 
 from adaptkit.backbone import create_backbone, fingerprint
 from adaptkit.errors import BackboneError, OfflineError
-from conftest import PICO
 
 
 def test_frozen_eval_and_data_config(pico):

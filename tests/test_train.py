@@ -1,0 +1,66 @@
+"""The training loop: schedule, best epoch, interruption, and the shared backbone left as it was."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adaptkit.backbone import fingerprint
+from adaptkit.errors import ConfigError
+from adaptkit.train import TrainConfig, TrainEvent, evaluate, lr_factor, train
+
+QUICK = TrainConfig(epochs=2, batch_size=32, limit_train=64, limit_eval=32)
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    values = [lr_factor(s, warmup_steps=10, total_steps=110, floor=0.01) for s in range(110)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(values[:10], values[1:10], strict=False))  # rising during warm-up
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))  # falling after
+    assert values[60] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(500, 10, 110, 0.01) == pytest.approx(0.01)
+
+
+def test_train_leaves_shared_backbone_unchanged_and_reports(pico, registry, cifar_mini):
+    before = fingerprint(pico.model)
+    events: list[TrainEvent] = []
+    result = train(f"folder:{cifar_mini}", task="t", backbone=pico, config=QUICK, registry=registry,
+                   on_event=events.append)
+    assert fingerprint(pico.model) == before
+    assert not any(p.requires_grad for p in pico.model.parameters())
+    assert {e.phase for e in events} == {"train", "val", "test", "save"}
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert result.metrics["best_epoch"] in (1, 2)
+    assert result.version.train["recipe"]["lr"] == 1e-3  # the adapter's default was filled in
+    assert result.version.train["images_per_s"] > 0
+    m = evaluate("t", registry=registry, limit=32)
+    assert m["top1"] == pytest.approx(result.metrics["test_top1"])  # the same weights, the same test images
+
+
+def test_interrupt_leaves_no_row_and_no_file(pico, registry, cifar_mini):
+    def stop(event: TrainEvent) -> None:
+        if event.phase == "val":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(f"folder:{cifar_mini}", task="t", backbone=pico, config=QUICK, registry=registry, on_event=stop)
+    assert registry.tasks() == []
+    assert not registry.adapter_dir.exists() or not any(p.is_file() for p in registry.adapter_dir.rglob("*"))
+    assert not hasattr(pico.model.blocks[0].mlp, "base_layer")  # the adapter came off the backbone
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"epochs": 0}, "bad epochs"), ({"batch_size": 0}, "bad batch_size"), ({"lr": -1.0}, "bad lr"),
+    ({"precision": "fp8"}, "bad precision"), ({"label_smoothing": 1.5}, "bad label_smoothing"),
+])
+def test_bad_recipe(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**values)
+
+
+def test_cpu_bf16_runs(pico, registry, cifar_mini):
+    cfg = TrainConfig(epochs=1, batch_size=16, limit_train=16, limit_eval=16, precision="bf16")
+    result = train(f"folder:{cifar_mini}", task="b", backbone=pico, config=cfg, registry=registry)
+    assert all(t.dtype == torch.float32 for t in result.model.state().values())  # weights stay fp32
