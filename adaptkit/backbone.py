@@ -123,7 +123,8 @@ def create_backbone(
         model = _create(name, pretrained=False)
         load_weights_file(model, Path(source[5:]))
     if not hasattr(model, "blocks") or not hasattr(model, "forward_features"):
-        raise BackboneError(f"{name} is not a Vision Transformer with `blocks`; pick a timm ViT such as vit_base_patch16_224")
+        raise BackboneError(f"{name} is not a Vision Transformer with `blocks`; pick a timm ViT such as "
+                            "vit_base_patch16_224")
     model.requires_grad_(False).eval().to(device)
     data_config = timm.data.resolve_data_config({}, model=model)
     return Backbone(name=name, model=model, weights=source, fingerprint=fingerprint(model), data_config=data_config)
@@ -171,7 +172,8 @@ def _hub_cached(repo_id: str, filename: str | None) -> bool:
 
 
 def _offline_env() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    flags = (os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from adaptkit.artifacts import AdapterMeta, load_adapter
 from adaptkit.backbone import Backbone, create_backbone
-from adaptkit.errors import AdaptkitError, ConfigError
+from adaptkit.errors import AdaptkitError, ArtifactError, ConfigError
 from adaptkit.methods import TaskContext, TaskModel, get_method, merge_lora, task_context
 from adaptkit.registry import Registry, VersionRow
 
@@ -152,13 +152,11 @@ class Predictor:
     def _attach(self, host: _Host, row: VersionRow, key: str) -> LoadedTask:
         state, meta = load_adapter(self.registry.path_of(row), sha256=row.sha256,
                                    fingerprint=host.backbone.fingerprint, device=self.device)
-        with torch.random.fork_rng(devices=[]):  # the fresh modules' initial values are overwritten at once
-            model = get_method(meta.method, meta.method_config).attach(host.backbone.model, len(meta.classes))
         try:
-            model.load_state(state)
+            model = get_method(meta.method, meta.method_config).attach(host.backbone.model, len(meta.classes),
+                                                                       state=state)
         except ConfigError as exc:
-            model.detach_from_trunk()
-            raise AdaptkitError(f"adapter file of {key} does not fit its method: {exc}") from exc
+            raise ArtifactError(f"adapter file of {key} does not fit its method: {exc}") from exc
         model.eval()
         task = LoadedTask(ref=key, meta=meta, model=model, host=host)
         host.tasks[key] = task

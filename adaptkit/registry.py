@@ -238,7 +238,8 @@ class Registry:
         with self.session() as s, s.begin():
             backbone = s.scalar(select(BackboneRow).where(BackboneRow.fingerprint == meta.backbone_fingerprint))
             if backbone is None:
-                backbone = BackboneRow(name=meta.backbone, weights=meta.backbone_weights, num_params=meta.backbone_params, embed_dim=meta.backbone_dim,
+                backbone = BackboneRow(name=meta.backbone, weights=meta.backbone_weights,
+                                       num_params=meta.backbone_params, embed_dim=meta.backbone_dim,
                                        fingerprint=meta.backbone_fingerprint, data_config=meta.data_config)
                 s.add(backbone)
             task = s.scalar(select(TaskRow).where(TaskRow.name == meta.task))

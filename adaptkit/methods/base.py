@@ -8,6 +8,7 @@ carries one slot index per sample and each site applies every sample's own task 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from abc import ABC, abstractmethod
@@ -177,8 +178,12 @@ class TaskModel(nn.Module):
                 out[f"{prefix}.{name}"] = t.detach()
         return out
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load exactly the tensors :meth:`state` names; any missing, extra or misshapen tensor is an error."""
+    def load_state(self, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Load exactly the tensors :meth:`state` names; any missing, extra or misshapen tensor is an error.
+
+        With ``assign`` the given tensors become the task's parameters as they are (no copy): the fast path for
+        a task built on the meta device by :meth:`Method.attach` with ``state``.
+        """
         expected = self.state()
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or extra:
@@ -187,9 +192,9 @@ class TaskModel(nn.Module):
         if bad:
             raise ConfigError(f"adapter tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
                               f"expected {tuple(expected[bad[0]].shape)}")
-        with torch.no_grad():
-            for k, t in expected.items():
-                t.copy_(state[k])
+        for prefix, module in [*self.parts.items(), ("head", self.head)]:
+            own = {k[len(prefix) + 1:]: t for k, t in state.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(own, assign=assign)
 
     def detach_from_trunk(self) -> None:
         """Take this task's modules out of the shared trunk's sites; sites left empty are removed."""
@@ -218,26 +223,38 @@ class Method(ABC):
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
-    def attach(self, trunk: nn.Module, num_classes: int, slot: str | None = None) -> TaskModel:
+    def attach(self, trunk: nn.Module, num_classes: int, slot: str | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> TaskModel:
         """Add this method's modules for a new task to ``trunk`` and return the task with a new head.
 
         Args:
             trunk: the backbone (a timm ViT with ``num_classes=0``); several tasks may share it.
             num_classes: the size of the task's head.
             slot: the task's key in the backbone's sites (default: a new unique one).
+            state: saved tensors to use as the task's parameters; the modules are then built on the meta
+                device (no allocation, no initialisation) and take these tensors as they are.
         """
         if num_classes < 1:
             raise ConfigError(f"a task needs at least one class, got {num_classes}")
         ctx = task_context(trunk)
         slot = slot or ctx.new_slot()
-        trunk, parts, sites = self.inject(trunk, ctx, slot)
-        head = nn.Linear(int(trunk.num_features), num_classes)
-        nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
+        with torch.device("meta") if state is not None else contextlib.nullcontext():
+            trunk, parts, sites = self.inject(trunk, ctx, slot)
+            head = nn.Linear(int(trunk.num_features), num_classes)
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+        task = TaskModel(trunk, ctx, slot, self, head, parts, sites)
+        if state is not None:
+            try:
+                task.load_state(state, assign=True)
+            except (ConfigError, RuntimeError):
+                task.detach_from_trunk()
+                raise
+            return task
         device = next(trunk.parameters()).device
         for module in [*parts.values(), head]:
             module.to(device)
-        return TaskModel(trunk, ctx, slot, self, head.to(device), parts, sites)
+        return task
 
     @abstractmethod
     def inject(self, trunk: nn.Module, ctx: TaskContext,
