@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from adaptkit.compare import format_bytes, format_percent
 from adaptkit.errors import AdaptkitError, ConfigError
 
 app = typer.Typer(help="Adapt one frozen Vision Transformer to many image tasks.", no_args_is_help=True,
@@ -53,20 +54,6 @@ def _registry(url: str | None):
     from adaptkit.registry import Registry
 
     return Registry(url)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _count(n: int) -> str:
@@ -152,8 +139,11 @@ def train(
                      registry=_registry(registry), data_dir=str(data_dir) if data_dir else None, download=download,
                      on_event=_RichProgress(progress))
     v, m = result.version, result.metrics
+    if v is None:  # a worker process under torchrun: rank 0 records and reports
+        return
     out.print(f"trained [bold]{v.ref}[/bold] ({v.method}, {_count(v.trainable_params)} trainable parameters, "
-              f"{_size(v.bytes)}): test top-1 {_pct(m['test_top1'])}, top-5 {_pct(m['test_top5'])}, "
+              f"{format_bytes(v.bytes)}): test top-1 {format_percent(m['test_top1'])}, "
+              f"top-5 {format_percent(m['test_top5'])}, "
               f"best epoch {m['best_epoch']}, {v.train_time_s:.0f} s")
 
 
@@ -195,7 +185,8 @@ def list_tasks(registry: RegistryOpt = None) -> None:
     for t in tasks:
         d = t.default
         table.add_row(t.name, f"v{d.version}", str(len(t.versions)), d.method, d.backbone.name,
-                      _count(d.trainable_params), _size(d.bytes), _pct(d.metrics.get("test_top1")), t.dataset)
+                      _count(d.trainable_params), format_bytes(d.bytes), format_percent(d.metrics.get("test_top1")),
+                      t.dataset)
     out.print(table)
 
 
@@ -211,7 +202,7 @@ def show(ref: Annotated[str, typer.Argument(help="TASK or TASK@VERSION")], regis
     table = Table("version", "default", "method", "config", "trainable", "size", "test top-1", "time", "device")
     for x in t.versions:
         table.add_row(f"v{x.version}", "*" if x.is_default else "", x.method, _config_text(x.config),
-                      _count(x.trainable_params), _size(x.bytes), _pct(x.metrics.get("test_top1")),
+                      _count(x.trainable_params), format_bytes(x.bytes), format_percent(x.metrics.get("test_top1")),
                       f"{x.train_time_s:.0f} s" if x.train_time_s else "-", x.device or "-")
     out.print(table)
     b = v.backbone
@@ -236,7 +227,7 @@ def eval_task(
 
     m = evaluate(ref, registry=_registry(registry), dataset=dataset, split=split, batch_size=batch_size,
                  device=device, data_dir=str(data_dir) if data_dir else None, limit=limit)
-    out.print(f"{ref}: top-1 {_pct(m['top1'])}, top-5 {_pct(m['top5'])}, loss {m['loss']:.4f} "
+    out.print(f"{ref}: top-1 {format_percent(m['top1'])}, top-5 {format_percent(m['top5'])}, loss {m['loss']:.4f} "
               f"on {m['images']} {split} images")
 
 
@@ -290,15 +281,16 @@ def compare(
                   "full: params", "full: size", "full: top-1", title="adapters against full fine-tuning")
     for r in report.rows:
         table.add_row(f"{r.task}@{r.version}{' *' if r.default else ''}", r.method, _count(r.trainable_params),
-                      f"{100 * r.share_of_backbone:.2f}%", _size(r.bytes), _pct(r.test_top1),
+                      f"{100 * r.share_of_backbone:.2f}%", format_bytes(r.bytes), format_percent(r.test_top1),
                       f"{r.train_time_s:.0f} s" if r.train_time_s else "-",
                       f"{r.peak_memory_mb:.0f} MB" if r.peak_memory_mb else "-", _count(r.full_params),
-                      _size(r.full_bytes) + ("" if r.full_measured else " (computed)"),
-                      _pct(r.full_test_top1) if r.full_measured else "-")
+                      format_bytes(r.full_bytes) + ("" if r.full_measured else " (computed)"),
+                      format_percent(r.full_test_top1) if r.full_measured else "-")
     out.print(table)
-    out.print(f"{report.tasks} task(s): {report.backbones} backbone(s) {_size(report.backbone_bytes)} + adapters "
-              f"{_size(report.adapters_bytes)} = [bold]{_size(report.shared_total_bytes)}[/bold], against "
-              f"{report.tasks} full copies = [bold]{_size(report.full_total_bytes)}[/bold]: full fine-tuning "
+    out.print(f"{report.tasks} task(s): {report.backbones} backbone(s) {format_bytes(report.backbone_bytes)} "
+              f"+ adapters {format_bytes(report.adapters_bytes)} = [bold]{format_bytes(report.shared_total_bytes)}"
+              f"[/bold], against "
+              f"{report.tasks} full copies = [bold]{format_bytes(report.full_total_bytes)}[/bold]: full fine-tuning "
               f"needs {report.saving:.1f}x the storage")
 
 

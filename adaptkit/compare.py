@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 from adaptkit.registry import Registry, TaskRow, VersionRow
 
-__all__ = ["CostRow", "CostReport", "compare"]
+__all__ = ["CostRow", "CostReport", "compare", "format_bytes", "format_percent"]
 
 FP32 = 4
 
@@ -58,6 +58,22 @@ class CostReport:
         out = asdict(self)
         out["saving"] = self.saving
         return out
+
+
+def format_bytes(n: float | None) -> str:
+    """``1.2 MB``: decimal units, as disks and the hub count them; ``-`` for unknown."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def format_percent(x: float | None) -> str:
+    """``91.2%``; ``-`` for unknown."""
+    return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def _full_cost(version: VersionRow, classes: int) -> tuple[int, int]:

@@ -8,6 +8,7 @@ gets the eval transform.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -17,15 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import ConcatDataset, Dataset
 
-from adaptkit.errors import DatasetError
+from adaptkit.errors import DatasetError, ImageError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 TEST_FRACTION = 0.2  # held out as test where a data set has no test split of its own
 SPLIT_SEED = 0  # fixed, so the test split never depends on the training seed
 DOWNLOAD_TIMEOUT_S = 30.0
+_log = logging.getLogger(__name__)
+MAX_SIDE = 2048  # larger images are downscaled before the model's own resize; it only costs time
 _TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 # classes, train source and indices, test source and indices
 _Splits = tuple[list[str], Dataset, list[int], Dataset, list[int]]
@@ -129,6 +132,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Read an image file as an 8-bit RGB image of at most :data:`MAX_SIDE` pixels a side (EXIF rotation applied).
+
+    Raises:
+        ImageError: the file is not an image, is truncated or corrupt, or is too large to decode safely.
+    """
+    try:
+        img = Image.open(path)
+        if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+            img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG decodes at a reduced scale; other formats stay as they are
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{path}: the image is too large to decode safely ({exc}; the limit is "
+                         f"{Image.MAX_IMAGE_PIXELS:,} pixels): downscale it and try again") from None
+    except FileNotFoundError:
+        raise ImageError(f"image {path} does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path} is not an image: use a PNG, JPEG, WebP, BMP, GIF or TIFF file") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path} could not be decoded; the file looks truncated or corrupt ({exc})") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
+        _log.info("ignored unreadable EXIF orientation of %s", path)
+    img = to_rgb(img)
+    img.thumbnail((MAX_SIDE, MAX_SIDE))
+    return img
 
 
 class ImageTransform:

@@ -24,6 +24,10 @@ class DatasetError(AdaptkitError):
     """A data set cannot be found, read or split."""
 
 
+class ImageError(AdaptkitError):
+    """A file given as an image cannot be read as one."""
+
+
 class ArtifactError(AdaptkitError):
     """An adapter file is missing, corrupt, or made for another backbone."""
 

@@ -166,7 +166,7 @@ class Predictor:
 
     def preprocess(self, images: list[ImageLike], task: LoadedTask) -> torch.Tensor:
         """Images (PIL, paths, or tensors already transformed) -> a (B, 3, H, W) batch on the device."""
-        from adaptkit.data import to_rgb
+        from adaptkit.data import open_image, to_rgb
 
         tensors = []
         for img in images:
@@ -174,7 +174,7 @@ class Predictor:
                 tensors.append(img if img.dim() == 3 else img.squeeze(0))
                 continue
             if isinstance(img, (str, Path)):
-                img = _open_image(Path(img))
+                img = open_image(img)
             tensors.append(task.host.transform(to_rgb(img)))
         if not tensors:
             raise ConfigError("no images given")
@@ -257,16 +257,3 @@ class Predictor:
         values, indices = probs.topk(min(max(k, 1), probs.numel()))
         return [Prediction(task.classes[i], int(i), float(p)) for p, i in zip(values.tolist(), indices.tolist(),
                                                                               strict=True)]
-
-
-def _open_image(path: Path) -> Image.Image:
-    from PIL import UnidentifiedImageError
-
-    try:
-        img = Image.open(path)
-        img.load()
-        return img
-    except FileNotFoundError as exc:
-        raise ConfigError(f"image {path} does not exist") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ConfigError(f"{path} is not a readable image ({exc})") from exc

@@ -13,33 +13,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from adaptkit.compare import CostReport, compare
-from adaptkit.data import list_datasets, to_rgb
+from adaptkit.compare import CostReport, compare, format_bytes, format_percent
+from adaptkit.data import list_datasets, open_image
 from adaptkit.errors import AdaptkitError
 from adaptkit.predict import Predictor
 from adaptkit.registry import Registry, TaskRow
 from adaptkit.train import TrainConfig, TrainEvent, train
 
-__all__ = ["Handlers", "open_image", "user_errors", "dataset_choices", "METHOD_CHOICES", "RANKED_METHODS"]
+__all__ = ["Handlers", "user_errors", "dataset_choices", "METHOD_CHOICES", "RANKED_METHODS"]
 
 _log = logging.getLogger(__name__)
 
-MAX_SIDE = 2048  # larger images are downscaled before the model's own resize; it only costs time
 METHOD_CHOICES = ["adapter", "lora", "linear", "full"]
 RANKED_METHODS = ("adapter", "lora")  # the methods that take a rank
 EMPTY_NOTE = """### No tasks yet
 The registry `{url}` has no tasks. Train one here in **Add a task** (for a quick offline try: data set `digits`,
-backbone `vit_tiny_patch16_224` with *pretrained* unticked), or from a shell:
+backbone `vit_pico_patch4_32` with *pretrained* unticked), or from a shell:
 
 ```
-adaptkit train --dataset digits --backbone vit_tiny_patch16_224 --no-pretrained --epochs 3
+adaptkit train --dataset digits --backbone vit_pico_patch4_32 --no-pretrained --epochs 6 --no-augment
 adaptkit train --dataset cifar100            # the default ViT-B/16 backbone, from the hub
 ```
 Then come back to **Predict**: the new task appears in the picker."""
@@ -64,37 +61,6 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Read an uploaded file as an 8-bit RGB image of at most :data:`MAX_SIDE` pixels a side.
-
-    Raises:
-        gr.Error: the file is not an image, is truncated or corrupt, or is too large to decode safely.
-    """
-    try:
-        img = Image.open(path)
-        if img.width * img.height > Image.MAX_IMAGE_PIXELS:
-            img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG decodes at a reduced scale; other formats stay as they are
-            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
-        img.load()
-    except Image.DecompressionBombError as exc:
-        raise gr.Error(f"The image is too large to decode safely ({exc}; the limit is {Image.MAX_IMAGE_PIXELS:,} "
-                       "pixels): downscale it and upload it again.", print_exception=False) from None
-    except UnidentifiedImageError:
-        raise gr.Error("This file is not an image: upload a PNG, JPEG, WebP, BMP, GIF or TIFF file.",
-                       print_exception=False) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise gr.Error(f"The image could not be decoded; the file looks truncated or corrupt ({exc}).",
-                       print_exception=False) from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
-        _log.info("ignored unreadable EXIF orientation of %s", path)
-    img = to_rgb(img)
-    img.thumbnail((MAX_SIDE, MAX_SIDE))
-    return img
-
-
 def task_label(task: TaskRow) -> str:
     """How a task reads in the picker: name, method, backbone and test accuracy of its default version."""
     v = task.default
@@ -105,18 +71,6 @@ def task_label(task: TaskRow) -> str:
 
 def dataset_choices() -> list[tuple[str, str]]:
     return [(f"{d.name} — {d.description}", d.name) for d in list_datasets()]
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{x:.1%}"
 
 
 class Handlers:
@@ -240,8 +194,8 @@ class Handlers:
         with self._lock:
             self.predictor.refresh()
         status = (f"Trained **{v.task.name}** version {v.version}: {v.method} on {v.backbone.name}, "
-                  f"{v.trainable_params:,} trainable parameters, {_size(v.bytes)} on disk, test top-1 "
-                  f"{_pct(result.metrics.get('test_top1'))}. It is in the task picker now.")
+                  f"{v.trainable_params:,} trainable parameters, {format_bytes(v.bytes)} on disk, test top-1 "
+                  f"{format_percent(result.metrics.get('test_top1'))}. It is in the task picker now.")
         picker, note = self._picker(v.task.name)
         return status, picker, note
 
@@ -275,9 +229,10 @@ def _progress_reporter(progress: gr.Progress) -> Callable[[TrainEvent], None]:
 def _summary(report: CostReport) -> str:
     if not report.tasks:
         return "No tasks yet: train one in **Add a task**, then the costs appear here."
-    return (f"**{report.tasks} task(s)** on {report.backbones} backbone(s): {_size(report.backbone_bytes)} of "
-            f"backbone + {_size(report.adapters_bytes)} of adapters = **{_size(report.shared_total_bytes)}**, "
-            f"against **{_size(report.full_total_bytes)}** for {report.tasks} fully fine-tuned copies: "
+    return (f"**{report.tasks} task(s)** on {report.backbones} backbone(s): {format_bytes(report.backbone_bytes)} of "
+            f"backbone + {format_bytes(report.adapters_bytes)} of adapters = "
+            f"**{format_bytes(report.shared_total_bytes)}**, "
+            f"against **{format_bytes(report.full_total_bytes)}** for {report.tasks} fully fine-tuned copies: "
             f"**{report.saving:.1f}x smaller**. Trainable parameters: {report.adapters_params:,} against "
             f"{report.full_total_params:,}.")
 
@@ -286,10 +241,11 @@ def _cost_table(report: CostReport) -> pd.DataFrame:
     rows = [{
         "task": r.task, "version": r.version, "default": "yes" if r.default else "", "method": r.method,
         "backbone": r.backbone, "trainable params": r.trainable_params,
-        "% of backbone": round(100 * r.share_of_backbone, 3), "on disk": _size(r.bytes),
-        "test top-1": _pct(r.test_top1), "train time (s)": None if r.train_time_s is None else round(r.train_time_s, 1),
-        "full params": r.full_params, "full on disk": _size(r.full_bytes),
-        "full test top-1": _pct(r.full_test_top1) if r.full_measured else "not trained",
+        "% of backbone": round(100 * r.share_of_backbone, 3), "on disk": format_bytes(r.bytes),
+        "test top-1": format_percent(r.test_top1),
+        "train time (s)": None if r.train_time_s is None else round(r.train_time_s, 1),
+        "full params": r.full_params, "full on disk": format_bytes(r.full_bytes),
+        "full test top-1": format_percent(r.full_test_top1) if r.full_measured else "not trained",
     } for r in report.rows]
     return pd.DataFrame(rows, columns=["task", "version", "default", "method", "backbone", "trainable params",
                                        "% of backbone", "on disk", "test top-1", "train time (s)", "full params",

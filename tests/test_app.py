@@ -6,12 +6,14 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-from adaptkit_app.handlers import Handlers, open_image
+from adaptkit_app.handlers import Handlers
 from adaptkit_app.main import launch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from adaptkit.data import open_image
+from adaptkit.errors import ImageError
 from adaptkit.registry import Registry
 from adaptkit.train import TrainConfig, train
 
@@ -155,7 +157,7 @@ def test_truncated_image_is_refused_clearly(tmp_path, cat):
     data = Path(cat).read_bytes()
     path = tmp_path / "cut.jpg"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(gr.Error, match="truncated or corrupt"):
+    with pytest.raises(ImageError, match="truncated or corrupt"):
         open_image(path)
 
 
@@ -164,13 +166,13 @@ def test_huge_image_is_refused_or_downscaled(tmp_path, monkeypatch):
     png = _saved(tmp_path, Image.new("RGB", (120, 120), "red"), "big.png")
     jpg = _saved(tmp_path, Image.new("RGB", (120, 120), "red"), "big.jpg")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
-    with pytest.raises(gr.Error, match="too large"):
+    with pytest.raises(ImageError, match="too large"):
         open_image(png)  # 14,400 pixels: over the limit and PNG cannot decode at a reduced scale
-    monkeypatch.setattr("adaptkit_app.handlers.MAX_SIDE", 16)
+    monkeypatch.setattr("adaptkit.data.MAX_SIDE", 16)
     small = open_image(jpg)  # JPEG decodes at 1/4 scale, then shrinks to the side limit
     assert small.mode == "RGB" and max(small.size) <= 16
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
-    with pytest.raises(gr.Error, match="too large"):
+    with pytest.raises(ImageError, match="too large"):
         open_image(jpg)  # over twice the limit: Pillow refuses to open it at all
 
 

@@ -146,5 +146,5 @@ def test_user_errors_exit_1_with_a_message(tmp_path, args, message):
 def test_bad_image_and_bad_file(trained, tmp_path):
     bad = tmp_path / "not-an-image.jpg"
     bad.write_text("hello")
-    fails("predict", "ad", bad, "--registry", trained, message="not a readable image")
+    fails("predict", "ad", bad, "--registry", trained, message="is not an image")
     fails("import", bad, "--registry", tmp_path / "r.db", message="not a readable adapter file")

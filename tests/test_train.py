@@ -64,3 +64,26 @@ def test_cpu_bf16_runs(pico, registry, cifar_mini):
     cfg = TrainConfig(epochs=1, batch_size=16, limit_train=16, limit_eval=16, precision="bf16")
     result = train(f"folder:{cifar_mini}", task="b", backbone=pico, config=cfg, registry=registry)
     assert all(t.dtype == torch.float32 for t in result.model.state().values())  # weights stay fp32
+
+
+def test_two_process_ddp_writes_one_version(tmp_path, cifar_mini):
+    """Under torchrun (gloo on the CPU) both ranks train; only rank 0 writes the file and the row."""
+    import os
+    import subprocess
+    import sys
+
+    from adaptkit.registry import Registry
+
+    reg = tmp_path / "r.db"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "adaptkit.cli", "train",
+           "--dataset", f"folder:{cifar_mini}", "--task", "ddp", "--backbone", "vit_pico_patch4_32",
+           "--no-pretrained", "--epochs", "1", "--batch-size", "16", "--limit-train", "64", "--limit-eval", "16",
+           "--registry", str(reg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    registry = Registry(reg)
+    [task] = registry.tasks()
+    assert [v.version for v in task.versions] == [1]
+    assert task.versions[0].train["world_size"] == 2
+    assert len([p for p in registry.adapter_dir.rglob("*") if p.is_file()]) == 1
