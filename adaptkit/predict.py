@@ -60,7 +60,7 @@ class _Host:
 
     backbone: Backbone
     transform: Any
-    tasks: dict[str, LoadedTask] = field(default_factory=dict)
+    tasks: dict[str, LoadedTask] = field(default_factory=dict)  # by adapter file sha256
 
     @property
     def ctx(self) -> TaskContext:
@@ -103,8 +103,8 @@ class Predictor:
         row = self.registry.get_version(ref)
         key = f"{row.task.name}@{row.version}"
         host = self._host_for(row)
-        task = host.tasks.get(key)
-        if task is None or task.model is None:
+        task = host.tasks.get(row.sha256)  # by content: a task removed and trained again is a new file
+        if task is None:
             task = self._attach(host, row, key)
         self._refs[ref] = self._refs[key] = task
         return task
@@ -122,7 +122,7 @@ class Predictor:
         if task is None:
             return
         task.model.detach_from_trunk()
-        task.host.tasks.pop(task.ref, None)
+        task.host.tasks = {k: v for k, v in task.host.tasks.items() if v is not task}
         for k in [k for k, v in self._refs.items() if v is task]:
             del self._refs[k]
         if self.active is task:
@@ -159,7 +159,7 @@ class Predictor:
             raise ArtifactError(f"adapter file of {key} does not fit its method: {exc}") from exc
         model.eval()
         task = LoadedTask(ref=key, meta=meta, model=model, host=host)
-        host.tasks[key] = task
+        host.tasks[row.sha256] = task
         return task
 
     # -- predicting --------------------------------------------------------------------------------------------
