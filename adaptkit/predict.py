@@ -215,8 +215,13 @@ class Predictor:
             feats = first.model.trunk(x[members])
         finally:
             ctx.sample_slots = None
+        rows: dict[int, list[int]] = {}  # one head call per task, over its samples
         for j, i in enumerate(members):
-            out[i] = tasks[i].model.head(feats[j : j + 1]).float()[0]
+            rows.setdefault(id(tasks[i]), []).append(j)
+        for js in rows.values():
+            logits = tasks[members[js[0]]].model.head(feats[js]).float()
+            for k, j in enumerate(js):
+                out[members[j]] = logits[k]
 
     def predict(self, images: list[ImageLike], ref: str | None = None, topk: int = 5) -> list[list[Prediction]]:
         """Top-k labels with probabilities for each image under one task."""

@@ -137,6 +137,13 @@ def _sqlite_pragmas(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _check_classes(row: TaskRow | None, task: str, classes: list[str]) -> None:
+    if row is not None and list(row.classes) != list(classes):
+        raise ConfigError(f"task {task!r} already has {len(row.classes)} classes from {row.dataset} "
+                          f"({', '.join(row.classes[:4])}...); a version with other classes "
+                          f"({', '.join(classes[:4])}...) cannot join it: pick another --task name")
+
+
 class Registry:
     """A registry at ``url`` (default: :func:`default_url`), with adapter files in ``adapter_dir``.
 
@@ -205,6 +212,11 @@ class Registry:
             _ = version.backbone, version.task
             return version
 
+    def check_classes(self, task: str, classes: list[str]) -> None:
+        """Refuse, before any training, a new version whose classes differ from the task's."""
+        with self.session() as s:
+            _check_classes(s.scalar(select(TaskRow).where(TaskRow.name == task)), task, classes)
+
     def path_of(self, version: VersionRow) -> Path:
         return self.adapter_dir / version.file
 
@@ -243,6 +255,7 @@ class Registry:
                                        fingerprint=meta.backbone_fingerprint, data_config=meta.data_config)
                 s.add(backbone)
             task = s.scalar(select(TaskRow).where(TaskRow.name == meta.task))
+            _check_classes(task, meta.task, meta.classes)
             if task is None:
                 task = TaskRow(name=meta.task, dataset=meta.dataset, classes=list(meta.classes))
                 s.add(task)

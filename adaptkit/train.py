@@ -235,6 +235,7 @@ def train(
     data = load_task_data(dataset, backbone.data_config, data_dir=data_dir, download=download and rank == 0,
                           val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
                           limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale)
+    registry.check_classes(task, data.classes)
 
     seed_everything(cfg.seed)
     model = chosen.attach(backbone.model, len(data.classes))

@@ -135,3 +135,13 @@ def test_export_import_round_trip(registry, tmp_path):
     imported = other.import_file(dest, task="copy")
     assert imported.ref == "copy@1" and imported.metrics == v.metrics
     assert load_file(other.path_of(imported))["head.weight"].equal(_state(3)["head.weight"])
+
+
+def test_a_version_with_other_classes_is_refused(registry):
+    registry.add_version(_meta(), _state())
+    with pytest.raises(ConfigError, match="pick another --task name"):
+        registry.check_classes("demo", ["x", "y", "z"])
+    with pytest.raises(ConfigError, match="cannot join it"):
+        registry.add_version(_meta(classes=["x", "y"]), _state())
+    assert len(registry.get_version("demo").task.versions) == 1
+    assert len(_files(registry)) == 1  # the refused version's file was removed again
