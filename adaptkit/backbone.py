@@ -153,7 +153,7 @@ def _hub_or_package(name: str) -> str:
         cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
     except RuntimeError:
         cfg = None
-    if cfg is None:
+    if cfg is None or not (cfg.file or cfg.state_dict or cfg.hf_hub_id or cfg.url):
         raise BackboneError(f"{name} has no pretrained weights in timm: pass --weights FILE or --no-pretrained")
     if cfg.file or cfg.state_dict:
         return "package"

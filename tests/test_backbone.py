@@ -65,6 +65,11 @@ def test_offline_hub_error_is_fast_and_names_alternatives():
     assert "--weights FILE" in str(info.value) and "--no-pretrained" in str(info.value)
 
 
+def test_model_without_pretrained_weights_says_so():
+    with pytest.raises(BackboneError, match="has no pretrained weights.*--no-pretrained"):
+        create_backbone(PICO)
+
+
 def test_unknown_and_non_vit_names():
     with pytest.raises(BackboneError, match="Did you mean"):
         create_backbone("vit_bse_patch16_224", pretrained=False)
