@@ -76,6 +76,13 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.drop(ACTIVATIONS[self.act](self.down(x)))) * self.scale
 
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + self(x)`` in one pass over ``y``: the up-projection's bias rides on a column of ones."""
+        h = self.drop(ACTIVATIONS[self.act](self.down(x)))  # (..., r)
+        h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)
+        w = torch.cat([self.up.weight.t(), self.up.bias[None]]) * self.scale  # (r + 1, d)
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), w.to(h.dtype)).view_as(y)
+
 
 class AdapterSite(TaskSite):
     """Wraps an MLP or attention layer: ``y = base(x); y + a(x)`` (parallel) or ``y + a(y)`` (sequential)."""
@@ -84,16 +91,16 @@ class AdapterSite(TaskSite):
         y = self.base_layer(x, *args, **kwargs)
         if module is None:
             return y
-        return y + module(x if module.parallel else y)
+        return module.add_to(y, x if module.parallel else y)
 
     def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         parallel, sequential = bank
         out = y
         if parallel is not None:
-            out = out + _apply_bank(parallel, x, idx)
+            out = _apply_bank(parallel, x, idx, out)
         if sequential is not None:
-            out = out + _apply_bank(sequential, y, idx)
+            out = _apply_bank(sequential, y, idx, out)
         return out
 
     def build_bank(self, modules: list[nn.Module | None]) -> Any:
@@ -102,7 +109,10 @@ class AdapterSite(TaskSite):
 
 
 def _stack(modules: list[Bottleneck | None]) -> dict[str, Any] | None:
-    """Stack bottlenecks of any ranks into (T, d, r_max) / (T, r_max, d) banks, zero-padded; None if all absent."""
+    """Stack bottlenecks of any ranks into banks, zero-padded; None if all absent.
+
+    ``down`` is (T, d, r_max); ``up`` is (T, r_max + 1, d), scaled, with the up bias as its last row.
+    """
     present = [m for m in modules if m is not None]
     if not present:
         return None
@@ -110,9 +120,7 @@ def _stack(modules: list[Bottleneck | None]) -> dict[str, Any] | None:
     dim, rank, count = ref.shape[1], max(m.down.weight.shape[0] for m in present), len(modules)
     down = ref.new_zeros(count, dim, rank)
     down_bias = ref.new_zeros(count, 1, rank)
-    up = ref.new_zeros(count, rank, dim)
-    up_bias = ref.new_zeros(count, 1, dim)
-    scale = ref.new_zeros(count, 1, 1)
+    up = ref.new_zeros(count, rank + 1, dim)
     acts = list(dict.fromkeys(m.act for m in present))
     for i, m in enumerate(modules):
         if m is None:
@@ -120,16 +128,17 @@ def _stack(modules: list[Bottleneck | None]) -> dict[str, Any] | None:
         r = m.down.weight.shape[0]
         down[i, :, :r] = m.down.weight.detach().t()
         down_bias[i, 0, :r] = m.down.bias.detach()
-        up[i, :r] = m.up.weight.detach().t()
-        up_bias[i, 0] = m.up.bias.detach()
-        scale[i] = m.scale
+        up[i, :r] = m.up.weight.detach().t() * m.scale
+        up[i, rank] = m.up.bias.detach() * m.scale
     act_of_slot = torch.tensor([acts.index(m.act) if m is not None else 0 for m in modules], device=ref.device)
-    return {"down": down, "down_bias": down_bias, "up": up, "up_bias": up_bias, "scale": scale,
-            "acts": acts, "act_of_slot": act_of_slot}
+    return {"down": down, "down_bias": down_bias, "up": up, "acts": acts, "act_of_slot": act_of_slot}
 
 
-def _apply_bank(bank: dict[str, Any], x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Every sample b through the bottleneck of slot ``idx[b]``: two batched matrix products.  x: (B, N, d)."""
+def _apply_bank(bank: dict[str, Any], x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus every sample b through the bottleneck of slot ``idx[b]``: two batched matrix products.
+
+    x, y: (B, N, d).
+    """
     h = torch.baddbmm(bank["down_bias"][idx], x, bank["down"][idx])  # (B, N, r)
     acts = bank["acts"]
     if len(acts) == 1:
@@ -137,7 +146,8 @@ def _apply_bank(bank: dict[str, Any], x: torch.Tensor, idx: torch.Tensor) -> tor
     else:
         which = bank["act_of_slot"][idx]
         h = torch.stack([ACTIVATIONS[acts[int(which[b])]](h[b]) for b in range(h.shape[0])])
-    return torch.baddbmm(bank["up_bias"][idx], h, bank["up"][idx]) * bank["scale"][idx]  # (B, N, d)
+    h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)  # (B, N, r + 1): the last column carries the bias
+    return torch.baddbmm(y, h, bank["up"][idx].to(h.dtype))  # (B, N, d)
 
 
 class AdapterMethod(Method):

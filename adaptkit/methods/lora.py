@@ -63,6 +63,11 @@ class LoraUpdate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.drop(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
 
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y + self(x)`` in one pass over ``y`` (scaling folded into the rank-r intermediate)."""
+        h = (self.drop(x) @ self.lora_A.t()) * self.scaling  # (..., r)
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.t().to(h.dtype)).view_as(y)
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
 
@@ -72,14 +77,15 @@ class LoraSite(TaskSite):
 
     def forward_task(self, x: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x)
-        return y if module is None else y + module(x)
+        return y if module is None else module.add_to(y, x)
 
     def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x)
         if bank is None:
             return y
         a, b, scaling = bank
-        return y + torch.bmm(torch.bmm(x, a[idx]), b[idx]) * scaling[idx]  # (B, N, in) -> (B, N, r) -> (B, N, out)
+        h = torch.bmm(x, a[idx]) * scaling[idx]  # (B, N, r)
+        return torch.baddbmm(y, h, b[idx])  # (B, N, out), one pass over y
 
     def build_bank(self, modules: list[nn.Module | None]) -> Any:
         present = [m for m in modules if m is not None]
