@@ -1,6 +1,6 @@
 """What adapters buy: adapter, LoRA, linear probe and full fine-tuning trained with the same budget, side by side.
 
-    python examples/compare_methods.py                       # offline: the packaged backbone on the digits
+    python examples/compare_methods.py --no-augment          # offline: the packaged backbone on the digits
     python examples/compare_methods.py --dataset cifar100 --backbone vit_base_patch16_224.augreg_in21k --epochs 10
 
 Prints a Markdown table of test accuracy, trainable parameters and bytes on disk (the README's table comes from here).
@@ -33,19 +33,23 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-augment", action="store_true", help="no random crop and flip (small images: digits)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         registry = Registry(Path(tmp) / "registry.db")
         for label, method, settings, pretrained in RUNS:
-            config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+            config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                                 augment=not args.no_augment)
             result = train(args.dataset, task=f"t{len(rows)}", backbone=args.backbone, pretrained=pretrained,
                            method=method, method_config=settings, config=config, registry=registry)
             v = result.version
             rows.append((label, format_percent(result.metrics["test_top1"]), f"{v.trainable_params:,}",
                          format_bytes(v.bytes), f"{v.train_time_s:.0f} s"))
             print(f"{label}: {rows[-1][1]}", flush=True)
-    print(f"\n{args.dataset} on {args.backbone}, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}\n")
+    augment = "no augmentation" if args.no_augment else "random resized crop + flip"
+    print(f"\n{args.dataset} on {args.backbone}, {args.epochs} epochs, batch {args.batch_size}, {augment}, "
+          f"seed {args.seed}; each method at its default learning rate\n")
     print("| method | test top-1 | trainable parameters | file | train time |")
     print("| --- | --- | --- | --- | --- |")
     for row in rows:
