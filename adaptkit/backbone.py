@@ -44,14 +44,11 @@ class Backbone:
     weights: str
     fingerprint: str
     data_config: dict = field(default_factory=dict)
+    num_params: int = 0  # counted when built: tasks attached later add their own parameters to the model
 
     @property
     def embed_dim(self) -> int:
         return int(self.model.num_features)
-
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
 
     @property
     def device(self) -> torch.device:
@@ -127,7 +124,8 @@ def create_backbone(
                             "vit_base_patch16_224")
     model.requires_grad_(False).eval().to(device)
     data_config = timm.data.resolve_data_config({}, model=model)
-    return Backbone(name=name, model=model, weights=source, fingerprint=fingerprint(model), data_config=data_config)
+    return Backbone(name=name, model=model, weights=source, fingerprint=fingerprint(model), data_config=data_config,
+                    num_params=sum(p.numel() for p in model.parameters()))
 
 
 def _check_known(name: str) -> None:

@@ -33,10 +33,10 @@ METHOD_CHOICES = ["adapter", "lora", "linear", "full"]
 RANKED_METHODS = ("adapter", "lora")  # the methods that take a rank
 EMPTY_NOTE = """### No tasks yet
 The registry `{url}` has no tasks. Train one here in **Add a task** (for a quick offline try: data set `digits`,
-backbone `vit_pico_patch4_32` with *pretrained* unticked), or from a shell:
+backbone `vit_cifar_tiny_patch4_32.adaptkit_c10`, which ships with adaptkit), or from a shell:
 
 ```
-adaptkit train --dataset digits --backbone vit_pico_patch4_32 --no-pretrained --epochs 6 --no-augment
+adaptkit train --dataset digits --backbone vit_cifar_tiny_patch4_32.adaptkit_c10 --epochs 5 --no-augment --lr 3e-3
 adaptkit train --dataset cifar100            # the default ViT-B/16 backbone, from the hub
 ```
 Then come back to **Predict**: the new task appears in the picker."""

@@ -9,6 +9,7 @@ from conftest import PICO
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from adaptkit.backbone import create_backbone
 from adaptkit.cli import app
 from adaptkit.registry import Registry
 
@@ -79,6 +80,9 @@ def test_compare_json_and_csv(trained):
     rows = {r["task"]: r for r in report["rows"]}
     assert set(rows) == {"ad", "lo", "li", "fu"}
     assert rows["ad"]["trainable_params"] < rows["ad"]["full_params"]
+    pico = create_backbone(PICO, pretrained=False)
+    for name in ("ad", "lo", "li", "fu"):  # the backbone counted as built, not with the task attached
+        assert rows[name]["full_params"] == pico.num_params + pico.embed_dim * 10 + 10
     assert rows["ad"]["full_measured"] is False and rows["fu"]["full_measured"] is True
     assert report["tasks"] == 4 and report["full_total_bytes"] > 0
     csv_out = run("compare", "--csv", "--registry", trained).output
