@@ -110,8 +110,7 @@ def find_site(root: nn.Module, path: str, site_class: type[TaskSite], ctx: TaskC
     parent = _canonical_get(root, parent_path)
     if isinstance(parent, TaskSite):
         parent = parent.base_layer
-    current = getattr(parent, name)
-    layer = current
+    layer = getattr(parent, name)
     while isinstance(layer, TaskSite):  # a site of another kind may already wrap this layer
         if isinstance(layer, site_class):
             return layer
