@@ -20,7 +20,7 @@ from PIL import Image
 from adaptkit.artifacts import AdapterMeta, load_adapter
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.errors import AdaptkitError, ArtifactError, ConfigError
-from adaptkit.methods import TaskContext, TaskModel, get_method, merge_lora, task_context
+from adaptkit.methods import TaskModel, get_method, merge_lora
 from adaptkit.registry import Registry, VersionRow
 
 __all__ = ["Prediction", "Predictor", "LoadedTask", "default_device"]
@@ -56,15 +56,11 @@ class LoadedTask:
 
 @dataclass
 class _Host:
-    """One resident backbone, its task context, its eval transform and the tasks attached to it."""
+    """One resident backbone, its eval transform and the tasks attached to it."""
 
     backbone: Backbone
     transform: Any
     tasks: dict[str, LoadedTask] = field(default_factory=dict)  # by adapter file sha256
-
-    @property
-    def ctx(self) -> TaskContext:
-        return task_context(self.backbone.model)
 
 
 class Predictor:
@@ -112,7 +108,7 @@ class Predictor:
     def activate(self, ref: str) -> LoadedTask:
         """Make ``ref`` the active task: one attribute set when it is resident."""
         task = self._refs.get(ref) or self.load(ref)
-        task.host.ctx.active = task.model.slot
+        task.model.ctx.active = task.model.slot
         self.active = task
         return task
 
@@ -207,7 +203,7 @@ class Predictor:
 
     def _run_group(self, x: torch.Tensor, tasks: list[LoadedTask], members: list[int], out: list) -> None:
         first = tasks[members[0]]
-        ctx = first.host.ctx
+        ctx = first.model.ctx
         slots = tuple(sorted({tasks[i].model.slot for i in members}))
         index = torch.tensor([slots.index(tasks[i].model.slot) for i in members], device=x.device)
         ctx.slot_order, ctx.sample_slots = slots, index

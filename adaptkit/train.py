@@ -69,8 +69,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1),
                   ("warmup_epochs", self.warmup_epochs >= 0), ("label_smoothing", 0 <= self.label_smoothing < 1),
-                  ("lr", self.lr is None or self.lr > 0), ("weight_decay", (self.weight_decay or 0) >= 0)]
-        checks.append(("precision", self.precision in ("auto", "bf16", "fp32")))
+                  ("lr", self.lr is None or self.lr > 0), ("weight_decay", (self.weight_decay or 0) >= 0),
+                  ("precision", self.precision in ("auto", "bf16", "fp32"))]
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"bad {name}: {getattr(self, name)!r}")

@@ -147,7 +147,7 @@ def test_unload_restores_the_backbone(own_registry, images, ref):
         assert predictor.active is None
         assert all(len(s.tasks) == 0 for s in trunk.modules() if isinstance(s, TaskSite))
         assert torch.equal(trunk(x), reference)  # the stale active slot names nothing any more
-        task.host.ctx.active = None
+        task.model.ctx.active = None
         assert torch.equal(trunk(x), reference)
 
 

@@ -78,10 +78,14 @@ class Bottleneck(nn.Module):
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y + self(x)`` in one pass over ``y``: the up-projection's bias rides on a column of ones."""
-        h = self.drop(ACTIVATIONS[self.act](self.down(x)))  # (..., r)
-        h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)
+        h = _with_ones(self.drop(ACTIVATIONS[self.act](self.down(x))))  # (..., r + 1)
         w = torch.cat([self.up.weight.t(), self.up.bias[None]]) * self.scale  # (r + 1, d)
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), w.to(h.dtype)).view_as(y)
+
+
+def _with_ones(h: torch.Tensor) -> torch.Tensor:
+    """``h`` with a last column of ones, so that a bias stored as the weight's last row is added by the GEMM."""
+    return torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)
 
 
 class AdapterSite(TaskSite):
@@ -146,8 +150,7 @@ def _apply_bank(bank: dict[str, Any], x: torch.Tensor, idx: torch.Tensor, y: tor
     else:
         which = bank["act_of_slot"][idx]
         h = torch.stack([ACTIVATIONS[acts[int(which[b])]](h[b]) for b in range(h.shape[0])])
-    h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)  # (B, N, r + 1): the last column carries the bias
-    return torch.baddbmm(y, h, bank["up"][idx].to(h.dtype))  # (B, N, d)
+    return torch.baddbmm(y, _with_ones(h), bank["up"][idx].to(h.dtype))  # (B, N, r + 1) -> (B, N, d)
 
 
 class AdapterMethod(Method):

@@ -20,7 +20,7 @@ from torch import nn
 
 from adaptkit.errors import ConfigError
 
-__all__ = ["TaskContext", "TaskSite", "TaskModel", "Method", "find_site", "task_context", "unwrap"]
+__all__ = ["TaskContext", "TaskSite", "TaskModel", "Method", "find_site", "plain_copy", "task_context", "unwrap"]
 
 
 class TaskContext:
@@ -261,9 +261,13 @@ class Method(ABC):
         """Add modules for ``slot``; return the trunk to run, the parts by stable name, and the sites used."""
 
 
-def private_trunk(trunk: nn.Module) -> nn.Module:
-    """A trainable copy of ``trunk`` with every site removed (for methods that train the backbone itself)."""
+def plain_copy(trunk: nn.Module) -> nn.Module:
+    """A copy of ``trunk`` with every site and the task context removed: the backbone alone."""
     own = unwrap(copy.deepcopy(trunk))
     own.__dict__.pop("_adaptkit_ctx", None)
-    own.requires_grad_(True)
     return own
+
+
+def private_trunk(trunk: nn.Module) -> nn.Module:
+    """A trainable plain copy of ``trunk`` (for methods that train the backbone itself)."""
+    return plain_copy(trunk).requires_grad_(True)

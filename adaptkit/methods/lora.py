@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import ConfigError
-from adaptkit.methods.base import Method, TaskContext, TaskModel, TaskSite, find_site, unwrap
+from adaptkit.methods.base import Method, TaskContext, TaskModel, TaskSite, find_site, plain_copy
 
 __all__ = ["LoraConfig", "LoraUpdate", "LoraSite", "LoraMethod", "merge_lora"]
 
@@ -129,8 +129,7 @@ class LoraMethod(Method):
 @torch.no_grad()
 def merge_lora(task: TaskModel) -> nn.Module:
     """A plain copy of the task's trunk with its LoRA updates folded into the weights, followed by its head."""
-    merged = unwrap(copy.deepcopy(task.trunk))
-    merged.__dict__.pop("_adaptkit_ctx", None)
+    merged = plain_copy(task.trunk)
     for part_name, update in task.parts.items():
         if isinstance(update, LoraUpdate):
             layer = merged.get_submodule(part_name.rsplit(".", 1)[0])  # "blocks.0.attn.qkv.lora" -> the linear
