@@ -168,7 +168,7 @@ def test_huge_image_is_refused_or_downscaled(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     with pytest.raises(ImageError, match="too large"):
         open_image(png)  # 14,400 pixels: over the limit and PNG cannot decode at a reduced scale
-    monkeypatch.setattr("adaptkit.data.MAX_SIDE", 16)
+    monkeypatch.setattr("adaptkit.data.images.MAX_SIDE", 16)
     small = open_image(jpg)  # JPEG decodes at 1/4 scale, then shrinks to the side limit
     assert small.mode == "RGB" and max(small.size) <= 16
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)

@@ -18,18 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from adaptkit.errors import DatasetError, ImageError
+from adaptkit.data.images import IMG_EXTENSIONS
+from adaptkit.data.transforms import build_transform
+from adaptkit.errors import DatasetError
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 TEST_FRACTION = 0.2  # held out as test where a data set has no test split of its own
 SPLIT_SEED = 0  # fixed, so the test split never depends on the training seed
 DOWNLOAD_TIMEOUT_S = 30.0
 _log = logging.getLogger(__name__)
-MAX_SIDE = 2048  # larger images are downscaled before the model's own resize; it only costs time
-_TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 # classes, train source and indices, test source and indices
 _Splits = tuple[list[str], Dataset, list[int], Dataset, list[int]]
 
@@ -102,105 +101,6 @@ def default_data_dir() -> Path:
     """Where torchvision sets live: `$ADAPTKIT_DATA_DIR`, else `~/.cache/adaptkit/data`."""
     env = os.environ.get("ADAPTKIT_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "adaptkit" / "data"
-
-
-def _gray_to_8bit(img: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit integer or float grey image to 8 bits instead of clipping it."""
-    a = np.asarray(img, dtype=np.float64)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if img.mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535):
-        a = a / 257.0  # 0..65535 -> 0..255
-    elif lo < 0 or hi > 65535:
-        a = (a - lo) / max(hi - lo, 1e-12) * 255.0
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL image to 8-bit RGB; transparent parts are laid on white.
-
-    Args:
-        img: an image of any mode (L, LA, P, RGBA, CMYK, I;16, I, F, 1, ...).
-
-    Returns:
-        An 'RGB' image of the same size.
-    """
-    if img.mode == "RGB":
-        return img
-    if img.mode.startswith("I") or img.mode == "F":
-        return _gray_to_8bit(img).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Read an image file as an 8-bit RGB image of at most :data:`MAX_SIDE` pixels a side (EXIF rotation applied).
-
-    Raises:
-        ImageError: the file is not an image, is truncated or corrupt, or is too large to decode safely.
-    """
-    try:
-        img = Image.open(path)
-        if img.width * img.height > Image.MAX_IMAGE_PIXELS:
-            img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG decodes at a reduced scale; other formats stay as they are
-            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
-        img.load()
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{path}: the image is too large to decode safely ({exc}; the limit is "
-                         f"{Image.MAX_IMAGE_PIXELS:,} pixels): downscale it and try again") from None
-    except FileNotFoundError:
-        raise ImageError(f"image {path} does not exist") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image: use a PNG, JPEG, WebP, BMP, GIF or TIFF file") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path} could not be decoded; the file looks truncated or corrupt ({exc})") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
-        _log.info("ignored unreadable EXIF orientation of %s", path)
-    img = to_rgb(img)
-    img.thumbnail((MAX_SIDE, MAX_SIDE))
-    return img
-
-
-class ImageTransform:
-    """`to_rgb` followed by a timm transform; a class (not a closure) so DataLoader workers can pickle it."""
-
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.transform = transform
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return self.transform(to_rgb(img))
-
-    def __repr__(self) -> str:
-        return f"ImageTransform({self.transform!r})"
-
-
-def build_transform(
-    data_config: dict, train: bool, augment: bool = True, crop_scale: tuple[float, float] | None = None
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Build timm's transform for the backbone's data config, preceded by `to_rgb`.
-
-    Args:
-        data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode).
-        train: random resized crop + horizontal flip when True (and `augment`), else resize + centre crop.
-        augment: False gives the eval transform for training too.
-        crop_scale: the random resized crop's area range (timm's default (0.08, 1.0) when None).
-
-    Returns:
-        A callable PIL image -> float tensor (C, H, W).
-    """
-    from timm.data import create_transform
-
-    kwargs = {k: data_config[k] for k in _TRANSFORM_KEYS if k in data_config}
-    if train and augment:
-        scale = {"scale": tuple(crop_scale)} if crop_scale else {}
-        tf = create_transform(**kwargs, is_training=True, hflip=0.5, color_jitter=None, **scale)
-    else:
-        tf = create_transform(**kwargs, is_training=False)
-    return ImageTransform(tf)
 
 
 class TransformedSubset(Dataset):

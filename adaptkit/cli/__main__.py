@@ -1,0 +1,5 @@
+"""``python -m adaptkit.cli`` (as torchrun launches it)."""
+
+from adaptkit.cli import app
+
+app()

@@ -1,0 +1,22 @@
+"""`adaptkit ui`: the web page."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from adaptkit.cli.common import RegistryOpt, app, friendly
+
+
+@app.command()
+@friendly
+def ui(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port [default: Gradio's, 7860]")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Start the web page: upload an image, switch tasks, compare costs, add a task."""
+    from adaptkit_app.main import launch
+
+    launch(registry=registry, host=host, port=port)

@@ -1,0 +1,19 @@
+"""Data for adaptkit tasks: where images come from (``sources``), how they are read (``images``) and transformed
+(``transforms``). The names below are the public ones; import them from ``adaptkit.data``."""
+
+from adaptkit.data.images import IMG_EXTENSIONS, MAX_SIDE, open_image, to_rgb
+from adaptkit.data.sources import (
+    TORCHVISION_SETS,
+    DatasetInfo,
+    ImageFiles,
+    TaskData,
+    TransformedSubset,
+    default_data_dir,
+    list_datasets,
+    load_task_data,
+)
+from adaptkit.data.transforms import ImageTransform, build_transform
+
+__all__ = ["IMG_EXTENSIONS", "MAX_SIDE", "TORCHVISION_SETS", "DatasetInfo", "ImageFiles", "ImageTransform",
+           "TaskData", "TransformedSubset", "build_transform", "default_data_dir", "list_datasets",
+           "load_task_data", "open_image", "to_rgb"]
