@@ -1,0 +1,118 @@
+"""Three real offline data sets of different kinds, as image folders, for the accuracy tables.
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (adaptkit's own ``digits`` spec; nothing to make).
+- ``glyphs``: the letters A-J rendered from the fonts installed on the machine (Debian's DejaVu and Liberation),
+  each at a random size, offset, rotation, stroke colour, background and noise: printed characters, not objects.
+- ``cifar5``: five CIFAR-10 classes (airplane, automobile, bird, cat, ship), 200 train and 100 test images each,
+  unpacked from ``../shared/data/cifar10.tar.gz``: natural images (the packaged backbone was pretrained on CIFAR-10,
+  so this is the in-domain case).
+
+Usage::
+
+    python benchmarks/datasets.py            # makes ~/.cache/adaptkit/bench/{glyphs,cifar5}, prints the specs
+    adaptkit train --dataset folder:$HOME/.cache/adaptkit/bench/glyphs ...
+
+The folders are made once and are deterministic (seed 0); :func:`specs` returns the three ``--dataset`` strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+ROOT = Path.home() / ".cache" / "adaptkit" / "bench"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FONT_DIRS = [Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype/liberation")]
+LETTERS = "ABCDEFGHIJ"
+CIFAR5 = ("airplane", "automobile", "bird", "cat", "ship")
+
+
+def _fonts() -> list[Path]:
+    fonts = sorted(p for d in FONT_DIRS if d.is_dir() for p in d.glob("*.ttf") if "Math" not in p.name)
+    if len(fonts) < 4:
+        raise SystemExit("glyphs needs the DejaVu or Liberation fonts: apt-get install fonts-dejavu-core "
+                         "fonts-liberation")
+    return fonts
+
+
+def _glyph(letter: str, font: Path, rng: random.Random, size: int = 32) -> Image.Image:
+    big = size * 4
+    bg = tuple(rng.randint(0, 255) for _ in range(3))
+    fg = tuple((c + rng.randint(96, 160)) % 256 for c in bg)  # always readable against its background
+    img = Image.new("RGB", (big, big), bg)
+    face = ImageFont.truetype(str(font), rng.randint(int(big * 0.45), int(big * 0.8)))
+    draw = ImageDraw.Draw(img)
+    x0, y0, x1, y1 = draw.textbbox((0, 0), letter, font=face)
+    jitter = big // 8
+    x = (big - (x1 - x0)) // 2 - x0 + rng.randint(-jitter, jitter)
+    y = (big - (y1 - y0)) // 2 - y0 + rng.randint(-jitter, jitter)
+    draw.text((x, y), letter, font=face, fill=fg)
+    img = img.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR, fillcolor=bg).resize((size, size), Image.LANCZOS)
+    noise = np.random.default_rng(rng.randint(0, 2**31)).normal(0, rng.uniform(0, 12), (size, size, 3))
+    arr = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
+
+
+def make_glyphs(root: Path = ROOT, train: int = 100, test: int = 50, seed: int = 0) -> Path:
+    """Render ``train`` + ``test`` images per letter into ``root/glyphs/{train,test}/<letter>/``.
+
+    Train and test use disjoint halves of the fonts, so the test measures reading unseen typefaces.
+    """
+    out = root / "glyphs"
+    if (out / "test" / LETTERS[-1]).is_dir():
+        return out
+    fonts = _fonts()
+    rng = random.Random(seed)
+    shuffled = fonts[:]
+    rng.shuffle(shuffled)
+    split = {"train": shuffled[: len(fonts) * 2 // 3], "test": shuffled[len(fonts) * 2 // 3:]}
+    for part, n in (("train", train), ("test", test)):
+        for letter in LETTERS:
+            folder = out / part / letter
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _glyph(letter, rng.choice(split[part]), rng).save(folder / f"{i:04d}.png")
+    return out
+
+
+def make_cifar5(root: Path = ROOT, train: int = 200, test: int = 100) -> Path:
+    """Unpack the first ``train``/``test`` images of five CIFAR-10 classes from the shared archive."""
+    out = root / "cifar5"
+    if (out / "test" / CIFAR5[-1]).is_dir():
+        return out
+    archive = SHARED / "cifar10.tar.gz"
+    if not archive.is_file():
+        raise SystemExit(f"{archive} is missing: clone the repository beside shared/")
+    want = {"train": train, "test": test}
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 3 or parts[-3] not in want or parts[-2] not in CIFAR5:
+                continue
+            key = (parts[-3], parts[-2])
+            if taken.get(key, 0) >= want[key[0]]:
+                continue
+            dest = out / key[0] / key[1] / parts[-1]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(tar.extractfile(member).read())
+            taken[key] = taken.get(key, 0) + 1
+    return out
+
+
+def specs(root: Path = ROOT) -> dict[str, str]:
+    """The three data sets as ``--dataset`` specs, made first if needed."""
+    return {"digits": "digits", "glyphs": f"folder:{make_glyphs(root)}", "cifar5": f"folder:{make_cifar5(root)}"}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=ROOT)
+    for name, spec in specs(parser.parse_args().root).items():
+        print(f"{name}\t{spec}")
