@@ -13,15 +13,17 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, create_engine, event, func, select
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint, func, select
+from sqlalchemy.exc import DatabaseError, DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from adaptkit import db
 from adaptkit.artifacts import AdapterMeta, load_adapter, save_adapter
 from adaptkit.errors import ConfigError, NotFoundError, RegistryError
 
@@ -29,6 +31,7 @@ __all__ = ["Base", "BackboneRow", "TaskRow", "VersionRow", "Registry", "default_
 
 _log = logging.getLogger(__name__)
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+Count = BigInteger().with_variant(Integer(), "sqlite")  # sizes past 2 GB on PostgreSQL; SQLite's INTEGER is 64-bit
 
 
 def _now() -> datetime:
@@ -47,7 +50,7 @@ class BackboneRow(Base):
     name: Mapped[str] = mapped_column(String(200))
     weights: Mapped[str] = mapped_column(String(1000))  # hub | package | random | file:<path>
     fingerprint: Mapped[str] = mapped_column(String(64))
-    num_params: Mapped[int]
+    num_params: Mapped[int] = mapped_column(Count)
     embed_dim: Mapped[int]
     data_config: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
@@ -79,10 +82,10 @@ class VersionRow(Base):
     backbone_id: Mapped[int] = mapped_column(ForeignKey("backbones.id"))
     method: Mapped[str] = mapped_column(String(32))
     config: Mapped[dict] = mapped_column(JSON)
-    trainable_params: Mapped[int]
+    trainable_params: Mapped[int] = mapped_column(Count)
     file: Mapped[str] = mapped_column(String(1000))  # relative to the registry's adapter folder
     sha256: Mapped[str] = mapped_column(String(64))
-    bytes: Mapped[int]
+    bytes: Mapped[int] = mapped_column(Count)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)  # val/test top-1, top-5, loss ...
     train: Mapped[dict] = mapped_column(JSON, default=dict)  # recipe, epochs, seed, images/s ...
     train_time_s: Mapped[float | None]
@@ -113,30 +116,6 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version) if sep else None
 
 
-def _normalise_url(url: str) -> str:
-    """Accept a plain path to a SQLite file as well as a SQLAlchemy URL."""
-    if "://" in url:
-        return url
-    return f"sqlite:///{Path(url).expanduser().resolve()}"
-
-
-def _sqlite_pragmas(engine: Engine) -> None:
-    """WAL and a busy timeout so that several processes can write; BEGIN IMMEDIATE so writers queue, not fail."""
-
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" event below issue BEGIN itself
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 def _check_classes(row: TaskRow | None, task: str, classes: list[str]) -> None:
     if row is not None and list(row.classes) != list(classes):
         raise ConfigError(f"task {task!r} already has {len(row.classes)} classes from {row.dataset} "
@@ -152,43 +131,88 @@ class Registry:
     """
 
     def __init__(self, url: str | os.PathLike | None = None, adapter_dir: str | os.PathLike | None = None) -> None:
-        self.url = _normalise_url(str(url) if url is not None else default_url())
-        try:
-            parsed = make_url(self.url)
-        except ArgumentError as exc:
-            raise RegistryError(f"bad registry URL {self.url!r}: use a path or sqlite:///PATH") from exc
-        is_sqlite = parsed.get_backend_name() == "sqlite"
-        if is_sqlite and parsed.database and parsed.database != ":memory:":
-            db_path = Path(parsed.database).expanduser().resolve()
-            if not db_path.parent.is_dir():
-                raise RegistryError(f"registry folder {db_path.parent} does not exist: create it or pass another "
-                                    "--registry")
-            default_dir = db_path.parent / "adapters"
-        else:
-            default_dir = Path(os.environ.get("ADAPTKIT_ADAPTER_DIR", "adapters")).resolve()
+        self.url = db.normalise_url(url if url is not None else default_url())
+        self.engine = db.make_engine(self.url)
+        self._writer = self.engine.execution_options(adaptkit_write=True)  # SQLite: BEGIN IMMEDIATE
+        self._file = db.sqlite_file(self.url)
+        default_dir = self._file.parent / "adapters" if self._file else \
+            Path(os.environ.get("ADAPTKIT_ADAPTER_DIR", "adapters")).resolve()
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else default_dir
-        self.engine = create_engine(self.url)
-        if is_sqlite:
-            _sqlite_pragmas(self.engine)
-        self._retry(lambda: Base.metadata.create_all(self.engine))
+        self._ready = False
+
+    @property
+    def location(self) -> str:
+        """The database file, or the URL without its password."""
+        return str(self._file) if self._file else db.describe(self.url)
+
+    @property
+    def exists(self) -> bool:
+        """Whether the registry has been created (by its first write); opening it upgrades an older schema."""
+        return self._open(create=False)
+
+    def _open(self, create: bool) -> bool:
+        """Check the schema (one query); migrate it if it is behind, create it if ``create``; True when usable."""
+        if self._ready:
+            return True
+        if self._file is not None and not self._file.is_file():  # connecting would create an empty file: don't
+            if not create:
+                return False
+            if not self._file.parent.is_dir():
+                raise RegistryError(f"registry folder {self._file.parent} does not exist: create it or pass "
+                                    "another --registry")
+        try:
+            with self.engine.connect() as conn:
+                revision = db.schema_revision(conn)
+            if revision is None and not create:
+                return False
+            if revision != db.SCHEMA_HEAD:
+                self._retry(self._migrate)
+        except OperationalError as exc:
+            raise RegistryError(f"cannot read the registry {self.location}: {exc.orig}") from exc
+        except DatabaseError as exc:  # e.g. SQLite's "file is not a database"
+            raise RegistryError(f"{self.location} is not a readable adaptkit registry ({exc.orig}): pass another "
+                                "--registry") from exc
+        self._ready = True
+        return True
+
+    def _migrate(self) -> None:
+        with self._writer.begin() as conn:
+            db.migrate(conn, Base.metadata)
 
     def session(self) -> Session:
+        """A session for reading; a missing registry is a :class:`NotFoundError` (reads never create one)."""
+        if not self._open(create=False):
+            raise NotFoundError(f"no registry at {self.location} yet: train a task first (adaptkit train ...) or "
+                                "pass --registry")
         return Session(self.engine, expire_on_commit=False)
 
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in a write transaction holding the registry's write lock; creates the registry if need be."""
+        self._open(create=True)
+        with Session(self._writer, expire_on_commit=False) as s, s.begin():
+            db.write_lock(s.connection())
+            yield s
+
     def _retry(self, fn: Any, attempts: int = 5) -> Any:
-        """Run ``fn``, retrying a few times if SQLite reports the database locked beyond its busy timeout."""
+        """Run ``fn``, retrying a few times if another writer held the database beyond its busy timeout."""
         for i in range(attempts):
             try:
                 return fn()
-            except OperationalError as exc:
-                if "locked" not in str(exc).lower() or i == attempts - 1:
-                    raise RegistryError(f"registry {self.url} is busy or unwritable: {exc.orig}") from exc
-                time.sleep(0.2 * (i + 1))
+            except DBAPIError as exc:
+                if db.retryable(exc) and i < attempts - 1:
+                    time.sleep(0.2 * (i + 1))
+                    continue
+                if isinstance(exc, OperationalError):
+                    raise RegistryError(f"registry {self.location} is busy or unwritable: {exc.orig}") from exc
+                raise
 
     # -- reading -----------------------------------------------------------------------------------------------
 
     def tasks(self) -> list[TaskRow]:
         """Every task with its versions and their backbones loaded."""
+        if not self.exists:
+            return []
         with self.session() as s:
             rows = list(s.scalars(select(TaskRow).order_by(TaskRow.name)))
             for t in rows:
@@ -199,6 +223,9 @@ class Registry:
     def get_version(self, ref: str) -> VersionRow:
         """The version named by ``task`` (its default) or ``task@N``."""
         name, number = parse_ref(ref)
+        if not self.exists:
+            raise NotFoundError(f"no task {name!r}: there is no registry at {self.location} yet; train it with "
+                                f"`adaptkit train --task {name} ...` or pass --registry")
         with self.session() as s:
             task = s.scalar(select(TaskRow).where(TaskRow.name == name))
             if task is None:
@@ -214,6 +241,8 @@ class Registry:
 
     def check_classes(self, task: str, classes: list[str]) -> None:
         """Refuse, before any training, a new version whose classes differ from the task's."""
+        if not self.exists:
+            return
         with self.session() as s:
             _check_classes(s.scalar(select(TaskRow).where(TaskRow.name == task)), task, classes)
 
@@ -247,7 +276,7 @@ class Registry:
 
     def _insert(self, meta: AdapterMeta, rel: Path, sha: str, size: int, trainable: int, info: dict,
                 make_default: bool) -> VersionRow:
-        with self.session() as s, s.begin():
+        with self.transaction() as s:
             backbone = s.scalar(select(BackboneRow).where(BackboneRow.fingerprint == meta.backbone_fingerprint))
             if backbone is None:
                 backbone = BackboneRow(name=meta.backbone, weights=meta.backbone_weights,
@@ -288,7 +317,7 @@ class Registry:
         def _delete() -> None:
             files.clear()
             removed.clear()
-            with self.session() as s, s.begin():
+            with self.transaction() as s:
                 task = s.scalar(select(TaskRow).where(TaskRow.name == name))
                 if task is None:
                     raise NotFoundError(f"no task {name!r} in the registry")
@@ -316,7 +345,7 @@ class Registry:
         target = self.get_version(ref)
 
         def _set() -> None:
-            with self.session() as s, s.begin():
+            with self.transaction() as s:
                 for v in s.scalars(select(VersionRow).where(VersionRow.task_id == target.task_id)):
                     v.is_default = v.id == target.id
 

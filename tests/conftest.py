@@ -10,6 +10,7 @@ os.environ.pop("ADAPTKIT_REGISTRY", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from pgserver import pg_server, registry_url  # noqa: E402,F401  (a real PostgreSQL server)
 
 CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
 PICO = "vit_pico_patch4_32"  # adaptkit's 32x32 test ViT (random weights)

@@ -1,10 +1,10 @@
-"""Registry: versions, defaults, atomic adds and removes, concurrent writers, export and import."""
+"""Registry: versions, defaults, atomic adds and removes, concurrent writers, export and import.
+
+Every test that takes ``registry`` runs on SQLite and on a real PostgreSQL server (see pgserver.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
+import multiprocessing
 
 import pytest
 import torch
@@ -30,6 +30,11 @@ def _state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _files(reg: Registry) -> list:
     return sorted(p for p in reg.adapter_dir.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def registry(registry_url, tmp_path) -> Registry:
+    return Registry(registry_url, adapter_dir=tmp_path / "adapters")
 
 
 def test_versions_defaults_and_files(registry):
@@ -101,28 +106,31 @@ def test_default_url_from_environment(tmp_path, monkeypatch):
     assert Registry().url.endswith("registry.db")
 
 
-def test_two_processes_adding_at_once_lose_nothing(tmp_path):
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    Registry(url)  # create the tables first, as a user's first command would
-    script = textwrap.dedent(f"""
-        import sys, torch
-        from adaptkit.artifacts import AdapterMeta
-        from adaptkit.registry import Registry
-        reg = Registry({url!r})
-        for i in range(12):
-            meta = AdapterMeta(task="race" if i % 2 else "proc" + sys.argv[1], classes=["a"], method="linear",
-                               method_config={{}}, backbone="b", backbone_weights="random",
-                               backbone_fingerprint="f" * 64, backbone_params=1, backbone_dim=1, data_config={{}})
-            reg.add_version(meta, {{"head.weight": torch.full((1, 1), float(i)), "head.bias": torch.zeros(1)}})
-    """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(n)]) for n in range(2)]
-    assert [p.wait(timeout=240) for p in procs] == [0, 0]
-    reg = Registry(url)
+def _add_eight(url: str, adapters: str, n: int) -> None:
+    """One writer process: four versions of its own task and four of the shared task "race", interleaved."""
+    reg = Registry(url, adapter_dir=adapters)
+    for i in range(8):
+        meta = _meta(task="race" if i % 2 else f"proc{n}", classes=["a"])
+        reg.add_version(meta, {"head.weight": torch.full((1, 1), float(i)), "head.bias": torch.zeros(1)})
+
+
+def test_processes_adding_at_once_lose_nothing(registry_url, tmp_path):
+    adapters = tmp_path / "adapters"
+    # forked, so the writers start at once without importing torch again; no registry yet: they race to create it
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_add_eight, args=(registry_url, str(adapters), n)) for n in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    reg = Registry(registry_url, adapter_dir=adapters)
     tasks = {t.name: t for t in reg.tasks()}
-    assert sorted(v.version for v in tasks["race"].versions) == list(range(1, 13))
-    assert len(tasks["proc0"].versions) == len(tasks["proc1"].versions) == 6
+    assert [v.version for v in tasks["race"].versions] == list(range(1, 13))  # unique and contiguous
+    assert [len(tasks[f"proc{n}"].versions) for n in range(3)] == [4, 4, 4]
     assert len(_files(reg)) == 24
-    assert sum(v.is_default for v in tasks["race"].versions) == 1
+    assert [sum(v.is_default for v in t.versions) for t in tasks.values()] == [1, 1, 1, 1]
+    assert tasks["race"].default.version == 12
 
 
 def test_export_import_round_trip(registry, tmp_path):
