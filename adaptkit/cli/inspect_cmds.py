@@ -30,8 +30,9 @@ def list_tasks(registry: RegistryOpt = None) -> None:
     reg = registry_of(registry)
     tasks = reg.tasks()
     if not tasks:
-        out.print(f"no tasks in {reg.url} yet. Train one: adaptkit train --dataset digits "
-                  "--backbone vit_cifar_tiny_patch4_32.adaptkit_c10")
+        where = f"tasks in {reg.location}" if reg.exists else f"registry at {reg.location}"
+        out.print(f"no {where} yet. Train one: adaptkit train --dataset digits "
+                  "--backbone vit_cifar_tiny_patch4_32.adaptkit_c10", soft_wrap=True)
         return
     table = Table("task", "default", "versions", "method", "backbone", "trainable", "size", "test top-1",
                   "dataset", title=f"tasks in {reg.url}")
