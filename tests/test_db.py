@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -94,3 +95,31 @@ def test_a_postgresql_registry_is_made_by_its_first_write_only(pg_server, tmp_pa
         reg.get_version("demo")
     with reg.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").scalar() == 0
+
+
+def test_every_command_works_on_postgresql(pg_server, tmp_path, monkeypatch, cifar_mini):
+    url = pg_server.url(pg_server.create_database()).replace("+psycopg", "")  # the plain URL a user writes
+    monkeypatch.setenv("ADAPTKIT_ADAPTER_DIR", str(tmp_path / "adapters"))
+
+    def ok(*args: str) -> str:
+        result = runner.invoke(app, [*map(str, args), "--registry", url])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    quick = ["--backbone", PICO, "--no-pretrained", "--epochs", "1", "--batch-size", "32", "--limit-train", "32",
+             "--limit-eval", "20", "--method", "linear"]
+    for seed in ("1", "2"):
+        assert "trained mini@" in ok("train", "--dataset", f"folder:{cifar_mini}", "--task", "mini", *quick,
+                                     "--seed", seed)
+    assert "mini" in ok("list") and "v2" in ok("show", "mini")
+    assert "mini@1 is now the default" in ok("default", "mini@1")
+    assert {r["version"]: r["default"] for r in json.loads(ok("compare", "--json"))["rows"]} == {1: True, 2: False}
+    image = cifar_mini / "test" / "cat" / "0000.jpg"
+    assert len(json.loads(ok("predict", "mini@2", image, "--topk", "2", "--json"))[0]["predictions"]) == 2
+    ok("export", "mini@2", tmp_path / "m.safetensors")
+    assert "imported" in ok("import", tmp_path / "m.safetensors", "--task", "copy")
+    assert "removed mini@1, mini@2" in ok("remove", "mini", "--yes")
+    reg = Registry(url)
+    assert [t.name for t in reg.tasks()] == ["copy"]
+    assert sorted(p.name for p in (tmp_path / "adapters").rglob("*.safetensors")) == \
+        [reg.path_of(reg.get_version("copy")).name]
