@@ -27,7 +27,7 @@ __all__ = ["SCHEMA_HEAD", "normalise_url", "sqlite_file", "make_engine", "write_
 
 SCHEMA_HEAD = "0002"  # the newest revision in adaptkit/migrations/versions; a test checks they agree
 MIGRATIONS = Path(__file__).parent / "migrations"
-CONNECT_TIMEOUT_S = 10
+CONNECT_TIMEOUT_S = 5
 _MIGRATION_LOCK = 0x616B7467  # "aktg": a PostgreSQL advisory lock that queues concurrent upgrades
 _V01_TABLES = {"backbones", "tasks", "adapter_versions"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import sqlite3
 from pathlib import Path
@@ -127,3 +128,20 @@ def test_another_programs_database_is_not_taken_for_a_registry(tmp_path):
             action(Registry(other))
     with sqlite3.connect(other) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["invoices"]  # left as it was
+
+
+def _open(path: str) -> None:
+    Registry(path).tasks()
+
+
+def test_processes_opening_an_old_registry_at_once_upgrade_it_once(v01):
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_open, args=(str(v01),)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    with sqlite3.connect(v01) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(db.SCHEMA_HEAD,)]
+        assert conn.execute("SELECT count(*) FROM adapter_versions").fetchone() == (2,)
