@@ -18,12 +18,12 @@ from typing import Any
 
 from sqlalchemy import Connection, MetaData, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError, OperationalError
 
 from adaptkit.errors import RegistryError
 
 __all__ = ["SCHEMA_HEAD", "normalise_url", "sqlite_file", "make_engine", "write_lock", "retryable", "schema_revision",
-           "migrate", "describe"]
+           "ensure_schema", "migrate", "describe"]
 
 SCHEMA_HEAD = "0002"  # the newest revision in adaptkit/migrations/versions; a test checks they agree
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -148,6 +148,28 @@ def schema_revision(conn: Connection) -> str | None:
         raise RegistryError(f"{describe(str(conn.engine.url))} is not an adaptkit registry (it holds the tables "
                             f"{', '.join(sorted(tables)[:5])}): pass another --registry")
     return None
+
+
+def ensure_schema(engine: Engine, metadata: MetaData, *, create: bool, location: str) -> bool:
+    """Bring the registry behind ``engine`` to :data:`SCHEMA_HEAD`; an empty database only if ``create``.
+
+    Returns:
+        Whether the registry exists (False: an empty database and ``create`` is False).
+    """
+    try:
+        with engine.connect() as conn:
+            revision = schema_revision(conn)
+        if revision is None and not create:
+            return False
+        if revision != SCHEMA_HEAD:
+            with engine.execution_options(adaptkit_write=True).begin() as conn:  # SQLite: BEGIN IMMEDIATE
+                migrate(conn, metadata)
+    except OperationalError as exc:
+        raise RegistryError(f"cannot open the registry {location}: {exc.orig}") from exc
+    except DatabaseError as exc:  # e.g. SQLite's "file is not a database"
+        raise RegistryError(f"{location} is not a readable adaptkit registry ({exc.orig}): pass another "
+                            "--registry") from exc
+    return True
 
 
 def migrate(conn: Connection, metadata: MetaData | None = None) -> None:

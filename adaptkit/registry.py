@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint, func, select
-from sqlalchemy.exc import DatabaseError, DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from adaptkit import db
@@ -151,33 +151,19 @@ class Registry:
         return self._open(create=False)
 
     def _open(self, create: bool) -> bool:
-        """Check the schema (one query); migrate it if it is behind, create it if ``create``; True when usable."""
-        if self._ready:
-            return True
-        if self._file is not None and not self._file.is_file():  # connecting would create an empty file: don't
-            if not create:
-                return False
-            if not self._file.parent.is_dir():
-                raise RegistryError(f"registry folder {self._file.parent} does not exist: create it or pass "
-                                    "another --registry")
-        try:
-            with self.engine.connect() as conn:
-                revision = db.schema_revision(conn)
-            if revision is None and not create:
-                return False
-            if revision != db.SCHEMA_HEAD:
-                self._retry(self._migrate)
-        except OperationalError as exc:
-            raise RegistryError(f"cannot read the registry {self.location}: {exc.orig}") from exc
-        except DatabaseError as exc:  # e.g. SQLite's "file is not a database"
-            raise RegistryError(f"{self.location} is not a readable adaptkit registry ({exc.orig}): pass another "
-                                "--registry") from exc
-        self._ready = True
-        return True
+        """Check the schema (one query), migrate it if it is behind, create it if ``create``; True when usable."""
+        if not self._ready:
+            if self._file is not None and not self._file.is_file():  # connecting would create an empty file
+                if not create:
+                    return False
+                self._check_creatable()
+            self._ready = db.ensure_schema(self.engine, Base.metadata, create=create, location=self.location)
+        return self._ready
 
-    def _migrate(self) -> None:
-        with self._writer.begin() as conn:
-            db.migrate(conn, Base.metadata)
+    def _check_creatable(self) -> None:
+        if self._file is not None and not self._file.parent.is_dir():
+            raise RegistryError(f"registry folder {self._file.parent} does not exist: create it or pass another "
+                                "--registry")
 
     def session(self) -> Session:
         """A session for reading; a missing registry is a :class:`NotFoundError` (reads never create one)."""
@@ -242,6 +228,7 @@ class Registry:
     def check_classes(self, task: str, classes: list[str]) -> None:
         """Refuse, before any training, a new version whose classes differ from the task's."""
         if not self.exists:
+            self._check_creatable()
             return
         with self.session() as s:
             _check_classes(s.scalar(select(TaskRow).where(TaskRow.name == task)), task, classes)

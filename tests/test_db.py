@@ -123,3 +123,11 @@ def test_every_command_works_on_postgresql(pg_server, tmp_path, monkeypatch, cif
     assert [t.name for t in reg.tasks()] == ["copy"]
     assert sorted(p.name for p in (tmp_path / "adapters").rglob("*.safetensors")) == \
         [reg.path_of(reg.get_version("copy")).name]
+
+
+def test_train_into_a_missing_folder_stops_before_training(tmp_path):
+    start = time.monotonic()
+    _fails("train", "--dataset", "digits", "--backbone", PICO, "--no-pretrained", "--epochs", "50",
+           "--registry", tmp_path / "nofolder" / "registry.db",
+           message=f"registry folder {tmp_path}/nofolder does not exist")
+    assert time.monotonic() - start < 60 and list(tmp_path.iterdir()) == []
