@@ -103,18 +103,17 @@ def _connect_error(context: Any) -> None:
     """Translate a failed connection (server down, bad password, no such database) into one line."""
     if context.connection is not None:  # a failed statement, not a failed connection: the caller handles it
         return
-    exc = context.original_exception
-    url = describe(context.engine.url.render_as_string(hide_password=False)) if context.engine else "the registry"
+    exc, target = context.original_exception, context.engine.url
+    url = target.render_as_string(hide_password=True)
     text_ = (str(exc).strip().splitlines() or [type(exc).__name__])[0].removeprefix("connection failed: ")
     code = getattr(exc, "sqlstate", None)
     if code in ("28P01", "28000") or "authentication failed" in str(exc):
         msg = f"the PostgreSQL server refused the login for {url} ({text_}): check the user and password"
     elif code == "3D000" or "does not exist" in str(exc):
-        database = context.engine.url.database if context.engine else "?"
-        msg = f"there is no database {database!r} on the server of {url}: create it (createdb {database}) or fix " \
-              "the URL"
-    elif context.engine is not None and context.engine.url.get_backend_name() == "sqlite":
-        msg = f"cannot open {context.engine.url.database} as a SQLite registry ({text_}): pass another --registry"
+        msg = f"there is no database {target.database!r} on the server of {url}: create it (createdb " \
+              f"{target.database}) or fix the URL"
+    elif target.get_backend_name() == "sqlite":
+        msg = f"cannot open {target.database} as a SQLite registry ({text_}): pass another --registry"
     else:
         msg = f"cannot reach the database server of {url} ({text_}): start it, or fix the host and port in the URL"
     raise RegistryError(msg) from exc
@@ -123,14 +122,15 @@ def _connect_error(context: Any) -> None:
 def write_lock(conn: Connection) -> None:
     """Queue behind any other writer of this registry (SQLite's BEGIN IMMEDIATE has done it already)."""
     if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL lock_timeout = '30s'")  # as SQLite's busy timeout; then a retry
         conn.exec_driver_sql("LOCK TABLE tasks IN EXCLUSIVE MODE")
 
 
 def retryable(exc: BaseException) -> bool:
-    """A write that may succeed if run again: SQLite busy beyond its timeout, a PostgreSQL deadlock or conflict."""
+    """A write that may succeed if run again: the lock held by another writer beyond the timeout, a deadlock."""
     if isinstance(exc, OperationalError) and "locked" in str(exc).lower():
         return True
-    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in ("40001", "40P01")
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in ("40001", "40P01", "55P03")
 
 
 def schema_revision(conn: Connection) -> str | None:
