@@ -73,7 +73,9 @@ def make_engine(url: str) -> Engine:
         raise RegistryError(f"unknown database {parsed.drivername!r} in the registry URL: use a path, "
                             "sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from exc
     except ImportError as exc:
-        hint = 'pip install "adaptkit[postgres]"' if backend == "postgresql" else f"install {exc.name}"
+        hint = 'pip install "adaptkit[postgres]"' if exc.name == "psycopg" else f"install the {exc.name} module" + \
+            (', or write postgresql:// to use psycopg 3 (pip install "adaptkit[postgres]")'
+             if backend == "postgresql" else "")
         raise RegistryError(f"the registry URL {describe(url)} needs the {exc.name} driver, which is not "
                             f"installed: {hint}") from exc
     if backend == "sqlite":
