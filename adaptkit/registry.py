@@ -29,6 +29,7 @@ from adaptkit.artifacts import (
     parse_adapter,
     write_atomic,
 )
+from adaptkit.dberrors import explain_database_errors, refuse_foreign_sqlite
 from adaptkit.errors import ArtifactError, ConfigError, NotFoundError, RegistryError
 from adaptkit.rows import TolerantDateTime as DateTime
 from adaptkit.rows import TolerantJSON as JSON
@@ -195,6 +196,8 @@ class Registry:
         self.storage: Storage = open_storage(adapter_dir or os.environ.get("ADAPTKIT_ADAPTERS") or default_dir)
         self.adapter_dir: Path | None = self.storage.local_path_root()
         self.engine = create_engine(self.url)
+        explain_database_errors(self.engine, self.url)
+        self._retry(lambda: refuse_foreign_sqlite(self.engine, self.url, set(Base.metadata.tables)))
         if is_sqlite:
             _sqlite_pragmas(self.engine)
         self._retry(lambda: Base.metadata.create_all(self.engine))

@@ -232,6 +232,7 @@ class FsspecStorage(Storage):
         return self.fs.cat_file(self._full(rel))
 
     def exists(self, rel: str) -> bool:
+        self.fs.invalidate_cache()  # other processes write too: ask the store, not a listing cached earlier
         return self.fs.isfile(self._full(rel))
 
     def delete(self, rel: str) -> None:
@@ -240,6 +241,7 @@ class FsspecStorage(Storage):
 
     def files(self) -> list[StoredFile]:
         now, out = time.time(), []
+        self.fs.invalidate_cache()
         try:
             found = self.fs.find(self.root, detail=True)
         except FileNotFoundError:
