@@ -29,7 +29,8 @@ __all__ = ["Storage", "LocalStorage", "FsspecStorage", "StoredFile", "open_stora
            "is_temp"]
 
 _PART = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-_TEMP = re.compile(r"\A\..+\.tmp\Z")  # ".<name>.<random>.tmp": write_atomic's (and mkstemp's in older releases)
+# ".<name>.<random>.tmp": write_atomic's temporary files (and mkstemp's, in older releases)
+_TEMP = re.compile(r"\A\.[A-Za-z0-9][A-Za-z0-9_.-]*\.tmp\Z")
 _OWN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/[0-9a-f]{12,64}\.safetensors\Z")  # TASK/<sha256>
 
 
@@ -45,10 +46,12 @@ class StoredFile:
 def check_rel(rel: object) -> str:
     """``rel`` if it is a plain relative name inside a store (``task/file``), else :class:`RegistryError`.
 
-    Only names the registry makes pass: no absolute path, no ``..``, no hidden or empty part, no backslash.
+    Only names the registry makes pass: no absolute path, no ``..``, no empty part, no backslash, no hidden part
+    but a temporary file's name.
     """
     parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
-    if not parts or "\\" in rel or not all(_PART.fullmatch(p) for p in parts) or rel != "/".join(parts):
+    if (not parts or "\\" in rel or rel != "/".join(parts) or not all(_PART.fullmatch(p) for p in parts[:-1])
+            or not (_PART.fullmatch(parts[-1]) or _TEMP.fullmatch(parts[-1]))):
         raise RegistryError(f"unsafe adapter file name {rel!r} in the registry (outside its adapter folder?): "
                             "run `adaptkit doctor` to see and repair bad rows")
     return rel

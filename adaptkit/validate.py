@@ -86,14 +86,14 @@ def expected_shapes(backbone: str, method: str, config_json: str, num_classes: i
         raise ArtifactError(f"backbone {backbone!r} is not a model timm knows (timm {timm.__version__}); "
                             "upgrade timm or import it where that model exists")
     try:
-        with torch.device("meta"):
+        with torch.device("meta"):  # every module built here, the method's too, allocates nothing
             trunk = timm.create_model(backbone, pretrained=False, num_classes=0)
-        task = get_method(method, json.loads(config_json)).attach(trunk, num_classes)
+            backbone_params = sum(p.numel() for p in trunk.parameters())
+            task = get_method(method, json.loads(config_json)).attach(trunk, num_classes)
     except (AdaptkitError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"method {method} cannot be built on {backbone} ({exc})") from exc
     shapes = {k: tuple(t.shape) for k, t in task.state().items()}
     total = sum(math.prod(s) for s in shapes.values())
-    backbone_params = sum(p.numel() for p in trunk.parameters())
     if total > MAX_TRAINABLE_SHARE * backbone_params + trunk.num_features * num_classes + num_classes:
         raise ArtifactError(f"{method} with {json.loads(config_json)} would train {total:,} parameters, "
                             f"more than the backbone's {backbone_params:,}: its settings are out of range")
