@@ -302,19 +302,20 @@ def test_a_bad_registry_path_is_one_line_and_left_as_it_was(tmp_path, kind, mess
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     """RLIMIT_FSIZE makes every write past 64 kB fail as a full disk would (EFBIG instead of ENOSPC)."""
+    from dataclasses import asdict
+
     db = tmp_path / "r.db"
     Registry(db).add_version(_meta("small"), _state())
     script = textwrap.dedent(f"""
-        import resource, sys, torch
+        import resource, torch
+        from adaptkit.artifacts import AdapterMeta
         from adaptkit.errors import AdaptkitError
         from adaptkit.registry import Registry
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_integrity import _meta
         reg = Registry({str(db)!r})
         resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
         try:
-            reg.add_version(_meta("big", classes=["a", "b"]), {{"head.weight": torch.zeros(2, 64),
-                                                              "head.bias": torch.zeros(2), "x": torch.zeros(40_000)}})
+            reg.add_version(AdapterMeta(**{asdict(_meta("big"))!r}), {{"head.weight": torch.zeros(2, 64),
+                            "head.bias": torch.zeros(2), "x": torch.zeros(40_000)}})
         except AdaptkitError as exc:
             print("ERROR", exc)
     """)
@@ -327,27 +328,30 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
 
 # -- crash leftovers and doctor --------------------------------------------------------------------------------------
 
-KILL_SCRIPT = """
-import os, sys, time, torch
-sys.path.insert(0, {tests!r})
+# A writer that pauses at one point of a save (so that the test can kill it there), with nothing imported beyond
+# what a save needs, so that three start at once in a few seconds.
+WRITER = """
+import sys, time, torch
 import adaptkit.artifacts as artifacts
+from adaptkit.artifacts import AdapterMeta
 from adaptkit.registry import Registry
-from test_integrity import _meta, _state
-reg = Registry({db!r})
 
 def pause(*args, **kwargs):
     print("READY", flush=True)
     time.sleep(300)
 
-point = sys.argv[1]
+reg = Registry(sys.argv[1])
+point = sys.argv[2]
 if point == "temp file written":
     artifacts.os.replace = pause
 elif point == "file renamed, row not committed":
     reg._insert = pause
 elif point == "row committed":
     reg.sweep = pause
-reg.add_version(_meta("crash"), _state(7))
+meta = AdapterMeta(**{meta!r})
+reg.add_version(meta, {{"head.weight": torch.ones(2, 64), "head.bias": torch.zeros(2)}})
 """
+POINTS = ["temp file written", "file renamed, row not committed", "row committed"]
 
 
 def _consistent(reg: Registry) -> None:
@@ -357,27 +361,34 @@ def _consistent(reg: Registry) -> None:
     assert all(hashlib.sha256(p.read_bytes()).hexdigest() == sha for p, sha in rows.items())
 
 
-@pytest.mark.parametrize("point", ["temp file written", "file renamed, row not committed", "row committed"])
-def test_kill_9_during_a_save_then_the_next_command_leaves_a_clean_registry(tmp_path, point):
-    db = tmp_path / "r.db"
-    Registry(db).add_version(_meta("before"), _state(1))
-    script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), db=str(db))
-    proc = subprocess.Popen([sys.executable, "-c", script, point], stdout=subprocess.PIPE, text=True)
+def test_kill_9_during_a_save_then_the_next_command_leaves_a_clean_registry(tmp_path):
+    from dataclasses import asdict
+
+    script = WRITER.format(meta=asdict(_meta("crash")))
+    dbs = {point: tmp_path / f"r{i}" / "r.db" for i, point in enumerate(POINTS)}
+    procs = {}
+    for point, db in dbs.items():
+        db.parent.mkdir()
+        Registry(db).add_version(_meta("before"), _state(1))
+        procs[point] = subprocess.Popen([sys.executable, "-c", script, str(db), point], stdout=subprocess.PIPE,
+                                        text=True)
     try:
-        assert proc.stdout.readline().strip() == "READY"
-        reg = Registry(db)
-        files_in_flight = _files(reg)
-        assert reg.sweep() == [] and _files(reg) == files_in_flight  # a live writer's files are never swept
+        for point, proc in procs.items():
+            assert proc.stdout.readline().strip() == "READY", point
+            reg = Registry(dbs[point])
+            in_flight = _files(reg)
+            assert reg.sweep() == [] and _files(reg) == in_flight  # a live writer's files are never swept
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    if point != "row committed":
-        assert len(_files(reg)) == 2  # the dead writer's temporary or orphan file
-    reg = Registry(db)
-    reg.add_version(_meta("after"), _state(2))  # the next command
-    _consistent(reg)
-    assert {t.name for t in reg.tasks()} == ({"before", "after", "crash"} if point == "row committed"
-                                             else {"before", "after"})
+        for proc in procs.values():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    for point in POINTS:
+        reg = Registry(dbs[point])
+        assert len(_files(reg)) == 2, point  # the dead writer's temporary, orphan or committed file
+        reg.add_version(_meta("after"), _state(2))  # the next command
+        _consistent(reg)
+        crashed = {"crash"} if point == "row committed" else set()
+        assert {t.name for t in reg.tasks()} == {"before", "after"} | crashed, point
 
 
 def test_doctor_reports_and_repairs_everything(registry, tmp_path):
