@@ -417,3 +417,36 @@ def test_doctor_reports_and_repairs_everything(registry, tmp_path):
     assert [t.name for t in reg.tasks()] == ["ok"]
     assert (registry.adapter_dir / "README.txt").read_text() == "mine"  # not adaptkit's: left alone
     assert _files(reg) - {registry.adapter_dir / "README.txt"} == {reg.path_of(reg.get_version("ok"))}
+
+
+@pytest.fixture
+def read_only_later(tmp_path):
+    """A folder and a function that makes it read-only: a tmpfs remounted read-only when root (chmod does not stop
+    root), chmod 0555 otherwise."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        yield folder, lambda: (folder.chmod(0o555), (folder / "adapters").chmod(0o555))
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs to make a read-only folder (as root, chmod would not stop writes)")
+    try:
+        yield folder, lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_read_only_registry_reads_and_refuses_writes_in_one_line(read_only_later, tmp_path):
+    folder, make_read_only = read_only_later
+    reg = Registry(folder / "r.db")
+    reg.add_version(_meta(), _state())
+    exported = reg.export("demo", tmp_path / "demo.safetensors")
+    reg.engine.dispose()  # no open database file, or a read-only remount is refused as busy
+    make_read_only()
+    assert "demo" in _cli("list", "--registry", folder / "r.db")
+    for command in (["import", exported, "--task", "other"], ["remove", "demo", "--yes"]):
+        out = _cli(*command, "--registry", folder / "r.db", code=1)
+        assert "read-only" in out and out.count("\n") == 1, out
+    assert [t.name for t in Registry(folder / "r.db").tasks()] == ["demo"]
