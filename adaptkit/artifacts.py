@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
-from adaptkit.errors import ArtifactError
+from adaptkit.errors import ArtifactError, ConfigError
 from adaptkit.hashing import tensors_sha256
 
-__all__ = ["FORMAT_VERSION", "AdapterMeta", "save_adapter", "load_adapter", "read_meta", "file_sha256",
-           "tensors_sha256"]
+__all__ = ["FORMAT_VERSION", "TASK_NAME", "AdapterMeta", "adapter_bytes", "check_task_name", "save_adapter",
+           "load_adapter", "parse_adapter", "read_meta", "file_sha256", "tensors_sha256"]
 
 FORMAT_VERSION = "1"
 FORMAT_NAME = "adaptkit.adapter"
+TASK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z, not $: "$" passes a trailing newline
+# Stored as written; half precision is widened exactly on load; anything else (float64, ints) is refused.
+STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WEIGHT_SOURCES = ("hub", "package", "random")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -68,9 +74,61 @@ class AdapterMeta:
             for name, f in cls.__dataclass_fields__.items():
                 raw = meta[name]
                 values[name] = raw if f.type in ("str", str) else json.loads(raw)
-        except (KeyError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{where} has damaged metadata ({exc}); re-export it from its registry") from exc
+        problem = meta_problem(values)
+        if problem:
+            raise ArtifactError(f"{where} has bad metadata: {problem}; re-export it from its registry")
         return cls(**values)
+
+    def check(self, where: str) -> None:
+        """Raise :class:`ArtifactError` naming the first field whose type or value is wrong."""
+        problem = meta_problem(asdict(self))
+        if problem:
+            raise ArtifactError(f"{where} has bad metadata: {problem}")
+
+
+def check_task_name(name: Any) -> None:
+    """Refuse a task name that is not 1-64 letters, digits, '_', '-', '.' starting with a letter or digit."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
+        raise ConfigError(f"bad task name {name!r}: use letters, digits, '_', '-', '.', up to 64 characters, "
+                          "starting with a letter or digit")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def meta_problem(v: dict[str, Any]) -> str | None:
+    """What is wrong with metadata values (as read back from JSON), or None. Types and values only; whether the
+    method and backbone exist is :mod:`adaptkit.validate`'s business."""
+    classes = v.get("classes")
+    checks = [
+        (isinstance(v.get("task"), str) and TASK_NAME.fullmatch(v["task"]) is not None,
+         f"task name {v.get('task')!r} is not 1-64 letters, digits, '_', '-', '.'"),
+        (isinstance(classes, list) and len(classes) > 0, "classes must be a non-empty list"),
+        (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes),
+         "every class must be a non-empty string"),
+        (isinstance(classes, list) and len({str(c) for c in classes}) == len(classes), "classes must be unique"),
+        (isinstance(v.get("method"), str) and v["method"] != "", "method must be a name"),
+        (isinstance(v.get("method_config"), dict), "method_config must be a dict"),
+        (isinstance(v.get("backbone"), str) and 0 < len(v["backbone"]) <= 200, "backbone must be a model name"),
+        (isinstance(v.get("backbone_weights"), str) and (v["backbone_weights"] in WEIGHT_SOURCES
+                                                         or v["backbone_weights"].startswith("file:")),
+         f"backbone_weights {v.get('backbone_weights')!r} is not one of hub, package, random, file:PATH"),
+        (isinstance(v.get("backbone_fingerprint"), str) and _FINGERPRINT.fullmatch(v["backbone_fingerprint"])
+         is not None, "backbone_fingerprint must be 64 hex digits"),
+        (isinstance(v.get("backbone_params"), int) and not isinstance(v["backbone_params"], bool)
+         and v["backbone_params"] > 0, "backbone_params must be a positive integer"),
+        (isinstance(v.get("backbone_dim"), int) and not isinstance(v["backbone_dim"], bool)
+         and v["backbone_dim"] > 0, "backbone_dim must be a positive integer"),
+        (isinstance(v.get("data_config"), dict), "data_config must be a dict"),
+        (isinstance(v.get("dataset", ""), str), "dataset must be a string"),
+        (isinstance(v.get("metrics", {}), dict)
+         and all(isinstance(k, str) and (x is None or _is_number(x)) for k, x in v.get("metrics", {}).items()),
+         "metrics must be a dict of numbers"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -81,17 +139,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: AdapterMeta) -> tuple[str, int]:
-    """Write ``state`` and ``meta`` atomically (temporary file in the same folder, then rename).
+def adapter_bytes(state: dict[str, torch.Tensor], meta: AdapterMeta) -> bytes:
+    """The bytes of the adapter file for ``state`` and ``meta``: equal inputs give equal bytes."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return _canonical(save(tensors, metadata=meta.to_strings(tensors_sha256(tensors))))
 
-    Returns:
-        The file's sha256 and its size in bytes.
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    The temporary name is ``.<name>.<random>.tmp`` (what the registry's sweep recognises as its own); the file is
+    created like any other (mode 0666 less the umask), not 0600 as ``mkstemp`` would.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    data = _canonical(save(tensors, metadata=meta.to_strings(tensors_sha256(tensors))))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -99,8 +162,18 @@ def save_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: 
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def save_adapter(path: str | os.PathLike, state: dict[str, torch.Tensor], meta: AdapterMeta) -> tuple[str, int]:
+    """Write ``state`` and ``meta`` atomically (temporary file in the same folder, then rename).
+
+    Returns:
+        The file's sha256 and its size in bytes.
+    """
+    data = adapter_bytes(state, meta)
+    write_atomic(path, data)
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
@@ -122,7 +195,7 @@ def read_meta(path: str | os.PathLike) -> AdapterMeta:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{path} is not a readable adapter file ({exc}); re-export or retrain it") from exc
     return AdapterMeta.from_strings(meta, str(path))
 
@@ -142,25 +215,38 @@ def load_adapter(path: str | os.PathLike, *, sha256: str | None = None,
     """
     path = Path(path)
     _check_exists(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read adapter file {path} ({exc.strerror}): check its permissions") from exc
+    return parse_adapter(data, str(path), sha256=sha256, fingerprint=fingerprint, device=device)
+
+
+def parse_adapter(data: bytes, where: str, *, sha256: str | None = None, fingerprint: str | None = None,
+                  device: str | torch.device = "cpu") -> tuple[dict, AdapterMeta]:
+    """Check and read the bytes of an adapter file (see :func:`load_adapter`); ``where`` names it in errors."""
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ArtifactError(f"{path} has changed since it was registered (sha256 mismatch): the file is corrupt "
+        raise ArtifactError(f"{where} has changed since it was registered (sha256 mismatch): the file is corrupt "
                             "or was replaced; remove this version and retrain, or import a good copy")
     try:
         state = load(data)
         header_len = int.from_bytes(data[:8], "little")
         raw_meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{path} is not a readable adapter file ({exc}); re-export or retrain it") from exc
-    meta = AdapterMeta.from_strings(raw_meta, str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError, AttributeError) as exc:
+        raise ArtifactError(f"{where} is not a readable adapter file ({exc}); re-export or retrain it") from exc
+    meta = AdapterMeta.from_strings(raw_meta, where)
     if tensors_sha256(state) != raw_meta.get("tensors_sha256"):
-        raise ArtifactError(f"{path} is corrupt: its tensors do not match the hash it was saved with")
+        raise ArtifactError(f"{where} is corrupt: its tensors do not match the hash it was saved with")
     if fingerprint is not None and meta.backbone_fingerprint != fingerprint:
         raise ArtifactError(
-            f"{path} was trained on backbone {meta.backbone} with fingerprint {meta.backbone_fingerprint[:12]}, "
+            f"{where} was trained on backbone {meta.backbone} with fingerprint {meta.backbone_fingerprint[:12]}, "
             f"not on this backbone ({fingerprint[:12]}): load it with the backbone it was trained on"
         )
-    return {k: v.to(device) for k, v in state.items()}, meta
+    bad = next((k for k, t in state.items() if t.dtype not in STORED_DTYPES), None)
+    if bad is not None:
+        raise ArtifactError(f"{where}: tensor {bad} is {state[bad].dtype}; adapter files hold float32 (or float16/"
+                            "bfloat16) tensors only: re-export it from adaptkit")
+    return {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}, meta
 
 
 def _check_exists(path: Path) -> None:

@@ -6,7 +6,7 @@ task exists, measured too (its file size, accuracy and training time).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from adaptkit.registry import Registry, TaskRow, VersionRow
 
@@ -48,6 +48,7 @@ class CostReport:
     full_total_bytes: int  # one fully fine-tuned copy per task
     adapters_params: int
     full_total_params: int
+    broken: list[str] = field(default_factory=list)  # "task@N: why" for each version left out (bad row)
 
     @property
     def saving(self) -> float:
@@ -99,10 +100,17 @@ def compare(registry: Registry) -> CostReport:
     """Costs of every registered version, and totals over each task's default version."""
     rows, backbones = [], {}
     adapters_bytes = full_total_bytes = adapters_params = full_total_params = 0
-    tasks = registry.tasks()
-    for task in tasks:
-        full = next((v for v in reversed(task.versions) if v.method == "full"), None)
-        rows.extend(_row(task, v, full) for v in task.versions)
+    tasks, broken = [], []
+    for task in registry.tasks():  # a broken row is reported and left out; it never hides the others
+        good = [v for v in task.versions if not v.problem]
+        broken.extend(f"{task.name}@{v.version}: {v.problem}" for v in task.versions if v.problem)
+        if task.broken:
+            if not task.versions or task.problem:
+                broken.append(f"task {task.name}: {task.problem or 'it has no versions'}")
+            continue
+        tasks.append(task)
+        full = next((v for v in reversed(good) if v.method == "full"), None)
+        rows.extend(_row(task, v, full) for v in good)
         default = task.default
         backbones[default.backbone.fingerprint] = default.backbone.num_params * FP32
         params, size = _full_cost(default, len(task.classes))
@@ -114,4 +122,4 @@ def compare(registry: Registry) -> CostReport:
     return CostReport(rows=rows, tasks=len(tasks), backbones=len(backbones), backbone_bytes=backbone_bytes,
                       adapters_bytes=adapters_bytes, shared_total_bytes=backbone_bytes + adapters_bytes,
                       full_total_bytes=full_total_bytes, adapters_params=adapters_params,
-                      full_total_params=full_total_params)
+                      full_total_params=full_total_params, broken=broken)

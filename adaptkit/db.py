@@ -20,6 +20,7 @@ from sqlalchemy import Connection, MetaData, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError, OperationalError
 
+from adaptkit.dberrors import advice
 from adaptkit.errors import RegistryError
 
 __all__ = ["SCHEMA_HEAD", "normalise_url", "sqlite_file", "make_engine", "write_lock", "retryable", "schema_revision",
@@ -67,6 +68,11 @@ def make_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {}
     if backend == "postgresql":
         kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}, "pool_pre_ping": True}
+    file = sqlite_file(url) if backend == "sqlite" else None
+    if file is not None and file.is_file() and not os.access(file.parent, os.W_OK):
+        # A WAL database in a read-only folder can be read only as immutable (no -shm file can be made there);
+        # writes then fail as "readonly database", which dberrors explains.
+        url = f"sqlite:///file:{file}?mode=ro&immutable=1&uri=true"
     try:
         engine = create_engine(url, **kwargs)
     except NoSuchModuleError as exc:
@@ -85,13 +91,13 @@ def make_engine(url: str) -> Engine:
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
-    """WAL and a busy timeout so that several processes can write; BEGIN IMMEDIATE so writers queue, not fail."""
+    """A busy timeout so that several processes can write (WAL is set once, by :func:`_wal`); BEGIN IMMEDIATE so
+    writers queue, not fail."""
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" event below issue BEGIN itself
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -115,7 +121,9 @@ def _connect_error(context: Any) -> None:
         msg = f"there is no database {target.database!r} on the server of {url}: create it (createdb " \
               f"{target.database}) or fix the URL"
     elif target.get_backend_name() == "sqlite":
-        msg = f"cannot open {target.database} as a SQLite registry ({text_}): pass another --registry"
+        what = advice(str(exc).lower())
+        msg = f"registry {target.database} {what} ({text_})" if what else \
+            f"cannot open {target.database} as a SQLite registry ({text_}): pass another --registry"
     else:
         msg = f"cannot reach the database server of {url} ({text_}): start it, or fix the host and port in the URL"
     raise RegistryError(msg) from exc
@@ -147,8 +155,9 @@ def schema_revision(conn: Connection) -> str | None:
     if _V01_TABLES <= tables:
         return "v0.1"
     if tables:
-        raise RegistryError(f"{describe(str(conn.engine.url))} is not an adaptkit registry (it holds the tables "
-                            f"{', '.join(sorted(tables)[:5])}): pass another --registry")
+        raise RegistryError(f"{describe(str(conn.engine.url))} is another program's database, not an adaptkit "
+                            f"registry (tables {', '.join(sorted(tables)[:5])}): pass the path of an adaptkit "
+                            "registry, or of a new file, with --registry")
     return None
 
 
@@ -166,12 +175,26 @@ def ensure_schema(engine: Engine, metadata: MetaData, *, create: bool, location:
         if revision != SCHEMA_HEAD:
             with engine.execution_options(adaptkit_write=True).begin() as conn:  # SQLite: BEGIN IMMEDIATE
                 migrate(conn, metadata)
+            if engine.dialect.name == "sqlite":
+                _wal(engine)
     except OperationalError as exc:
         raise RegistryError(f"cannot open the registry {location}: {exc.orig}") from exc
     except DatabaseError as exc:  # e.g. SQLite's "file is not a database"
         raise RegistryError(f"{location} is not a readable adaptkit registry ({exc.orig}): pass another "
                             "--registry") from exc
     return True
+
+
+def _wal(engine: Engine) -> None:
+    """Put a SQLite registry in WAL mode (kept in the file), once it is proven ours: readers never wait for a writer.
+
+    Only here, never on connecting: connecting to another program's database must leave its file as it was.
+    """
+    raw = engine.raw_connection()
+    try:
+        raw.driver_connection.execute("PRAGMA journal_mode=WAL")  # autocommit: no transaction may be open
+    finally:
+        raw.close()
 
 
 def migrate(conn: Connection, metadata: MetaData | None = None) -> None:

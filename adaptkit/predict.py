@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from adaptkit.artifacts import AdapterMeta, load_adapter
+from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.errors import AdaptkitError, ArtifactError, ConfigError
 from adaptkit.methods import TaskModel, get_method, merge_lora
@@ -146,8 +146,7 @@ class Predictor:
         return host
 
     def _attach(self, host: _Host, row: VersionRow, key: str) -> LoadedTask:
-        state, meta = load_adapter(self.registry.path_of(row), sha256=row.sha256,
-                                   fingerprint=host.backbone.fingerprint, device=self.device)
+        state, meta = self.registry.load_version(row, fingerprint=host.backbone.fingerprint, device=self.device)
         try:
             model = get_method(meta.method, meta.method_config).attach(host.backbone.model, len(meta.classes),
                                                                        state=state)

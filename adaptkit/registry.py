@@ -7,30 +7,40 @@ points at a missing file because of adaptkit, and no file is left behind by a fa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import re
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint, func, select
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, UniqueConstraint, func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from adaptkit import db
-from adaptkit.artifacts import AdapterMeta, load_adapter, save_adapter
-from adaptkit.errors import ConfigError, NotFoundError, RegistryError
+from adaptkit.artifacts import (
+    TASK_NAME,
+    AdapterMeta,
+    adapter_bytes,
+    check_task_name,
+    load_adapter,
+    parse_adapter,
+    write_atomic,
+)
+from adaptkit.dberrors import explain_database_errors
+from adaptkit.errors import ArtifactError, ConfigError, NotFoundError, RegistryError
+from adaptkit.rows import TolerantDateTime as DateTime
+from adaptkit.rows import TolerantJSON as JSON
+from adaptkit.rows import task_problem, version_problem
+from adaptkit.storage import Storage, StoredFile, is_own_file, open_storage
 
 __all__ = ["Base", "BackboneRow", "TaskRow", "VersionRow", "Registry", "default_url", "parse_ref", "TASK_NAME"]
 
 _log = logging.getLogger(__name__)
-TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 Count = BigInteger().with_variant(Integer(), "sqlite")  # sizes past 2 GB on PostgreSQL; SQLite's INTEGER is 64-bit
 
 
@@ -71,6 +81,17 @@ class TaskRow(Base):
     def default(self) -> VersionRow | None:
         return next((v for v in self.versions if v.is_default), self.versions[-1] if self.versions else None)
 
+    @property
+    def problem(self) -> str | None:
+        """Why this row is broken (tampered or damaged), or None: see :mod:`adaptkit.rows`."""
+        return task_problem(self)
+
+    @property
+    def broken(self) -> str | None:
+        """Why the task cannot be used as it stands (its row or its default version is bad), or None."""
+        d = self.default
+        return self.problem or (d.problem if d is not None else "it has no versions")
+
 
 class VersionRow(Base):
     __tablename__ = "adapter_versions"
@@ -102,6 +123,11 @@ class VersionRow(Base):
     def ref(self) -> str:
         return f"{self.task.name}@{self.version}"
 
+    @property
+    def problem(self) -> str | None:
+        """Why this row is broken (tampered or damaged), or None: see :mod:`adaptkit.rows`."""
+        return version_problem(self)
+
 
 def default_url() -> str:
     """``$ADAPTKIT_REGISTRY`` or ``sqlite:///registry.db`` in the working directory."""
@@ -111,7 +137,7 @@ def default_url() -> str:
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """``task`` or ``task@version`` -> (task, version or None)."""
     name, sep, version = ref.partition("@")
-    if sep and not version.isdigit():
+    if sep and not (version.isascii() and version.isdigit()):
         raise ConfigError(f"bad version in {ref!r}: write TASK or TASK@N with N a version number, e.g. {name}@1")
     return name, int(version) if sep else None
 
@@ -126,8 +152,9 @@ def _check_classes(row: TaskRow | None, task: str, classes: list[str]) -> None:
 class Registry:
     """A registry at ``url`` (default: :func:`default_url`), with adapter files in ``adapter_dir``.
 
-    For SQLite the adapter folder is ``adapters/`` beside the database file; for other URLs it is
-    ``$ADAPTKIT_ADAPTER_DIR`` or ``./adapters``.
+    ``adapter_dir`` (or ``$ADAPTKIT_ADAPTERS``) is a folder or an fsspec URL such as ``s3://bucket/prefix``
+    (see :mod:`adaptkit.storage`). By default, for SQLite it is ``adapters/`` beside the database file; for other
+    URLs it is ``$ADAPTKIT_ADAPTER_DIR`` or ``./adapters``.
     """
 
     def __init__(self, url: str | os.PathLike | None = None, adapter_dir: str | os.PathLike | None = None) -> None:
@@ -135,9 +162,11 @@ class Registry:
         self.engine = db.make_engine(self.url)
         self._writer = self.engine.execution_options(adaptkit_write=True)  # SQLite: BEGIN IMMEDIATE
         self._file = db.sqlite_file(self.url)
+        explain_database_errors(self.engine, self.location)
         default_dir = self._file.parent / "adapters" if self._file else \
             Path(os.environ.get("ADAPTKIT_ADAPTER_DIR", "adapters")).resolve()
-        self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir else default_dir
+        self.storage: Storage = open_storage(adapter_dir or os.environ.get("ADAPTKIT_ADAPTERS") or default_dir)
+        self.adapter_dir: Path | None = self.storage.local_path_root()
         self._ready = False
 
     @property
@@ -157,7 +186,8 @@ class Registry:
                 if not create:
                     return False
                 self._check_creatable()
-            self._ready = db.ensure_schema(self.engine, Base.metadata, create=create, location=self.location)
+            self._ready = self._retry(lambda: db.ensure_schema(self.engine, Base.metadata, create=create,
+                                                               location=self.location))
         return self._ready
 
     def _check_creatable(self) -> None:
@@ -206,8 +236,8 @@ class Registry:
                     _ = v.backbone, v.task
             return rows
 
-    def get_version(self, ref: str) -> VersionRow:
-        """The version named by ``task`` (its default) or ``task@N``."""
+    def get_version(self, ref: str, *, allow_broken: bool = False) -> VersionRow:
+        """The version named by ``task`` (its default) or ``task@N``; a broken row is an error unless allowed."""
         name, number = parse_ref(ref)
         if not self.exists:
             raise NotFoundError(f"no task {name!r}: there is no registry at {self.location} yet; train it with "
@@ -215,7 +245,7 @@ class Registry:
         with self.session() as s:
             task = s.scalar(select(TaskRow).where(TaskRow.name == name))
             if task is None:
-                known = ", ".join(s.scalars(select(TaskRow.name).order_by(TaskRow.name))) or "none yet"
+                known = ", ".join(map(str, s.scalars(select(TaskRow.name).order_by(TaskRow.name)))) or "none yet"
                 raise NotFoundError(f"no task {name!r} in the registry (tasks: {known}); train it with "
                                     f"`adaptkit train --task {name} ...`")
             version = task.default if number is None else next((v for v in task.versions if v.version == number), None)
@@ -223,7 +253,11 @@ class Registry:
                 have = ", ".join(str(v.version) for v in task.versions) or "none"
                 raise NotFoundError(f"task {name!r} has no version {number} (versions: {have})")
             _ = version.backbone, version.task
-            return version
+        problem = None if allow_broken else version.problem
+        if problem:
+            raise RegistryError(f"{name}@{version.version} is broken: {problem}; run `adaptkit doctor` to see and "
+                                f"repair it, or `adaptkit remove {name}@{version.version}`")
+        return version
 
     def check_classes(self, task: str, classes: list[str]) -> None:
         """Refuse, before any training, a new version whose classes differ from the task's."""
@@ -234,7 +268,33 @@ class Registry:
             _check_classes(s.scalar(select(TaskRow).where(TaskRow.name == task)), task, classes)
 
     def path_of(self, version: VersionRow) -> Path:
-        return self.adapter_dir / version.file
+        """The local path of a version's file, proven inside the adapter folder (local storage only)."""
+        path = self.storage.local_path(version.file)
+        if path is None:
+            raise RegistryError(f"adapter files of this registry live in {self.storage.url}, not on a local disk: "
+                                "use `adaptkit export` to get a copy")
+        return path
+
+    def location_of(self, version: VersionRow) -> str:
+        """Where a version's file is (a path or URL), for people to read."""
+        return self.storage.location(version.file)
+
+    def load_version(self, version: VersionRow, *, fingerprint: str | None = None,
+                     device: str | Any = "cpu") -> tuple[dict, AdapterMeta]:
+        """A version's tensors and metadata, checked against its row's sha256 (and ``fingerprint``, if given)."""
+        problem = version.problem
+        if problem:
+            raise RegistryError(f"version {version.id} is broken: {problem}; run `adaptkit doctor`")
+        where = self.storage.location(version.file)
+        path = self.storage.local_path(version.file)
+        if path is not None:
+            return load_adapter(path, sha256=version.sha256, fingerprint=fingerprint, device=device)
+        try:
+            data = self.storage.get(version.file)
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"adapter file {where} is missing: remove this version (adaptkit remove) or run "
+                                "`adaptkit doctor`") from exc
+        return parse_adapter(data, where, sha256=version.sha256, fingerprint=fingerprint, device=device)
 
     # -- writing -----------------------------------------------------------------------------------------------
 
@@ -242,24 +302,39 @@ class Registry:
                     make_default: bool = True) -> VersionRow:
         """Write the adapter file and record it as the task's next version, in one transaction.
 
+        The file is named by its sha256 (so writing it twice is harmless) and is complete before the row that
+        points at it commits; if the row cannot be committed, the file goes again (unless another row uses it).
+
         Args:
             meta: the adapter's self-description (task, classes, method, backbone, metrics ...).
             state: the adapter's tensors (every one of them trainable: their count is the trainable parameters).
             train_info: training facts: time, images/s, peak memory, device, recipe.
             make_default: make the new version the task's default.
         """
-        if not TASK_NAME.match(meta.task):
-            raise ConfigError(f"bad task name {meta.task!r}: use letters, digits, '_', '-', '.', up to 64 characters")
+        check_task_name(meta.task)
+        meta.check(f"adapter of task {meta.task}")
         info = dict(train_info or {})
-        rel = Path(meta.task) / f"{uuid.uuid4().hex[:12]}.safetensors"
-        path = self.adapter_dir / rel
-        sha, size = save_adapter(path, state, meta)
-        try:
-            trainable = sum(t.numel() for t in state.values())
-            return self._retry(lambda: self._insert(meta, rel, sha, size, trainable, info, make_default))
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
+        data = adapter_bytes(state, meta)
+        sha, size = hashlib.sha256(data).hexdigest(), len(data)
+        rel = f"{meta.task}/{sha}.safetensors"
+        trainable = sum(t.numel() for t in state.values())
+        with self.storage.writing():
+            existed = self.storage.exists(rel)
+            self.storage.put(rel, data)
+            try:
+                row = self._retry(lambda: self._insert(meta, Path(rel), sha, size, trainable, info, make_default))
+            except BaseException:
+                if not existed and not self._referenced(rel):
+                    self.storage.delete(rel)
+                raise
+        self.sweep()
+        return row
+
+    def _referenced(self, rel: str) -> bool:
+        if not self.exists:
+            return False
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(VersionRow).where(VersionRow.file == rel)) > 0
 
     def _insert(self, meta: AdapterMeta, rel: Path, sha: str, size: int, trainable: int, info: dict,
                 make_default: bool) -> VersionRow:
@@ -295,10 +370,11 @@ class Registry:
     def remove(self, ref: str) -> list[str]:
         """Remove a task (every version) or one version ``task@N``; returns the refs removed.
 
-        The rows go in one transaction; the files are deleted only after it commits.
+        The rows go in one transaction; the files are deleted only after it commits, and only those no remaining
+        row refers to (files are named by content, so two versions can share one).
         """
         name, number = parse_ref(ref)
-        self.get_version(ref)  # a clear NotFoundError for a missing task or version
+        self.get_version(ref, allow_broken=True)  # a clear NotFoundError for a missing task or version
         files, removed = [], []
 
         def _delete() -> None:
@@ -310,7 +386,7 @@ class Registry:
                     raise NotFoundError(f"no task {name!r} in the registry")
                 doomed = [v for v in task.versions if number is None or v.version == number]
                 for v in doomed:
-                    files.append(self.adapter_dir / v.file)
+                    files.append(v.file)
                     removed.append(f"{name}@{v.version}")
                     task.versions.remove(v)
                     s.delete(v)
@@ -320,11 +396,12 @@ class Registry:
                     task.versions[-1].is_default = True
 
         self._retry(_delete)
-        for f in files:
+        for rel in files:
             try:
-                f.unlink(missing_ok=True)
-            except OSError as exc:  # the row is gone; a stray file is harmless but worth a log line
-                _log.warning("could not delete %s: %s", f, exc)
+                if not self._referenced(rel):
+                    self.storage.delete(rel)
+            except (RegistryError, OSError) as exc:  # the row is gone; a stray or unsafe name is doctor's business
+                _log.warning("did not delete %r: %s", rel, exc)
         return removed
 
     def set_default(self, ref: str) -> VersionRow:
@@ -342,22 +419,119 @@ class Registry:
     # -- moving versions between registries -------------------------------------------------------------------
 
     def export(self, ref: str, dest: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Copy a version's adapter file to ``dest`` after checking it; it describes itself and can be imported."""
+        """Copy a version's adapter file to ``dest`` after checking it; it describes itself and can be imported.
+
+        ``dest`` is a file, or a folder that gets ``TASK-vN.safetensors``; its folder must exist.
+        """
         version = self.get_version(ref)
+        data = self._checked_bytes(version)
         dest = Path(dest).expanduser()
         if dest.is_dir():
+            check_task_name(version.task.name)  # a name from the database becomes a file name: prove it plain
             dest = dest / f"{version.task.name}-v{version.version}.safetensors"
+        if not dest.parent.is_dir():
+            raise ConfigError(f"cannot export to {dest}: folder {dest.parent} does not exist; create it first")
         if dest.exists() and not overwrite:
             raise ConfigError(f"{dest} exists already: pick another path or pass --force to overwrite it")
-        load_adapter(self.path_of(version), sha256=version.sha256)  # never export a damaged file
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(self.path_of(version), tmp)
-        os.replace(tmp, dest)
+        if dest.exists() and not dest.is_file():
+            raise ConfigError(f"{dest} is not a regular file: pick another path")
+        try:
+            write_atomic(dest, data)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {dest}: {exc.strerror}") from exc
         return dest
 
+    def _checked_bytes(self, version: VersionRow) -> bytes:
+        """A version's file as bytes, after the same checks as loading (never hand out a damaged file)."""
+        problem = version.problem
+        if problem:
+            raise RegistryError(f"{version.ref} is broken: {problem}; run `adaptkit doctor`")
+        where = self.storage.location(version.file)
+        try:
+            data = self.storage.get(version.file)
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"adapter file {where} is missing: remove this version (adaptkit remove) or run "
+                                "`adaptkit doctor`") from exc
+        parse_adapter(data, where, sha256=version.sha256)
+        return data
+
     def import_file(self, path: str | os.PathLike, task: str | None = None) -> VersionRow:
-        """Add an exported adapter file as the next version of its task (or of ``task``)."""
+        """Add an exported adapter file as the next version of its task (or of ``task``), after checking it whole.
+
+        The file must be a regular file; its metadata and tensors are checked against its method and backbone
+        (:func:`adaptkit.validate.check_adapter`). A file identical to a version the task has already is refused.
+        """
+        from adaptkit.validate import check_adapter
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            what = "is not a regular file" if path.exists() else "is missing"
+            raise ArtifactError(f"{path} {what}: give the path of an exported .safetensors adapter file")
         state, meta = load_adapter(path)
-        if task:
+        if task is not None:
+            check_task_name(task)
             meta.task = task
-        return self.add_version(meta, state, train_info={"imported_from": str(Path(path).resolve())})
+        check_adapter(state, meta, str(path))
+        self._check_weights_source(meta, path)
+        sha = hashlib.sha256(adapter_bytes(state, meta)).hexdigest()
+        if not self.exists:
+            return self.add_version(meta, state, train_info={"imported_from": str(path.resolve())})
+        with self.session() as s:
+            same = s.scalar(select(VersionRow).join(TaskRow).where(TaskRow.name == meta.task, VersionRow.sha256 == sha))
+            if same is not None:
+                raise ConfigError(f"{path} is identical to {meta.task}@{same.version} already in this registry: "
+                                  "nothing to import")
+        return self.add_version(meta, state, train_info={"imported_from": str(path.resolve())})
+
+    def _check_weights_source(self, meta: AdapterMeta, path: Path) -> None:
+        """A ``file:`` backbone source from a file is a path on someone else's disk: never read it on trust.
+
+        It is accepted only when this registry knows the backbone already (its own row then says where the
+        weights are); otherwise the user registers that backbone first by training with ``--weights``.
+        """
+        if not meta.backbone_weights.startswith("file:"):
+            return
+        known = None
+        if self.exists:
+            with self.session() as s:
+                known = s.scalar(select(BackboneRow).where(BackboneRow.fingerprint == meta.backbone_fingerprint))
+        if known is None:
+            raise ArtifactError(f"{path} was trained on {meta.backbone} with weights from a local file "
+                                f"({meta.backbone_weights[5:]}) this registry does not know: train any task here "
+                                "with --weights FILE for that backbone first, then import it")
+
+    # -- crash leftovers ---------------------------------------------------------------------------------------
+
+    def leftovers(self, alone: bool, min_age_s: float | None = None) -> list[StoredFile]:
+        """The files a crashed write left: this registry's temporary files and adapter files no row refers to.
+
+        Args:
+            alone: no write can be in flight (the storage's sweep lock is held): every leftover counts.
+            min_age_s: otherwise, only files older than this count (default: the storage's in-flight time).
+        """
+        with self.session() as s:
+            referenced = set(s.scalars(select(VersionRow.file)))
+        age = 0.0 if alone else (self.storage.in_flight_s if min_age_s is None else min_age_s)
+        return [f for f in self.storage.files()
+                if f.rel not in referenced and is_own_file(f.rel) and f.age_s >= age]
+
+    def sweep(self) -> list[str]:
+        """Delete this registry's crash leftovers: temporary files, and files no row refers to.
+
+        Only when no write can be in flight (see :mod:`adaptkit.storage`); returns what was deleted. Never raises
+        for a file it cannot delete: a sweep is housekeeping, the next one tries again.
+        """
+        deleted = []
+        try:
+            with self.storage.sweeping() as alone:
+                for f in self.leftovers(alone):
+                    try:
+                        self.storage.delete(f.rel)
+                        deleted.append(f.rel)
+                    except (OSError, RegistryError) as exc:
+                        _log.warning("could not delete leftover %s: %s", f.rel, exc)
+        except RegistryError as exc:
+            _log.warning("no sweep: %s", exc)
+        if deleted:
+            _log.info("swept %d leftover file(s) from %s", len(deleted), self.storage.url)
+        return deleted

@@ -63,6 +63,8 @@ def user_errors(fn: Callable) -> Callable:
 
 def task_label(task: TaskRow) -> str:
     """How a task reads in the picker: name, method, backbone and test accuracy of its default version."""
+    if task.broken:
+        return f"{task.name} · broken: {task.broken}"
     v = task.default
     acc = v.metrics.get("test_top1")
     acc_text = f"test {acc:.1%}" if acc is not None else "not tested"
@@ -153,6 +155,9 @@ class Handlers:
         rows, ready = {}, []
         with self._lock:
             for t in tasks:
+                if t.broken:  # one broken task must not hide the others
+                    rows[t.name] = [t.name, "", "", "", None, f"broken: {t.broken}"]
+                    continue
                 rows[t.name] = [t.name, t.default.method, t.default.backbone.name, "", None, ""]
                 try:
                     self.predictor.load(t.name)

@@ -105,7 +105,7 @@ def test_0002_lets_postgresql_hold_files_past_2_gb(pg_server):
         for statement in setup:
             conn.execute(text(statement))
         conn.execute(insert)
-    assert Registry(url).get_version("t").bytes == 3_000_000_000
+    assert Registry(url).get_version("t", allow_broken=True).bytes == 3_000_000_000  # (a made-up file and hash)
 
 
 def test_a_newer_registry_says_upgrade_adaptkit(registry_url, tmp_path):
@@ -124,7 +124,8 @@ def test_another_programs_database_is_not_taken_for_a_registry(tmp_path):
     with sqlite3.connect(other) as conn:
         conn.execute("CREATE TABLE invoices (id INTEGER)")
     for action in (lambda r: r.tasks(), lambda r: r.transaction().__enter__()):
-        with pytest.raises(RegistryError, match="is not an adaptkit registry .it holds the tables invoices."):
+        with pytest.raises(RegistryError, match=r"another program's database, not an adaptkit registry \(tables "
+                                                r"invoices\)"):
             action(Registry(other))
     with sqlite3.connect(other) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["invoices"]  # left as it was

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from adaptkit.artifacts import AdapterMeta
-from adaptkit.errors import ConfigError, NotFoundError
+from adaptkit.errors import ConfigError, NotFoundError, RegistryError
 from adaptkit.registry import Registry
 
 
 def _meta(task: str = "demo", **overrides) -> AdapterMeta:
     values = dict(task=task, classes=["a", "b"], method="linear", method_config={}, backbone="vit_pico_patch4_32",
-                  backbone_weights="random", backbone_fingerprint="f" * 64, backbone_params=1000, backbone_dim=4,
+                  backbone_weights="random", backbone_fingerprint="f" * 64, backbone_params=1000, backbone_dim=64,
                   data_config={"input_size": [3, 32, 32]}, dataset="folder:x", metrics={"test_top1": 0.75})
     values.update(overrides)
     return AdapterMeta(**values)
@@ -25,7 +25,7 @@ def _meta(task: str = "demo", **overrides) -> AdapterMeta:
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"head.weight": torch.randn(2, 4, generator=g), "head.bias": torch.zeros(2)}
+    return {"head.weight": torch.randn(2, 64, generator=g), "head.bias": torch.zeros(2)}
 
 
 def _files(reg: Registry) -> list:
@@ -41,7 +41,7 @@ def test_versions_defaults_and_files(registry):
     v1 = registry.add_version(_meta(), _state(1), train_info={"train_time_s": 2.5, "device": "cpu"})
     v2 = registry.add_version(_meta(), _state(2))
     assert (v1.version, v2.version) == (1, 2)
-    assert v1.trainable_params == 10 and v1.train_time_s == 2.5 and v1.device == "cpu"
+    assert v1.trainable_params == 130 and v1.train_time_s == 2.5 and v1.device == "cpu"
     assert registry.get_version("demo").version == 2  # the newest is the default
     assert registry.get_version("demo@1").sha256 == v1.sha256
     assert registry.path_of(v1).stat().st_size == v1.bytes
@@ -84,13 +84,11 @@ def test_failed_add_leaves_no_row_and_no_file(registry, monkeypatch):
     monkeypatch.undo()
     assert registry.tasks() == []
 
-    import adaptkit.registry as module
+    def broken_put(rel, data):
+        raise RegistryError("cannot write adapter file: the disk is full")
 
-    def broken_save(path, *args):
-        raise OSError("no space left")
-
-    monkeypatch.setattr(module, "save_adapter", broken_save)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(registry.storage, "put", broken_put)
+    with pytest.raises(RegistryError, match="disk is full"):
         registry.add_version(_meta(), _state())
     assert registry.tasks() == []
 
@@ -128,7 +126,9 @@ def test_processes_adding_at_once_lose_nothing(registry_url, tmp_path):
     tasks = {t.name: t for t in reg.tasks()}
     assert [v.version for v in tasks["race"].versions] == list(range(1, 13))  # unique and contiguous
     assert [len(tasks[f"proc{n}"].versions) for n in range(3)] == [4, 4, 4]
-    assert len(_files(reg)) == 24
+    # files are named by content: the three writers add the same four "race" adapters, which share their files
+    rows = {reg.path_of(v) for t in tasks.values() for v in t.versions}
+    assert set(_files(reg)) == rows and len(rows) == 3 * 4 + 4
     assert [sum(v.is_default for v in t.versions) for t in tasks.values()] == [1, 1, 1, 1]
     assert tasks["race"].default.version == 12
 

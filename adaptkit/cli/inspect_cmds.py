@@ -36,12 +36,19 @@ def list_tasks(registry: RegistryOpt = None) -> None:
         return
     table = Table("task", "default", "versions", "method", "backbone", "trainable", "size", "test top-1",
                   "dataset", title=f"tasks in {reg.url}")
+    broken = []
     for t in tasks:
         d = t.default
+        if t.broken:  # a bad row is shown, never fatal
+            broken.append(f"{t.name}: {t.broken}")
+            table.add_row(str(t.name), "-", str(len(t.versions)), "[red]broken[/red]", *["-"] * 5)
+            continue
         table.add_row(t.name, f"v{d.version}", str(len(t.versions)), d.method, d.backbone.name,
                       count(d.trainable_params), format_bytes(d.bytes), format_percent(d.metrics.get("test_top1")),
                       t.dataset)
     out.print(table)
+    for line in broken:
+        out.print(f"broken {line}: run `adaptkit doctor`", soft_wrap=True)
 
 
 @app.command()
@@ -61,7 +68,7 @@ def show(ref: Annotated[str, typer.Argument(help="TASK or TASK@VERSION")], regis
     out.print(table)
     b = v.backbone
     out.print(f"v{v.version}: backbone {b.name} ({b.weights}), fingerprint {b.fingerprint[:16]}\n"
-              f"file {reg.path_of(v)} sha256 {v.sha256[:16]}\nmetrics {json.dumps(v.metrics)}")
+              f"file {reg.location_of(v)} sha256 {v.sha256[:16]}\nmetrics {json.dumps(v.metrics)}")
 
 
 @app.command()
@@ -85,7 +92,7 @@ def compare(
         writer.writerows(asdict(r) for r in report.rows)
         sys.stdout.write(buf.getvalue())
         return
-    if not report.rows:
+    if not report.rows and not report.broken:
         out.print("no tasks yet: train one with `adaptkit train --dataset ...`")
         return
     table = Table("task", "method", "trainable", "of backbone", "size", "test top-1", "train time", "peak mem",
@@ -98,6 +105,8 @@ def compare(
                       format_bytes(r.full_bytes) + ("" if r.full_measured else " (computed)"),
                       format_percent(r.full_test_top1) if r.full_measured else "-")
     out.print(table)
+    for line in report.broken:
+        out.print(f"left out, broken: {line}: run `adaptkit doctor`", soft_wrap=True)
     out.print(f"{report.tasks} task(s): {report.backbones} backbone(s) {format_bytes(report.backbone_bytes)} "
               f"+ adapters {format_bytes(report.adapters_bytes)} = [bold]{format_bytes(report.shared_total_bytes)}"
               f"[/bold], against "

@@ -1,0 +1,44 @@
+"""`adaptkit doctor`: check the registry's rows against its files, and repair them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from adaptkit.cli.common import RegistryOpt, app, friendly, out
+
+
+@app.command()
+@friendly
+def doctor(
+    repair: Annotated[bool, typer.Option("--repair", help="Fix what is found: remove unusable versions, set "
+                                         "defaults, delete crash leftovers")] = False,
+    min_age: Annotated[float | None, typer.Option("--min-age", min=0, help="Seconds: a file no row refers to "
+                                                  "counts as a leftover only when older, while a write may be "
+                                                  "in flight (default 3600)")] = None,
+    adapters: Annotated[str | None, typer.Option("--adapters", help="Adapter folder or URL (s3://bucket/prefix) "
+                                                 "(default: $ADAPTKIT_ADAPTERS or adapters/ beside the "
+                                                 "registry)")] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Check every version's row and file; report (and with --repair fix) what is inconsistent.
+
+    Exit status 1 when something is left to repair.
+    """
+    from adaptkit.doctor import diagnose
+    from adaptkit.registry import Registry
+
+    reg = Registry(registry, adapter_dir=adapters)
+    findings = diagnose(reg, repair=repair, min_age_s=min_age)
+    for f in findings:
+        state = "repaired" if f.repaired else ("left alone" if not f.repairable else "to repair")
+        out.print(f"{f.kind}: {f.what}: {f.detail} [{state}]", soft_wrap=True, markup=False)
+    left = [f for f in findings if f.repairable and not f.repaired]
+    if not findings:
+        out.print(f"registry {reg.url} with adapters in {reg.storage.url}: every row has its file, nothing left over")
+    elif left:
+        out.print(f"{len(left)} problem(s) to repair: run `adaptkit doctor --repair`")
+        raise typer.Exit(1)
+    else:
+        out.print(f"{sum(f.repaired for f in findings)} problem(s) repaired")

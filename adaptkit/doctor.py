@@ -1,0 +1,145 @@
+"""Check a registry's rows against its files, and repair what is inconsistent (``adaptkit doctor``).
+
+What it finds: rows that cannot be read (tampered or damaged fields, unsafe file names), versions whose file is
+missing or no longer matches its sha256, tasks with no version or no single default, temporary files and adapter
+files no row refers to (crash leftovers), and files in the adapter folder that adaptkit did not make. With
+``repair``: unusable versions are removed (their rows; their files when nothing else refers to them), defaults are
+set again, empty tasks go, leftovers are deleted (see :meth:`Registry.leftovers` for when a file counts as one), and
+files adaptkit did not make are left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from sqlalchemy import select
+
+from adaptkit.errors import RegistryError
+from adaptkit.registry import Registry, TaskRow, VersionRow
+from adaptkit.storage import is_own_file, is_temp
+
+__all__ = ["Finding", "diagnose"]
+
+
+@dataclass
+class Finding:
+    """One inconsistency: its kind, what it concerns (a ref or a file), why, and whether it was repaired."""
+
+    kind: str  # bad row | missing file | hash mismatch | no default | empty task | temporary | orphan | foreign
+    what: str
+    detail: str
+    repaired: bool = False
+    repairable: bool = True
+
+
+def diagnose(registry: Registry, *, repair: bool = False, min_age_s: float | None = None) -> list[Finding]:
+    """Every inconsistency of ``registry``; with ``repair``, fixed as the module says.
+
+    Args:
+        registry: the registry to check.
+        repair: fix what is found.
+        min_age_s: when a write may be in flight (the adapter folder's lock is held by a writer, or the storage has
+            no locks), only files older than this count as leftovers (default: the storage's in-flight time).
+
+    Returns:
+        The findings, in the order found; ``repaired`` says which were fixed.
+    """
+    findings = _versions(registry, repair) + _tasks(registry, repair)
+    findings += _files(registry, repair, min_age_s)
+    return findings
+
+
+def _ref(v: VersionRow) -> str:
+    name = v.task.name if v.task is not None else f"task#{v.task_id}"
+    return f"{name}@{v.version}"
+
+
+def _versions(registry: Registry, repair: bool) -> list[Finding]:
+    found, doomed = [], []
+    with registry.session() as s:
+        for v in s.scalars(select(VersionRow).order_by(VersionRow.id)):
+            _ = v.task, v.backbone
+            finding = _version_finding(registry, v)
+            if finding is not None:
+                found.append(finding)
+                doomed.append(v.id)
+    if repair and doomed:
+        _remove_versions(registry, doomed)
+        for f in found:
+            f.repaired = True
+    return found
+
+
+def _version_finding(registry: Registry, v: VersionRow) -> Finding | None:
+    problem = v.problem
+    if problem:
+        return Finding("bad row", _ref(v), problem)
+    try:
+        data = registry.storage.get(v.file)
+    except FileNotFoundError:
+        return Finding("missing file", _ref(v), f"{registry.location_of(v)} is missing")
+    except (OSError, RegistryError) as exc:
+        return Finding("missing file", _ref(v), f"{v.file} cannot be read: {exc}")
+    if hashlib.sha256(data).hexdigest() != v.sha256:
+        return Finding("hash mismatch", _ref(v), f"{registry.location_of(v)} does not match its sha256")
+    return None
+
+
+def _remove_versions(registry: Registry, ids: list[int]) -> None:
+    files = []
+    with registry.transaction() as s:
+        for v in s.scalars(select(VersionRow).where(VersionRow.id.in_(ids))):
+            files.append(v.file)
+            s.delete(v)
+    for rel in files:
+        try:
+            if not registry._referenced(rel):
+                registry.storage.delete(rel)
+        except (RegistryError, OSError):
+            pass  # an unsafe name is never touched; an orphan goes with the next sweep
+
+
+def _tasks(registry: Registry, repair: bool) -> list[Finding]:
+    found = []
+    with registry.transaction() as s:
+        for t in s.scalars(select(TaskRow).order_by(TaskRow.id)):
+            problem = t.problem
+            if problem:
+                found.append(Finding("bad row", f"task {t.name!r}", problem, repairable=False))
+            elif not t.versions:
+                found.append(Finding("empty task", str(t.name), "it has no versions", repaired=repair))
+                if repair:
+                    s.delete(t)
+            elif sum(bool(v.is_default) for v in t.versions) != 1:
+                found.append(Finding("no default", str(t.name), "it has no single default version",
+                                     repaired=repair))
+                if repair:
+                    for v in t.versions:
+                        v.is_default = v is t.versions[-1]
+    return found
+
+
+def _files(registry: Registry, repair: bool, min_age_s: float | None) -> list[Finding]:
+    found = []
+    with registry.storage.sweeping() as alone:
+        leftovers = {f.rel for f in registry.leftovers(alone, min_age_s)}
+        with registry.session() as s:
+            referenced = set(s.scalars(select(VersionRow.file)))
+        for f in registry.storage.files():
+            if f.rel in referenced:
+                continue
+            if not is_own_file(f.rel):
+                found.append(Finding("foreign", f.rel, "not a file adaptkit makes: left alone", repairable=False))
+                continue
+            kind = "temporary" if is_temp(f.rel) else "orphan"
+            if f.rel not in leftovers:
+                found.append(Finding(kind, f.rel, f"{f.age_s:.0f} s old: a write may be in flight, left alone "
+                                                  "(pass a smaller minimum age to repair it)", repairable=False))
+                continue
+            finding = Finding(kind, f.rel, "a crash leftover" if kind == "temporary" else "no row refers to it")
+            if repair:
+                registry.storage.delete(f.rel)
+                finding.repaired = True
+            found.append(finding)
+    return found

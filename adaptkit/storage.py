@@ -1,0 +1,276 @@
+"""Where adapter files live: a local folder (the default) or any fsspec URL, e.g. ``s3://bucket/prefix``.
+
+The registry names files by their sha256 and only through :class:`Storage`, so it never cares where bytes live.
+Both kinds keep the same promise: a file appears under its final name only when it is complete (local: a temporary
+file, then a rename; object stores: one PUT, which is atomic), and every name is proven inside the store's root.
+
+Leftovers of a crash are told apart from a write in flight by locks where the file system has them (local: writers
+hold a shared ``flock`` on the folder from the first byte to the row's commit; a sweep needs the exclusive lock, which
+a killed process no longer blocks) and by age where it has not (object stores: see :attr:`Storage.in_flight_s`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from adaptkit.artifacts import write_atomic
+from adaptkit.errors import RegistryError
+
+__all__ = ["Storage", "LocalStorage", "FsspecStorage", "StoredFile", "open_storage", "check_rel", "is_own_file",
+           "is_temp"]
+
+_PART = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+# ".<name>.<random>.tmp": write_atomic's temporary files (and mkstemp's, in older releases)
+_TEMP = re.compile(r"\A\.[A-Za-z0-9][A-Za-z0-9_.-]*\.tmp\Z")
+_OWN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}/[0-9a-f]{12,64}\.safetensors\Z")  # TASK/<sha256>
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file under a store's root: its relative name, size and age in seconds."""
+
+    rel: str
+    size: int
+    age_s: float
+
+
+def check_rel(rel: object) -> str:
+    """``rel`` if it is a plain relative name inside a store (``task/file``), else :class:`RegistryError`.
+
+    Only names the registry makes pass: no absolute path, no ``..``, no empty part, no backslash, no hidden part
+    but a temporary file's name.
+    """
+    parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+    if (not parts or "\\" in rel or rel != "/".join(parts) or not all(_PART.fullmatch(p) for p in parts[:-1])
+            or not (_PART.fullmatch(parts[-1]) or _TEMP.fullmatch(parts[-1]))):
+        raise RegistryError(f"unsafe adapter file name {rel!r} in the registry (outside its adapter folder?): "
+                            "run `adaptkit doctor` to see and repair bad rows")
+    return rel
+
+
+def is_own_file(rel: str) -> bool:
+    """Whether ``rel`` is a name the registry makes: ``TASK/<hex>.safetensors`` or a temporary file of one."""
+    return is_temp(rel) or _OWN.fullmatch(rel) is not None
+
+
+def is_temp(rel: str) -> bool:
+    """Whether ``rel`` is a temporary file of an atomic write (a crash leftover unless a writer is live)."""
+    return _TEMP.fullmatch(PurePosixPath(rel).name) is not None
+
+
+class Storage(ABC):
+    """A flat store of files under one root, addressed by relative names."""
+
+    url: str
+    #: a file younger than this may belong to a write in flight, when no lock proves that none is
+    in_flight_s: float = 3600.0
+
+    @abstractmethod
+    def put(self, rel: str, data: bytes) -> None:
+        """Store ``data`` under ``rel``, visible only once complete."""
+
+    @abstractmethod
+    def get(self, rel: str) -> bytes:
+        """The bytes under ``rel`` (:class:`FileNotFoundError` if none)."""
+
+    @abstractmethod
+    def exists(self, rel: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, rel: str) -> None:
+        """Delete ``rel`` if it exists."""
+
+    @abstractmethod
+    def files(self) -> list[StoredFile]:
+        """Every file under the root, temporary ones included."""
+
+    def location(self, rel: str) -> str:
+        """Where ``rel`` is, for people to read."""
+        return f"{self.url.rstrip('/')}/{check_rel(rel)}"
+
+    def local_path(self, rel: str) -> Path | None:
+        """A local path to read ``rel`` from without a copy, where the store has one."""
+        return None
+
+    def local_path_root(self) -> Path | None:
+        """The local folder of the store, where it has one."""
+        return None
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Held by a writer from its first byte to its row's commit."""
+        yield
+
+    @contextlib.contextmanager
+    def sweeping(self) -> Iterator[bool]:
+        """Yields whether no writer can be in flight (then every unreferenced file is a leftover)."""
+        yield False
+
+
+class LocalStorage(Storage):
+    """A local folder; the default, ``adapters/`` beside a SQLite registry."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryError(f"the adapter folder {self.root} is a file: move it away or pass another adapter "
+                                "folder (--adapters or $ADAPTKIT_ADAPTERS)")
+
+    def path(self, rel: str) -> Path:
+        """The absolute path of ``rel``, proven inside the root (symbolic links resolved)."""
+        path = (self.root / check_rel(rel)).resolve()
+        if not path.is_relative_to(self.root):
+            raise RegistryError(f"adapter file {rel!r} resolves to {path}, outside the adapter folder {self.root}: "
+                                "run `adaptkit doctor`")
+        return path
+
+    def location(self, rel: str) -> str:
+        return str(self.path(rel))
+
+    def local_path(self, rel: str) -> Path:
+        return self.path(rel)
+
+    def local_path_root(self) -> Path:
+        return self.root
+
+    def put(self, rel: str, data: bytes) -> None:
+        try:
+            write_atomic(self.path(rel), data)
+        except OSError as exc:
+            raise _os_error(exc, f"cannot write adapter file into {self.root}") from exc
+
+    def get(self, rel: str) -> bytes:
+        return self.path(rel).read_bytes()
+
+    def exists(self, rel: str) -> bool:
+        return self.path(rel).is_file()
+
+    def delete(self, rel: str) -> None:
+        self.path(rel).unlink(missing_ok=True)
+
+    def files(self) -> list[StoredFile]:
+        if not self.root.is_dir():
+            return []
+        now, out = time.time(), []
+        for dirpath, _, names in os.walk(self.root):
+            for name in names:
+                p = Path(dirpath) / name
+                rel = p.relative_to(self.root).as_posix()
+                if p.is_symlink():
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # a writer renamed or removed it meanwhile
+                    st = p.stat()
+                    out.append(StoredFile(rel, st.st_size, now - st.st_mtime))
+        return out
+
+    @contextlib.contextmanager
+    def _lock(self, mode: int) -> Iterator[bool]:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)  # the folder itself: no lock file to sweep
+        except OSError as exc:
+            raise _os_error(exc, f"cannot use the adapter folder {self.root}") from exc
+        try:
+            try:
+                fcntl.flock(fd, mode)
+                got = True
+            except BlockingIOError:
+                got = False
+            yield got
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._lock(fcntl.LOCK_SH):
+            yield
+
+    @contextlib.contextmanager
+    def sweeping(self) -> Iterator[bool]:
+        with self._lock(fcntl.LOCK_EX | fcntl.LOCK_NB) as got:
+            yield got
+
+
+class FsspecStorage(Storage):
+    """Any fsspec file system by URL (``s3://bucket/prefix`` with the ``s3`` extra, ``memory://``, ...).
+
+    Object stores make a PUT visible only when complete, so files are written in one call, never renamed; with no
+    locks, a file no row refers to is taken for a crash leftover only once older than :attr:`in_flight_s`.
+    """
+
+    def __init__(self, url: str) -> None:
+        try:
+            import fsspec
+
+            self.fs, root = fsspec.core.url_to_fs(url)
+        except ImportError as exc:
+            extra = " (pip install 'adaptkit[s3]')" if url.startswith(("s3://", "s3a://")) else ""
+            raise RegistryError(f"adapter storage {url} needs a package that is not installed{extra}: "
+                                f"{exc}") from exc
+        except (ValueError, OSError) as exc:
+            raise RegistryError(f"bad adapter storage URL {url!r}: {exc}") from exc
+        self.root = root.rstrip("/")
+        self.url = url.rstrip("/")
+
+    def _full(self, rel: str) -> str:
+        return f"{self.root}/{check_rel(rel)}"
+
+    def put(self, rel: str, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(self._full(rel), data)
+        except OSError as exc:
+            raise RegistryError(f"cannot write {self.location(rel)}: {exc}") from exc
+
+    def get(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._full(rel))
+
+    def exists(self, rel: str) -> bool:
+        self.fs.invalidate_cache()  # other processes write too: ask the store, not a listing cached earlier
+        return self.fs.isfile(self._full(rel))
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._full(rel))
+
+    def files(self) -> list[StoredFile]:
+        now, out = time.time(), []
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        for path, info in found.items():
+            rel = path.lstrip("/")[len(self.root.lstrip("/")):].lstrip("/")
+            stamp = info.get("LastModified") or info.get("mtime") or info.get("created")
+            age = now - (stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or now))
+            out.append(StoredFile(rel, int(info.get("size") or 0), age))
+        return out
+
+
+def open_storage(location: str | os.PathLike) -> Storage:
+    """A :class:`LocalStorage` for a path or ``file://`` URL, an :class:`FsspecStorage` for any other URL."""
+    text = os.fspath(location)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if "://" in text:
+        return FsspecStorage(text)
+    return LocalStorage(text)
+
+
+def _os_error(exc: OSError, doing: str) -> RegistryError:
+    """One line for the file system's refusals: read-only, full, not a folder, no permission."""
+    why = {errno.ENOSPC: "the disk is full: free some space", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied", errno.ENOTDIR: "a part of the path is a file, not a folder",
+           errno.EFBIG: "the file is too large for this file system or process limit"}.get(exc.errno, exc.strerror)
+    return RegistryError(f"{doing}: {why} ({exc.filename or ''})".replace(" ()", ""))
