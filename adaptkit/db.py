@@ -29,6 +29,7 @@ __all__ = ["SCHEMA_HEAD", "normalise_url", "sqlite_file", "make_engine", "write_
 SCHEMA_HEAD = "0002"  # the newest revision in adaptkit/migrations/versions; a test checks they agree
 MIGRATIONS = Path(__file__).parent / "migrations"
 CONNECT_TIMEOUT_S = 5
+LOCK_TIMEOUT_S = 30  # how long a writer waits for another writer's lock before a retry
 _MIGRATION_LOCK = 0x616B7467  # "aktg": a PostgreSQL advisory lock that queues concurrent upgrades
 _V01_TABLES = {"backbones", "tasks", "adapter_versions"}
 
@@ -98,7 +99,7 @@ def _sqlite_pragmas(engine: Engine) -> None:
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # let SQLAlchemy's "begin" event below issue BEGIN itself
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={int(LOCK_TIMEOUT_S * 1000)}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -132,7 +133,7 @@ def _connect_error(context: Any) -> None:
 def write_lock(conn: Connection) -> None:
     """Queue behind any other writer of this registry (SQLite's BEGIN IMMEDIATE has done it already)."""
     if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql("SET LOCAL lock_timeout = '30s'")  # as SQLite's busy timeout; then a retry
+        conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(LOCK_TIMEOUT_S * 1000)}ms'")  # then a retry
         conn.exec_driver_sql("LOCK TABLE tasks IN EXCLUSIVE MODE")
 
 

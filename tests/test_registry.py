@@ -153,3 +153,17 @@ def test_a_version_with_other_classes_is_refused(registry):
         registry.add_version(_meta(classes=["x", "y"]), _state())
     assert len(registry.get_version("demo").task.versions) == 1
     assert len(_files(registry)) == 1  # the refused version's file was removed again
+
+
+def test_a_writer_kept_waiting_gives_up_clearly_and_leaves_no_file(registry_url, tmp_path, monkeypatch):
+    import adaptkit.db
+
+    monkeypatch.setattr(adaptkit.db, "LOCK_TIMEOUT_S", 0.2)
+    registry = Registry(registry_url, adapter_dir=tmp_path / "adapters")
+    registry.add_version(_meta(), _state(1))
+    holder = Registry(registry_url, adapter_dir=tmp_path / "adapters")
+    with holder.transaction():  # another writer holds the registry's write lock throughout
+        with pytest.raises(RegistryError, match="is busy or unwritable"):
+            registry.add_version(_meta(), _state(2))
+    assert len(_files(registry)) == 1
+    assert registry.add_version(_meta(), _state(3)).version == 2  # and works once the lock is free
