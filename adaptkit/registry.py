@@ -269,10 +269,10 @@ class Registry:
         problem = version.problem
         if problem:
             raise RegistryError(f"version {version.id} is broken: {problem}; run `adaptkit doctor`")
-        where = self.storage.location(version.file)
         path = self.storage.local_path(version.file)
-        if path is not None:
+        if path is not None:  # a local file is read in place, as before storage had kinds
             return load_adapter(path, sha256=version.sha256, fingerprint=fingerprint, device=device)
+        where = self.storage.location(version.file)
         try:
             data = self.storage.get(version.file)
         except FileNotFoundError as exc:
