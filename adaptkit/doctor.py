@@ -94,7 +94,7 @@ def _remove_versions(registry: Registry, ids: list[int]) -> None:
             s.delete(v)
     for rel in files:
         try:
-            if not registry._referenced(rel):
+            if not registry.referenced(rel):
                 registry.storage.delete(rel)
         except (RegistryError, OSError):
             pass  # an unsafe name is never touched; an orphan goes with the next sweep

@@ -308,13 +308,14 @@ class Registry:
             try:
                 row = self._retry(lambda: self._insert(meta, Path(rel), sha, size, trainable, info, make_default))
             except BaseException:
-                if not existed and not self._referenced(rel):
+                if not existed and not self.referenced(rel):
                     self.storage.delete(rel)
                 raise
         self.sweep()
         return row
 
-    def _referenced(self, rel: str) -> bool:
+    def referenced(self, rel: str) -> bool:
+        """Whether any version's row refers to the stored file ``rel``."""
         with self.session() as s:
             return s.scalar(select(func.count()).select_from(VersionRow).where(VersionRow.file == rel)) > 0
 
@@ -380,7 +381,7 @@ class Registry:
         self._retry(_delete)
         for rel in files:
             try:
-                if not self._referenced(rel):
+                if not self.referenced(rel):
                     self.storage.delete(rel)
             except (RegistryError, OSError) as exc:  # the row is gone; a stray or unsafe name is doctor's business
                 _log.warning("did not delete %r: %s", rel, exc)
