@@ -414,7 +414,7 @@ def test_doctor_reports_and_repairs_everything(registry, tmp_path):
     out = _cli("doctor", "--repair", "--registry", url)
     assert "repaired" in out and "foreign: README.txt" in out
     assert "mistyped@1: metrics must be a dict of numbers; rewritten from its file" in out
-    assert "tampered@1: its file name '../../x' is not a plain name inside the adapter folder; removed" in out
+    assert "tampered@1: its file name '../../x' is not a plain name" in out and "folder; removed" in out
     out = _cli("doctor", "--registry", url)
     assert "foreign: README.txt" in out and "to repair" not in out
     reg = Registry(url)
