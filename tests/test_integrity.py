@@ -408,8 +408,8 @@ def test_doctor_reports_and_repairs_everything(registry, tmp_path):
     url = registry.url
 
     out = _cli("doctor", "--registry", url, code=1)
-    for line in ["missing file: gone@1", "hash mismatch: flipped@1", "bad row: tampered@1", "bad row: mistyped@1", "temporary: ok/.x",
-                 f"orphan: ok/{'a' * 64}", "foreign: README.txt", "problem(s) to repair"]:
+    for line in ["missing file: gone@1", "hash mismatch: flipped@1", "bad row: tampered@1", "bad row: mistyped@1",
+                 "temporary: ok/.x", f"orphan: ok/{'a' * 64}", "foreign: README.txt", "problem(s) to repair"]:
         assert line in out, out
     out = _cli("doctor", "--repair", "--registry", url)
     assert "repaired" in out and "foreign: README.txt" in out
