@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import time
@@ -24,6 +23,11 @@ from pathlib import Path, PurePosixPath
 
 from adaptkit.artifacts import write_atomic
 from adaptkit.errors import RegistryError
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): every sweep then waits for leftovers to age, as on an object store
+    fcntl = None
 
 __all__ = ["Storage", "LocalStorage", "FsspecStorage", "StoredFile", "open_storage", "check_rel", "is_own_file",
            "is_temp"]
@@ -175,6 +179,9 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def _lock(self, mode: int) -> Iterator[bool]:
+        if fcntl is None:
+            yield False
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)  # the folder itself: no lock file to sweep
@@ -192,12 +199,12 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
-        with self._lock(fcntl.LOCK_SH):
+        with self._lock(fcntl.LOCK_SH if fcntl else 0):
             yield
 
     @contextlib.contextmanager
     def sweeping(self) -> Iterator[bool]:
-        with self._lock(fcntl.LOCK_EX | fcntl.LOCK_NB) as got:
+        with self._lock(fcntl.LOCK_EX | fcntl.LOCK_NB if fcntl else 0) as got:
             yield got
 
 
