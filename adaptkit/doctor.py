@@ -3,9 +3,10 @@
 What it finds: rows that cannot be read (tampered or damaged fields, unsafe file names), versions whose file is
 missing or no longer matches its sha256, tasks with no version or no single default, temporary files and adapter
 files no row refers to (crash leftovers), and files in the adapter folder that adaptkit did not make. With
-``repair``: unusable versions are removed (their rows; their files when nothing else refers to them), defaults are
-set again, empty tasks go, leftovers are deleted (see :meth:`Registry.leftovers` for when a file counts as one), and
-files adaptkit did not make are left alone.
+``repair``: a bad row whose file is intact is rewritten from the file's own metadata (the file is the record; the
+row only indexes it); versions that still cannot be used are removed (their rows; their files when nothing else
+refers to them), defaults are set again, empty tasks go, leftovers are deleted (see :meth:`Registry.leftovers`
+for when a file counts as one), and files adaptkit did not make are left alone.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from adaptkit.errors import RegistryError
+from adaptkit.artifacts import parse_adapter
+from adaptkit.errors import AdaptkitError, RegistryError
 from adaptkit.registry import Registry, TaskRow, VersionRow
+from adaptkit.rows import task_problem
 from adaptkit.storage import is_own_file, is_temp
 
 __all__ = ["Finding", "diagnose"]
@@ -65,10 +68,46 @@ def _versions(registry: Registry, repair: bool) -> list[Finding]:
                 found.append(finding)
                 doomed.append(v.id)
     if repair and doomed:
-        _remove_versions(registry, doomed)
-        for f in found:
+        restored = _restore(registry, [i for i, f in zip(doomed, found, strict=True) if f.kind == "bad row"])
+        _remove_versions(registry, [i for i in doomed if i not in restored])
+        for i, f in zip(doomed, found, strict=True):
             f.repaired = True
+            f.detail += "; rewritten from its file" if i in restored else "; removed"
     return found
+
+
+def _restore(registry: Registry, ids: list[int]) -> set[int]:
+    """Rewrite bad version rows (and their task's classes) from their intact files; the ids now good."""
+    good = set()
+    with registry.session() as s:
+        for v in s.scalars(select(VersionRow).where(VersionRow.id.in_(ids))):
+            try:
+                data = registry.storage.get(v.file)
+                state, meta = parse_adapter(data, v.file)
+            except (AdaptkitError, OSError):
+                continue
+            if v.task is None or v.backbone is None or v.task.name != meta.task:
+                continue
+            if task_problem(v.task):
+                v.task.classes, v.task.dataset = list(meta.classes), meta.dataset
+            v.method, v.config, v.metrics = meta.method, meta.method_config, meta.metrics
+            v.sha256, v.bytes = hashlib.sha256(data).hexdigest(), len(data)
+            v.trainable_params = sum(t.numel() for t in state.values())
+            v.train = v.train if isinstance(v.train, dict) else {}
+            v.train_time_s = v.train_time_s if _number(v.train_time_s) else None
+            v.peak_memory_mb = v.peak_memory_mb if _number(v.peak_memory_mb) else None
+            v.device = v.device if isinstance(v.device, str) else None
+            if v.problem is None:
+                good.add(v.id)
+        if good == set(ids):
+            s.commit()
+            return good
+    # closed without a commit, so rolled back: a row that cannot be made good is removed whole, not half-rewritten
+    return _restore(registry, sorted(good)) if good else set()
+
+
+def _number(x: object) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
 
 def _version_finding(registry: Registry, v: VersionRow) -> Finding | None:
@@ -94,7 +133,7 @@ def _remove_versions(registry: Registry, ids: list[int]) -> None:
             s.delete(v)
     for rel in files:
         try:
-            if not registry._referenced(rel):
+            if not registry.referenced(rel):
                 registry.storage.delete(rel)
         except (RegistryError, OSError):
             pass  # an unsafe name is never touched; an orphan goes with the next sweep

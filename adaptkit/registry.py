@@ -285,10 +285,10 @@ class Registry:
         problem = version.problem
         if problem:
             raise RegistryError(f"version {version.id} is broken: {problem}; run `adaptkit doctor`")
-        where = self.storage.location(version.file)
         path = self.storage.local_path(version.file)
-        if path is not None:
+        if path is not None:  # a local file is read in place, as before storage had kinds
             return load_adapter(path, sha256=version.sha256, fingerprint=fingerprint, device=device)
+        where = self.storage.location(version.file)
         try:
             data = self.storage.get(version.file)
         except FileNotFoundError as exc:
@@ -324,13 +324,14 @@ class Registry:
             try:
                 row = self._retry(lambda: self._insert(meta, Path(rel), sha, size, trainable, info, make_default))
             except BaseException:
-                if not existed and not self._referenced(rel):
+                if not existed and not self.referenced(rel):
                     self.storage.delete(rel)
                 raise
         self.sweep()
         return row
 
-    def _referenced(self, rel: str) -> bool:
+    def referenced(self, rel: str) -> bool:
+        """Whether any version's row refers to the stored file ``rel``."""
         if not self.exists:
             return False
         with self.session() as s:
@@ -398,7 +399,7 @@ class Registry:
         self._retry(_delete)
         for rel in files:
             try:
-                if not self._referenced(rel):
+                if not self.referenced(rel):
                     self.storage.delete(rel)
             except (RegistryError, OSError) as exc:  # the row is gone; a stray or unsafe name is doctor's business
                 _log.warning("did not delete %r: %s", rel, exc)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import re
 import time
@@ -24,6 +23,11 @@ from pathlib import Path, PurePosixPath
 
 from adaptkit.artifacts import write_atomic
 from adaptkit.errors import RegistryError
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): every sweep then waits for leftovers to age, as on an object store
+    fcntl = None
 
 __all__ = ["Storage", "LocalStorage", "FsspecStorage", "StoredFile", "open_storage", "check_rel", "is_own_file",
            "is_temp"]
@@ -175,6 +179,9 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def _lock(self, mode: int) -> Iterator[bool]:
+        if fcntl is None:
+            yield False
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)  # the folder itself: no lock file to sweep
@@ -192,12 +199,12 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
-        with self._lock(fcntl.LOCK_SH):
+        with self._lock(fcntl.LOCK_SH if fcntl else 0):
             yield
 
     @contextlib.contextmanager
     def sweeping(self) -> Iterator[bool]:
-        with self._lock(fcntl.LOCK_EX | fcntl.LOCK_NB) as got:
+        with self._lock(fcntl.LOCK_EX | fcntl.LOCK_NB if fcntl else 0) as got:
             yield got
 
 
@@ -225,28 +232,43 @@ class FsspecStorage(Storage):
     def _full(self, rel: str) -> str:
         return f"{self.root}/{check_rel(rel)}"
 
-    def put(self, rel: str, data: bytes) -> None:
+    @contextlib.contextmanager
+    def _remote(self, doing: str, missing: bool = True) -> Iterator[None]:
+        """A store's failures (network, credentials, bucket) as one RegistryError; with ``missing``, a missing file
+        stays a FileNotFoundError for the caller."""
         try:
+            yield
+        except FileNotFoundError as exc:
+            if missing:
+                raise
+            raise RegistryError(f"adapter store {self.url}: cannot {doing}: {exc} (does the bucket exist?)") from exc
+        except Exception as exc:  # each backend has its own exception classes (botocore's are not OSError)
+            raise RegistryError(f"adapter store {self.url}: cannot {doing} ({type(exc).__name__}: {exc}); "
+                                "check its URL, credentials and endpoint") from exc
+
+    def put(self, rel: str, data: bytes) -> None:
+        with self._remote(f"write {rel}", missing=False):
             self.fs.pipe_file(self._full(rel), data)
-        except OSError as exc:
-            raise RegistryError(f"cannot write {self.location(rel)}: {exc}") from exc
 
     def get(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._full(rel))
+        with self._remote(f"read {rel}"):
+            return self.fs.cat_file(self._full(rel))
 
     def exists(self, rel: str) -> bool:
-        self.fs.invalidate_cache()  # other processes write too: ask the store, not a listing cached earlier
-        return self.fs.isfile(self._full(rel))
+        with self._remote(f"look for {rel}"):
+            self.fs.invalidate_cache()  # other processes write too: ask the store, not a listing cached earlier
+            return self.fs.isfile(self._full(rel))
 
     def delete(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with self._remote(f"delete {rel}"), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self._full(rel))
 
     def files(self) -> list[StoredFile]:
         now, out = time.time(), []
         self.fs.invalidate_cache()
         try:
-            found = self.fs.find(self.root, detail=True)
+            with self._remote("list files"):
+                found = self.fs.find(self.root, detail=True)
         except FileNotFoundError:
             return []
         for path, info in found.items():

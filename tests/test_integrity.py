@@ -392,13 +392,15 @@ def test_kill_9_during_a_save_then_the_next_command_leaves_a_clean_registry(tmp_
 
 
 def test_doctor_reports_and_repairs_everything(registry, tmp_path):
-    for i, name in enumerate(["ok", "gone", "flipped", "tampered"]):
+    for i, name in enumerate(["ok", "gone", "flipped", "tampered", "mistyped"]):
         registry.add_version(_meta(name), _state(i))
     registry.path_of(registry.get_version("gone")).unlink()
     flipped = registry.path_of(registry.get_version("flipped"))
     flipped.write_bytes(flipped.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     _tamper(registry, "UPDATE adapter_versions SET file = '../../x' WHERE task_id = "
                       "(SELECT id FROM tasks WHERE name = 'tampered')")
+    _tamper(registry, "UPDATE adapter_versions SET metrics = '[1]', train_time_s = 'slow', trainable_params = 'x' "
+                      "WHERE task_id = (SELECT id FROM tasks WHERE name = 'mistyped')")
     (registry.adapter_dir / "ok" / ".x.safetensors.0123.tmp").write_bytes(b"half")
     orphan = registry.adapter_dir / "ok" / f"{'a' * 64}.safetensors"
     orphan.write_bytes(adapter_bytes(_state(9), _meta("ok")))
@@ -406,17 +408,22 @@ def test_doctor_reports_and_repairs_everything(registry, tmp_path):
     url = registry.url
 
     out = _cli("doctor", "--registry", url, code=1)
-    for line in ["missing file: gone@1", "hash mismatch: flipped@1", "bad row: tampered@1", "temporary: ok/.x",
-                 f"orphan: ok/{'a' * 64}", "foreign: README.txt", "problem(s) to repair"]:
+    for line in ["missing file: gone@1", "hash mismatch: flipped@1", "bad row: tampered@1", "bad row: mistyped@1",
+                 "temporary: ok/.x", f"orphan: ok/{'a' * 64}", "foreign: README.txt", "problem(s) to repair"]:
         assert line in out, out
     out = _cli("doctor", "--repair", "--registry", url)
     assert "repaired" in out and "foreign: README.txt" in out
+    assert "mistyped@1: metrics must be a dict of numbers; rewritten from its file" in out
+    assert "tampered@1: its file name '../../x' is not a plain name" in out and "folder; removed" in out
     out = _cli("doctor", "--registry", url)
     assert "foreign: README.txt" in out and "to repair" not in out
     reg = Registry(url)
-    assert [t.name for t in reg.tasks()] == ["ok"]
+    assert [t.name for t in reg.tasks()] == ["mistyped", "ok"]
+    mistyped = reg.get_version("mistyped")  # the file is the record: the row is rebuilt from it
+    assert (mistyped.metrics, mistyped.trainable_params, mistyped.train_time_s) == ({"test_top1": 0.75}, 130, None)
     assert (registry.adapter_dir / "README.txt").read_text() == "mine"  # not adaptkit's: left alone
-    assert _files(reg) - {registry.adapter_dir / "README.txt"} == {reg.path_of(reg.get_version("ok"))}
+    assert _files(reg) - {registry.adapter_dir / "README.txt"} == {reg.path_of(reg.get_version(n))
+                                                                   for n in ("ok", "mistyped")}
 
 
 @pytest.fixture

@@ -138,3 +138,10 @@ def test_the_adapter_store_comes_from_the_environment(pico, bucket, tmp_path, mo
     reg = Registry(tmp_path / "r.db")
     reg.add_version(_meta(pico), _state())
     assert reg.storage.url == bucket and len(_objects(reg)) == 1
+
+
+def test_a_missing_bucket_is_one_line_and_leaves_no_row(pico, bucket, tmp_path):
+    reg = Registry(tmp_path / "r.db", adapter_dir="s3://no-such-bucket-adaptkit/adapters")
+    with pytest.raises(RegistryError, match="no-such-bucket-adaptkit.*cannot write") as info:
+        reg.add_version(_meta(pico), _state())
+    assert "\n" not in str(info.value) and reg.tasks() == []

@@ -21,7 +21,7 @@ def remove(
 ) -> None:
     """Remove a task or one of its versions, with its adapter file."""
     reg = registry_of(registry)
-    reg.get_version(ref)
+    reg.get_version(ref, allow_broken=True)  # a broken version can always be removed
     if not yes:
         if not sys.stdin.isatty():
             raise ConfigError(f"removing {ref} deletes its adapter file(s): pass --yes to confirm")
