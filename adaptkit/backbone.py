@@ -9,7 +9,6 @@ Weights come from one of three places, and where they came from is recorded with
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import socket
@@ -22,9 +21,10 @@ import timm
 import torch
 from torch import nn
 
-import adaptkit.models  # noqa: F401  (registers adaptkit's small ViTs with timm)
 from adaptkit.errors import BackboneError, OfflineError
 from adaptkit.hashing import tensors_sha256
+from adaptkit.models import PACKAGED_BACKBONE
+from adaptkit.suggest import closest
 
 __all__ = ["DEFAULT_BACKBONE", "Backbone", "create_backbone", "fingerprint", "resolve_weights"]
 
@@ -129,11 +129,25 @@ def create_backbone(
 
 
 def _check_known(name: str) -> None:
-    arch = name.split(".", 1)[0]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models("*vit*"), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else " See `timm.list_models('vit*')`."
-        raise BackboneError(f"unknown backbone {name!r}.{hint}")
+    """Refuse an unknown architecture or pretrained tag, naming the closest ones (the packaged backbone first)."""
+    if not isinstance(name, str) or not name.strip():
+        raise BackboneError(f"backbone must be a timm model name such as {PACKAGED_BACKBONE}, got {name!r}")
+    arch, _, tag = name.partition(".")
+    if timm.is_model(arch) and (not tag or _has_tag(name)):
+        return
+    close = closest(name, [PACKAGED_BACKBONE, *timm.list_pretrained("*vit*"), *timm.list_models("*vit*")])
+    close.sort(key=lambda c: c != PACKAGED_BACKBONE)  # the weights that work offline before random ones
+    hint = f": did you mean {', '.join(close)}?" if close else ": see `timm.list_models('vit*')`"
+    what = f"{arch} has no weights tagged {tag!r}" if timm.is_model(arch) else f"unknown backbone {name!r}"
+    offline = "" if PACKAGED_BACKBONE in close else f" ({PACKAGED_BACKBONE} ships with adaptkit and works offline)"
+    raise BackboneError(f"{what}{hint}{offline}")
+
+
+def _has_tag(name: str) -> bool:
+    try:
+        return timm.models.get_pretrained_cfg(name, allow_unregistered=False) is not None
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        return False
 
 
 def _create(name: str, pretrained: bool) -> nn.Module:

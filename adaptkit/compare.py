@@ -7,8 +7,10 @@ task exists, measured too (its file size, accuracy and training time).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from adaptkit.registry import Registry, TaskRow, VersionRow
+if TYPE_CHECKING:  # the formatters below serve the command line, which must not import SQLAlchemy to start
+    from adaptkit.registry import Registry, TaskRow, VersionRow
 
 __all__ = ["CostRow", "CostReport", "compare", "format_bytes", "format_percent"]
 

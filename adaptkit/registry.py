@@ -15,15 +15,18 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, String, UniqueConstraint, create_engine, event, func, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from adaptkit.artifacts import AdapterMeta, load_adapter, save_adapter
 from adaptkit.errors import ConfigError, NotFoundError, RegistryError
+from adaptkit.suggest import did_you_mean
+
+if TYPE_CHECKING:  # artifacts needs torch, which reading the registry (`adaptkit list`) must not import
+    from adaptkit.artifacts import AdapterMeta
 
 __all__ = ["Base", "BackboneRow", "TaskRow", "VersionRow", "Registry", "default_url", "parse_ref", "TASK_NAME"]
 
@@ -137,6 +140,16 @@ def _sqlite_pragmas(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _no_task(name: str, known: list[str]) -> str:
+    """What to say about a task that is not there: the closest names for a typo, how to train only when none is."""
+    hint = did_you_mean(name, known)
+    if hint:
+        return f"no task {name!r} in the registry: {hint} (tasks: {', '.join(known)})"
+    if known:
+        return f"no task {name!r} in the registry (tasks: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''})"
+    return f"no task {name!r} in the registry, which has no tasks yet: train one with `adaptkit train --dataset ...`"
+
+
 def _check_classes(row: TaskRow | None, task: str, classes: list[str]) -> None:
     if row is not None and list(row.classes) != list(classes):
         raise ConfigError(f"task {task!r} already has {len(row.classes)} classes from {row.dataset} "
@@ -202,9 +215,7 @@ class Registry:
         with self.session() as s:
             task = s.scalar(select(TaskRow).where(TaskRow.name == name))
             if task is None:
-                known = ", ".join(s.scalars(select(TaskRow.name).order_by(TaskRow.name))) or "none yet"
-                raise NotFoundError(f"no task {name!r} in the registry (tasks: {known}); train it with "
-                                    f"`adaptkit train --task {name} ...`")
+                raise NotFoundError(_no_task(name, list(s.scalars(select(TaskRow.name).order_by(TaskRow.name)))))
             version = task.default if number is None else next((v for v in task.versions if v.version == number), None)
             if version is None:
                 have = ", ".join(str(v.version) for v in task.versions) or "none"
@@ -234,6 +245,8 @@ class Registry:
         """
         if not TASK_NAME.match(meta.task):
             raise ConfigError(f"bad task name {meta.task!r}: use letters, digits, '_', '-', '.', up to 64 characters")
+        from adaptkit.artifacts import save_adapter
+
         info = dict(train_info or {})
         rel = Path(meta.task) / f"{uuid.uuid4().hex[:12]}.safetensors"
         path = self.adapter_dir / rel
@@ -327,6 +340,8 @@ class Registry:
 
     def export(self, ref: str, dest: str | os.PathLike, overwrite: bool = False) -> Path:
         """Copy a version's adapter file to ``dest`` after checking it; it describes itself and can be imported."""
+        from adaptkit.artifacts import load_adapter
+
         version = self.get_version(ref)
         dest = Path(dest).expanduser()
         if dest.is_dir():
@@ -341,6 +356,8 @@ class Registry:
 
     def import_file(self, path: str | os.PathLike, task: str | None = None) -> VersionRow:
         """Add an exported adapter file as the next version of its task (or of ``task``)."""
+        from adaptkit.artifacts import load_adapter
+
         state, meta = load_adapter(path)
         if task:
             meta.task = task

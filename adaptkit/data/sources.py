@@ -24,6 +24,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from adaptkit.data.images import IMG_EXTENSIONS
 from adaptkit.data.transforms import build_transform
 from adaptkit.errors import DatasetError
+from adaptkit.suggest import did_you_mean
 
 TEST_FRACTION = 0.2  # held out as test where a data set has no test split of its own
 SPLIT_SEED = 0  # fixed, so the test split never depends on the training seed
@@ -265,6 +266,16 @@ def _carve_val(train_idx: list[int], val_fraction: float, seed: int) -> tuple[li
     return perm[n_val:], perm[:n_val]
 
 
+def _unknown_dataset(spec: str) -> str:
+    """Name the closest known data sets for a typo, and ``folder:`` for a path given without it."""
+    if Path(spec).expanduser().is_dir():
+        return f"{spec} is a folder: write folder:{spec} to train on its class folders"
+    hint = did_you_mean(spec, [*TORCHVISION_SETS, "digits"])
+    known = ", ".join([*TORCHVISION_SETS, "digits"])
+    return (f"unknown data set '{spec}': {hint + ' ' if hint else ''}use one of {known}, or folder:PATH for your "
+            "own images (one sub-folder per class)")
+
+
 def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None = None, download: bool = True,
                    val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
                    limit_train: int | None = None, limit_eval: int | None = None,
@@ -301,9 +312,7 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         root = (Path(data_dir).expanduser() if data_dir is not None else default_data_dir()) / name
         classes, train_src, train_idx, test_src, test_idx = _load_torchvision(name, root, download)
     else:
-        known = ", ".join([*TORCHVISION_SETS, "digits"])
-        raise DatasetError(f"unknown data set '{spec}': use one of {known}, or folder:PATH for your own "
-                           "images (one sub-folder per class)")
+        raise DatasetError(_unknown_dataset(spec))
     fit_idx, val_idx = _carve_val(train_idx, val_fraction, seed)
     if limit_eval is not None and limit_eval < len(test_idx):
         test_idx = sorted(_shuffled(test_idx, seed)[:limit_eval])
