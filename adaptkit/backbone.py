@@ -225,7 +225,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and header errors all mean the same thing to the user
-        raise BackboneError(f"could not read weights file {path}: {exc}") from exc
+        raise BackboneError(f"could not read weights file {path}: {_load_failure(exc)}") from exc
     for key in ("state_dict", "model", "module", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -236,6 +236,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line for why a checkpoint could not be read; torch's "Weights only load failed" text runs to a page."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        why = next((ln.strip().rstrip(".") for ln in text.splitlines()[1:]
+                    if "unsupported" in ln.lower() or "error" in ln.lower()), "an object that is not a tensor")
+        return (f"it holds Python objects besides tensors, which adaptkit does not run ({why[:200]}); save the "
+                "weights as a state dict of tensors (safetensors, or torch.save(model.state_dict()))")
+    return " ".join(text.split())[:300]
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:

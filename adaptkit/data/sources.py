@@ -302,6 +302,8 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
     for label, n in (("limit_train", limit_train), ("limit_eval", limit_eval)):
         if n is not None and n < 1:
             raise DatasetError(f"{label} must be at least 1 (or None for no limit), got {n}")
+    if not isinstance(spec, str) or not spec.strip():
+        raise DatasetError(f"a data set spec must be a name such as digits or folder:PATH, got {spec!r}")
     key = spec.strip()
     name = key.lower().replace("-", "_")
     if name.startswith("folder:"):
@@ -313,6 +315,9 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         classes, train_src, train_idx, test_src, test_idx = _load_torchvision(name, root, download)
     else:
         raise DatasetError(_unknown_dataset(spec))
+    if len(classes) < 2:
+        raise DatasetError(f"{spec} has one class ({classes[0] if classes else 'none'}): a classifier needs two or "
+                           "more, so add a folder of images for each other class")
     fit_idx, val_idx = _carve_val(train_idx, val_fraction, seed)
     if limit_eval is not None and limit_eval < len(test_idx):
         test_idx = sorted(_shuffled(test_idx, seed)[:limit_eval])

@@ -22,6 +22,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (AdapterMethod, LoraMetho
 
 def get_method(name: str, config: dict[str, Any] | None = None) -> Method:
     """The method called ``name`` with settings from ``config`` (missing settings take their defaults)."""
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"method settings must be a dict such as {{'rank': 8}}, got {config!r}")
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in METHODS:
         hint = did_you_mean(str(name), METHODS)
