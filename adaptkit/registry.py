@@ -111,7 +111,7 @@ def default_url() -> str:
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """``task`` or ``task@version`` -> (task, version or None)."""
     name, sep, version = ref.partition("@")
-    if sep and not version.isdigit():
+    if sep and not (version.isascii() and version.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise ConfigError(f"bad version in {ref!r}: write TASK or TASK@N with N a version number, e.g. {name}@1")
     return name, int(version) if sep else None
 
@@ -346,6 +346,8 @@ class Registry:
         dest = Path(dest).expanduser()
         if dest.is_dir():
             dest = dest / f"{version.task.name}-v{version.version}.safetensors"
+        if not dest.parent.is_dir():
+            raise ConfigError(f"folder {dest.parent} does not exist: create it first or export somewhere else")
         if dest.exists() and not overwrite:
             raise ConfigError(f"{dest} exists already: pick another path or pass --force to overwrite it")
         load_adapter(self.path_of(version), sha256=version.sha256)  # never export a damaged file

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from adaptkit.devices import resolve_device
-from adaptkit.errors import ConfigError, DivergedError
+from adaptkit.errors import ConfigError, DatasetError, DivergedError
 from adaptkit.validate import check_choice, check_float, check_int
 
 __all__ = ["check_config", "check_train_args", "fit_batch", "DivergenceGuard"]
@@ -58,6 +59,8 @@ def check_train_args(dataset: Any, task: Any, config: Any, config_class: type) -
     """The arguments of ``train`` that are not part of the recipe: types a caller can get wrong."""
     if not isinstance(dataset, str) or not dataset.strip():
         raise ConfigError(f"dataset must be a spec such as digits, cifar10 or folder:PATH, got {dataset!r}")
+    if not dataset.startswith("folder:") and Path(dataset).expanduser().is_dir():
+        raise DatasetError(f"{dataset} is a folder: write folder:{dataset} to train on its class folders")
     if task is not None and not isinstance(task, str):
         raise ConfigError(f"task must be a name (a string) or None, got {task!r}")
     if config is not None and not isinstance(config, config_class):

@@ -56,7 +56,8 @@ class PlainProgress:
             parts.append(f"val acc {100 * e.accuracy:.1f}%")
             if t is not None and t.images_per_s:
                 parts.append(f"{t.images_per_s:.0f} img/s")
-            parts.append(f"{time.monotonic() - self.since:.0f} s")
+            seconds = time.monotonic() - self.since
+            parts.append(f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s")
             self.since = time.monotonic()
             self.console.print("  ".join(parts), markup=False, highlight=False, soft_wrap=True)
 

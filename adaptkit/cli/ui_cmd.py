@@ -20,6 +20,9 @@ def ui(
 
     Upload an image, switch tasks, compare costs, add a task.
     """
+    from adaptkit.validate import check_int
+
+    check_int("--port", port, 1, 65535, optional=True)  # before Gradio's slow import
     from adaptkit_app.main import launch
 
     launch(registry=registry, host=host, port=port)
