@@ -199,3 +199,15 @@ def test_batch_larger_than_the_data_is_capped_with_a_warning(tmp_path, cifar_min
                        registry=tmp_path / "r.db")
     assert "batch size 4096 is larger than the 16 training images: using batch size 16" in caplog.text
     assert result.version.train["recipe"]["batch_size"] == 16
+
+
+def test_a_failed_download_leaves_no_folder(tmp_path, monkeypatch):
+    import socket
+
+    def no_network(*_: object, **__: object) -> None:
+        raise socket.gaierror("no network in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)  # the download fails at once, and never happens
+    with pytest.raises(DatasetError, match="the download failed"):
+        load_task_data("cifar10", {"input_size": (3, 32, 32)}, data_dir=tmp_path / "data" / "sets", download=True)
+    assert list(tmp_path.iterdir()) == []

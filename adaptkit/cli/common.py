@@ -82,7 +82,7 @@ class _Typer(typer.Typer):
         return super().command(*args, **kwargs)
 
 
-app = _Typer(cls=OneLineErrors, help="Adapt one frozen Vision Transformer to many image tasks.",
+app = _Typer(name="adaptkit", cls=OneLineErrors, help="Adapt one frozen Vision Transformer to many image tasks.",
              no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None,
              context_settings={"help_option_names": ["-h", "--help"]})
 out = Console(highlight=False)

@@ -34,8 +34,8 @@ def list_tasks(registry: RegistryOpt = None) -> None:
         echo(f"no tasks in {reg.url} yet. Train one: adaptkit train --dataset digits "
              "--backbone vit_cifar_tiny_patch4_32.adaptkit_c10")
         return
-    cols = [Col("task"), Col("default"), Col("versions", True, drop=3), Col("method"), Col("backbone", drop=5),
-            Col("trainable", True, drop=2), Col("size", True, drop=1), Col("test top-1", True),
+    cols = [Col("task", whole=True), Col("default"), Col("versions", True, drop=3), Col("method"),
+            Col("backbone", drop=5), Col("trainable", True, drop=2), Col("size", True, drop=1), Col("test top-1", True),
             Col("dataset", drop=4)]
     rows = []
     for t in tasks:
@@ -55,8 +55,8 @@ def show(ref: RefArg, registry: RegistryOpt = None) -> None:
     t = next(t for t in reg.tasks() if t.name == v.task.name)
     echo(f"[bold]{escape(t.name)}[/bold]: {len(t.classes)} classes from {escape(t.dataset)}: "
          f"{escape(', '.join(t.classes[:10]))}{' ...' if len(t.classes) > 10 else ''}")
-    cols = [Col("version"), Col("method"), Col("config", drop=2), Col("trainable", True, drop=3), Col("size", True),
-            Col("test top-1", True), Col("time", True, drop=4), Col("device", drop=5)]
+    cols = [Col("version", whole=True), Col("method"), Col("config", drop=2), Col("trainable", True, drop=3),
+            Col("size", True), Col("test top-1", True), Col("time", True, drop=4), Col("device", drop=5)]
     rows = [[f"v{x.version}{' *' if x.is_default else ''}", x.method, _config_text(x.config), count(x.trainable_params),
              format_bytes(x.bytes), format_percent(x.metrics.get("test_top1")),
              f"{x.train_time_s:.0f} s" if x.train_time_s else "-", x.device or "-"] for x in t.versions]
@@ -94,7 +94,7 @@ def compare(
     if not report.rows:
         echo("no tasks yet: train one with `adaptkit train --dataset ...`")
         return
-    cols = [Col("task"), Col("method"), Col("trainable", True, drop=4), Col("share", True, drop=5),
+    cols = [Col("task", whole=True), Col("method"), Col("trainable", True, drop=4), Col("share", True, drop=5),
             Col("size", True), Col("top-1", True), Col("time", True, drop=7), Col("peak mem", True, drop=9),
             Col("full params", True, drop=6), Col("full size", True, drop=3), Col("full top-1", True, drop=8)]
     rows = [[f"{r.task}@{r.version}{' *' if r.default else ''}", r.method, count(r.trainable_params),
@@ -120,4 +120,4 @@ def datasets() -> None:
     from adaptkit.data import list_datasets
 
     rows = [[d.name, d.kind, str(d.num_classes or "-"), d.description] for d in list_datasets()]
-    print_table(out, [Col("name"), Col("kind", drop=1), Col("classes", True), Col("description")], rows)
+    print_table(out, [Col("name", whole=True), Col("kind", drop=1), Col("classes", True), Col("description")], rows)

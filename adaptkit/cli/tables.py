@@ -14,7 +14,8 @@ __all__ = ["Col", "print_table", "render_table"]
 
 @dataclass(frozen=True)
 class Col:
-    """One column: its header, whether it holds numbers (right-aligned, never wrapped) and when it may go.
+    """One column: its header, whether it holds numbers (right-aligned, never wrapped), when it may go, and
+    whether its text must stay whole.
 
     ``drop`` 0 means always shown; when the table is too wide, the column with the highest ``drop`` goes first.
     """
@@ -22,6 +23,11 @@ class Col:
     header: str
     numeric: bool = False
     drop: int = 0
+    whole: bool = False  # never wrapped, like a number (a name the user will type back)
+
+    @property
+    def no_wrap(self) -> bool:
+        return self.numeric or self.whole
 
 
 WORD_MAX = 24  # a text column keeps its longest word whole up to this width; beyond it, the word is folded
@@ -39,7 +45,7 @@ def _widths(cols: Sequence[Col], rows: Sequence[Sequence[str]], keep: list[int],
     """Column widths for ``keep`` within ``width``: numbers at full width, text columns shrunk (they wrap); None
     if even the narrowest layout does not fit."""
     natural = [max([len(cols[i].header), *(len(r[i]) for r in rows)]) for i in keep]
-    floor = [n if cols[i].numeric else min(n, max(min(_longest_word(cols, rows, i), WORD_MAX),
+    floor = [n if cols[i].no_wrap else min(n, max(min(_longest_word(cols, rows, i), WORD_MAX),
                                                   *map(len, cols[i].header.split())))
              for i, n in zip(keep, natural, strict=True)]
     spare = width - _overhead(len(keep)) - sum(floor)
@@ -66,7 +72,7 @@ def render_table(console: Console, cols: Sequence[Col], rows: Sequence[Sequence[
     table = Table(title=title, title_justify="left")
     for i, w in zip(keep, widths, strict=True):
         c = cols[i]
-        table.add_column(c.header, justify="right" if c.numeric else "left", no_wrap=c.numeric, overflow="fold",
+        table.add_column(c.header, justify="right" if c.numeric else "left", no_wrap=c.no_wrap, overflow="fold",
                          width=w)
     for row in rows:
         table.add_row(*(row[i] for i in keep))

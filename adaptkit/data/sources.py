@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -230,10 +231,13 @@ def _load_torchvision(name: str, root: Path, download: bool) -> _Splits:
     cls = getattr(torchvision.datasets, spec.cls)
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a stalled download fails instead of hanging
+    made = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)  # the top folder we create
     try:
         parts = [cls(root=str(root), download=download, **kw) for kw in spec.train]
         test_src = cls(root=str(root), download=download, **spec.test) if spec.test is not None else None
     except Exception as exc:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)  # a failed download leaves no empty or partial folder behind
         why = "the download failed" if download else "its files are not there and download=False"
         raise DatasetError(
             f"cannot load data set '{name}' from {root} ({why}: {exc}). To work offline, put the torchvision "
