@@ -82,7 +82,8 @@ def resolve_weights(weights: str | os.PathLike | None, pretrained: bool) -> str:
             return text
         path = Path(text[5:] if text.startswith("file:") else text).expanduser()
         if not path.is_file():
-            raise BackboneError(f"weights file {path} does not exist: pass the path of a .safetensors or .pth file")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise BackboneError(f"weights file {path} {what}: pass the path of a .safetensors or .pth file")
         return f"file:{path.resolve()}"
     return "hub" if pretrained else "random"
 
@@ -240,13 +241,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_failure(exc: Exception) -> str:
     """One line for why a checkpoint could not be read; torch's "Weights only load failed" text runs to a page."""
-    text = str(exc)
-    if "Weights only load failed" in text:
-        why = next((ln.strip().rstrip(".") for ln in text.splitlines()[1:]
-                    if "unsupported" in ln.lower() or "error" in ln.lower()), "an object that is not a tensor")
-        return (f"it holds Python objects besides tensors, which adaptkit does not run ({why[:200]}); save the "
-                "weights as a state dict of tensors (safetensors, or torch.save(model.state_dict()))")
-    return " ".join(text.split())[:300]
+    lines = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        why = next((ln for ln in lines[1:] if "unsupported" in ln.lower()), "")
+        why = why.split("error: ", 1)[-1].split(". ", 1)[0]  # "WeightsUnpickler error: Unsupported global: ..."
+        if "global" in why.lower():
+            return (f"it holds Python objects besides tensors, which adaptkit does not run ({why[:200]}); save the "
+                    "weights as a state dict of tensors (safetensors, or torch.save(model.state_dict()))")
+        lines = [why or "not a pickle torch can read"]
+    return f"it is neither a safetensors file nor a torch checkpoint ({' '.join(lines)[:200]})"
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:

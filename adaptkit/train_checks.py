@@ -61,8 +61,10 @@ def check_train_args(dataset: Any, task: Any, config: Any, config_class: type) -
         raise ConfigError(f"dataset must be a spec such as digits, cifar10 or folder:PATH, got {dataset!r}")
     if not dataset.startswith("folder:") and Path(dataset).expanduser().is_dir():
         raise DatasetError(f"{dataset} is a folder: write folder:{dataset} to train on its class folders")
-    if task is not None and not isinstance(task, str):
-        raise ConfigError(f"task must be a name (a string) or None, got {task!r}")
+    if dataset.startswith("folder:") and not dataset[len("folder:"):].strip():
+        raise DatasetError("folder: needs the path of a folder of class folders, e.g. folder:~/data/pets")
+    if task is not None and (not isinstance(task, str) or not task.strip()):
+        raise ConfigError(f"task must be a name (letters, digits, '_', '-', '.') or None, got {task!r}")
     if config is not None and not isinstance(config, config_class):
         raise ConfigError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
 
