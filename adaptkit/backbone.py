@@ -21,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from adaptkit.devices import resolve_device
 from adaptkit.errors import BackboneError, OfflineError
 from adaptkit.hashing import tensors_sha256
 from adaptkit.models import PACKAGED_BACKBONE
@@ -107,6 +108,7 @@ def create_backbone(
         The backbone in eval mode with every parameter frozen.
     """
     source = resolve_weights(weights, pretrained)
+    device = resolve_device(device)  # a bad name fails here, before the model is built
     if source == "package":
         source = "hub"  # a packaged model's pretrained weights are a file timm already knows about
     _check_known(name)

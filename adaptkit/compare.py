@@ -97,8 +97,16 @@ def _row(task: TaskRow, v: VersionRow, full: VersionRow | None) -> CostRow:
     )
 
 
-def compare(registry: Registry) -> CostReport:
-    """Costs of every registered version, and totals over each task's default version."""
+def compare(registry: Registry | str) -> CostReport:
+    """Costs of every registered version, and totals over each task's default version.
+
+    Args:
+        registry: a :class:`Registry`, or its path or URL.
+    """
+    from adaptkit.registry import Registry
+
+    if not isinstance(registry, Registry):
+        registry = Registry(registry)
     rows, backbones = [], {}
     adapters_bytes = full_total_bytes = adapters_params = full_total_params = 0
     tasks = registry.tasks()

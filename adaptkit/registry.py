@@ -110,6 +110,8 @@ def default_url() -> str:
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """``task`` or ``task@version`` -> (task, version or None)."""
+    if not isinstance(ref, str):
+        raise ConfigError(f"a version is named by a string, TASK or TASK@N, got {ref!r}")
     name, sep, version = ref.partition("@")
     if sep and not (version.isascii() and version.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise ConfigError(f"bad version in {ref!r}: write TASK or TASK@N with N a version number, e.g. {name}@1")

@@ -211,3 +211,14 @@ def test_a_failed_download_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="the download failed"):
         load_task_data("cifar10", {"input_size": (3, 32, 32)}, data_dir=tmp_path / "data" / "sets", download=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_backbone_compare_and_registry_check_their_arguments(tmp_path):
+    from adaptkit import compare, create_backbone
+    from adaptkit.registry import Registry
+
+    with pytest.raises(ConfigError, match="unknown device 'bogus'"):
+        create_backbone(PICO, pretrained=False, device="bogus")
+    with pytest.raises(ConfigError, match="a version is named by a string"):
+        Registry(tmp_path / "r.db").get_version(3)
+    assert compare(str(tmp_path / "r.db")).tasks == 0  # a path works as well as a Registry

@@ -156,6 +156,16 @@ def count(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
 
 
+class _ConsoleLog(logging.Handler):
+    """Log records as ``warning: ...`` lines on the stderr console, which prints them above a live progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        err.print(f"{record.levelname.lower()}: {text}", markup=False, highlight=False, soft_wrap=True)
+
+
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what adaptkit does")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[_ConsoleLog()])
