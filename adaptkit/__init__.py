@@ -1,13 +1,58 @@
-"""adaptkit: adapt one frozen Vision Transformer to many image tasks with small adapters and a registry."""
+"""adaptkit: adapt one frozen Vision Transformer to many image tasks with small adapters and a registry.
 
-from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone, fingerprint
-from adaptkit.compare import compare
-from adaptkit.errors import AdaptkitError
-from adaptkit.methods import METHODS, get_method
-from adaptkit.predict import Prediction, Predictor
-from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, evaluate, train
+The public names below are imported on first use (PEP 562), so that ``import adaptkit`` (and the command line,
+which imports it) does not pay for torch and timm until a name that needs them is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "DEFAULT_BACKBONE": "adaptkit.backbone", "Backbone": "adaptkit.backbone", "create_backbone": "adaptkit.backbone",
+    "fingerprint": "adaptkit.backbone", "compare": "adaptkit.compare", "AdaptkitError": "adaptkit.errors",
+    "METHODS": "adaptkit.methods", "get_method": "adaptkit.methods", "Prediction": "adaptkit.predict",
+    "Predictor": "adaptkit.predict", "Registry": "adaptkit.registry", "TrainConfig": "adaptkit.train",
+    "evaluate": "adaptkit.train", "train": "adaptkit.train",
+}
 __all__ = ["DEFAULT_BACKBONE", "METHODS", "AdaptkitError", "Backbone", "Prediction", "Predictor", "Registry",
            "TrainConfig", "compare", "create_backbone", "evaluate", "fingerprint", "get_method", "train"]
+
+if TYPE_CHECKING:
+    from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone, fingerprint
+    from adaptkit.compare import compare
+    from adaptkit.errors import AdaptkitError
+    from adaptkit.methods import METHODS, get_method
+    from adaptkit.predict import Prediction, Predictor
+    from adaptkit.registry import Registry
+    from adaptkit.train import TrainConfig, evaluate, train
+
+
+class _Package(types.ModuleType):
+    """Keeps ``adaptkit.train`` and ``adaptkit.compare`` the functions, as an eager import made them, even after
+    the import system sets the attribute to the submodule of the same name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("train", "compare") and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'adaptkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

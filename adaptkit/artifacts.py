@@ -14,14 +14,15 @@ import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, save
 
 from adaptkit.errors import ArtifactError, ConfigError
 from adaptkit.hashing import tensors_sha256
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading the registry (`adaptkit list`) needs none
+    import torch
 
 __all__ = ["FORMAT_VERSION", "TASK_NAME", "AdapterMeta", "adapter_bytes", "check_task_name", "save_adapter",
            "load_adapter", "parse_adapter", "read_meta", "file_sha256", "tensors_sha256"]
@@ -30,7 +31,7 @@ FORMAT_VERSION = "1"
 FORMAT_NAME = "adaptkit.adapter"
 TASK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z, not $: "$" passes a trailing newline
 # Stored as written; half precision is widened exactly on load; anything else (float64, ints) is refused.
-STORED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STORED_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
 WEIGHT_SOURCES = ("hub", "package", "random")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
@@ -141,6 +142,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def adapter_bytes(state: dict[str, torch.Tensor], meta: AdapterMeta) -> bytes:
     """The bytes of the adapter file for ``state`` and ``meta``: equal inputs give equal bytes."""
+    from safetensors.torch import save
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     return _canonical(save(tensors, metadata=meta.to_strings(tensors_sha256(tensors))))
 
@@ -225,6 +228,9 @@ def load_adapter(path: str | os.PathLike, *, sha256: str | None = None,
 def parse_adapter(data: bytes, where: str, *, sha256: str | None = None, fingerprint: str | None = None,
                   device: str | torch.device = "cpu") -> tuple[dict, AdapterMeta]:
     """Check and read the bytes of an adapter file (see :func:`load_adapter`); ``where`` names it in errors."""
+    import torch
+    from safetensors.torch import load
+
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise ArtifactError(f"{where} has changed since it was registered (sha256 mismatch): the file is corrupt "
                             "or was replaced; remove this version and retrain, or import a good copy")
@@ -242,7 +248,7 @@ def parse_adapter(data: bytes, where: str, *, sha256: str | None = None, fingerp
             f"{where} was trained on backbone {meta.backbone} with fingerprint {meta.backbone_fingerprint[:12]}, "
             f"not on this backbone ({fingerprint[:12]}): load it with the backbone it was trained on"
         )
-    bad = next((k for k, t in state.items() if t.dtype not in STORED_DTYPES), None)
+    bad = next((k for k, t in state.items() if str(t.dtype) not in STORED_DTYPES), None)
     if bad is not None:
         raise ArtifactError(f"{where}: tensor {bad} is {state[bad].dtype}; adapter files hold float32 (or float16/"
                             "bfloat16) tensors only: re-export it from adaptkit")

@@ -9,7 +9,6 @@ Weights come from one of three places, and where they came from is recorded with
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import socket
@@ -22,9 +21,11 @@ import timm
 import torch
 from torch import nn
 
-import adaptkit.models  # noqa: F401  (registers adaptkit's small ViTs with timm)
+from adaptkit.devices import resolve_device
 from adaptkit.errors import BackboneError, OfflineError
 from adaptkit.hashing import tensors_sha256
+from adaptkit.models import PACKAGED_BACKBONE
+from adaptkit.suggest import closest
 
 __all__ = ["DEFAULT_BACKBONE", "Backbone", "create_backbone", "fingerprint", "resolve_weights"]
 
@@ -82,7 +83,8 @@ def resolve_weights(weights: str | os.PathLike | None, pretrained: bool) -> str:
             return text
         path = Path(text[5:] if text.startswith("file:") else text).expanduser()
         if not path.is_file():
-            raise BackboneError(f"weights file {path} does not exist: pass the path of a .safetensors or .pth file")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise BackboneError(f"weights file {path} {what}: pass the path of a .safetensors or .pth file")
         return f"file:{path.resolve()}"
     return "hub" if pretrained else "random"
 
@@ -106,6 +108,7 @@ def create_backbone(
         The backbone in eval mode with every parameter frozen.
     """
     source = resolve_weights(weights, pretrained)
+    device = resolve_device(device)  # a bad name fails here, before the model is built
     if source == "package":
         source = "hub"  # a packaged model's pretrained weights are a file timm already knows about
     _check_known(name)
@@ -129,11 +132,25 @@ def create_backbone(
 
 
 def _check_known(name: str) -> None:
-    arch = name.split(".", 1)[0]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models("*vit*"), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else " See `timm.list_models('vit*')`."
-        raise BackboneError(f"unknown backbone {name!r}.{hint}")
+    """Refuse an unknown architecture or pretrained tag, naming the closest ones (the packaged backbone first)."""
+    if not isinstance(name, str) or not name.strip():
+        raise BackboneError(f"backbone must be a timm model name such as {PACKAGED_BACKBONE}, got {name!r}")
+    arch, _, tag = name.partition(".")
+    if timm.is_model(arch) and (not tag or _has_tag(name)):
+        return
+    close = closest(name, [PACKAGED_BACKBONE, *timm.list_pretrained("*vit*"), *timm.list_models("*vit*")])
+    close.sort(key=lambda c: c != PACKAGED_BACKBONE)  # the weights that work offline before random ones
+    hint = f": did you mean {', '.join(close)}?" if close else ": see `timm.list_models('vit*')`"
+    what = f"{arch} has no weights tagged {tag!r}" if timm.is_model(arch) else f"unknown backbone {name!r}"
+    offline = "" if PACKAGED_BACKBONE in close else f" ({PACKAGED_BACKBONE} ships with adaptkit and works offline)"
+    raise BackboneError(f"{what}{hint}{offline}")
+
+
+def _has_tag(name: str) -> bool:
+    try:
+        return timm.models.get_pretrained_cfg(name, allow_unregistered=False) is not None
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        return False
 
 
 def _create(name: str, pretrained: bool) -> nn.Module:
@@ -211,7 +228,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and header errors all mean the same thing to the user
-        raise BackboneError(f"could not read weights file {path}: {exc}") from exc
+        raise BackboneError(f"could not read weights file {path}: {_load_failure(exc)}") from exc
     for key in ("state_dict", "model", "module", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -222,6 +239,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line for why a checkpoint could not be read; torch's "Weights only load failed" text runs to a page."""
+    lines = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        why = next((ln for ln in lines[1:] if "unsupported" in ln.lower()), "")
+        why = why.split("error: ", 1)[-1].split(". ", 1)[0]  # "WeightsUnpickler error: Unsupported global: ..."
+        if "global" in why.lower():
+            return (f"it holds Python objects besides tensors, which adaptkit does not run ({why[:200]}); save the "
+                    "weights as a state dict of tensors (safetensors, or torch.save(model.state_dict()))")
+        lines = [why or "not a pickle torch can read"]
+    return f"it is neither a safetensors file nor a torch checkpoint ({' '.join(lines)[:200]})"
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:

@@ -7,8 +7,10 @@ task exists, measured too (its file size, accuracy and training time).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from adaptkit.registry import Registry, TaskRow, VersionRow
+if TYPE_CHECKING:  # the formatters below serve the command line, which must not import SQLAlchemy to start
+    from adaptkit.registry import Registry, TaskRow, VersionRow
 
 __all__ = ["CostRow", "CostReport", "compare", "format_bytes", "format_percent"]
 
@@ -96,8 +98,16 @@ def _row(task: TaskRow, v: VersionRow, full: VersionRow | None) -> CostRow:
     )
 
 
-def compare(registry: Registry) -> CostReport:
-    """Costs of every registered version, and totals over each task's default version."""
+def compare(registry: Registry | str) -> CostReport:
+    """Costs of every registered version, and totals over each task's default version.
+
+    Args:
+        registry: a :class:`Registry`, or its path or URL.
+    """
+    from adaptkit.registry import Registry
+
+    if not isinstance(registry, Registry):
+        registry = Registry(registry)
     rows, backbones = [], {}
     adapters_bytes = full_total_bytes = adapters_params = full_total_params = 0
     tasks, broken = [], []

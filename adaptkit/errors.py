@@ -38,3 +38,7 @@ class RegistryError(AdaptkitError):
 
 class NotFoundError(RegistryError):
     """A task, version or backbone is not in the registry."""
+
+
+class DivergedError(AdaptkitError):
+    """Training produced a non-finite loss or parameter; nothing was saved."""

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["tensors_sha256"]
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 over every tensor (name, dtype, shape, bytes) in sorted name order."""
+    import torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(tensors.items()):
         t = tensor.detach().to("cpu").contiguous()

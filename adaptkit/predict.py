@@ -14,19 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone, create_backbone
+from adaptkit.devices import resolve_device
 from adaptkit.errors import AdaptkitError, ArtifactError, ConfigError
 from adaptkit.methods import TaskModel, get_method, merge_lora
 from adaptkit.registry import Registry, VersionRow
+from adaptkit.checks import check_int
 
 __all__ = ["Prediction", "Predictor", "LoadedTask", "default_device"]
 
 _log = logging.getLogger(__name__)
-ImageLike = Image.Image | str | Path | torch.Tensor
+ImageLike = Image.Image | str | Path | torch.Tensor | np.ndarray
 
 
 def default_device() -> str:
@@ -75,10 +78,9 @@ class Predictor:
 
     def __init__(self, registry: Registry | str | None = None, *, device: str | None = None,
                  max_backbones: int = 2, merge_lora: bool = False) -> None:
-        if max_backbones < 1:
-            raise ConfigError(f"max_backbones must be at least 1, got {max_backbones}")
+        check_int("max_backbones", max_backbones, 1)
+        self.device = resolve_device(device)
         self.registry = registry if isinstance(registry, Registry) else Registry(registry)
-        self.device = torch.device(device or default_device())
         self.max_backbones = max_backbones
         self.merge_lora = merge_lora
         self._hosts: OrderedDict[str, _Host] = OrderedDict()  # by backbone fingerprint, LRU order
@@ -160,19 +162,11 @@ class Predictor:
     # -- predicting --------------------------------------------------------------------------------------------
 
     def preprocess(self, images: list[ImageLike], task: LoadedTask) -> torch.Tensor:
-        """Images (PIL, paths, or tensors already transformed) -> a (B, 3, H, W) batch on the device."""
-        from adaptkit.data import open_image, to_rgb
+        """Images (paths, PIL, numpy pixels, or tensors already transformed) -> a (B, 3, H, W) batch on the device."""
+        from adaptkit.data.inputs import as_image_list, image_to_input
 
-        tensors = []
-        for img in images:
-            if isinstance(img, torch.Tensor):
-                tensors.append(img if img.dim() == 3 else img.squeeze(0))
-                continue
-            if isinstance(img, (str, Path)):
-                img = open_image(img)
-            tensors.append(task.host.transform(to_rgb(img)))
-        if not tensors:
-            raise ConfigError("no images given")
+        size = task.host.backbone.data_config["input_size"]
+        tensors = [image_to_input(img, task.host.transform, size) for img in as_image_list(images)]
         return torch.stack(tensors).to(self.device)
 
     @torch.inference_mode()
@@ -220,6 +214,7 @@ class Predictor:
 
     def predict(self, images: list[ImageLike], ref: str | None = None, topk: int = 5) -> list[list[Prediction]]:
         """Top-k labels with probabilities for each image under one task."""
+        check_int("topk", topk, 1)
         task = self._task(ref)
         return [self._topk(row, task, topk) for row in self.logits(self.preprocess(images, task), task.ref)]
 
@@ -234,6 +229,8 @@ class Predictor:
     # -- helpers -----------------------------------------------------------------------------------------------
 
     def _task(self, ref: str | None) -> LoadedTask:
+        if ref is not None and not isinstance(ref, str):
+            raise ConfigError(f"a task must be named by a string, TASK or TASK@N, got {ref!r}")
         if ref is None:
             if self.active is None:
                 raise ConfigError("no active task: pass a task name or call activate(TASK) first")

@@ -37,6 +37,7 @@ from adaptkit.rows import TolerantDateTime as DateTime
 from adaptkit.rows import TolerantJSON as JSON
 from adaptkit.rows import task_problem, version_problem
 from adaptkit.storage import Storage, StoredFile, is_own_file, open_storage
+from adaptkit.suggest import did_you_mean
 
 __all__ = ["Base", "BackboneRow", "TaskRow", "VersionRow", "Registry", "default_url", "parse_ref", "TASK_NAME"]
 
@@ -136,10 +137,22 @@ def default_url() -> str:
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """``task`` or ``task@version`` -> (task, version or None)."""
+    if not isinstance(ref, str):
+        raise ConfigError(f"a version is named by a string, TASK or TASK@N, got {ref!r}")
     name, sep, version = ref.partition("@")
-    if sep and not (version.isascii() and version.isdigit()):
+    if sep and not (version.isascii() and version.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise ConfigError(f"bad version in {ref!r}: write TASK or TASK@N with N a version number, e.g. {name}@1")
     return name, int(version) if sep else None
+
+
+def _no_task(name: str, known: list[str]) -> str:
+    """What to say about a task that is not there: the closest names for a typo, how to train only when none is."""
+    hint = did_you_mean(name, known)
+    if hint:
+        return f"no task {name!r} in the registry: {hint} (tasks: {', '.join(known)})"
+    if known:
+        return f"no task {name!r} in the registry (tasks: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''})"
+    return f"no task {name!r} in the registry, which has no tasks yet: train one with `adaptkit train --dataset ...`"
 
 
 def _check_classes(row: TaskRow | None, task: str, classes: list[str]) -> None:
@@ -245,9 +258,7 @@ class Registry:
         with self.session() as s:
             task = s.scalar(select(TaskRow).where(TaskRow.name == name))
             if task is None:
-                known = ", ".join(map(str, s.scalars(select(TaskRow.name).order_by(TaskRow.name)))) or "none yet"
-                raise NotFoundError(f"no task {name!r} in the registry (tasks: {known}); train it with "
-                                    f"`adaptkit train --task {name} ...`")
+                raise NotFoundError(_no_task(name, list(s.scalars(select(TaskRow.name).order_by(TaskRow.name)))))
             version = task.default if number is None else next((v for v in task.versions if v.version == number), None)
             if version is None:
                 have = ", ".join(str(v.version) for v in task.versions) or "none"
@@ -431,7 +442,8 @@ class Registry:
             check_task_name(version.task.name)  # a name from the database becomes a file name: prove it plain
             dest = dest / f"{version.task.name}-v{version.version}.safetensors"
         if not dest.parent.is_dir():
-            raise ConfigError(f"cannot export to {dest}: folder {dest.parent} does not exist; create it first")
+            raise ConfigError(f"cannot export to {dest}: folder {dest.parent} does not exist: create it first or "
+                              "export somewhere else")
         if dest.exists() and not overwrite:
             raise ConfigError(f"{dest} exists already: pick another path or pass --force to overwrite it")
         if dest.exists() and not dest.is_file():

@@ -25,9 +25,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
 from adaptkit.data import load_task_data
+from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError
 from adaptkit.methods import TaskModel, get_method
 from adaptkit.registry import TASK_NAME, Registry, VersionRow
+from adaptkit.train_checks import DivergenceGuard, check_config, check_train_args, fit_batch
+from adaptkit.checks import check_int
 
 __all__ = ["TrainConfig", "TrainEvent", "TrainResult", "METHOD_DEFAULTS", "train", "evaluate", "seed_everything"]
 
@@ -67,13 +70,7 @@ class TrainConfig:
     limit_eval: int | None = None
 
     def __post_init__(self) -> None:
-        checks = [("epochs", self.epochs >= 1), ("batch_size", self.batch_size >= 1),
-                  ("warmup_epochs", self.warmup_epochs >= 0), ("label_smoothing", 0 <= self.label_smoothing < 1),
-                  ("lr", self.lr is None or self.lr > 0), ("weight_decay", (self.weight_decay or 0) >= 0),
-                  ("precision", self.precision in ("auto", "bf16", "fp32"))]
-        for name, ok in checks:
-            if not ok:
-                raise ConfigError(f"bad {name}: {getattr(self, name)!r}")
+        check_config(self)
 
     def resolved(self, method: str) -> TrainConfig:
         values = asdict(self)
@@ -136,12 +133,8 @@ def _distributed() -> tuple[int, int]:
 
 
 def _device(choice: str | None, rank: int, world: int) -> torch.device:
-    if choice is None:
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(choice)
+    device = resolve_device(choice)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
         if world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
             torch.cuda.set_device(device)
@@ -220,15 +213,16 @@ def train(
         data_dir, download: where torchvision data sets live, and whether they may be downloaded.
         on_event: called with a :class:`TrainEvent` after every step and evaluation.
     """
+    check_train_args(dataset, task, config, TrainConfig)
     task = task or _task_name(dataset)
     if not TASK_NAME.match(task):
         raise ConfigError(f"bad task name {task!r}: use letters, digits, '_', '-', '.', up to 64 characters "
                           "(pass --task NAME)")
     chosen = get_method(method, method_config)  # validates the method's settings before anything slow
-    cfg = (config or TrainConfig()).resolved(method)
-    registry = registry if isinstance(registry, Registry) else Registry(registry)
+    cfg = (config or TrainConfig()).resolved(chosen.name)
     rank, world = _distributed()
     device = _device(cfg.device, rank, world)
+    registry = registry if isinstance(registry, Registry) else Registry(registry)
     if not isinstance(backbone, Backbone):
         backbone = create_backbone(backbone, weights=weights, pretrained=pretrained, device=device)
     backbone.model.to(device)
@@ -236,6 +230,7 @@ def train(
                           val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
                           limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale)
     registry.check_classes(task, data.classes)
+    cfg = fit_batch(cfg, len(data.train))
 
     seed_everything(cfg.seed)
     model = chosen.attach(backbone.model, len(data.classes))
@@ -280,6 +275,7 @@ def _fit(model: TaskModel, data: Any, cfg: TrainConfig, device: torch.device, wo
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, cfg.min_lr_ratio))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     params = list(model.trainable_parameters())
+    guard = DivergenceGuard(cfg)
     best: dict[str, Any] = {"val_top1": -1.0}
     history, images, busy = [], 0, 0.0
     if device.type == "cuda":
@@ -304,7 +300,7 @@ def _fit(model: TaskModel, data: Any, cfg: TrainConfig, device: torch.device, wo
             optimizer.step()
             schedule.step()
             seen += y.numel()
-            loss_sum += loss.item() * y.numel()
+            loss_sum += guard.loss(loss.item(), epoch, step) * y.numel()
             correct += (logits.argmax(1) == y).sum().item()
             rate = seen * world / max(time.perf_counter() - tick, 1e-9)
             emit(TrainEvent("train", epoch, cfg.epochs, step, steps_per_epoch, loss_sum / seen, correct / seen, rate))
@@ -315,6 +311,7 @@ def _fit(model: TaskModel, data: Any, cfg: TrainConfig, device: torch.device, wo
         emit(TrainEvent("val", epoch, cfg.epochs, len(val_loader), len(val_loader), val["loss"], val["top1"]))
         history.append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
                         "val_top1": val["top1"], "val_loss": val["loss"], "lr": schedule.get_last_lr()[0]})
+        guard.params(model.state(), epoch, steps_per_epoch)
         if val["top1"] > best["val_top1"]:
             best = {"val_top1": val["top1"], "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state().items()}}
@@ -341,6 +338,10 @@ def evaluate(ref: str, *, registry: Registry | str | None = None, dataset: str |
     """Evaluate a registered version on its data set's test split (or ``dataset``, with the same classes)."""
     from adaptkit.predict import Predictor
 
+    if split not in ("test", "val"):
+        raise ConfigError(f"split must be test or val, got {split!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("limit", limit, 1, optional=True)
     predictor = Predictor(registry, device=device)
     loaded = predictor.load(ref)
     spec = dataset or loaded.meta.dataset
@@ -349,9 +350,7 @@ def evaluate(ref: str, *, registry: Registry | str | None = None, dataset: str |
     if data.classes != loaded.classes:
         raise ConfigError(f"{spec} has classes {data.classes[:5]}..., but {ref} was trained on "
                           f"{loaded.classes[:5]}...: evaluate on a data set with the same classes")
-    subset = {"test": data.test, "val": data.val}.get(split)
-    if subset is None:
-        raise ConfigError(f"split must be test or val, got {split!r}")
+    subset = {"test": data.test, "val": data.val}[split]
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
     predictor.activate(ref)
     return run_eval(loaded.model, loader, predictor.device)

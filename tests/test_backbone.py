@@ -71,7 +71,7 @@ def test_model_without_pretrained_weights_says_so():
 
 
 def test_unknown_and_non_vit_names():
-    with pytest.raises(BackboneError, match="Did you mean"):
+    with pytest.raises(BackboneError, match="did you mean vit_base_patch16_224"):
         create_backbone("vit_bse_patch16_224", pretrained=False)
     with pytest.raises(BackboneError, match="not a Vision Transformer"):
         create_backbone("resnet18", pretrained=False)

@@ -222,7 +222,7 @@ def test_export_with_a_hostile_task_name_writes_nothing_outside(registry, tmp_pa
 
 def test_export_into_a_missing_folder_is_a_clear_error(registry, tmp_path):
     registry.add_version(_meta(), _state())
-    with pytest.raises(ConfigError, match="does not exist; create it first"):
+    with pytest.raises(ConfigError, match="does not exist: create it first"):
         registry.export("demo", tmp_path / "nowhere" / "x.safetensors")
 
 

@@ -104,7 +104,7 @@ def test_lora_merge_equals_unmerged(pico, images):
 
 
 @pytest.mark.parametrize(("method", "config", "message"), [
-    ("adapter", {"rank": 0}, "rank must be a positive integer"),
+    ("adapter", {"rank": 0}, "adapter rank must be a whole number in \\[1, 4096\\]"),
     ("adapter", {"placement": "inside"}, "placement must be one of"),
     ("lora", {"targets": ("nope",)}, "targets must be some of"),
     ("adapter", {"size": 3}, "unknown adapter setting"),

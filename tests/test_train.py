@@ -52,8 +52,8 @@ def test_interrupt_leaves_no_row_and_no_file(pico, registry, cifar_mini):
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"epochs": 0}, "bad epochs"), ({"batch_size": 0}, "bad batch_size"), ({"lr": -1.0}, "bad lr"),
-    ({"precision": "fp8"}, "bad precision"), ({"label_smoothing": 1.5}, "bad label_smoothing"),
+    ({"epochs": 0}, "epochs must be"), ({"batch_size": 0}, "batch_size must be"), ({"lr": -1.0}, "lr must be"),
+    ({"precision": "fp8"}, "precision must be"), ({"label_smoothing": 1.5}, "label_smoothing must be"),
 ])
 def test_bad_recipe(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,4 +2,4 @@
 
 from adaptkit.cli import app
 
-app()
+app(prog_name="adaptkit")

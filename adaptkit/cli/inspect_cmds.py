@@ -10,9 +10,10 @@ from dataclasses import asdict
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
-from adaptkit.cli.common import RegistryOpt, app, count, friendly, out, registry_of
+from adaptkit.cli.common import RefArg, RegistryOpt, app, count, echo, friendly, out, registry_of
+from adaptkit.cli.tables import Col, print_table
 from adaptkit.compare import format_bytes, format_percent
 
 
@@ -31,44 +32,46 @@ def list_tasks(registry: RegistryOpt = None) -> None:
     tasks = reg.tasks()
     if not tasks:
         where = f"tasks in {reg.location}" if reg.exists else f"registry at {reg.location}"
-        out.print(f"no {where} yet. Train one: adaptkit train --dataset digits "
-                  "--backbone vit_cifar_tiny_patch4_32.adaptkit_c10", soft_wrap=True)
+        echo(f"no {where} yet. Train one: adaptkit train --dataset digits "
+             "--backbone vit_cifar_tiny_patch4_32.adaptkit_c10")
         return
-    table = Table("task", "default", "versions", "method", "backbone", "trainable", "size", "test top-1",
-                  "dataset", title=f"tasks in {reg.url}")
-    broken = []
+    cols = [Col("task", whole=True), Col("default"), Col("versions", True, drop=3), Col("method"),
+            Col("backbone", drop=5), Col("trainable", True, drop=2), Col("size", True, drop=1), Col("test top-1", True),
+            Col("dataset", drop=4)]
+    rows, broken = [], []
     for t in tasks:
         d = t.default
         if t.broken:  # a bad row is shown, never fatal
             broken.append(f"{t.name}: {t.broken}")
-            table.add_row(str(t.name), "-", str(len(t.versions)), "[red]broken[/red]", *["-"] * 5)
+            rows.append([str(t.name), "-", str(len(t.versions)), "broken", *["-"] * 5])
             continue
-        table.add_row(t.name, f"v{d.version}", str(len(t.versions)), d.method, d.backbone.name,
-                      count(d.trainable_params), format_bytes(d.bytes), format_percent(d.metrics.get("test_top1")),
-                      t.dataset)
-    out.print(table)
+        rows.append([t.name, f"v{d.version}", str(len(t.versions)), d.method, d.backbone.name,
+                     count(d.trainable_params), format_bytes(d.bytes), format_percent(d.metrics.get("test_top1")),
+                     t.dataset])
+    print_table(out, cols, rows, title=f"tasks in {reg.location}")
     for line in broken:
-        out.print(f"broken {line}: run `adaptkit doctor`", soft_wrap=True)
+        echo(escape(f"broken {line}: run `adaptkit doctor`"))
 
 
 @app.command()
 @friendly
-def show(ref: Annotated[str, typer.Argument(help="TASK or TASK@VERSION")], registry: RegistryOpt = None) -> None:
+def show(ref: RefArg, registry: RegistryOpt = None) -> None:
     """Show a task's versions and the details of one version."""
     reg = registry_of(registry)
     v = reg.get_version(ref)
     t = next(t for t in reg.tasks() if t.name == v.task.name)
-    out.print(f"[bold]{t.name}[/bold]: {len(t.classes)} classes from {t.dataset}: {', '.join(t.classes[:10])}"
-              f"{' ...' if len(t.classes) > 10 else ''}")
-    table = Table("version", "default", "method", "config", "trainable", "size", "test top-1", "time", "device")
-    for x in t.versions:
-        table.add_row(f"v{x.version}", "*" if x.is_default else "", x.method, _config_text(x.config),
-                      count(x.trainable_params), format_bytes(x.bytes), format_percent(x.metrics.get("test_top1")),
-                      f"{x.train_time_s:.0f} s" if x.train_time_s else "-", x.device or "-")
-    out.print(table)
+    echo(f"[bold]{escape(t.name)}[/bold]: {len(t.classes)} classes from {escape(t.dataset)}: "
+         f"{escape(', '.join(t.classes[:10]))}{' ...' if len(t.classes) > 10 else ''}")
+    cols = [Col("version", whole=True), Col("method"), Col("config", drop=2), Col("trainable", True, drop=3),
+            Col("size", True), Col("test top-1", True), Col("time", True, drop=4), Col("device", drop=5)]
+    rows = [[f"v{x.version}{' *' if x.is_default else ''}", x.method, _config_text(x.config), count(x.trainable_params),
+             format_bytes(x.bytes), format_percent(x.metrics.get("test_top1")),
+             f"{x.train_time_s:.0f} s" if x.train_time_s else "-", x.device or "-"] for x in t.versions]
+    print_table(out, cols, rows, title="versions (* = default)")
     b = v.backbone
-    out.print(f"v{v.version}: backbone {b.name} ({b.weights}), fingerprint {b.fingerprint[:16]}\n"
-              f"file {reg.location_of(v)} sha256 {v.sha256[:16]}\nmetrics {json.dumps(v.metrics)}")
+    for line in (f"v{v.version}: backbone {b.name} ({b.weights}), fingerprint {b.fingerprint[:16]}",
+                 f"file {reg.location_of(v)} sha256 {v.sha256[:16]}", f"metrics {json.dumps(v.metrics)}"):
+        echo(escape(line))
 
 
 @app.command()
@@ -78,7 +81,10 @@ def compare(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV")] = False,
     registry: RegistryOpt = None,
 ) -> None:
-    """Parameters, storage, accuracy and time of every task against full fine-tuning."""
+    """Costs of every task against full fine-tuning.
+
+    Trainable parameters, storage, accuracy and training time, beside what full fine-tuning needs.
+    """
     from adaptkit.compare import compare as costs
 
     report = costs(registry_of(registry))
@@ -93,25 +99,27 @@ def compare(
         sys.stdout.write(buf.getvalue())
         return
     if not report.rows and not report.broken:
-        out.print("no tasks yet: train one with `adaptkit train --dataset ...`")
+        echo("no tasks yet: train one with `adaptkit train --dataset ...`")
         return
-    table = Table("task", "method", "trainable", "of backbone", "size", "test top-1", "train time", "peak mem",
-                  "full: params", "full: size", "full: top-1", title="adapters against full fine-tuning")
-    for r in report.rows:
-        table.add_row(f"{r.task}@{r.version}{' *' if r.default else ''}", r.method, count(r.trainable_params),
-                      f"{100 * r.share_of_backbone:.2f}%", format_bytes(r.bytes), format_percent(r.test_top1),
-                      f"{r.train_time_s:.0f} s" if r.train_time_s else "-",
-                      f"{r.peak_memory_mb:.0f} MB" if r.peak_memory_mb else "-", count(r.full_params),
-                      format_bytes(r.full_bytes) + ("" if r.full_measured else " (computed)"),
-                      format_percent(r.full_test_top1) if r.full_measured else "-")
-    out.print(table)
+    cols = [Col("task", whole=True), Col("method"), Col("trainable", True, drop=4), Col("share", True, drop=5),
+            Col("size", True), Col("top-1", True), Col("time", True, drop=7), Col("peak mem", True, drop=9),
+            Col("full params", True, drop=6), Col("full size", True, drop=3), Col("full top-1", True, drop=8)]
+    rows = [[f"{r.task}@{r.version}{' *' if r.default else ''}", r.method, count(r.trainable_params),
+             f"{100 * r.share_of_backbone:.2f}%", format_bytes(r.bytes), format_percent(r.test_top1),
+             f"{r.train_time_s:.0f} s" if r.train_time_s else "-",
+             f"{r.peak_memory_mb:.0f} MB" if r.peak_memory_mb else "-", count(r.full_params),
+             format_bytes(r.full_bytes), format_percent(r.full_test_top1) if r.full_measured else "-"]
+            for r in report.rows]
+    print_table(out, cols, rows, title="adapters against full fine-tuning: share of the backbone's parameters, "
+                "test top-1, training time (* = default version)")
     for line in report.broken:
-        out.print(f"left out, broken: {line}: run `adaptkit doctor`", soft_wrap=True)
-    out.print(f"{report.tasks} task(s): {report.backbones} backbone(s) {format_bytes(report.backbone_bytes)} "
-              f"+ adapters {format_bytes(report.adapters_bytes)} = [bold]{format_bytes(report.shared_total_bytes)}"
-              f"[/bold], against "
-              f"{report.tasks} full copies = [bold]{format_bytes(report.full_total_bytes)}[/bold]: full fine-tuning "
-              f"needs {report.saving:.1f}x the storage")
+        echo(escape(f"left out, broken: {line}: run `adaptkit doctor`"))
+    if not all(r.full_measured for r in report.rows):
+        echo("full: computed (backbone + head in fp32) where the task has no `full` version to measure")
+    echo(f"{report.tasks} task(s): {report.backbones} backbone(s) {format_bytes(report.backbone_bytes)} "
+         f"+ adapters {format_bytes(report.adapters_bytes)} = [bold]{format_bytes(report.shared_total_bytes)}"
+         f"[/bold], against {report.tasks} full copies = [bold]{format_bytes(report.full_total_bytes)}[/bold]: "
+         f"full fine-tuning needs {report.saving:.1f}x the storage")
 
 
 @app.command()
@@ -120,7 +128,5 @@ def datasets() -> None:
     """List the data sets `train --dataset` accepts."""
     from adaptkit.data import list_datasets
 
-    table = Table("name", "kind", "classes", "description")
-    for d in list_datasets():
-        table.add_row(d.name, d.kind, str(d.num_classes or "-"), d.description)
-    out.print(table)
+    rows = [[d.name, d.kind, str(d.num_classes or "-"), d.description] for d in list_datasets()]
+    print_table(out, [Col("name", whole=True), Col("kind", drop=1), Col("classes", True), Col("description")], rows)

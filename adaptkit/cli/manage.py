@@ -8,14 +8,15 @@ from typing import Annotated
 
 import typer
 
-from adaptkit.cli.common import RegistryOpt, app, friendly, out, registry_of
+from adaptkit.cli.common import RefArg, RegistryOpt, app, echo, friendly, registry_of
 from adaptkit.errors import ConfigError
 
 
 @app.command()
 @friendly
 def remove(
-    ref: Annotated[str, typer.Argument(help="TASK (every version) or TASK@VERSION")],
+    ref: Annotated[str, typer.Argument(metavar="TASK[@N]", help="A task (every version) or one version TASK@N",
+                                       show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
     registry: RegistryOpt = None,
 ) -> None:
@@ -27,37 +28,44 @@ def remove(
             raise ConfigError(f"removing {ref} deletes its adapter file(s): pass --yes to confirm")
         typer.confirm(f"remove {ref} and its adapter file(s)?", abort=True)
     removed = reg.remove(ref)
-    out.print(f"removed {', '.join(removed)}")
+    echo(f"removed {', '.join(removed)}")
 
 
 @app.command()
 @friendly
-def default(ref: Annotated[str, typer.Argument(help="TASK@VERSION")], registry: RegistryOpt = None) -> None:
+def default(ref: Annotated[str, typer.Argument(metavar="TASK@N", help="The version to make the default",
+                                              show_default=False)], registry: RegistryOpt = None) -> None:
     """Make a version its task's default."""
     v = registry_of(registry).set_default(ref)
-    out.print(f"{v.ref} is now the default of {v.task.name}")
+    echo(f"{v.ref} is now the default of {v.task.name}")
 
 
 @app.command()
 @friendly
 def export(
-    ref: Annotated[str, typer.Argument(help="TASK or TASK@VERSION")],
-    file: Annotated[Path, typer.Argument(help="Destination .safetensors file or folder")],
+    ref: RefArg,
+    file: Annotated[Path, typer.Argument(metavar="DEST", help="Destination .safetensors file or folder",
+                                         show_default=False)],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
     registry: RegistryOpt = None,
 ) -> None:
-    """Write a version's self-describing adapter file, to share or import elsewhere."""
+    """Write a version's adapter file, to import elsewhere.
+
+    The file describes itself (task, classes, method, backbone), so `adaptkit import` needs nothing else.
+    """
     dest = registry_of(registry).export(ref, file, overwrite=force)
-    out.print(f"exported {ref} to {dest}")
+    echo(f"exported {ref} to {dest}")
 
 
 @app.command("import")
 @friendly
 def import_file(
-    file: Annotated[Path, typer.Argument(help="An exported adapter .safetensors file")],
-    task: Annotated[str | None, typer.Option(help="Register under this task name [default: the file's]")] = None,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="An exported adapter .safetensors file",
+                                         show_default=False)],
+    task: Annotated[str | None, typer.Option(metavar="NAME", help="Register under this task name [default: the "
+                                             "file's]")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Add an exported adapter file to this registry as a new version."""
     v = registry_of(registry).import_file(file, task=task)
-    out.print(f"imported {file} as {v.ref}")
+    echo(f"imported {file} as {v.ref}")

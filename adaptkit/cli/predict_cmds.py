@@ -7,21 +7,23 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from adaptkit.cli.common import RegistryOpt, app, friendly, out, registry_of
+from adaptkit.cli.common import DeviceOpt, RefArg, RegistryOpt, app, echo, friendly, out, registry_of
 from adaptkit.compare import format_percent
 
 
 @app.command("eval")
 @friendly
 def eval_task(
-    ref: Annotated[str, typer.Argument(help="TASK or TASK@VERSION")],
-    dataset: Annotated[str | None, typer.Option(help="Another data set with the same classes")] = None,
-    split: Annotated[str, typer.Option(help="test or val")] = "test",
-    limit: Annotated[int | None, typer.Option(min=1, help="Use only N images")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 128,
-    device: str | None = None,
-    data_dir: Annotated[Path | None, typer.Option()] = None,
+    ref: RefArg,
+    dataset: Annotated[str | None, typer.Option(metavar="SPEC", help="Another data set with the same "
+                                                "classes")] = None,
+    split: Annotated[str, typer.Option(metavar="SPLIT", help="test or val")] = "test",
+    limit: Annotated[int | None, typer.Option(metavar="N", help="Use only N images")] = None,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Images per batch")] = 128,
+    device: DeviceOpt = None,
+    data_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where torchvision data sets live")] = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Measure a version's accuracy on its data set's test split."""
@@ -29,18 +31,18 @@ def eval_task(
 
     m = evaluate(ref, registry=registry_of(registry), dataset=dataset, split=split, batch_size=batch_size,
                  device=device, data_dir=str(data_dir) if data_dir else None, limit=limit)
-    out.print(f"{ref}: top-1 {format_percent(m['top1'])}, top-5 {format_percent(m['top5'])}, loss {m['loss']:.4f} "
-              f"on {m['images']} {split} images")
+    echo(f"{ref}: top-1 {format_percent(m['top1'])}, top-5 {format_percent(m['top5'])}, loss {m['loss']:.4f} "
+         f"on {m['images']} {split} images")
 
 
 @app.command()
 @friendly
 def predict(
-    ref: Annotated[str, typer.Argument(help="TASK or TASK@VERSION")],
-    images: Annotated[list[Path], typer.Argument(help="Image files")],
-    topk: Annotated[int, typer.Option(min=1)] = 5,
+    ref: RefArg,
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="Image files", show_default=False)],
+    topk: Annotated[int, typer.Option(metavar="K", help="How many labels to show per image")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
-    device: str | None = None,
+    device: DeviceOpt = None,
     registry: RegistryOpt = None,
 ) -> None:
     """Predict the top-k labels of images with one task."""
@@ -52,4 +54,4 @@ def predict(
                              for p, r in zip(images, results, strict=True)])
         return
     for path, preds in zip(images, results, strict=True):
-        out.print(f"{path}: " + ", ".join(f"{p.label} {100 * p.prob:.1f}%" for p in preds))
+        echo(escape(f"{path}: " + ", ".join(f"{p.label} {100 * p.prob:.1f}%" for p in preds)))

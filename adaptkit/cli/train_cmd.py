@@ -6,71 +6,59 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from adaptkit.cli.common import RegistryOpt, app, count, err, friendly, out, registry_of
+from adaptkit.cli.common import DeviceOpt, RegistryOpt, app, count, echo, err, friendly, plain, registry_of
+from adaptkit.cli.progress import train_progress
 from adaptkit.compare import format_bytes, format_percent
 from adaptkit.errors import ConfigError
-
-
-class _RichProgress:
-    """Feeds the library's TrainEvents into a rich progress bar."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.bar = progress.add_task("starting", total=None, stats="")
-
-    def __call__(self, e: Any) -> None:
-        stats = []
-        if e.loss is not None:
-            stats.append(f"loss {e.loss:.3f}")
-        if e.accuracy is not None:
-            stats.append(f"acc {100 * e.accuracy:.1f}%")
-        if e.images_per_s:
-            stats.append(f"{e.images_per_s:.0f} img/s")
-        label = {"train": f"epoch {e.epoch}/{e.epochs}", "val": f"validate {e.epoch}/{e.epochs}",
-                 "test": "test", "save": "saving"}[e.phase]
-        self.progress.update(self.bar, description=label, completed=e.step, total=e.steps, stats="  ".join(stats))
 
 
 @app.command()
 @friendly
 def train(
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="cifar100, folder:PATH, digits ... "
+    dataset: Annotated[str, typer.Option("--dataset", "-d", metavar="SPEC", help="digits, cifar100, folder:PATH ... "
                                          "(see `adaptkit datasets`)")],
-    task: Annotated[str | None, typer.Option(help="Task name [default: the data set's name]")] = None,
-    backbone: Annotated[str, typer.Option(help="timm ViT name")] = "vit_base_patch16_224.augreg_in21k",
-    weights: Annotated[Path | None, typer.Option(help="Local weights file (.safetensors/.pth) instead of the "
-                                                  "hub")] = None,
+    task: Annotated[str | None, typer.Option(metavar="NAME", help="Task name [default: the data set's name]")] = None,
+    backbone: Annotated[str, typer.Option(metavar="NAME", help="timm ViT name")] = "vit_base_patch16_224.augreg_in21k",
+    weights: Annotated[Path | None, typer.Option(metavar="FILE", help="Local weights file (.safetensors/.pth) "
+                                                  "instead of the hub")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="--no-pretrained: random "
                                              "backbone weights (recorded as such)")] = True,
-    method: Annotated[str, typer.Option(help="adapter, lora, linear or full")] = "adapter",
-    rank: Annotated[int | None, typer.Option(help="Adapter bottleneck / LoRA rank [default: 64 / 8]")] = None,
-    placement: Annotated[str | None, typer.Option(help="Adapter placement: parallel, sequential, "
-                                                  "houlsby")] = None,
-    scale: Annotated[float | None, typer.Option(help="Adapter output scale")] = None,
-    alpha: Annotated[float | None, typer.Option(help="LoRA alpha")] = None,
-    targets: Annotated[str | None, typer.Option(help="LoRA targets, comma-separated: qkv,proj,fc1,fc2")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: the method's]")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="[default: the method's]")] = None,
-    warmup_epochs: Annotated[float, typer.Option(min=0)] = 1.0,
-    label_smoothing: Annotated[float, typer.Option(min=0, max=0.99)] = 0.1,
+    method: Annotated[str, typer.Option(metavar="NAME", help="adapter, lora, linear or full")] = "adapter",
+    rank: Annotated[int | None, typer.Option(metavar="R", help="Adapter bottleneck / LoRA rank "
+                                             "[default: 64 / 8]")] = None,
+    placement: Annotated[str | None, typer.Option(metavar="WHERE", help="Adapter placement: parallel, "
+                                                  "sequential, houlsby")] = None,
+    scale: Annotated[float | None, typer.Option(metavar="S", help="Adapter output scale")] = None,
+    alpha: Annotated[float | None, typer.Option(metavar="A", help="LoRA alpha")] = None,
+    targets: Annotated[str | None, typer.Option(metavar="LAYERS", help="LoRA targets, comma-separated: "
+                                                "qkv,proj,fc1,fc2")] = None,
+    epochs: Annotated[int, typer.Option(metavar="N", help="Passes over the training set")] = 10,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Images per step")] = 64,
+    lr: Annotated[float | None, typer.Option(metavar="LR", help="Peak learning rate [default: the "
+                                             "method's]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(metavar="WD", help="AdamW weight decay [default: the "
+                                                       "method's]")] = None,
+    warmup_epochs: Annotated[float, typer.Option(metavar="N", help="Linear warm-up, in epochs")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(metavar="X", help="In [0, 1)")] = 0.1,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop and flip while "
                                           "training")] = True,
-    seed: int = 0,
-    device: Annotated[str | None, typer.Option(help="cuda, cpu ... [default: cuda if available]")] = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32")] = "auto",
-    limit_train: Annotated[int | None, typer.Option(min=1, help="Use only N training images")] = None,
-    limit_eval: Annotated[int | None, typer.Option(min=1, help="Use only N val and N test images")] = None,
-    num_workers: Annotated[int | None, typer.Option(min=0, help="Data loader workers")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Where torchvision data sets live")] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seeds the split, the order and the initialisation")] = 0,
+    device: DeviceOpt = None,
+    precision: Annotated[str, typer.Option(metavar="P", help="auto (bf16 on CUDA), bf16 or fp32")] = "auto",
+    limit_train: Annotated[int | None, typer.Option(metavar="N", help="Use only N training images")] = None,
+    limit_eval: Annotated[int | None, typer.Option(metavar="N", help="Use only N val and N test images")] = None,
+    num_workers: Annotated[int | None, typer.Option(metavar="N", help="Data loader workers")] = None,
+    data_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where torchvision data sets "
+                                                  "live")] = None,
     download: Annotated[bool, typer.Option("--download/--no-download", help="Download a missing "
                                            "torchvision set")] = True,
     registry: RegistryOpt = None,
 ) -> None:
-    """Train a task on the frozen backbone and add it to the registry as a new version."""
+    """Train a task and register it as a new version.
+
+    Only the adapter and the head train; the backbone stays frozen and shared by every task.
+    """
     from adaptkit.train import TrainConfig
     from adaptkit.train import train as run
 
@@ -81,24 +69,22 @@ def train(
                          device=device,
                          precision=precision, limit_train=limit_train, limit_eval=limit_eval,
                          num_workers=num_workers)
-    columns = [TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=True) as progress:
+    with train_progress(err, plain()) as on_event:
         result = run(dataset, task=task, backbone=backbone, weights=str(weights) if weights else None,
                      pretrained=pretrained, method=method, method_config=method_config, config=config,
                      registry=registry_of(registry), data_dir=str(data_dir) if data_dir else None, download=download,
-                     on_event=_RichProgress(progress))
+                     on_event=on_event)
     v, m = result.version, result.metrics
     if v is None:  # a worker process under torchrun: rank 0 records and reports
         return
-    out.print(f"trained [bold]{v.ref}[/bold] ({v.method}, {count(v.trainable_params)} trainable parameters, "
-              f"{format_bytes(v.bytes)}): test top-1 {format_percent(m['test_top1'])}, "
-              f"top-5 {format_percent(m['test_top5'])}, "
-              f"best epoch {m['best_epoch']}, {v.train_time_s:.0f} s")
+    echo(f"trained [bold]{v.ref}[/bold]: test top-1 {format_percent(m['test_top1'])}, "
+         f"top-5 {format_percent(m['test_top5'])}, best epoch {m['best_epoch']}, {v.train_time_s:.0f} s")
+    echo(f"  {v.method}, {count(v.trainable_params)} trainable parameters, {format_bytes(v.bytes)} file")
 
 
 def _method_config(method: str, **given: Any) -> dict[str, Any]:
     """Map CLI options onto the method's settings; an option that the method does not take is an error."""
+    method = method.strip().lower()
     takes = {"adapter": {"rank", "placement", "scale"}, "lora": {"rank", "alpha", "targets"}}.get(method, set())
     config = {}
     for name, value in given.items():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +50,34 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _check_regular_file(path: str | Path) -> None:
+    """Refuse anything but a regular file before opening it: a named pipe or a device would block or never end."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ImageError(f"an image must be a file path, a PIL image or an array, got {path!r}")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError(f"image {path} does not exist") from None
+    except OSError as exc:
+        raise ImageError(f"image {path} cannot be read ({exc.strerror}): check the path and its permissions") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{path} is a folder, not an image: give the image files inside it")
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{path} is not a regular file (a pipe, socket or device): save the image to a file first")
+
+
 def open_image(path: str | Path) -> Image.Image:
     """Read an image file as an 8-bit RGB image of at most :data:`MAX_SIDE` pixels a side (EXIF rotation applied).
 
     Raises:
-        ImageError: the file is not an image, is truncated or corrupt, or is too large to decode safely.
+        ImageError: the path is not a regular file, or the file is not an image, is truncated or corrupt, or is too
+            large to decode safely.
     """
+    _check_regular_file(path)
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():  # the size is checked below, with a message that says what to do
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
         if img.width * img.height > Image.MAX_IMAGE_PIXELS:
             img.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG decodes at a reduced scale; other formats stay as they are
             if img.width * img.height > Image.MAX_IMAGE_PIXELS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from adaptkit.data.images import IMG_EXTENSIONS
 from adaptkit.data.transforms import build_transform
 from adaptkit.errors import DatasetError
+from adaptkit.suggest import did_you_mean
 
 TEST_FRACTION = 0.2  # held out as test where a data set has no test split of its own
 SPLIT_SEED = 0  # fixed, so the test split never depends on the training seed
@@ -229,10 +231,13 @@ def _load_torchvision(name: str, root: Path, download: bool) -> _Splits:
     cls = getattr(torchvision.datasets, spec.cls)
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # a stalled download fails instead of hanging
+    made = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)  # the top folder we create
     try:
         parts = [cls(root=str(root), download=download, **kw) for kw in spec.train]
         test_src = cls(root=str(root), download=download, **spec.test) if spec.test is not None else None
     except Exception as exc:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)  # a failed download leaves no empty or partial folder behind
         why = "the download failed" if download else "its files are not there and download=False"
         raise DatasetError(
             f"cannot load data set '{name}' from {root} ({why}: {exc}). To work offline, put the torchvision "
@@ -265,6 +270,16 @@ def _carve_val(train_idx: list[int], val_fraction: float, seed: int) -> tuple[li
     return perm[n_val:], perm[:n_val]
 
 
+def _unknown_dataset(spec: str) -> str:
+    """Name the closest known data sets for a typo, and ``folder:`` for a path given without it."""
+    if Path(spec).expanduser().is_dir():
+        return f"{spec} is a folder: write folder:{spec} to train on its class folders"
+    hint = did_you_mean(spec, [*TORCHVISION_SETS, "digits"])
+    known = ", ".join([*TORCHVISION_SETS, "digits"])
+    return (f"unknown data set '{spec}': {hint + ' ' if hint else ''}use one of {known}, or folder:PATH for your "
+            "own images (one sub-folder per class)")
+
+
 def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None = None, download: bool = True,
                    val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
                    limit_train: int | None = None, limit_eval: int | None = None,
@@ -291,6 +306,8 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
     for label, n in (("limit_train", limit_train), ("limit_eval", limit_eval)):
         if n is not None and n < 1:
             raise DatasetError(f"{label} must be at least 1 (or None for no limit), got {n}")
+    if not isinstance(spec, str) or not spec.strip():
+        raise DatasetError(f"a data set spec must be a name such as digits or folder:PATH, got {spec!r}")
     key = spec.strip()
     name = key.lower().replace("-", "_")
     if name.startswith("folder:"):
@@ -301,9 +318,10 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         root = (Path(data_dir).expanduser() if data_dir is not None else default_data_dir()) / name
         classes, train_src, train_idx, test_src, test_idx = _load_torchvision(name, root, download)
     else:
-        known = ", ".join([*TORCHVISION_SETS, "digits"])
-        raise DatasetError(f"unknown data set '{spec}': use one of {known}, or folder:PATH for your own "
-                           "images (one sub-folder per class)")
+        raise DatasetError(_unknown_dataset(spec))
+    if len(classes) < 2:
+        raise DatasetError(f"{spec} has one class ({classes[0] if classes else 'none'}): a classifier needs two or "
+                           "more, so add a folder of images for each other class")
     fit_idx, val_idx = _carve_val(train_idx, val_fraction, seed)
     if limit_eval is not None and limit_eval < len(test_idx):
         test_idx = sorted(_shuffled(test_idx, seed)[:limit_eval])

@@ -9,6 +9,7 @@ from adaptkit.methods.adapter import AdapterConfig, AdapterMethod
 from adaptkit.methods.base import Method, TaskContext, TaskModel, task_context, unwrap
 from adaptkit.methods.linear import FullConfig, FullMethod, LinearConfig, LinearMethod
 from adaptkit.methods.lora import LoraConfig, LoraMethod, merge_lora
+from adaptkit.suggest import did_you_mean
 
 __all__ = [
     "METHODS", "get_method", "Method", "TaskContext", "TaskModel", "task_context", "unwrap", "merge_lora",
@@ -21,6 +22,10 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (AdapterMethod, LoraMetho
 
 def get_method(name: str, config: dict[str, Any] | None = None) -> Method:
     """The method called ``name`` with settings from ``config`` (missing settings take their defaults)."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name].from_dict({k: v for k, v in (config or {}).items() if v is not None})
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"method settings must be a dict such as {{'rank': 8}}, got {config!r}")
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in METHODS:
+        hint = did_you_mean(str(name), METHODS)
+        raise ConfigError(f"unknown method {name!r}: {hint + ' ' if hint else ''}choose one of {', '.join(METHODS)}")
+    return METHODS[key].from_dict({k: v for k, v in (config or {}).items() if v is not None})

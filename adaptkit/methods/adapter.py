@@ -21,6 +21,7 @@ from torch import nn
 
 from adaptkit.errors import ConfigError
 from adaptkit.methods.base import Method, TaskContext, TaskSite, find_site
+from adaptkit.checks import MAX_RANK, check_float, check_int
 
 __all__ = ["AdapterConfig", "Bottleneck", "AdapterSite", "AdapterMethod"]
 
@@ -47,14 +48,13 @@ class AdapterConfig:
     act: str = "gelu"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"adapter rank must be a positive integer, got {self.rank!r}")
+        check_int("adapter rank", self.rank, 1, MAX_RANK)
+        check_float("adapter scale", self.scale, optional=True)
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"adapter placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.act not in ACTIVATIONS:
             raise ConfigError(f"adapter act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"adapter dropout must be in [0, 1), got {self.dropout!r}")
+        check_float("adapter dropout", self.dropout, 0, 1, high_open=True)
         if self.scale is None:
             self.scale = 0.1 if self.placement == "parallel" else 1.0
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from adaptkit.errors import ConfigError
 from adaptkit.methods.base import Method, TaskContext, TaskModel, TaskSite, find_site, plain_copy
+from adaptkit.checks import MAX_RANK, check_float, check_int
 
 __all__ = ["LoraConfig", "LoraUpdate", "LoraSite", "LoraMethod", "merge_lora"]
 
@@ -39,14 +40,13 @@ class LoraConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"lora rank must be a positive integer, got {self.rank!r}")
-        self.targets = tuple(self.targets)
+        check_int("lora rank", self.rank, 1, MAX_RANK)
+        check_float("lora alpha", self.alpha)
+        self.targets = tuple(self.targets.split(",") if isinstance(self.targets, str) else self.targets)
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ConfigError(f"lora targets must be some of {', '.join(TARGETS)}, got {list(self.targets)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        check_float("lora dropout", self.dropout, 0, 1, high_open=True)
 
 
 class LoraUpdate(nn.Module):
