@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,8 +16,15 @@ def ui(
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="Port [default: Gradio's, 7860]")] = None,
     registry: RegistryOpt = None,
+    data_root: Annotated[list[Path] | None, typer.Option(
+        "--data-root", metavar="PATH", help="A folder whose sub-folders the page may train from (repeatable) "
+        "[default: adaptkit's data folder]")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Prediction requests that share one backbone pass")] = 32,
 ) -> None:
     """Start the web page: upload an image, switch tasks, compare costs, add a task."""
     from adaptkit_app.main import launch
 
-    launch(registry=registry, host=host, port=port)
+    page = launch(registry=registry, host=host, port=port, data_roots=data_root, max_batch_size=max_batch,
+                  quiet=True, prevent_thread_lock=True)
+    typer.echo(f"adaptkit page on {page.local_url} (Ctrl+C to stop)")
+    page.block_thread()
