@@ -26,7 +26,18 @@ __all__ = ["image_input", "build_app", "launch", "main", "demo", "MAX_BATCH"]
 
 MAX_BATCH = 32  # prediction requests that share one backbone pass
 
-CSS = ".upscaled img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
+CSS = """.upscaled img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+.prose strong { font-family: ui-sans-serif, system-ui, sans-serif; }
+.table-wrap .cell-menu-button { display: none; }
+"""  # Gradio's bold face covers only a few glyphs, so a bold run mixed two fonts; read-only tables need no menus
+# A file that is not an image would show the browser's broken-image icon; the handler's message says what is wrong.
+JS = """() => {
+  const mark = (e, hidden) => {
+    if (e.target.tagName === "IMG" && e.target.closest(".upscaled")) e.target.style.visibility = hidden ? "hidden" : "";
+  };
+  document.addEventListener("error", (e) => mark(e, true), true);
+  document.addEventListener("load", (e) => mark(e, false), true);
+}"""
 INTRO = """# adaptkit
 One frozen Vision Transformer, a small adapter per task. Pick a task and upload an image; switching the task re-runs
 the same image at once. The backbone is loaded once and shared by every task on it."""
@@ -87,14 +98,15 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
                     with gr.Column(scale=2):
                         table_all = gr.Dataframe(tables.empty_all_tasks(), label="One row per task",
                                                  interactive=False, wrap=True, elem_id="table-all",
-                                                 column_widths=["14%", "11%", "25%", "14%", "12%", "24%"])
+                                                 column_widths=["13%", "12%", "22%", "14%", "15%", "24%"])
             with gr.Tab("Compare", id="compare") as compare_tab:
                 with gr.Row(equal_height=True):
                     summary = gr.Markdown(elem_id="summary")
                     refresh = gr.Button("Refresh", size="sm", scale=0, min_width=90)
                 cost_table = gr.Dataframe(pd.DataFrame(columns=tables.COST_COLUMNS), interactive=False, wrap=True,
                                           label="Cost of each version against full fine-tuning (* the default)",
-                                          elem_id="cost-table")
+                                          elem_id="cost-table",
+                                          column_widths=["12%", "12%", "12%", "18%", "13%", "13%", "20%"])
                 with gr.Row():
                     params_plot = gr.BarPlot(x="task", y="parameters (K)", color="method",
                                              title="Trainable parameters per task (thousands)")
@@ -102,26 +114,28 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
                                             title="Adapter file per task (KB)")
                 with gr.Row():
                     storage_plot = gr.BarPlot(x="setup", y="MB", color="part",
-                                              title="One backbone plus N adapters against N full copies (MB)")
+                                              title="Backbone + N adapters vs N full copies (MB)")
                     accuracy_plot = gr.ScatterPlot(x="trainable params (K)", y="test top-1 (%)", color="task",
                                                    tooltip=["task", "method", "trainable params (K)",
                                                             "test top-1 (%)"], y_lim=[0, 100],
-                                                   title="Test accuracy against trainable parameters, per task")
+                                                   title="Test accuracy vs trainable parameters")
             with gr.Tab("Add a task", id="add"):
                 with gr.Row():
                     with gr.Column():
                         dataset = gr.Dropdown(dataset_choices(), value="digits", label="Data set",
-                                              allow_custom_value=True)
+                                              allow_custom_value=True, elem_id="dataset")
                         folder = gr.Textbox(label="Folder (one sub-folder of images per class)", visible=False,
-                                            placeholder=f"a folder under {roots.replace('`', '')}",
+                                            placeholder=f"a folder under {roots.replace('`', '')}", elem_id="folder",
                                             info=f"Folders this page may read: {roots.replace('`', '')}")
                         task_name = gr.Textbox(label="Task name", placeholder="default: the data set's name")
                         method = gr.Radio(METHOD_CHOICES, value="adapter", label="Method")
                         backbone = gr.Dropdown([PACKAGED_BACKBONE, DEFAULT_BACKBONE], value=PACKAGED_BACKBONE,
                                                allow_custom_value=True, label="Backbone (a timm ViT name)",
+                                               elem_id="backbone",
                                                info=f"{PACKAGED_BACKBONE} ships with adaptkit and works offline; "
                                                     "others need the model hub or random weights")
-                        pretrained = gr.Checkbox(True, label="Pretrained weights (from the package or the hub)")
+                        pretrained = gr.Checkbox(True, label="Pretrained weights (from the package or the hub)",
+                                                 elem_id="pretrained")
                     with gr.Column():
                         with gr.Row():
                             epochs = gr.Number(3, label="Epochs", precision=0, minimum=1)
@@ -149,13 +163,15 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
               outputs=[summary, cost_table, params_plot, bytes_plot, storage_plot, accuracy_plot], api_name="compare")
         dataset.change(lambda d: gr.update(visible=d == "folder"), dataset, folder, api_visibility="private")
         method.change(lambda m: gr.update(visible=m in RANKED_METHODS), method, rank, api_visibility="private")
-        busy = train_btn.click(lambda: gr.update(interactive=False, value="Training..."), None, train_btn,
-                               api_visibility="private", queue=False)
-        busy.then(h.train, inputs=[dataset, folder, task_name, method, epochs, batch_size, lr, rank, backbone,
-                                   pretrained, limit_train, limit_eval],
-                  outputs=[train_status, task, empty_note], api_name="train", concurrency_limit=1,
-                  show_progress_on=train_status).then(
-            lambda: gr.update(interactive=True, value="Train"), None, train_btn, api_visibility="private", queue=False)
+        busy = train_btn.click(lambda: (gr.update(interactive=False, value="Training..."), ""), None,
+                               [train_btn, train_status], api_visibility="private", queue=False)
+        trained = busy.then(h.train, inputs=[dataset, folder, task_name, method, epochs, batch_size, lr, rank,
+                                             backbone, pretrained, limit_train, limit_eval],
+                            outputs=[train_status, task, empty_note], api_name="train", concurrency_limit=1,
+                            show_progress_on=train_status)
+        for after in (trained.then, trained.failure):  # this Gradio skips .then after an error
+            after(lambda: gr.update(interactive=True, value="Train"), None, train_btn, api_visibility="private",
+                  queue=False)
     return demo
 
 
@@ -164,6 +180,8 @@ def launch(registry: str | None = None, host: str = "127.0.0.1", port: int | Non
     """Build the page and serve it; returns the running Blocks (``prevent_thread_lock=True`` returns at once)."""
     app = build_app(registry, data_roots=data_roots, max_batch_size=max_batch_size)
     kw.setdefault("css", CSS)
+    kw.setdefault("js", JS)
+    kw.setdefault("run_history", False)  # visitors' images are theirs: the server keeps no history of runs
     app.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port, **kw)
     return app
 

@@ -14,8 +14,7 @@ __all__ = ["ALL_TASKS_COLUMNS", "COST_COLUMNS", "summary", "cost_table", "per_ta
            "empty_all_tasks"]
 
 ALL_TASKS_COLUMNS = ["task", "method", "backbone", "top label", "probability", "note"]
-COST_COLUMNS = ["task", "version", "method", "params", "% of backbone", "on disk", "test top-1", "train time",
-                "full fine-tuning"]
+COST_COLUMNS = ["task", "version", "method", "params", "on disk", "test top-1", "full fine-tuning"]
 
 
 def empty_all_tasks() -> pd.DataFrame:
@@ -39,10 +38,10 @@ def _full(r: CostRow) -> str:
 
 
 def cost_table(report: CostReport) -> pd.DataFrame:
-    """One row per version; the default version of each task is marked with a star after its number."""
-    rows = [[r.task, f"{r.version}{' *' if r.default else ''}", r.method, format_count(r.trainable_params),
-             f"{100 * r.share_of_backbone:.2f}%", format_bytes(r.bytes), format_percent(r.test_top1),
-             "-" if r.train_time_s is None else f"{r.train_time_s:.1f} s", _full(r)] for r in report.rows]
+    """One row per version (the default one starred): parameters with their share of the backbone, bytes, accuracy."""
+    rows = [[r.task, f"{r.version}{' *' if r.default else ''}", r.method,
+             f"{format_count(r.trainable_params)} ({100 * r.share_of_backbone:.2f}%)", format_bytes(r.bytes),
+             format_percent(r.test_top1), _full(r)] for r in report.rows]
     return pd.DataFrame(rows, columns=COST_COLUMNS)
 
 

@@ -101,7 +101,7 @@ def test_compare_has_a_row_per_task_in_readable_units(client):
     assert "smaller" in summary
     rows = {row[0]: dict(zip(table["headers"], row, strict=True)) for row in table["data"]}
     for name in TASKS:
-        assert re.fullmatch(r"\d+\.\d K", rows[name]["params"])
+        assert re.fullmatch(r"\d+\.\d K \(\d+\.\d\d%\)", rows[name]["params"])
         assert re.fullmatch(r"\d+\.\d KB", rows[name]["on disk"])
         assert re.fullmatch(r"\d+\.\d%", rows[name]["test top-1"])
     assert size["columns"][1] == "KB on disk"

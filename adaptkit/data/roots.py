@@ -39,14 +39,14 @@ def folder_in_roots(folder: str, roots: Sequence[Path]) -> Path:
     """
     allowed = ", ".join(str(r) for r in roots)
     if not roots:
-        raise DatasetError("this page trains from no folders: start it with `adaptkit ui --data-root PATH` to allow "
-                           "the folders under PATH")
+        raise DatasetError("this page trains from no folders: pick a data set instead (whoever runs the page can "
+                           "allow the folders under PATH with adaptkit ui --data-root PATH)")
     text = folder.strip()
     path = Path(text).expanduser()
     path = (path if path.is_absolute() else roots[0] / path).resolve()
     if not any(path == r or path.is_relative_to(r) for r in roots):
         raise DatasetError(f"folder {text!r} is outside the data roots of this page ({allowed}): give a folder "
-                           "inside one of them, or restart the page with `--data-root` naming its parent")
+                           "inside one of them (whoever runs the page can add roots with adaptkit ui --data-root)")
     if not path.is_dir():
         raise DatasetError(f"folder {text!r} does not exist under the data roots ({allowed}): give a folder with "
                            "one sub-folder of images per class")
