@@ -24,16 +24,14 @@ CLASSES = sorted(p.name for p in (CIFAR_MINI / "test").iterdir()) if CIFAR_MINI.
 TIMEOUT_MS = 60_000  # the first prediction loads the backbone; CI machines can be slow
 TASKS = {"ada": "adapter", "lo": "lora", "probe": "linear"}
 WIDTHS = {"1280": (1280, 800), "800": (800, 900)}
-NO_WORD_SPLIT = """e => {  // true when no word of the element's text is split across two lines
+NO_WORD_SPLIT = """e => {  // true when no word (between spaces and hyphens) of the text is split across lines
   const node = e.firstChild;
   if (!node) return true;
-  let at = 0;
-  for (const word of node.textContent.split(" ")) {
+  for (const m of node.textContent.matchAll(/[^ -]+/g)) {
     const range = document.createRange();
-    range.setStart(node, at);
-    range.setEnd(node, at + word.length);
+    range.setStart(node, m.index);
+    range.setEnd(node, m.index + m[0].length);
     if (range.getClientRects().length > 1) return false;
-    at += word.length + 1;
   }
   return true;
 }"""
