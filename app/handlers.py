@@ -263,16 +263,16 @@ class Handlers:
         rows, ready = {}, []
         with self._lock:
             for t in tasks:
-                rows[t.name] = [t.name, t.default.method, t.default.backbone.name, "", "", ""]
+                rows[t.name] = [t.name, t.default.method, "", "", ""]
                 try:
                     self.predictor.load(t.name)
                     ready.append(t.name)
                 except AdaptkitError as exc:  # one broken task must not hide the others
-                    rows[t.name][5] = page_terms(str(exc))
+                    rows[t.name][4] = page_terms(str(exc))
             if ready:
                 for name, preds in zip(ready, self.predictor.predict_mixed([img] * len(ready), ready, topk=1),
                                        strict=True):
-                    rows[name][3], rows[name][4] = preds[0].label, format_percent(preds[0].prob)
+                    rows[name][2], rows[name][3] = preds[0].label, format_percent(preds[0].prob)
         return pd.DataFrame(list(rows.values()), columns=tables.ALL_TASKS_COLUMNS), f"{len(ready)} of {len(tasks)} " \
             "task(s) answered in one backbone pass."
 

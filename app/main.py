@@ -90,19 +90,19 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
                         timing = gr.Markdown(UPLOAD_HINT, elem_id="timing")
             with gr.Tab("All tasks", id="all"):
                 with gr.Row():
-                    with gr.Column(scale=1):
+                    with gr.Column(scale=1, min_width=280):  # side by side from about 900 px, else stacked
                         image_all = image_input(label="Image", height=280, elem_id="image-all",
                                                 elem_classes="upscaled")
                         run_all = gr.Button("Run every task", variant="primary", elem_id="run-all")
                         all_note = gr.Markdown(elem_id="all-note")
-                    with gr.Column(scale=2):
+                    with gr.Column(scale=2, min_width=560):
                         table_all = gr.Dataframe(tables.empty_all_tasks(), label="One row per task",
                                                  interactive=False, wrap=True, elem_id="table-all",
-                                                 column_widths=["13%", "12%", "22%", "14%", "15%", "24%"])
+                                                 column_widths=["18%", "16%", "20%", "18%", "28%"])
             with gr.Tab("Compare", id="compare") as compare_tab:
                 with gr.Row(equal_height=True):
                     summary = gr.Markdown(elem_id="summary")
-                    refresh = gr.Button("Refresh", size="sm", scale=0, min_width=90)
+                    refresh = gr.Button("Refresh", size="sm", scale=0, min_width=90, elem_id="compare-refresh")
                 cost_table = gr.Dataframe(pd.DataFrame(columns=tables.COST_COLUMNS), interactive=False, wrap=True,
                                           label="Cost of each version against full fine-tuning (* the default)",
                                           elem_id="cost-table",

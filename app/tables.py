@@ -13,7 +13,7 @@ from adaptkit.compare import CostReport, CostRow, format_bytes, format_count, fo
 __all__ = ["ALL_TASKS_COLUMNS", "COST_COLUMNS", "summary", "cost_table", "per_task", "storage", "accuracy",
            "empty_all_tasks"]
 
-ALL_TASKS_COLUMNS = ["task", "method", "backbone", "top label", "probability", "note"]
+ALL_TASKS_COLUMNS = ["task", "method", "top label", "probability", "note"]  # the picker names each backbone
 COST_COLUMNS = ["task", "version", "method", "params", "on disk", "test top-1", "full fine-tuning"]
 
 
