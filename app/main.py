@@ -154,11 +154,10 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
         gr.on([demo.load, reload.click], h.tasks, inputs=task, outputs=[task, empty_note], api_name="tasks")
         gr.on([image.change, task.change, topk.release], h.predict, inputs=[image, task, topk],
               outputs=[labels, timing], api_name="predict", trigger_mode="always_last", batch=True,
-              max_batch_size=max_batch_size, concurrency_limit=1, concurrency_id="backbone")
+              max_batch_size=max_batch_size, concurrency_limit=1)  # while a batch runs, the next one gathers
         image_all.change(h.predict_all, inputs=image_all, outputs=[table_all, all_note], api_name="predict_all",
-                         trigger_mode="always_last", concurrency_id="backbone")
-        run_all.click(h.run_all, inputs=image_all, outputs=[table_all, all_note], api_visibility="private",
-                      concurrency_id="backbone")
+                         trigger_mode="always_last")
+        run_all.click(h.run_all, inputs=image_all, outputs=[table_all, all_note], api_visibility="private")
         gr.on([compare_tab.select, refresh.click], h.compare,
               outputs=[summary, cost_table, params_plot, bytes_plot, storage_plot, accuracy_plot], api_name="compare")
         dataset.change(lambda d: gr.update(visible=d == "folder"), dataset, folder, api_visibility="private")

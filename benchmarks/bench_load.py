@@ -4,8 +4,8 @@ The same registry is served twice, one after the other, by ``python app/main.py`
 unbatched (``--max-batch 1``: one request per backbone pass) and batched (``--max-batch 32``: the queue gathers
 concurrent requests into one ``Predictor.predict_mixed`` pass). Each client is a ``gradio_client.Client`` in its own
 thread, sending requests back to back until its count or the time limit is reached. Reported: requests/s, p50 and
-p95 latency, errors (an exception or an answer without labels), and the server's resident memory after warm-up and
-at the end.
+p95 latency, errors (an exception or an answer without labels), the mean number of requests per backbone pass, and the
+server's resident memory after a warm-up round (every client asks twice) and at the end.
 """
 
 from __future__ import annotations
@@ -125,7 +125,8 @@ def main() -> None:
         for label, max_batch in (("unbatched", 1), (f"batched (max {args.max_batch})", args.max_batch)):
             proc, url = start_server(db, max_batch, args.threads or 1)
             try:
-                warm = run(url, names, images, 1, args.tasks * 2, 60)  # load the backbone and every adapter
+                # load the backbone and every adapter, and reach the memory a full batch needs
+                warm = run(url, names, images, args.clients, 2, 60)
                 before = rss_mb(proc.pid)
                 r = run(url, names, images, args.clients, args.requests, args.seconds)
                 after = rss_mb(proc.pid)

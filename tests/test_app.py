@@ -3,6 +3,8 @@
 import re
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -278,3 +280,27 @@ def test_data_roots_follow_links_and_take_relative_paths(tmp_path):
         h._dataset_spec("folder", "escape")
     with pytest.raises(DatasetError, match="trains from no folders"):
         Handlers(str(tmp_path / "registry.db"), data_roots=[])._dataset_spec("folder", str(root / "set"))
+
+
+def test_adaptkit_ui_prints_its_address_and_no_share_hint(tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "adaptkit.cli", "ui", "--registry", str(tmp_path / "registry.db"), "--port",
+           str(port), "--data-root", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.strip() == f"adaptkit page on http://127.0.0.1:{port}/ (Ctrl+C to stop)"
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[0]
+    assert "share=True" not in first + rest
+
+
+def test_adaptkit_ui_with_a_missing_data_root_says_so_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "adaptkit.cli", "ui", "--registry", str(tmp_path / "registry.db"), "--data-root",
+           str(tmp_path / "nope")]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [f"error: data root {tmp_path / 'nope'} is not a folder: create it or "
+                                               "pass another --data-root"]

@@ -22,9 +22,12 @@ def ui(
     max_batch: Annotated[int, typer.Option(min=1, help="Prediction requests that share one backbone pass")] = 32,
 ) -> None:
     """Start the web page: upload an image, switch tasks, compare costs, add a task."""
+    from adaptkit.data.roots import resolve_roots
+
+    roots = resolve_roots(data_root) if data_root is not None else None  # before the slow import of the page
     from adaptkit_app.main import launch
 
-    page = launch(registry=registry, host=host, port=port, data_roots=data_root, max_batch_size=max_batch,
+    page = launch(registry=registry, host=host, port=port, data_roots=roots, max_batch_size=max_batch,
                   quiet=True, prevent_thread_lock=True)
     typer.echo(f"adaptkit page on {page.local_url} (Ctrl+C to stop)")
     page.block_thread()
