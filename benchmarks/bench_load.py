@@ -21,13 +21,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from common import base_parser, parse, print_table, register_tasks
+import torch
+from common import base_parser, median_time, parse, print_table, register_tasks
 
 from adaptkit.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
+CLIENT_TIMEOUT_S = 120.0  # per HTTP call; a request that takes longer counts as an error
 
 
 def free_port() -> int:
@@ -65,12 +68,11 @@ def start_server(db: Path, max_batch: int, threads: int) -> tuple[subprocess.Pop
     raise SystemExit("the page did not start within 120 s")
 
 
-def client_loop(url: str, tasks: list[str], images: list[str], requests: int, seconds: float, seed: int,
+def client_loop(client: Any, tasks: list[str], images: list[str], requests: int, seconds: float, seed: int,
                 out: list[tuple[float, bool, int]], start: threading.Barrier) -> None:
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     rng = random.Random(seed)
-    client = Client(url, verbose=False)
     start.wait()
     deadline = time.monotonic() + seconds
     for _ in range(requests):
@@ -86,21 +88,40 @@ def client_loop(url: str, tasks: list[str], images: list[str], requests: int, se
 
 
 def run(url: str, tasks: list[str], images: list[str], clients: int, requests: int, seconds: float) -> dict:
+    """``clients`` clients (connected one by one first), each sending up to ``requests`` requests within ``seconds``."""
+    from gradio_client import Client
+
+    conns = [Client(url, verbose=False, httpx_kwargs={"timeout": CLIENT_TIMEOUT_S}) for _ in range(clients)]
     results: list[tuple[float, bool, int]] = []
     start = threading.Barrier(clients + 1)
-    threads = [threading.Thread(target=client_loop, args=(url, tasks, images, requests, seconds, i, results, start))
-               for i in range(clients)]
+    threads = [threading.Thread(target=client_loop, args=(c, tasks, images, requests, seconds, i, results, start))
+               for i, c in enumerate(conns)]
     for t in threads:
         t.start()
     start.wait()
     began = time.perf_counter()
     for t in threads:
-        t.join(timeout=seconds + 120)
+        t.join(timeout=seconds + 2 * CLIENT_TIMEOUT_S)
     wall = time.perf_counter() - began
     lat = sorted(t for t, _, _ in results)
     return {"requests": len(results), "errors": sum(not ok for _, ok, _ in results), "rps": len(results) / wall,
             "p50": statistics.median(lat) * 1000, "p95": lat[int(0.95 * (len(lat) - 1))] * 1000,
             "batch": statistics.mean(b for _, _, b in results)}
+
+
+def model_ceiling(db: Path, tasks: list[str], images: list[str], batch: int, repeats: int = 5) -> tuple[float, float]:
+    """Milliseconds per image of ``predict_mixed`` alone, one image at a time and ``batch`` at once: the most that
+    batching can win on this machine, before any HTTP or queue cost."""
+    from adaptkit.data import open_image
+    from adaptkit.predict import Predictor
+
+    predictor = Predictor(Registry(db), device="cpu")
+    imgs = [open_image(images[i % len(images)]) for i in range(batch)]
+    refs = [tasks[i % len(tasks)] for i in range(batch)]
+    predictor.predict_mixed(imgs, refs)  # load everything
+    one = median_time(lambda: [predictor.predict_mixed([im], [r]) for im, r in zip(imgs, refs, strict=True)], repeats)
+    many = median_time(lambda: predictor.predict_mixed(imgs, refs), repeats)
+    return one / batch * 1000, many / batch * 1000
 
 
 def main() -> None:
@@ -121,6 +142,8 @@ def main() -> None:
         db = Path(tmp) / "registry.db"
         names = [f"t{i}" for i in range(args.tasks)]
         register_tasks(Registry(db), args.backbone, [(n, "adapter", {"rank": 16}, 10) for n in names])
+        torch.set_num_threads(args.threads or 1)  # as the server runs
+        alone, together = model_ceiling(db, names, images, args.max_batch)
         rows, figures = [], {}
         for label, max_batch in (("unbatched", 1), (f"batched (max {args.max_batch})", args.max_batch)):
             proc, url = start_server(db, max_batch, args.threads or 1)
@@ -141,6 +164,8 @@ def main() -> None:
         print_table(["mode", "requests", "req/s", "p50 ms", "p95 ms", "errors", "mean batch", "server RSS MB"], rows)
         unb, bat = figures.values()
         print(f"\nbatched/unbatched: {bat['rps'] / unb['rps']:.2f}x requests/s, p50 {bat['p50'] / unb['p50']:.2f}x")
+        print(f"the model alone (predict_mixed, no HTTP): {alone:.1f} ms per image one at a time, {together:.1f} ms "
+              f"in batches of {args.max_batch}: at most {alone / together:.2f}x from batching on this machine")
 
 
 if __name__ == "__main__":

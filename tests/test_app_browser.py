@@ -7,6 +7,7 @@ the repository root, at 1280x800 and at 800 px wide.
 
 import re
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,7 @@ def page(app_url):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.set_default_timeout(TIMEOUT_MS)
+        sync_api.expect.set_options(timeout=TIMEOUT_MS)
         page.goto(app_url)
         try:
             yield page
@@ -175,12 +177,16 @@ def test_training_shows_progress_and_disables_the_button(page):
     page.get_by_label("Task name").fill("digits-small")
     page.get_by_label("Epochs").fill("2")
     page.get_by_label("Batch size").fill("16")
+    page.get_by_text("Quick run: fewer images").click()
+    page.get_by_label("Training images (0: all)").fill("320")
+    page.get_by_label("Validation and test images (0: all)").fill("64")
     page.locator("#train").click()
     expect(page.locator("#train")).to_be_disabled()
     progress = page.locator("#train-status .progress-text, #train-status .meta-text").first
     expect(progress).to_be_visible()
     seen = set()
-    for _ in range(40):  # the text changes as training goes on (epoch, loss, share done)
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:  # the text changes as training goes on (epoch, loss, share done)
         text = page.locator("#train-status").inner_text()
         box = page.locator("#train-status").bounding_box()
         if "Trained" in text:
@@ -192,7 +198,7 @@ def test_training_shows_progress_and_disables_the_button(page):
                 shoot(page, "training")
         page.wait_for_timeout(250)
     assert len(seen) >= 2, f"progress text never changed: {seen}"
-    expect(page.locator("#train-status")).to_contain_text("Trained digits-small version 1")
+    expect(page.locator("#train-status")).to_contain_text("Trained digits-small version 1", timeout=TIMEOUT_MS)
     expect(page.locator("#train")).to_be_enabled()
 
 
