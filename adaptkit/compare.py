@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the formatters below serve the command line, which must not import SQLAlchemy to start
     from adaptkit.registry import Registry, TaskRow, VersionRow
 
-__all__ = ["CostRow", "CostReport", "compare", "format_bytes", "format_percent"]
+__all__ = ["CostRow", "CostReport", "compare", "format_bytes", "format_count", "format_percent"]
 
 FP32 = 4
 
@@ -133,3 +133,13 @@ def compare(registry: Registry | str) -> CostReport:
                       adapters_bytes=adapters_bytes, shared_total_bytes=backbone_bytes + adapters_bytes,
                       full_total_bytes=full_total_bytes, adapters_params=adapters_params,
                       full_total_params=full_total_params, broken=broken)
+
+
+def format_count(n: int | None) -> str:
+    """``1.2 M`` / ``311 K`` / ``950`` for parameter counts; ``-`` for unknown."""
+    if n is None:
+        return "-"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n:,}"

@@ -2,35 +2,45 @@
 
 No ML and no SQL here: :class:`~adaptkit.predict.Predictor`, :class:`~adaptkit.registry.Registry`,
 :func:`~adaptkit.compare.compare` and :func:`~adaptkit.train.train` do the work. Every handler is wrapped by
-:func:`user_errors`, so an :class:`~adaptkit.errors.AdaptkitError` shows its own message on the page and anything
-else a short one (with the traceback in the server log), never a traceback on the page.
+:func:`user_errors`, so an :class:`~adaptkit.errors.AdaptkitError` shows its own message on the page (in the page's
+terms, without server paths) and anything else a short one (with the traceback in the server log), never a traceback.
+
+:meth:`Handlers.predict` is a batched Gradio event: concurrent requests, for any mix of tasks, arrive together and go
+through the backbone in one :meth:`~adaptkit.predict.Predictor.predict_mixed` pass; a bad request in a batch gets its
+own message and never fails the others.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from adaptkit.compare import CostReport, compare, format_bytes, format_percent
-from adaptkit.data import list_datasets, open_image
+from adaptkit.compare import compare, format_bytes, format_percent
+from adaptkit.data import default_data_dir, list_datasets, open_image
+from adaptkit.data.roots import folder_in_roots, resolve_roots
 from adaptkit.errors import AdaptkitError
 from adaptkit.predict import Predictor
 from adaptkit.registry import Registry, TaskRow
 from adaptkit.train import TrainConfig, TrainEvent, train
+from adaptkit_app import tables
 
-__all__ = ["Handlers", "user_errors", "dataset_choices", "METHOD_CHOICES", "RANKED_METHODS"]
+__all__ = ["Handlers", "user_errors", "page_terms", "dataset_choices", "default_data_roots", "METHOD_CHOICES",
+           "RANKED_METHODS", "UPLOAD_HINT"]
 
 _log = logging.getLogger(__name__)
 
 METHOD_CHOICES = ["adapter", "lora", "linear", "full"]
 RANKED_METHODS = ("adapter", "lora")  # the methods that take a rank
+UPLOAD_HINT = "Upload, paste or take a picture to see its labels."
 EMPTY_NOTE = """### No tasks yet
 The registry `{url}` has no tasks. Train one here in **Add a task** (for a quick offline try: data set `digits`,
 backbone `vit_cifar_tiny_patch4_32.adaptkit_c10`, which ships with adaptkit), or from a shell:
@@ -39,11 +49,28 @@ backbone `vit_cifar_tiny_patch4_32.adaptkit_c10`, which ships with adaptkit), or
 adaptkit train --dataset digits --backbone vit_cifar_tiny_patch4_32.adaptkit_c10 --epochs 5 --no-augment --lr 3e-3
 adaptkit train --dataset cifar100            # the default ViT-B/16 backbone, from the hub
 ```
-Then come back to **Predict**: the new task appears in the picker."""
+Then come back to **Predict**: the new task appears in the picker (or press ↻ beside it)."""
+
+# The library's messages name CLI options; the page has fields instead.
+_PAGE_TERMS = [
+    (re.compile(r"pass --weights FILE or --no-pretrained"), 'untick "Pretrained weights" for random weights, or pick '
+                                                            "a backbone that has pretrained weights"),
+    (re.compile(r"--weights FILE( \([^)]*\))?(,| or) "), ""),
+    (re.compile(r"--no-pretrained"), 'untick "Pretrained weights"'),
+    (re.compile(r"(pick )?another --task name"), 'type another "Task name"'),
+    (re.compile(r"train it with `adaptkit train --task (\S+) \.\.\.`"), r'train it in **Add a task** as "\1"'),
+]
+
+
+def page_terms(message: str) -> str:
+    """A library message with its CLI options replaced by the page's fields."""
+    for pattern, text in _PAGE_TERMS:
+        message = pattern.sub(text, message)
+    return message
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Show an AdaptkitError's message on the page; log anything else and show a short message instead."""
+    """Show an AdaptkitError's message on the page until dismissed; log anything else and show a short message."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -52,13 +79,22 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except AdaptkitError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise gr.Error(page_terms(str(exc)), duration=None, print_exception=False) from None
         except Exception as exc:  # noqa: BLE001 - the page must stay up whatever happens
             _log.exception("%s failed", fn.__name__)
             raise gr.Error(f"{fn.__name__.strip('_')} failed unexpectedly ({type(exc).__name__}); the server log "
-                           "has the details.", print_exception=False) from None
+                           "has the details.", duration=None, print_exception=False) from None
 
     return wrapper
+
+
+def open_upload(path: str) -> Any:
+    """Open an uploaded file as an image; an error names "the uploaded file", never the server's temporary path."""
+    try:
+        return open_image(path)
+    except AdaptkitError as exc:
+        message = str(exc).replace(str(path), "the uploaded file").replace(Path(path).name, "the uploaded file")
+        raise type(exc)(message[:1].upper() + message[1:]) from None
 
 
 def task_label(task: TaskRow) -> str:
@@ -71,8 +107,35 @@ def task_label(task: TaskRow) -> str:
     return f"{task.name} · {v.method} · {v.backbone.name} · {acc_text}"
 
 
+def picker_choices(tasks: Sequence[TaskRow]) -> list[tuple[str, str]]:
+    """(label, task name) for each task that has a default version; a task whose row cannot be read is marked."""
+    choices = []
+    for t in tasks:
+        try:
+            if t.default is not None:
+                choices.append((task_label(t), t.name))
+        except Exception:  # noqa: BLE001 - one unreadable row must not take the picker down
+            _log.exception("task %s could not be listed", t.name)
+            choices.append((f"{t.name} · unreadable (see the server log)", t.name))
+    return choices
+
+
 def dataset_choices() -> list[tuple[str, str]]:
     return [(f"{d.name} — {d.description}", d.name) for d in list_datasets()]
+
+
+def default_data_roots() -> list[Path]:
+    """The folders the page trains from when ``--data-root`` is not given: adaptkit's data folder, if it exists."""
+    return [p for p in [default_data_dir()] if p.is_dir()]
+
+
+def _stamp(tasks: Sequence[TaskRow]) -> tuple:
+    """What a task name resolves to, for every task: changes when any default version changes."""
+    out = []
+    for t in tasks:
+        v = t.default
+        out.append((t.name, None if v is None else (v.version, v.sha256)))
+    return tuple(out)
 
 
 class Handlers:
@@ -81,14 +144,21 @@ class Handlers:
     Args:
         registry: a registry path or URL; None means ``$ADAPTKIT_REGISTRY`` or ``./registry.db``.
         device: the Predictor's device (default: CUDA when available).
+        data_roots: the folders "Add a task" may train from (default: :func:`default_data_roots`).
+        sync_s: how often (seconds) predictions check the registry for tasks changed by other processes.
     """
 
-    def __init__(self, registry: str | None = None, device: str | None = None) -> None:
+    def __init__(self, registry: str | None = None, device: str | None = None,
+                 data_roots: Sequence[str | Path] | None = None, sync_s: float = 2.0) -> None:
         self.url = registry
         self.device = device
+        self.data_roots = resolve_roots(default_data_roots() if data_roots is None else data_roots)
+        self.sync_s = sync_s
         self._registry: Registry | None = None
         self._predictor: Predictor | None = None
         self._lock = threading.RLock()  # the Predictor switches one active task at a time
+        self._stamp: tuple | None = None
+        self._synced_at = float("-inf")
 
     @property
     def registry(self) -> Registry:
@@ -104,11 +174,23 @@ class Handlers:
                 self._predictor = Predictor(self.registry, device=self.device, max_backbones=2)
             return self._predictor
 
+    def _sync(self, force: bool = False) -> list[TaskRow] | None:
+        """Make task names resolve afresh if the registry changed (another process trained, removed, set a default)."""
+        if not force and time.monotonic() - self._synced_at < self.sync_s:
+            return None
+        tasks = self.registry.tasks()
+        stamp = _stamp(tasks)
+        with self._lock:
+            self._synced_at = time.monotonic()
+            if stamp != self._stamp and self._predictor is not None:
+                self._predictor.refresh()
+            self._stamp = stamp
+        return tasks
+
     # -- the task picker ---------------------------------------------------------------------------------------
 
-    def _picker(self, value: str | None = None) -> tuple[dict, dict]:
-        tasks = self.registry.tasks()
-        choices = [(task_label(t), t.name) for t in tasks if t.versions]
+    def _picker(self, value: str | None = None, tasks: Sequence[TaskRow] | None = None) -> tuple[dict, dict]:
+        choices = picker_choices(self.registry.tasks() if tasks is None else tasks)
         names = [name for _, name in choices]
         value = value if value in names else (names[0] if names else None)
         note = EMPTY_NOTE.format(url=self.registry.url)
@@ -117,58 +199,94 @@ class Handlers:
     @user_errors
     def tasks(self, current: str | None = None) -> tuple[dict, dict]:
         """Re-read the registry: the picker's tasks (keeping ``current``) and the empty-registry note."""
-        with self._lock:
-            if self._predictor is not None:
-                self._predictor.refresh()
-        return self._picker(current)
+        return self._picker(current, self._sync(force=True))
 
     # -- Predict and All tasks ---------------------------------------------------------------------------------
 
     @user_errors
-    def predict(self, image: str | None, task: str | None, topk: float = 5) -> tuple[dict | None, str]:
-        """Top-k labels of one image under one task, and how long that took."""
-        if not task:
-            return None, "Pick a task first (none is registered yet? see **Add a task**)."
-        if image is None:
-            return None, "Upload, paste or take a picture to see its labels."
-        img = open_image(image)
+    def predict(self, images: list[str | None], tasks: list[str | None],
+                topks: list[float]) -> tuple[list[dict | None], list[str | dict]]:
+        """Top-k labels of each request's image under its own task, all in one backbone pass (a batched event).
+
+        Args:
+            images, tasks, topks: one entry per request in the batch.
+
+        Returns:
+            the labels of each request (None where it failed) and a line saying how long it took or what went wrong.
+        """
+        labels: list[dict | None] = [None] * len(images)
+        notes: list[str | dict] = [gr.skip()] * len(images)  # no image: leave the line as it is (it may be an error)
+        ready: list[tuple[int, Any, str]] = []
+        for i, (image, task) in enumerate(zip(images, tasks, strict=True)):
+            if not task:
+                notes[i] = "Pick a task first (none is registered yet? see **Add a task**)."
+            elif image is not None:
+                try:
+                    ready.append((i, open_upload(image), task))
+                except AdaptkitError as exc:
+                    notes[i] = f"**Could not predict:** {page_terms(str(exc))}"
+        if ready:
+            self._predict_ready(ready, [int(k or 5) for k in topks], labels, notes)
+        return labels, notes
+
+    def _predict_ready(self, ready: list[tuple[int, Any, str]], topks: list[int], labels: list, notes: list) -> None:
+        self._sync()
         with self._lock:
             tick = time.perf_counter()
-            ref = self.predictor.load(task).ref
-            loaded = time.perf_counter() - tick
+            loaded = []
+            for i, img, task in ready:
+                try:
+                    loaded.append((i, img, self.predictor.load(task).ref))
+                except AdaptkitError as exc:  # a missing or broken task fails its own requests only
+                    notes[i] = f"**Could not predict:** {page_terms(str(exc))}"
+            load_s = time.perf_counter() - tick
+            if not loaded:
+                return
             tick = time.perf_counter()
-            preds = self.predictor.predict([img], task, topk=int(topk))[0]
+            preds = self.predictor.predict_mixed([img for _, img, _ in loaded], [ref for _, _, ref in loaded],
+                                                 topk=max(topks))
             took = time.perf_counter() - tick
-        timing = f"`{ref}` predicted in **{took * 1000:.1f} ms** on {self.predictor.device.type}"
-        if loaded > 0.001:
-            timing += f" (loading the task first took {loaded * 1000:.0f} ms)"
-        return {p.label: p.prob for p in preds}, timing + "."
+        device, batch = self.predictor.device.type, f" in a batch of {len(loaded)}" if len(loaded) > 1 else ""
+        for (i, _, ref), p in zip(loaded, preds, strict=True):
+            labels[i] = {x.label: x.prob for x in p[:max(topks[i], 1)]}
+            notes[i] = f"`{ref}` predicted in **{took * 1000:.1f} ms** on {device}{batch}"
+            notes[i] += f" (loading first took {load_s * 1000:.0f} ms)." if load_s > 0.001 else "."
 
     @user_errors
-    def predict_all(self, image: str | None) -> pd.DataFrame:
-        """One image through every task: one row each with its top label and probability."""
-        columns = ["task", "method", "backbone", "top label", "probability", "note"]
+    def predict_all(self, image: str | None) -> tuple[pd.DataFrame, str]:
+        """One image through every task: one row each with its top label and probability, and a note."""
         if image is None:
-            return pd.DataFrame(columns=columns)
-        img = open_image(image)
-        tasks = [t for t in self.registry.tasks() if t.versions]
+            return tables.empty_all_tasks(), ""
+        img = open_upload(image)
+        tasks = [t for t in self.registry.tasks() if t.default is not None]
+        if not tasks:
+            return tables.empty_all_tasks(), "No tasks yet: train one in **Add a task**."
+        self._sync()
         rows, ready = {}, []
         with self._lock:
             for t in tasks:
                 if t.broken:  # one broken task must not hide the others
-                    rows[t.name] = [t.name, "", "", "", None, f"broken: {t.broken}"]
+                    rows[t.name] = [t.name, "", "", "", f"broken: {t.broken}"]
                     continue
-                rows[t.name] = [t.name, t.default.method, t.default.backbone.name, "", None, ""]
+                rows[t.name] = [t.name, t.default.method, "", "", ""]
                 try:
                     self.predictor.load(t.name)
                     ready.append(t.name)
                 except AdaptkitError as exc:  # one broken task must not hide the others
-                    rows[t.name][5] = str(exc)
+                    rows[t.name][4] = page_terms(str(exc))
             if ready:
                 for name, preds in zip(ready, self.predictor.predict_mixed([img] * len(ready), ready, topk=1),
                                        strict=True):
-                    rows[name][3], rows[name][4] = preds[0].label, round(preds[0].prob, 4)
-        return pd.DataFrame(list(rows.values()), columns=columns)
+                    rows[name][2], rows[name][3] = preds[0].label, format_percent(preds[0].prob)
+        return pd.DataFrame(list(rows.values()), columns=tables.ALL_TASKS_COLUMNS), f"{len(ready)} of {len(tasks)} " \
+            "task(s) answered in one backbone pass."
+
+    @user_errors
+    def run_all(self, image: str | None) -> tuple[pd.DataFrame, str]:
+        """The "Run every task" button: like :meth:`predict_all`, but says so when there is no image."""
+        if image is None:
+            return tables.empty_all_tasks(), "**Upload an image first**, then run every task on it."
+        return self.predict_all(image)
 
     # -- Compare -----------------------------------------------------------------------------------------------
 
@@ -176,8 +294,10 @@ class Handlers:
     def compare(self) -> tuple[str, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """The cost table of ``adaptkit compare``, its summary and the data of its four charts."""
         report = compare(self.registry)
-        return (_summary(report), _cost_table(report), _per_task(report, "trainable_params", "parameters"),
-                _per_task(report, "bytes", "bytes on disk"), _storage(report), _accuracy(report))
+        return (tables.summary(report), tables.cost_table(report),
+                tables.per_task(report, "trainable_params", "parameters (K)", 1e3),
+                tables.per_task(report, "bytes", "KB on disk", 1e3), tables.storage(report),
+                tables.accuracy(report))
 
     # -- Add a task --------------------------------------------------------------------------------------------
 
@@ -186,91 +306,46 @@ class Handlers:
               lr: float | None, rank: float | None, backbone: str, pretrained: bool, limit_train: float | None,
               limit_eval: float | None, progress: gr.Progress = gr.Progress()) -> tuple[str, dict, dict]:
         """Train a task, register it, and return a status line with the refreshed picker."""
-        spec = _dataset_spec(dataset, folder)
+        spec = self._dataset_spec(dataset, folder)
         config = TrainConfig(epochs=int(epochs or 1), batch_size=int(batch_size or 64), lr=lr or None,
                              limit_train=int(limit_train) if limit_train else None,
                              limit_eval=int(limit_eval) if limit_eval else None)
         method_config = {"rank": int(rank)} if method in RANKED_METHODS and rank else None
-        progress(0, desc="building the backbone and loading the data")
+        progress(0, desc="Building the backbone and loading the data")
         result = train(spec, task=(task or "").strip() or None, backbone=(backbone or "").strip(),
                        pretrained=bool(pretrained), method=method, method_config=method_config, config=config,
                        registry=self.registry, on_event=_progress_reporter(progress))
         v = result.version
-        with self._lock:
-            self.predictor.refresh()
+        tasks = self._sync(force=True)
         status = (f"Trained **{v.task.name}** version {v.version}: {v.method} on {v.backbone.name}, "
                   f"{v.trainable_params:,} trainable parameters, {format_bytes(v.bytes)} on disk, test top-1 "
                   f"{format_percent(result.metrics.get('test_top1'))}. It is in the task picker now.")
-        picker, note = self._picker(v.task.name)
+        picker, note = self._picker(v.task.name, tasks)
         return status, picker, note
 
-
-def _dataset_spec(dataset: str | None, folder: str | None) -> str:
-    dataset, folder = (dataset or "").strip(), (folder or "").strip()
-    if dataset == "folder":
-        if not folder:
-            raise gr.Error("Enter the folder's path (one sub-folder of images per class, or train/ and test/).",
-                           print_exception=False)
-        return f"folder:{folder}"
-    if not dataset:
-        raise gr.Error("Pick a data set.", print_exception=False)
-    return dataset
+    def _dataset_spec(self, dataset: str | None, folder: str | None) -> str:
+        dataset, folder = (dataset or "").strip(), (folder or "").strip()
+        if dataset.lower().startswith("folder:"):  # typed into the data set box: the same roots apply
+            dataset, folder = "folder", dataset[len("folder:"):].strip()
+        if dataset == "folder":
+            if not folder:
+                raise gr.Error("Enter the folder's path (one sub-folder of images per class, or train/ and test/).",
+                               print_exception=False)
+            return f"folder:{folder_in_roots(folder, self.data_roots)}"
+        if not dataset:
+            raise gr.Error("Pick a data set.", print_exception=False)
+        return dataset
 
 
 def _progress_reporter(progress: gr.Progress) -> Callable[[TrainEvent], None]:
     def report(ev: TrainEvent) -> None:
         done = (ev.epoch - 1 + ev.step / max(ev.steps, 1)) / max(ev.epochs, 1)
         if ev.phase == "train":
-            desc = f"epoch {ev.epoch}/{ev.epochs}: training, loss {ev.loss:.3f}, accuracy {ev.accuracy:.1%}"
+            desc = f"Epoch {ev.epoch}/{ev.epochs}: training, loss {ev.loss:.3f}, accuracy {ev.accuracy:.1%}"
         elif ev.phase == "val":
-            desc, done = f"epoch {ev.epoch}/{ev.epochs}: validating", ev.epoch / max(ev.epochs, 1)
+            desc, done = f"Epoch {ev.epoch}/{ev.epochs}: validating", ev.epoch / max(ev.epochs, 1)
         else:
-            desc, done = {"test": "testing the best epoch", "save": "saving to the registry"}[ev.phase], 1.0
+            desc, done = {"test": "Testing the best epoch", "save": "Saving to the registry"}[ev.phase], 1.0
         progress(min(done, 1.0), desc=desc)
 
     return report
-
-
-def _summary(report: CostReport) -> str:
-    if not report.tasks:
-        return "No tasks yet: train one in **Add a task**, then the costs appear here."
-    return (f"**{report.tasks} task(s)** on {report.backbones} backbone(s): {format_bytes(report.backbone_bytes)} of "
-            f"backbone + {format_bytes(report.adapters_bytes)} of adapters = "
-            f"**{format_bytes(report.shared_total_bytes)}**, "
-            f"against **{format_bytes(report.full_total_bytes)}** for {report.tasks} fully fine-tuned copies: "
-            f"**{report.saving:.1f}x smaller**. Trainable parameters: {report.adapters_params:,} against "
-            f"{report.full_total_params:,}.")
-
-
-def _cost_table(report: CostReport) -> pd.DataFrame:
-    rows = [{
-        "task": r.task, "version": r.version, "default": "yes" if r.default else "", "method": r.method,
-        "backbone": r.backbone, "trainable params": r.trainable_params,
-        "% of backbone": round(100 * r.share_of_backbone, 3), "on disk": format_bytes(r.bytes),
-        "test top-1": format_percent(r.test_top1),
-        "train time (s)": None if r.train_time_s is None else round(r.train_time_s, 1),
-        "full params": r.full_params, "full on disk": format_bytes(r.full_bytes),
-        "full test top-1": format_percent(r.full_test_top1) if r.full_measured else "not trained",
-    } for r in report.rows]
-    return pd.DataFrame(rows, columns=["task", "version", "default", "method", "backbone", "trainable params",
-                                       "% of backbone", "on disk", "test top-1", "train time (s)", "full params",
-                                       "full on disk", "full test top-1"])
-
-
-def _per_task(report: CostReport, field: str, name: str) -> pd.DataFrame:
-    rows = [{"task": r.task, name: getattr(r, field), "method": r.method} for r in report.rows if r.default]
-    return pd.DataFrame(rows, columns=["task", name, "method"])
-
-
-def _storage(report: CostReport) -> pd.DataFrame:
-    shared = f"1 backbone + {report.tasks} adapters"
-    full = f"{report.tasks} full copies"
-    rows = [(shared, "backbone", report.backbone_bytes / 1e6), (shared, "adapters", report.adapters_bytes / 1e6),
-            (full, "full copies", report.full_total_bytes / 1e6)]
-    return pd.DataFrame(rows if report.tasks else [], columns=["setup", "part", "MB"])
-
-
-def _accuracy(report: CostReport) -> pd.DataFrame:
-    rows = [{"trainable params": r.trainable_params, "test top-1": r.test_top1, "method": r.method,
-             "task": f"{r.task}@{r.version}"} for r in report.rows if r.test_top1 is not None]
-    return pd.DataFrame(rows, columns=["trainable params", "test top-1", "method", "task"])

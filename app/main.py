@@ -8,18 +8,38 @@ loaded on first use, and the task picker is filled when a page loads.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from adaptkit_app.handlers import METHOD_CHOICES, RANKED_METHODS, Handlers, dataset_choices
+import pandas as pd
 
 from adaptkit.backbone import DEFAULT_BACKBONE
+from adaptkit.models import PACKAGED_BACKBONE
+from adaptkit_app import tables
+from adaptkit_app.handlers import METHOD_CHOICES, RANKED_METHODS, UPLOAD_HINT, Handlers, dataset_choices
 
-__all__ = ["image_input", "build_app", "launch", "main", "demo"]
+__all__ = ["image_input", "build_app", "launch", "main", "demo", "MAX_BATCH"]
 
-CSS = ".upscaled img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
+MAX_BATCH = 32  # prediction requests that share one backbone pass
+
+CSS = """.upscaled img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+.prose strong { font-family: ui-sans-serif, system-ui, sans-serif; }
+.table-wrap .cell-menu-button { display: none; }
+"""  # Gradio's bold face covers only a few glyphs, so a bold run mixed two fonts; read-only tables need no menus
+# A file that is not an image would show the browser's broken-image icon; the handler's message says what is wrong.
+JS = """() => {
+  const mark = (e, hidden) => {
+    if (e.target.tagName === "IMG" && e.target.closest(".upscaled")) e.target.style.visibility = hidden ? "hidden" : "";
+  };
+  document.addEventListener("error", (e) => mark(e, true), true);
+  document.addEventListener("load", (e) => mark(e, false), true);
+}"""
 INTRO = """# adaptkit
 One frozen Vision Transformer, a small adapter per task. Pick a task and upload an image; switching the task re-runs
 the same image at once. The backbone is loaded once and shared by every task on it."""
@@ -43,55 +63,81 @@ def _uploaded_path(image: gr.Image, payload: Any) -> str | None:
     return str(payload.path)
 
 
-def build_app(registry: str | None = None) -> gr.Blocks:
-    """The page over the registry at ``registry`` (a path or URL; default ``$ADAPTKIT_REGISTRY`` or ./registry.db)."""
-    h = Handlers(registry)
+def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | None = None,
+              max_batch_size: int = MAX_BATCH) -> gr.Blocks:
+    """The page over the registry at ``registry`` (a path or URL; default ``$ADAPTKIT_REGISTRY`` or ./registry.db).
+
+    Args:
+        registry: the registry's path or URL.
+        data_roots: the folders "Add a task" may train from (default: adaptkit's data folder, if any).
+        max_batch_size: how many concurrent prediction requests go through the backbone together (1: one at a time).
+    """
+    h = Handlers(registry, data_roots=data_roots)
+    roots = ", ".join(f"`{r}`" for r in h.data_roots) or "none (start the page with `--data-root PATH`)"
     with gr.Blocks(title="adaptkit") as demo:
         gr.Markdown(INTRO)
         empty_note = gr.Markdown(visible=False)
         with gr.Tabs():
             with gr.Tab("Predict", id="predict"):
                 with gr.Row():
-                    with gr.Column():
-                        task = gr.Dropdown(label="Task", choices=[], allow_custom_value=True, elem_id="task")
+                    with gr.Column(min_width=400):  # side by side from about 900 px, else stacked
+                        with gr.Row(equal_height=True):
+                            task = gr.Dropdown(label="Task", choices=[], allow_custom_value=True, elem_id="task",
+                                               scale=8)
+                            reload = gr.Button("↻", size="sm", scale=0, min_width=44, elem_id="reload")
                         image = image_input(label="Image", height=320, elem_id="image", elem_classes="upscaled")
                         topk = gr.Slider(1, 10, value=5, step=1, label="Top-k labels")
-                    with gr.Column():
+                    with gr.Column(min_width=400):
                         labels = gr.Label(label="Prediction", elem_id="labels")
-                        timing = gr.Markdown("Upload, paste or take a picture to see its labels.", elem_id="timing")
+                        timing = gr.Markdown(UPLOAD_HINT, elem_id="timing")
             with gr.Tab("All tasks", id="all"):
                 with gr.Row():
-                    with gr.Column(scale=1):
-                        image_all = image_input(label="Image", height=280, elem_classes="upscaled")
-                        run_all = gr.Button("Run every task", variant="primary")
-                    with gr.Column(scale=2):
-                        table_all = gr.Dataframe(label="One row per task", interactive=False, wrap=True)
+                    with gr.Column(scale=1, min_width=280):  # side by side from about 900 px, else stacked
+                        image_all = image_input(label="Image", height=280, elem_id="image-all",
+                                                elem_classes="upscaled")
+                        run_all = gr.Button("Run every task", variant="primary", elem_id="run-all")
+                        all_note = gr.Markdown(elem_id="all-note")
+                    with gr.Column(scale=2, min_width=560):
+                        table_all = gr.Dataframe(tables.empty_all_tasks(), label="One row per task",
+                                                 interactive=False, wrap=True, elem_id="table-all",
+                                                 column_widths=["18%", "16%", "20%", "18%", "28%"])
             with gr.Tab("Compare", id="compare") as compare_tab:
-                refresh = gr.Button("Refresh", size="sm")
-                summary = gr.Markdown()
-                cost_table = gr.Dataframe(label="Cost of each version against full fine-tuning", interactive=False)
+                with gr.Row(equal_height=True):
+                    summary = gr.Markdown(elem_id="summary")
+                    refresh = gr.Button("Refresh", size="sm", scale=0, min_width=90, elem_id="compare-refresh")
+                cost_table = gr.Dataframe(pd.DataFrame(columns=tables.COST_COLUMNS), interactive=False, wrap=True,
+                                          label="Cost of each version against full fine-tuning (* the default)",
+                                          elem_id="cost-table",
+                                          column_widths=["12%", "12%", "12%", "18%", "13%", "13%", "20%"])
                 with gr.Row():
-                    params_plot = gr.BarPlot(x="task", y="parameters", color="method",
-                                             title="Trainable parameters per task")
-                    bytes_plot = gr.BarPlot(x="task", y="bytes on disk", color="method",
-                                            title="Adapter bytes on disk per task")
+                    params_plot = gr.BarPlot(x="task", y="parameters (K)", color="method",
+                                             title="Trainable parameters per task (thousands)")
+                    bytes_plot = gr.BarPlot(x="task", y="KB on disk", color="method",
+                                            title="Adapter file per task (KB)")
                 with gr.Row():
                     storage_plot = gr.BarPlot(x="setup", y="MB", color="part",
-                                              title="One backbone plus N adapters against N full copies")
-                    accuracy_plot = gr.ScatterPlot(x="trainable params", y="test top-1", color="method",
-                                                   tooltip=["task", "trainable params", "test top-1"], y_lim=[0, 1],
-                                                   title="Test accuracy against trainable parameters")
+                                              title="Backbone + N adapters vs N full copies (MB)")
+                    accuracy_plot = gr.ScatterPlot(x="trainable params (K)", y="test top-1 (%)", color="task",
+                                                   tooltip=["task", "method", "trainable params (K)",
+                                                            "test top-1 (%)"], y_lim=[0, 100],
+                                                   title="Test accuracy vs trainable parameters")
             with gr.Tab("Add a task", id="add"):
                 with gr.Row():
                     with gr.Column():
                         dataset = gr.Dropdown(dataset_choices(), value="digits", label="Data set",
-                                              allow_custom_value=True)
-                        folder = gr.Textbox(label="Folder", placeholder="/path/to/images (a folder per class)",
-                                            visible=False)
+                                              allow_custom_value=True, elem_id="dataset")
+                        folder = gr.Textbox(label="Folder (one sub-folder of images per class)", visible=False,
+                                            placeholder=f"a folder under {roots.replace('`', '')}", elem_id="folder",
+                                            info=f"Folders this page may read: {roots.replace('`', '')}")
                         task_name = gr.Textbox(label="Task name", placeholder="default: the data set's name")
                         method = gr.Radio(METHOD_CHOICES, value="adapter", label="Method")
-                        backbone = gr.Textbox(DEFAULT_BACKBONE, label="Backbone (a timm ViT name)")
-                        pretrained = gr.Checkbox(True, label="Pretrained weights (from the hub or the package)")
+                        backbone = gr.Dropdown([PACKAGED_BACKBONE, DEFAULT_BACKBONE], value=PACKAGED_BACKBONE,
+                                               allow_custom_value=True, label="Backbone (a timm ViT name)",
+                                               elem_id="backbone",
+                                               info=f"{PACKAGED_BACKBONE} ships with adaptkit and works offline; "
+                                                    "others need the model hub or random weights")
+                        pretrained = gr.Checkbox(True, label="Pretrained weights (from the package or the hub)",
+                                                 elem_id="pretrained")
                     with gr.Column():
                         with gr.Row():
                             epochs = gr.Number(3, label="Epochs", precision=0, minimum=1)
@@ -103,28 +149,52 @@ def build_app(registry: str | None = None) -> gr.Blocks:
                             limit_train = gr.Number(0, label="Training images (0: all)", precision=0, minimum=0)
                             limit_eval = gr.Number(0, label="Validation and test images (0: all)", precision=0,
                                                    minimum=0)
-                        train_btn = gr.Button("Train", variant="primary")
-                        train_status = gr.Markdown()
+                        train_btn = gr.Button("Train", variant="primary", elem_id="train")
+                        train_status = gr.Markdown("Pick a data set and press **Train**; progress shows here.",
+                                                   elem_id="train-status", min_height=110)
 
-        gr.on([demo.load], h.tasks, inputs=task, outputs=[task, empty_note], api_name="tasks")
+        gr.on([demo.load, reload.click], h.tasks, inputs=task, outputs=[task, empty_note], api_name="tasks")
         gr.on([image.change, task.change, topk.release], h.predict, inputs=[image, task, topk],
-              outputs=[labels, timing], api_name="predict", trigger_mode="always_last")
-        gr.on([image_all.change, run_all.click], h.predict_all, inputs=image_all, outputs=table_all,
-              api_name="predict_all", trigger_mode="always_last")
+              outputs=[labels, timing], api_name="predict", trigger_mode="always_last", batch=True,
+              max_batch_size=max_batch_size, concurrency_limit=1)  # while a batch runs, the next one gathers
+        image_all.change(h.predict_all, inputs=image_all, outputs=[table_all, all_note], api_name="predict_all",
+                         trigger_mode="always_last")
+        run_all.click(h.run_all, inputs=image_all, outputs=[table_all, all_note], api_visibility="private")
         gr.on([compare_tab.select, refresh.click], h.compare,
               outputs=[summary, cost_table, params_plot, bytes_plot, storage_plot, accuracy_plot], api_name="compare")
         dataset.change(lambda d: gr.update(visible=d == "folder"), dataset, folder, api_visibility="private")
         method.change(lambda m: gr.update(visible=m in RANKED_METHODS), method, rank, api_visibility="private")
-        train_btn.click(h.train, inputs=[dataset, folder, task_name, method, epochs, batch_size, lr, rank, backbone,
-                                         pretrained, limit_train, limit_eval],
-                        outputs=[train_status, task, empty_note], api_name="train", concurrency_limit=1)
+        busy = train_btn.click(lambda: (gr.update(interactive=False, value="Training..."), ""), None,
+                               [train_btn, train_status], api_visibility="private", queue=False)
+        trained = busy.then(h.train, inputs=[dataset, folder, task_name, method, epochs, batch_size, lr, rank,
+                                             backbone, pretrained, limit_train, limit_eval],
+                            outputs=[train_status, task, empty_note], api_name="train", concurrency_limit=1,
+                            show_progress_on=train_status)
+        for after in (trained.then, trained.failure):  # this Gradio skips .then after an error
+            after(lambda: gr.update(interactive=True, value="Train"), None, train_btn, api_visibility="private",
+                  queue=False)
     return demo
 
 
-def launch(registry: str | None = None, host: str = "127.0.0.1", port: int | None = None, **kw: Any) -> gr.Blocks:
+def _fewer_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas. Each Gradio worker thread that runs a batch would get its own arena (up to 8 per
+    core), and batches of varying size left the server's memory drifting up by ~100 MB; with two it stays flat."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8: M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to cap
+        pass
+
+
+def launch(registry: str | None = None, host: str = "127.0.0.1", port: int | None = None,
+           data_roots: Sequence[str | Path] | None = None, max_batch_size: int = MAX_BATCH, **kw: Any) -> gr.Blocks:
     """Build the page and serve it; returns the running Blocks (``prevent_thread_lock=True`` returns at once)."""
-    app = build_app(registry)
+    _fewer_malloc_arenas()
+    app = build_app(registry, data_roots=data_roots, max_batch_size=max_batch_size)
     kw.setdefault("css", CSS)
+    kw.setdefault("js", JS)
+    kw.setdefault("run_history", False)  # visitors' images are theirs: the server keeps no history of runs
     app.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port, **kw)
     return app
 
@@ -134,9 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--registry", help="registry path or URL (default: $ADAPTKIT_REGISTRY or ./registry.db)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--data-root", action="append", default=None, help="a folder the page may train from "
+                        "(repeatable; default: adaptkit's data folder)")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="prediction requests per backbone pass")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    launch(args.registry, host=args.host, port=args.port)
+    launch(args.registry, host=args.host, port=args.port, data_roots=args.data_root, max_batch_size=args.max_batch)
 
 
 demo = build_app()

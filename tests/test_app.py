@@ -1,21 +1,24 @@
 """The web app: served on localhost and called through gradio_client, and its handlers called directly."""
 
+import re
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import gradio as gr
 import pytest
-from adaptkit_app.handlers import Handlers
-from adaptkit_app.main import launch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 from adaptkit.data import open_image
-from adaptkit.errors import ImageError
+from adaptkit.errors import DatasetError, ImageError
 from adaptkit.registry import Registry
 from adaptkit.train import TrainConfig, train
+from adaptkit_app.handlers import Handlers
+from adaptkit_app.main import launch
 
 CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
 CLASSES = sorted(p.name for p in (CIFAR_MINI / "test").iterdir()) if CIFAR_MINI.is_dir() else []
@@ -50,7 +53,8 @@ def registry_db(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(registry_db):
-    app = launch(str(registry_db), port=free_port(), prevent_thread_lock=True, quiet=True)
+    app = launch(str(registry_db), port=free_port(), prevent_thread_lock=True, quiet=True,
+                 data_roots=[CIFAR_MINI.parent])
     try:
         yield Client(app.local_url, verbose=False)
     finally:
@@ -82,28 +86,43 @@ def test_predict_same_image_on_two_tasks(client, cat):
 
 
 def test_all_tasks_gives_one_row_per_task(client, cat, registry_db):
-    table = client.predict(handle_file(cat), api_name="/predict_all")
+    table, note = client.predict(handle_file(cat), api_name="/predict_all")
     names = [t.name for t in Registry(registry_db).tasks()]
     assert [row[0] for row in table["data"]] == names
     col = table["headers"].index("top label")
     assert all(row[col] in CLASSES for row in table["data"])
+    prob = table["headers"].index("probability")
+    assert all(re.fullmatch(r"\d+\.\d%", row[prob]) for row in table["data"])  # as Predict shows them
+    assert f"{len(names)} of {len(names)} task(s)" in note
 
 
-def test_compare_has_a_row_per_task(client):
+def test_compare_has_a_row_per_task_in_readable_units(client):
     summary, table, params, size, storage, accuracy = client.predict(api_name="/compare")
     assert {row[0] for row in table["data"]} >= set(TASKS)
+    assert re.search(r"= \*\*\d+\.\d [KMG]?B\*\*, against \*\*\d+\.\d [KMG]?B\*\*", summary)  # bold closes after B
     assert "smaller" in summary
-    assert {row[0] for row in params["data"]} >= set(TASKS)
+    rows = {row[0]: dict(zip(table["headers"], row, strict=True)) for row in table["data"]}
+    for name in TASKS:
+        assert re.fullmatch(r"\d+\.\d K \(\d+\.\d\d%\)", rows[name]["params"])
+        assert re.fullmatch(r"\d+\.\d KB", rows[name]["on disk"])
+        assert re.fullmatch(r"\d+\.\d%", rows[name]["test top-1"])
+    assert size["columns"][1] == "KB on disk"
+    kb = {row[0]: row[1] for row in size["data"]}
+    bars = {row[0] for row in params["data"]}
+    assert bars >= set(TASKS) and set(kb) == bars
+    assert {row[2] for row in accuracy["data"]} == bars  # the scatter shows the versions the bars show, by task
+    assert all(0 <= row[1] <= 100 for row in accuracy["data"])
     assert len(storage["data"]) == 3
 
 
 def test_bad_upload_gives_a_clear_message_and_the_app_stays_up(client, cat, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("this is not an image")
-    with pytest.raises(AppError, match="not an image"):
-        client.predict(handle_file(str(bad)), "ada", 3, api_name="/predict")
-    with pytest.raises(AppError, match="no task 'nope'"):
-        client.predict(handle_file(cat), "nope", 3, api_name="/predict")
+    labels, note = client.predict(handle_file(str(bad)), "ada", 3, api_name="/predict")
+    assert not labels and "The uploaded file is not an image" in note
+    assert "/tmp" not in note and "notes.png" not in note  # no server path, not even the upload's name
+    labels, note = client.predict(handle_file(cat), "nope", 3, api_name="/predict")
+    assert not labels and "no task 'nope'" in note and "Add a task" in note
     labels, _ = client.predict(handle_file(cat), "ada", 3, api_name="/predict")
     assert labels["label"] in CLASSES
 
@@ -118,9 +137,20 @@ def test_add_a_task_appears_in_the_picker(client):
 
 
 def test_add_a_task_from_a_missing_folder_says_so(client):
-    with pytest.raises(AppError, match="does not exist"):
-        client.predict("folder", "/no/such/folder", "x", "adapter", 1, 32, None, 4, "vit_pico_patch4_32", False,
-                       32, 16, api_name="/train")
+    with pytest.raises(AppError, match="does not exist under the data roots"):
+        client.predict("folder", str(CIFAR_MINI.parent / "nope"), "x", "adapter", 1, 32, None, 4,
+                       "vit_pico_patch4_32", False, 32, 16, api_name="/train")
+
+
+@pytest.mark.parametrize("dataset,folder", [("folder", "/etc"), ("folder", "../../.."), ("folder:/etc", ""),
+                                            ("folder", "~")])
+def test_add_a_task_outside_the_data_roots_reveals_nothing(client, dataset, folder):
+    with pytest.raises(AppError) as info:
+        client.predict(dataset, folder, "x", "linear", 1, 32, None, None, "vit_pico_patch4_32", False, 32, 16,
+                       api_name="/train")
+    message = str(info.value)
+    assert "outside the data roots" in message and "--data-root" in message
+    assert "passwd" not in message and "hosts" not in message  # nothing from inside the folder
 
 
 def test_empty_registry_says_what_to_do(tmp_path, cat):
@@ -131,7 +161,8 @@ def test_empty_registry_says_what_to_do(tmp_path, cat):
         assert picker["choices"] == [] and note["visible"] is True and "adaptkit train" in note["value"]
         labels, message = c.predict(handle_file(cat), None, 3, api_name="/predict")
         assert not labels and "task" in message
-        assert c.predict(handle_file(cat), api_name="/predict_all")["data"] in ([], [[]])
+        table, note = c.predict(handle_file(cat), api_name="/predict_all")
+        assert table["data"] in ([], [[]]) and table["headers"][0] == "task" and "No tasks yet" in note
         assert "No tasks yet" in c.predict(api_name="/compare")[0]
     finally:
         app.close()
@@ -149,7 +180,7 @@ def _saved(tmp_path: Path, img: Image.Image, name: str, **kw) -> str:
                                        ("I;16", "deep.png"), ("P", "palette.gif"), ("1", "bits.bmp")])
 def test_any_image_mode_predicts(registry_db, tmp_path, mode, name):
     path = _saved(tmp_path, Image.open(CIFAR_MINI / "test" / "ship" / "0000.jpg").convert(mode), name)
-    labels, _ = Handlers(str(registry_db)).predict(path, "lo", 3)
+    (labels,), _ = Handlers(str(registry_db)).predict([path], ["lo"], [3])
     assert set(labels) <= set(CLASSES) and len(labels) == 3
 
 
@@ -187,9 +218,89 @@ def test_broken_adapter_file_is_a_message_not_a_crash(registry_db, tmp_path, cat
     else:
         path.unlink()
     h = Handlers(str(copy / "registry.db"))
-    with pytest.raises(gr.Error) as info:
-        h.predict(cat, "lo", 3)
-    assert "lo" in info.value.message and "Traceback" not in info.value.message
-    table = h.predict_all(cat)  # the other tasks still answer
+    labels, notes = h.predict([cat, cat], ["lo", "ada"], [3, 3])  # in one batch: the broken task fails alone
+    assert labels[0] is None and "lo" in notes[0] and "Traceback" not in notes[0]
+    assert set(labels[1]) <= set(CLASSES)
+    table, _ = h.predict_all(cat)  # the other tasks still answer
     rows = table.set_index("task")
     assert rows.loc["ada", "top label"] in CLASSES and rows.loc["lo", "note"]
+
+
+def test_a_batch_of_mixed_tasks_is_one_backbone_pass_and_equals_each_alone(registry_db, cat, tmp_path):
+    ship = str(CIFAR_MINI / "test" / "ship" / "0000.jpg")
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    h = Handlers(str(registry_db))
+    alone = [h.predict([img], [task], [10])[0][0] for img, task in [(cat, "ada"), (ship, "lo"), (ship, "ada")]]
+    passes = []
+    hook = h.predictor.load("ada").model.trunk.register_forward_pre_hook(lambda *_: passes.append(1))
+    try:
+        labels, notes = h.predict([cat, ship, str(bad), ship, None, cat], ["ada", "lo", "ada", "ada", "lo", "nope"],
+                                  [10, 10, 3, 10, 3, 3])
+    finally:
+        hook.remove()
+    assert len(passes) == 1  # three good requests, two tasks, one trunk pass
+    for got, want in zip([labels[0], labels[1], labels[3]], alone, strict=True):
+        assert list(got) == list(want) and list(got.values()) == pytest.approx(list(want.values()), abs=1e-5)
+    assert "in a batch of 3" in notes[0]
+    assert labels[2] is None and notes[2].startswith("**Could not predict:** The uploaded file is not an image")
+    assert labels[4] is None and notes[4] == gr.skip()  # no image yet: nothing to say, the line stays
+    assert labels[5] is None and "no task 'nope'" in notes[5]
+
+
+def test_a_task_trained_by_another_process_is_seen_without_a_restart(tmp_path, cat):
+    db = make_registry(tmp_path, {"ada": "adapter"})
+    h = Handlers(str(db), sync_s=0)
+    assert h.predict([cat], ["ada"], [3])[1][0].startswith("`ada@1`")
+    make_registry(tmp_path, {"ada": "linear", "new": "linear"})  # another writer: ada@2 becomes the default
+    assert h.predict([cat], ["ada"], [3])[1][0].startswith("`ada@2`")
+    picker, _ = h.tasks("ada")
+    assert [value for _, value in picker["choices"]] == ["ada", "new"] and picker["value"] == "ada"
+    assert h.predict([cat], ["new"], [3])[1][0].startswith("`new@1`")
+
+
+def test_training_offline_speaks_in_the_page_terms(tmp_path):
+    h = Handlers(str(tmp_path / "registry.db"))
+    with pytest.raises(gr.Error) as info:
+        h.train("digits", "", "d", "linear", 1, 32, None, None, "vit_tiny_patch16_224.augreg_in21k", True, 32, 16)
+    message = info.value.message
+    assert "Pretrained weights" in message and "vit_cifar_tiny_patch4_32.adaptkit_c10" in message
+    assert "--" not in message  # no CLI options the page does not have
+    assert info.value.duration is None  # stays until dismissed
+
+
+def test_data_roots_follow_links_and_take_relative_paths(tmp_path):
+    root = tmp_path / "root"
+    (root / "set" / "a").mkdir(parents=True)
+    (root / "escape").symlink_to("/etc")
+    h = Handlers(str(tmp_path / "registry.db"), data_roots=[root])
+    assert h._dataset_spec("folder", "set") == f"folder:{root / 'set'}"
+    assert h._dataset_spec("folder", str(root / "set" / ".." / "set")) == f"folder:{root / 'set'}"
+    with pytest.raises(DatasetError, match="outside the data roots"):
+        h._dataset_spec("folder", "escape")
+    with pytest.raises(DatasetError, match="trains from no folders"):
+        Handlers(str(tmp_path / "registry.db"), data_roots=[])._dataset_spec("folder", str(root / "set"))
+
+
+def test_adaptkit_ui_prints_its_address_and_no_share_hint(tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "adaptkit.cli", "ui", "--registry", str(tmp_path / "registry.db"), "--port",
+           str(port), "--data-root", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.strip() == f"adaptkit page on http://127.0.0.1:{port}/ (Ctrl+C to stop)"
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=30)[0]
+    assert "share=True" not in first + rest
+
+
+def test_adaptkit_ui_with_a_missing_data_root_says_so_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "adaptkit.cli", "ui", "--registry", str(tmp_path / "registry.db"), "--data-root",
+           str(tmp_path / "nope")]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [f"error: data root {tmp_path / 'nope'} is not a folder: create it or "
+                                               "pass another --data-root"]

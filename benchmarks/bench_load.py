@@ -1,0 +1,172 @@
+"""Many users at once: 32 concurrent clients ask the page's ``/predict`` API, each for a random task among 10.
+
+The same registry is served twice, one after the other, by ``python app/main.py`` in a subprocess on 127.0.0.1:
+unbatched (``--max-batch 1``: one request per backbone pass) and batched (``--max-batch 32``: the queue gathers
+concurrent requests into one ``Predictor.predict_mixed`` pass). Each client is a ``gradio_client.Client`` in its own
+thread, sending requests back to back until its count or the time limit is reached. Reported: requests/s, p50 and
+p95 latency, errors (an exception or an answer without labels), the mean number of requests per backbone pass, and the
+server's resident memory after a warm-up round (every client asks twice) and at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import base_parser, median_time, parse, print_table, register_tasks
+
+from adaptkit.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
+CLIENT_TIMEOUT_S = 120.0  # per HTTP call; a request that takes longer counts as an error
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(db: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GRADIO_ANALYTICS_ENABLED": "False"}
+    # -c with the repository root as the working directory: this checkout's app, not an installed one
+    proc = subprocess.Popen([sys.executable, "-c", "from adaptkit_app.main import main; main()", "--registry", str(db),
+                             "--host",
+                             "127.0.0.1", "--port", str(port), "--max-batch", str(max_batch)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}/"
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"the page exited with status {proc.returncode}") from None
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the page did not start within 120 s")
+
+
+def client_loop(client: Any, tasks: list[str], images: list[str], requests: int, seconds: float, seed: int,
+                out: list[tuple[float, bool, int]], start: threading.Barrier) -> None:
+    from gradio_client import handle_file
+
+    rng = random.Random(seed)
+    start.wait()
+    deadline = time.monotonic() + seconds
+    for _ in range(requests):
+        if time.monotonic() > deadline:
+            break
+        tick = time.perf_counter()
+        try:
+            labels, note = client.predict(handle_file(rng.choice(images)), rng.choice(tasks), 3, api_name="/predict")
+            ok, batch = bool(labels and labels.get("label")), re.search(r"in a batch of (\d+)", note)
+        except Exception:  # noqa: BLE001 - every failure counts as an error
+            ok, batch = False, None
+        out.append((time.perf_counter() - tick, ok, int(batch.group(1)) if batch else 1))
+
+
+def run(url: str, tasks: list[str], images: list[str], clients: int, requests: int, seconds: float) -> dict:
+    """``clients`` clients (connected one by one first), each sending up to ``requests`` requests within ``seconds``."""
+    from gradio_client import Client
+
+    conns = [Client(url, verbose=False, httpx_kwargs={"timeout": CLIENT_TIMEOUT_S}) for _ in range(clients)]
+    results: list[tuple[float, bool, int]] = []
+    start = threading.Barrier(clients + 1)
+    threads = [threading.Thread(target=client_loop, args=(c, tasks, images, requests, seconds, i, results, start))
+               for i, c in enumerate(conns)]
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join(timeout=seconds + 2 * CLIENT_TIMEOUT_S)
+    wall = time.perf_counter() - began
+    lat = sorted(t for t, _, _ in results)
+    return {"requests": len(results), "errors": sum(not ok for _, ok, _ in results), "rps": len(results) / wall,
+            "p50": statistics.median(lat) * 1000, "p95": lat[int(0.95 * (len(lat) - 1))] * 1000,
+            "batch": statistics.mean(b for _, _, b in results)}
+
+
+def model_ceiling(db: Path, tasks: list[str], images: list[str], batch: int, repeats: int = 5) -> tuple[float, float]:
+    """Milliseconds per image of ``predict_mixed`` alone, one image at a time and ``batch`` at once: the most that
+    batching can win on this machine, before any HTTP or queue cost."""
+    from adaptkit.data import open_image
+    from adaptkit.predict import Predictor
+
+    predictor = Predictor(Registry(db), device="cpu")
+    imgs = [open_image(images[i % len(images)]) for i in range(batch)]
+    refs = [tasks[i % len(tasks)] for i in range(batch)]
+    predictor.predict_mixed(imgs, refs)  # load everything
+    one = median_time(lambda: [predictor.predict_mixed([im], [r]) for im, r in zip(imgs, refs, strict=True)], repeats)
+    many = median_time(lambda: predictor.predict_mixed(imgs, refs), repeats)
+    return one / batch * 1000, many / batch * 1000
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=40, help="at most this many requests per client")
+    parser.add_argument("--seconds", type=float, default=60.0, help="and at most this long per mode")
+    parser.add_argument("--backbone", default="vit_cifar_tiny_patch4_32")
+    parser.add_argument("--max-batch", type=int, default=32)
+    args = parse(parser)
+    if args.quick:
+        args.clients, args.requests, args.seconds = 8, 10, 20.0
+    images = [str(p) for p in sorted((CIFAR_MINI / "test").glob("*/*.jpg"))[:: 7]]
+    if not images:
+        raise SystemExit(f"{CIFAR_MINI} has no test images")
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "registry.db"
+        names = [f"t{i}" for i in range(args.tasks)]
+        register_tasks(Registry(db), args.backbone, [(n, "adapter", {"rank": 16}, 10) for n in names])
+        torch.set_num_threads(args.threads or 1)  # as the server runs
+        alone, together = model_ceiling(db, names, images, args.max_batch)
+        rows, figures = [], {}
+        for label, max_batch in (("unbatched", 1), (f"batched (max {args.max_batch})", args.max_batch)):
+            proc, url = start_server(db, max_batch, args.threads or 1)
+            try:
+                # load the backbone and every adapter, and reach the memory a full batch needs
+                warm = run(url, names, images, args.clients, 2, 60)
+                before = rss_mb(proc.pid)
+                r = run(url, names, images, args.clients, args.requests, args.seconds)
+                after = rss_mb(proc.pid)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+            figures[label] = r
+            rows.append([label, r["requests"], f"{r['rps']:.1f}", f"{r['p50']:.0f}", f"{r['p95']:.0f}",
+                         r["errors"] + warm["errors"], f"{r['batch']:.1f}", f"{before:.0f} -> {after:.0f}"])
+        print(f"{args.clients} clients, {args.tasks} tasks ({args.backbone}, adapter r=16), up to {args.requests} "
+              f"requests each or {args.seconds:.0f} s; server with {args.threads or 1} torch thread(s)")
+        print_table(["mode", "requests", "req/s", "p50 ms", "p95 ms", "errors", "mean batch", "server RSS MB"], rows)
+        unb, bat = figures.values()
+        print(f"\nbatched/unbatched: {bat['rps'] / unb['rps']:.2f}x requests/s, p50 {bat['p50'] / unb['p50']:.2f}x")
+        print(f"the model alone (predict_mixed, no HTTP): {alone:.1f} ms per image one at a time, {together:.1f} ms "
+              f"in batches of {args.max_batch}: at most {alone / together:.2f}x from batching on this machine")
+
+
+if __name__ == "__main__":
+    main()
