@@ -20,11 +20,11 @@ from PIL import Image
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone, create_backbone
+from adaptkit.checks import check_int
 from adaptkit.devices import resolve_device
 from adaptkit.errors import AdaptkitError, ArtifactError, ConfigError
 from adaptkit.methods import TaskModel, get_method, merge_lora
 from adaptkit.registry import Registry, VersionRow
-from adaptkit.checks import check_int
 
 __all__ = ["Prediction", "Predictor", "LoadedTask", "default_device"]
 

@@ -24,13 +24,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
+from adaptkit.checks import check_int
 from adaptkit.data import load_task_data
 from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError
 from adaptkit.methods import TaskModel, get_method
 from adaptkit.registry import TASK_NAME, Registry, VersionRow
 from adaptkit.train_checks import DivergenceGuard, check_config, check_train_args, fit_batch
-from adaptkit.checks import check_int
 
 __all__ = ["TrainConfig", "TrainEvent", "TrainResult", "METHOD_DEFAULTS", "train", "evaluate", "seed_everything"]
 

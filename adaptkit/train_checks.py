@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from adaptkit.checks import check_choice, check_float, check_int
 from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError, DatasetError, DivergedError
-from adaptkit.checks import check_choice, check_float, check_int
 
 __all__ = ["check_config", "check_train_args", "fit_batch", "DivergenceGuard"]
 

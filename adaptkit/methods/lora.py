@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
 from adaptkit.methods.base import Method, TaskContext, TaskModel, TaskSite, find_site, plain_copy
-from adaptkit.checks import MAX_RANK, check_float, check_int
 
 __all__ = ["LoraConfig", "LoraUpdate", "LoraSite", "LoraMethod", "merge_lora"]
 
