@@ -23,7 +23,6 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-from adaptkit_app import tables
 
 from adaptkit.compare import compare, format_bytes, format_percent
 from adaptkit.data import default_data_dir, list_datasets, open_image
@@ -32,6 +31,7 @@ from adaptkit.errors import AdaptkitError
 from adaptkit.predict import Predictor
 from adaptkit.registry import Registry, TaskRow
 from adaptkit.train import TrainConfig, TrainEvent, train
+from adaptkit_app import tables
 
 __all__ = ["Handlers", "user_errors", "page_terms", "dataset_choices", "default_data_roots", "METHOD_CHOICES",
            "RANKED_METHODS", "UPLOAD_HINT"]

@@ -18,11 +18,11 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-from adaptkit_app import tables
-from adaptkit_app.handlers import METHOD_CHOICES, RANKED_METHODS, UPLOAD_HINT, Handlers, dataset_choices
 
 from adaptkit.backbone import DEFAULT_BACKBONE
 from adaptkit.models import PACKAGED_BACKBONE
+from adaptkit_app import tables
+from adaptkit_app.handlers import METHOD_CHOICES, RANKED_METHODS, UPLOAD_HINT, Handlers, dataset_choices
 
 __all__ = ["image_input", "build_app", "launch", "main", "demo", "MAX_BATCH"]
 

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import gradio as gr
 import pytest
-from adaptkit_app.handlers import Handlers
-from adaptkit_app.main import launch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -19,6 +17,8 @@ from adaptkit.data import open_image
 from adaptkit.errors import DatasetError, ImageError
 from adaptkit.registry import Registry
 from adaptkit.train import TrainConfig, train
+from adaptkit_app.handlers import Handlers
+from adaptkit_app.main import launch
 
 CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
 CLASSES = sorted(p.name for p in (CIFAR_MINI / "test").iterdir()) if CIFAR_MINI.is_dir() else []
