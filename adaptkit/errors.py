@@ -38,3 +38,7 @@ class RegistryError(AdaptkitError):
 
 class NotFoundError(RegistryError):
     """A task, version or backbone is not in the registry."""
+
+
+class RoutingError(AdaptkitError):
+    """Prediction with no task name is not possible: a task lacks routing statistics."""

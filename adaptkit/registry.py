@@ -24,6 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from adaptkit.artifacts import AdapterMeta, load_adapter, save_adapter
 from adaptkit.errors import ConfigError, NotFoundError, RegistryError
+from adaptkit.routing import ROUTING_PREFIX
 
 __all__ = ["Base", "BackboneRow", "TaskRow", "VersionRow", "Registry", "default_url", "parse_ref", "TASK_NAME"]
 
@@ -239,7 +240,7 @@ class Registry:
         path = self.adapter_dir / rel
         sha, size = save_adapter(path, state, meta)
         try:
-            trainable = sum(t.numel() for t in state.values())
+            trainable = sum(t.numel() for k, t in state.items() if not k.startswith(ROUTING_PREFIX))
             return self._retry(lambda: self._insert(meta, rel, sha, size, trainable, info, make_default))
         except BaseException:
             path.unlink(missing_ok=True)
@@ -275,6 +276,31 @@ class Registry:
             s.flush()
             _ = row.task.name, row.backbone.name
         return row
+
+    def replace_file(self, version: VersionRow, state: dict, meta: AdapterMeta) -> VersionRow:
+        """Rewrite a version's adapter file (e.g. with routing statistics added) as a new file, in one transaction.
+
+        The new file is written first; the row moves to it only if it still points at the file ``version`` was
+        read from (another writer's change is never overwritten); the old file is deleted after the commit.
+        """
+        rel = Path(version.task.name) / f"{uuid.uuid4().hex[:12]}.safetensors"
+        sha, size = save_adapter(self.adapter_dir / rel, state, meta)
+
+        def _swap() -> None:
+            with self.session() as s, s.begin():
+                row = s.get(VersionRow, version.id)
+                if row is None or row.sha256 != version.sha256:
+                    raise RegistryError(f"{version.ref} changed or was removed while its file was rewritten: "
+                                        "run the command again")
+                row.file, row.sha256, row.bytes = rel.as_posix(), sha, size
+
+        try:
+            self._retry(_swap)
+        except BaseException:
+            (self.adapter_dir / rel).unlink(missing_ok=True)
+            raise
+        (self.adapter_dir / version.file).unlink(missing_ok=True)
+        return self.get_version(version.ref)
 
     def remove(self, ref: str) -> list[str]:
         """Remove a task (every version) or one version ``task@N``; returns the refs removed.

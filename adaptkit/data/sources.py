@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from adaptkit.data.images import IMG_EXTENSIONS
+from adaptkit.data.subsets import select_classes
 from adaptkit.data.transforms import build_transform
 from adaptkit.errors import DatasetError
 
@@ -268,7 +269,8 @@ def _carve_val(train_idx: list[int], val_fraction: float, seed: int) -> tuple[li
 def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None = None, download: bool = True,
                    val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
                    limit_train: int | None = None, limit_eval: int | None = None,
-                   crop_scale: tuple[float, float] | None = None) -> TaskData:
+                   crop_scale: tuple[float, float] | None = None,
+                   classes: str | Sequence[str] | None = None) -> TaskData:
     """Load a data set by spec and split it into train / val / test with timm transforms.
 
     Args:
@@ -282,6 +284,7 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         limit_train: keep only this many (seeded random) training images.
         limit_eval: keep only this many (seeded random) images in each of val and test.
         crop_scale: area range of the training random resized crop (default: timm's).
+        classes: keep only these classes (`0-9`, `cat,dog` or a list of names; see `subsets.parse_classes`).
 
     Returns:
         TaskData with class names and the three splits, each yielding (tensor C x H x W, int label).
@@ -291,6 +294,7 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
     for label, n in (("limit_train", limit_train), ("limit_eval", limit_eval)):
         if n is not None and n < 1:
             raise DatasetError(f"{label} must be at least 1 (or None for no limit), got {n}")
+    selection = classes  # `classes` names the data set's classes from here on
     key = spec.strip()
     name = key.lower().replace("-", "_")
     if name.startswith("folder:"):
@@ -304,6 +308,9 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         known = ", ".join([*TORCHVISION_SETS, "digits"])
         raise DatasetError(f"unknown data set '{spec}': use one of {known}, or folder:PATH for your own "
                            "images (one sub-folder per class)")
+    if selection is not None:
+        classes, train_src, train_idx, test_src, test_idx = select_classes(selection, classes, train_src, train_idx,
+                                                                           test_src, test_idx)
     fit_idx, val_idx = _carve_val(train_idx, val_fraction, seed)
     if limit_eval is not None and limit_eval < len(test_idx):
         test_idx = sorted(_shuffled(test_idx, seed)[:limit_eval])
