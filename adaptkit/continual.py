@@ -22,7 +22,7 @@ from adaptkit.predict import LoadedTask, Predictor
 from adaptkit.registry import Registry, TaskRow
 from adaptkit.routing import Router, collect_task_stats, split_state
 
-__all__ = ["fit_routing", "evaluate_continual", "ContinualReport", "task_order"]
+__all__ = ["fit_routing", "evaluate_continual", "compare_routers", "ContinualReport", "task_order"]
 
 
 def task_order(registry: Registry, tasks: list[str] | None = None) -> list[str]:
@@ -129,6 +129,24 @@ def evaluate_continual(tasks: list[str] | None = None, *, registry: Registry | s
         batch_size: images per backbone pass.
         refine: also measure routing refined by the adapters (top-2 tasks, router x adapter posterior).
     """
+    return compare_routers(tasks, [router], registry=registry, limit=limit, device=device, data_dir=data_dir,
+                           download=download, batch_size=batch_size, refine=refine)[router]
+
+
+def compare_routers(tasks: list[str] | None, routers: list[str], *, registry: Registry | str | None = None,
+                    limit: int | None = None, device: str | None = None, data_dir: str | None = None,
+                    download: bool = True, batch_size: int = 256, refine: bool = False) -> dict[str, ContinualReport]:
+    """:func:`evaluate_continual` under several routers, on the same features and logits (computed once).
+
+    Args:
+        tasks: refs in the order to add them (default: every task, in the order they were registered).
+        registry: a :class:`Registry` or its URL.
+        routers: the routing classifiers to compare (``lda``, ``ridge``, ``ncm``).
+        limit: test images per task (seeded subset).
+        device, data_dir, download: as for evaluation.
+        batch_size: images per backbone pass.
+        refine: also measure routing refined by the adapters (top-2 tasks, router x adapter posterior).
+    """
     predictor = Predictor(registry, device=device)
     loaded = [predictor.load(r) for r in task_order(predictor.registry, tasks)]
     missing = [t.ref for t in loaded if t.routing is None]
@@ -138,6 +156,11 @@ def evaluate_continual(tasks: list[str] | None = None, *, registry: Registry | s
     hosts_all = predictor.by_backbone(loaded)
     sets = [_TestSet.load(predictor, j, loaded, hosts_all, limit, data_dir, download, batch_size)
             for j in range(len(loaded))]
+    return {router: _replay(predictor, loaded, sets, router, refine) for router in routers}
+
+
+def _replay(predictor: Predictor, loaded: list[LoadedTask], sets: list[_TestSet], router: str,
+            refine: bool) -> ContinualReport:
     n = len(loaded)
     report = ContinualReport(tasks=[t.ref for t in loaded], router=router, images=[len(s.labels) for s in sets],
                              task_id=[], cil=[], til=[], simplecil=[], matrix=[])

@@ -5,6 +5,7 @@ weights are too weak a feature space to route by), trained for one short epoch: 
 frozen features alone.
 """
 
+import json
 import shutil
 import sqlite3
 
@@ -163,3 +164,81 @@ def test_router_kinds_and_bad_input():
         assert routes.task_probs.shape == (2, 1) and routes.class_probs.argmax(1).tolist() == [0, 1]
     with pytest.raises(Exception, match="unknown router 'knn'"):
         Router(stats, kind="knn")
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+
+
+def _cli(*args) -> str:
+    from typer.testing import CliRunner
+
+    from adaptkit.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def two_files(tmp_path_factory, cifar_mini):
+    """A digit (as a PNG) and a CIFAR-10 photo."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digit = tmp_path_factory.mktemp("img") / "seven.png"
+    Image.fromarray((load_digits().images[7] * 255 / 16).astype("uint8"), mode="L").save(digit)
+    return digit, cifar_mini / "test" / "ship" / "0003.jpg"
+
+
+def test_cli_predict_routes_without_a_task(two_tasks, two_files):
+    code, output = _cli("predict", *two_files, "--json", "--topk", "2", "--registry", two_tasks.url)
+    assert code == 0, output
+    rows = json.loads(output)
+    assert [r["task"] for r in rows] == ["digits@1", "photos@1"]
+    assert all(0.5 <= r["confidence"] <= 1 and r["runner_up"] and len(r["predictions"]) == 2 for r in rows)
+    code, output = _cli("predict", *two_files, "--registry", two_tasks.url)
+    assert code == 0 and "seven.png: digits@1 (" in output and "% sure): " in output
+
+
+@pytest.mark.parametrize("args", [["photos"], ["--task", "photos"], ["-t", "photos@1"]])
+def test_cli_predict_with_a_task_pins_it(two_tasks, two_files, args):
+    code, output = _cli("predict", *args, *two_files, "--json", "--registry", two_tasks.url)
+    assert code == 0, output
+    rows = json.loads(output)
+    assert [r["task"] for r in rows] == ["photos@1", "photos@1"] and "confidence" not in rows[0]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["nothing", "x.jpg"], "no task 'nothing'"),
+    (["photos"], "no images given"),
+    (["missing.png"], "image missing.png does not exist"),
+])
+def test_cli_predict_bad_input(two_tasks, args, message):
+    code, output = _cli("predict", *args, "--registry", two_tasks.url)
+    assert code == 1 and message in output and "Traceback" not in output
+
+
+def test_cli_routing_fit_and_continual(two_tasks, tmp_path):
+    reg = _copy(two_tasks, tmp_path)
+    code, output = _cli("routing", "fit", "--registry", reg.url)
+    assert code == 0 and "wrote routing statistics for 0 version(s)" in output
+    code, output = _cli("continual", "--limit", "10", "--json", "--registry", reg.url)
+    assert code == 0, output
+    report = json.loads(output)
+    assert report["tasks"] == ["digits@1", "photos@1"] and len(report["matrix"]) == 2
+    code, output = _cli("continual", "--limit", "10", "--registry", reg.url)
+    assert code == 0 and "average incremental accuracy" in output and "1. digits@1" in output
+
+
+def test_class_selection():
+    from adaptkit.data.subsets import parse_classes
+
+    names = ["cat", "dog", "ship", "truck"]
+    assert parse_classes("1-2", names) == [1, 2]
+    assert parse_classes("0,3", names) == [0, 3]
+    assert parse_classes("truck,cat", names) == [3, 0]
+    assert parse_classes(["dog"], names) == [1]
+    for bad, message in [("2-7", "out of bounds"), ("cow", "no class(es) ['cow']"), ("cat,cat", "more than once"),
+                         (" , ", "empty class selection"), ("3-1", "out of bounds")]:
+        with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")
+                           .replace("[", r"\[").replace("]", r"\]")):
+            parse_classes(bad, names)
