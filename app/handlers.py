@@ -25,11 +25,13 @@ from adaptkit.predict import Predictor
 from adaptkit.registry import Registry, TaskRow
 from adaptkit.train import TrainConfig, TrainEvent, train
 
-__all__ = ["Handlers", "user_errors", "dataset_choices", "METHOD_CHOICES", "RANKED_METHODS"]
+__all__ = ["Handlers", "user_errors", "dataset_choices", "METHOD_CHOICES", "RANKED_METHODS", "AUTO", "AUTO_LABEL"]
 
 _log = logging.getLogger(__name__)
 
 METHOD_CHOICES = ["adapter", "lora", "linear", "full"]
+AUTO = "*auto*"  # the picker's routed entry: not a valid task name, so it never shadows a task
+AUTO_LABEL = "Auto: which task?"
 RANKED_METHODS = ("adapter", "lora")  # the methods that take a rank
 EMPTY_NOTE = """### No tasks yet
 The registry `{url}` has no tasks. Train one here in **Add a task** (for a quick offline try: data set `digits`,
@@ -108,7 +110,8 @@ class Handlers:
         tasks = self.registry.tasks()
         choices = [(task_label(t), t.name) for t in tasks if t.versions]
         names = [name for _, name in choices]
-        value = value if value in names else (names[0] if names else None)
+        value = value if value in names or (value == AUTO and names) else (names[0] if names else None)
+        choices = [(AUTO_LABEL, AUTO), *choices] if names else choices
         note = EMPTY_NOTE.format(url=self.registry.url)
         return gr.update(choices=choices, value=value), gr.update(value=note, visible=not names)
 
@@ -130,6 +133,8 @@ class Handlers:
         if image is None:
             return None, "Upload, paste or take a picture to see its labels."
         img = open_image(image)
+        if task == AUTO:
+            return self._predict_auto(img, int(topk))
         with self._lock:
             tick = time.perf_counter()
             ref = self.predictor.load(task).ref
@@ -141,6 +146,16 @@ class Handlers:
         if loaded > 0.001:
             timing += f" (loading the task first took {loaded * 1000:.0f} ms)"
         return {p.label: p.prob for p in preds}, timing + "."
+
+    def _predict_auto(self, img: Any, topk: int) -> tuple[dict, str]:
+        with self._lock:
+            tick = time.perf_counter()
+            r = self.predictor.predict_auto([img], topk=topk)[0]
+            took = time.perf_counter() - tick
+        runner = f"; runner-up `{r.runner_up}` {r.runner_up_confidence:.1%}" if r.runner_up else ""
+        return {p.label: p.prob for p in r.predictions}, (
+            f"Routed to **`{r.task}`** ({r.confidence:.1%} sure{runner}), predicted in **{took * 1000:.1f} ms** on "
+            f"{self.predictor.device.type}.")
 
     @user_errors
     def predict_all(self, image: str | None) -> pd.DataFrame:
@@ -163,7 +178,18 @@ class Handlers:
                 for name, preds in zip(ready, self.predictor.predict_mixed([img] * len(ready), ready, topk=1),
                                        strict=True):
                     rows[name][3], rows[name][4] = preds[0].label, round(preds[0].prob, 4)
+                self._mark_routed(img, ready, rows)
         return pd.DataFrame(list(rows.values()), columns=columns)
+
+    def _mark_routed(self, img: Any, ready: list[str], rows: dict[str, list]) -> None:
+        """Note the task the router would send the image to (when every task has routing statistics)."""
+        try:
+            route = self.predictor.route([img], ready)[0]
+        except AdaptkitError as exc:
+            _log.info("no routing on the All tasks tab: %s", exc)
+            return
+        row = rows[route.task.ref.partition("@")[0]]
+        row[5] = f"router's choice ({route.confidence:.1%} sure)" + (f"; {row[5]}" if row[5] else "")
 
     # -- Compare -----------------------------------------------------------------------------------------------
 
@@ -173,6 +199,21 @@ class Handlers:
         report = compare(self.registry)
         return (_summary(report), _cost_table(report), _per_task(report, "trainable_params", "parameters"),
                 _per_task(report, "bytes", "bytes on disk"), _storage(report), _accuracy(report))
+
+    @user_errors
+    def continual(self, limit: float | None = 200) -> tuple[str, pd.DataFrame]:
+        """``adaptkit continual``: accuracy with no task name after each task is added, and its summary."""
+        from adaptkit.continual import evaluate_continual
+
+        r = evaluate_continual(registry=self.registry, limit=int(limit) if limit else None,
+                               device=self.device)
+        rows = [[f"{k + 1}. {ref}", *(round(100 * v[k], 1) for v in (r.task_id, r.cil, r.til, r.simplecil))]
+                for k, ref in enumerate(r.tasks)]
+        table = pd.DataFrame(rows, columns=["after adding", "task-id %", "no task given %", "task given %",
+                                            "SimpleCIL %"])
+        return (f"**{len(r.tasks)} tasks** in the order they were added, {sum(r.images)} test images: average "
+                f"incremental accuracy **{r.average_incremental:.1%}**, final **{r.final:.1%}** with no task name "
+                f"(task given: {r.til[-1]:.1%}), forgetting {100 * r.forgetting:.1f} points."), table
 
     # -- Add a task --------------------------------------------------------------------------------------------
 

@@ -62,7 +62,8 @@ def build_app(registry: str | None = None) -> gr.Blocks:
             with gr.Tab("All tasks", id="all"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        image_all = image_input(label="Image", height=280, elem_classes="upscaled")
+                        image_all = image_input(label="Image", height=280, elem_classes="upscaled",
+                                                elem_id="all-image")
                         run_all = gr.Button("Run every task", variant="primary")
                     with gr.Column(scale=2):
                         table_all = gr.Dataframe(label="One row per task", interactive=False, wrap=True)
@@ -81,6 +82,13 @@ def build_app(registry: str | None = None) -> gr.Blocks:
                     accuracy_plot = gr.ScatterPlot(x="trainable params", y="test top-1", color="method",
                                                    tooltip=["task", "trainable params", "test top-1"], y_lim=[0, 1],
                                                    title="Test accuracy against trainable parameters")
+                with gr.Accordion("Continual learning: every task with no task name given", open=False):
+                    with gr.Row():
+                        continual_limit = gr.Number(200, label="Test images per task (0: all)", precision=0,
+                                                    minimum=0)
+                        continual_btn = gr.Button("Evaluate in the order tasks were added", elem_id="continual")
+                    continual_summary = gr.Markdown(elem_id="continual-summary")
+                    continual_table = gr.Dataframe(label="Accuracy after each task is added", interactive=False)
             with gr.Tab("Add a task", id="add"):
                 with gr.Row():
                     with gr.Column():
@@ -113,6 +121,8 @@ def build_app(registry: str | None = None) -> gr.Blocks:
               api_name="predict_all", trigger_mode="always_last")
         gr.on([compare_tab.select, refresh.click], h.compare,
               outputs=[summary, cost_table, params_plot, bytes_plot, storage_plot, accuracy_plot], api_name="compare")
+        continual_btn.click(h.continual, inputs=continual_limit, outputs=[continual_summary, continual_table],
+                            api_name="continual", concurrency_limit=1)
         dataset.change(lambda d: gr.update(visible=d == "folder"), dataset, folder, api_visibility="private")
         method.change(lambda m: gr.update(visible=m in RANKED_METHODS), method, rank, api_visibility="private")
         train_btn.click(h.train, inputs=[dataset, folder, task_name, method, epochs, batch_size, lr, rank, backbone,
