@@ -123,7 +123,7 @@ def evaluate_continual(tasks: list[str] | None = None, *, registry: Registry | s
     Args:
         tasks: refs in the order to add them (default: every task, in the order they were registered).
         registry: a :class:`Registry` or its URL.
-        router: the routing classifier (``lda``, ``ridge``, ``ncm``).
+        router: the routing classifier (``lda``, ``qda``, ``ridge``, ``ncm``).
         limit: test images per task (seeded subset).
         device, data_dir, download: as for evaluation.
         batch_size: images per backbone pass.
@@ -141,7 +141,7 @@ def compare_routers(tasks: list[str] | None, routers: list[str], *, registry: Re
     Args:
         tasks: refs in the order to add them (default: every task, in the order they were registered).
         registry: a :class:`Registry` or its URL.
-        routers: the routing classifiers to compare (``lda``, ``ridge``, ``ncm``).
+        routers: the routing classifiers to compare (``lda``, ``qda``, ``ridge``, ``ncm``).
         limit: test images per task (seeded subset).
         device, data_dir, download: as for evaluation.
         batch_size: images per backbone pass.

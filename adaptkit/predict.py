@@ -271,7 +271,7 @@ class Predictor:
             images: PIL images, paths, or tensors already transformed (tensors: tasks on one backbone only).
             topk: labels per image.
             tasks: the candidate tasks (``task`` or ``task@N``); default: every registered task's default version.
-            router: the routing classifier: ``lda`` (default), ``ridge`` or ``ncm``.
+            router: the routing classifier: ``lda`` (default), ``qda``, ``ridge`` or ``ncm``.
         """
         routes, batches = self._route(images, tasks, router)
         out: list[RoutedPrediction | None] = [None] * len(routes)

@@ -8,6 +8,7 @@ changes another's, and a router over any set of tasks is rebuilt from them exact
 - ``lda`` (default): linear discriminant analysis with one covariance pooled over every class of every task, shrunk
   towards a multiple of the identity (a shared-covariance Gaussian classifier; what RanPAC's ridge solves in a random
   feature space, here in the backbone's own space);
+- ``qda``: the same, but each task's classes under the task's own covariance (shrunk towards the pooled one);
 - ``ridge``: a ridge regression onto one-hot targets from the same second-order statistics (RanPAC without the
   random projection);
 - ``ncm``: cosine nearest class mean (SimpleCIL).
@@ -34,7 +35,7 @@ __all__ = ["ROUTING_PREFIX", "ROUTERS", "RoutingStats", "Router", "Routes", "spl
            "collect_stats", "collect_task_stats"]
 
 ROUTING_PREFIX = "routing."
-ROUTERS = ("lda", "ridge", "ncm")
+ROUTERS = ("lda", "qda", "ridge", "ncm")
 DEFAULT_SHRINKAGE = 0.1  # share of the (scaled) identity mixed into the pooled covariance
 _NCM_TEMPERATURE = 0.05  # cosine similarities -> probabilities
 
@@ -149,8 +150,9 @@ class Router:
 
     Args:
         stats: one :class:`RoutingStats` per task, in task order.
-        kind: ``lda`` (default), ``ridge`` or ``ncm``.
-        shrinkage: for ``lda`` the share of the identity in the covariance; for ``ridge`` lambda relative to the
+        kind: ``lda`` (default), ``qda``, ``ridge`` or ``ncm``.
+        shrinkage: for ``lda`` the share of the identity in the covariance (``qda``: also the share of the pooled
+            covariance in each task's); for ``ridge`` lambda relative to the
             mean eigenvalue of the features' second moment.
     """
 
@@ -180,6 +182,9 @@ class Router:
             lam = max(shrinkage, 1e-6) * gram.diagonal().mean()
             self.weight = torch.linalg.solve(gram + lam * torch.eye(d).double(), means.T * counts)
             self.bias = torch.zeros(len(counts)).double()
+        elif kind == "qda":
+            self.task_precisions = [self._task_precision(s, cov, shrinkage) for s in stats]
+            self.weight, self.bias = torch.zeros(d, 0).double(), torch.zeros(0).double()
         else:
             self.weight = nn.functional.normalize(means, dim=1).T
             self.bias = torch.zeros(len(counts)).double()
@@ -187,9 +192,22 @@ class Router:
         self.means = self.means.float()
         self._mu_p_mu = ((self.means @ self.precision) * self.means).sum(1)  # (C,)
 
+    @staticmethod
+    def _task_precision(s: RoutingStats, pooled: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, float]:
+        """A task's own covariance shrunk towards the pooled one -> (its precision, half its log-determinant)."""
+        own = s.scatter.double() / max(s.counts.sum().item() - len(s.counts), 1.0)
+        cov = (1 - shrinkage) * own + shrinkage * pooled
+        return torch.linalg.inv(cov).float(), 0.5 * torch.linalg.slogdet(cov).logabsdet.item()
+
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, d) frozen features -> (B, C) class scores (log-posteriors up to a constant for ``lda``)."""
+        """(B, d) frozen features -> (B, C) class scores (log-posteriors up to a constant for ``lda``, ``qda``)."""
         f = feats.float().to(self.weight.device)
+        if self.kind == "qda":  # Gaussian log-likelihood under each task's own covariance
+            out = []
+            for t, (prec, half_logdet) in enumerate(self.task_precisions):
+                diff = f[:, None, :] - self.means[self.task_of_class == t][None]  # (B, C_t, d)
+                out.append(-0.5 * torch.einsum("bcd,de,bce->bc", diff, prec, diff) - half_logdet)
+            return torch.cat(out, dim=1)
         if self.kind == "ncm":
             return nn.functional.normalize(f, dim=1) @ self.weight / _NCM_TEMPERATURE
         return f @ self.weight + self.bias

@@ -159,7 +159,7 @@ def test_router_kinds_and_bad_input():
     feats = torch.randn(200, 8)
     stats = [RoutingStats(means=torch.stack([feats[:100].mean(0) + 5, feats[100:].mean(0) - 5]),
                           counts=torch.tensor([100, 100]), scatter=torch.eye(8) * 200)]
-    for kind in ("lda", "ridge", "ncm"):
+    for kind in ("lda", "qda", "ridge", "ncm"):
         routes = Router(stats, kind=kind).route(torch.stack([feats[0] + 5, feats[1] - 5]))
         assert routes.task_probs.shape == (2, 1) and routes.class_probs.argmax(1).tolist() == [0, 1]
     with pytest.raises(Exception, match="unknown router 'knn'"):

@@ -41,7 +41,7 @@ def routing_fit(
 def continual(
     tasks: Annotated[list[str] | None, typer.Argument(help="TASK or TASK@VERSION in the order to add them "
                                                             "[default: every task, in the order registered]")] = None,
-    router: Annotated[str, typer.Option(help="lda, ridge or ncm")] = "lda",
+    router: Annotated[str, typer.Option(help="lda, qda, ridge or ncm")] = "lda",
     limit: Annotated[int | None, typer.Option(min=1, help="Test images per task")] = None,
     refine: Annotated[bool, typer.Option(help="Also measure routing refined by the top-2 tasks' adapters")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
