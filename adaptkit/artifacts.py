@@ -24,11 +24,12 @@ from adaptkit.hashing import tensors_sha256
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading the registry (`adaptkit list`) needs none
     import torch
 
-__all__ = ["FORMAT_VERSION", "TASK_NAME", "AdapterMeta", "adapter_bytes", "check_task_name", "save_adapter",
-           "load_adapter", "parse_adapter", "read_meta", "file_sha256", "tensors_sha256"]
+__all__ = ["FORMAT_VERSION", "ROUTING_PREFIX", "TASK_NAME", "AdapterMeta", "adapter_bytes", "check_task_name",
+           "save_adapter", "load_adapter", "parse_adapter", "read_meta", "file_sha256", "tensors_sha256"]
 
 FORMAT_VERSION = "1"
 FORMAT_NAME = "adaptkit.adapter"
+ROUTING_PREFIX = "routing."  # tensors under this prefix are routing statistics (adaptkit.routing), not trainable
 TASK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z, not $: "$" passes a trailing newline
 # Stored as written; half precision is widened exactly on load; anything else (float64, ints) is refused.
 STORED_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")

@@ -42,3 +42,7 @@ class NotFoundError(RegistryError):
 
 class DivergedError(AdaptkitError):
     """Training produced a non-finite loss or parameter; nothing was saved."""
+
+
+class RoutingError(AdaptkitError):
+    """Prediction with no task name is not possible: a task lacks routing statistics."""

@@ -22,11 +22,12 @@ from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.checks import check_int
 from adaptkit.devices import resolve_device
-from adaptkit.errors import AdaptkitError, ArtifactError, ConfigError
+from adaptkit.errors import AdaptkitError, ArtifactError, ConfigError, RoutingError
 from adaptkit.methods import TaskModel, get_method, merge_lora
 from adaptkit.registry import Registry, VersionRow
+from adaptkit.routing import Router, RoutingStats, frozen, split_state
 
-__all__ = ["Prediction", "Predictor", "LoadedTask", "default_device"]
+__all__ = ["Prediction", "RoutedPrediction", "Route", "Predictor", "LoadedTask", "default_device"]
 
 _log = logging.getLogger(__name__)
 ImageLike = Image.Image | str | Path | torch.Tensor | np.ndarray
@@ -43,6 +44,27 @@ class Prediction:
     prob: float
 
 
+@dataclass(frozen=True)
+class RoutedPrediction:
+    """An image's answer with no task given: the task the router chose, how sure it was, and the labels."""
+
+    task: str  # task@N
+    confidence: float  # the routing posterior of ``task``
+    runner_up: str | None  # the next most likely task (None when only one task was asked)
+    runner_up_confidence: float
+    predictions: list[Prediction]
+
+
+@dataclass
+class Route:
+    """Where the router sends one image."""
+
+    task: LoadedTask
+    confidence: float
+    runner_up: LoadedTask | None
+    runner_up_confidence: float
+
+
 @dataclass
 class LoadedTask:
     """A registered version attached to a resident backbone."""
@@ -51,6 +73,7 @@ class LoadedTask:
     meta: AdapterMeta
     model: TaskModel
     host: _Host
+    routing: RoutingStats | None = None  # what routing needs of this version, if its file has it
 
     @property
     def classes(self) -> list[str]:
@@ -86,6 +109,7 @@ class Predictor:
         self._hosts: OrderedDict[str, _Host] = OrderedDict()  # by backbone fingerprint, LRU order
         self._refs: dict[str, LoadedTask] = {}  # "task" and "task@N" -> loaded task
         self._merged: tuple[str, torch.nn.Module] | None = None
+        self._routers: dict[tuple, tuple[list[LoadedTask], Router]] = {}  # by (router kind, the tasks' file hashes)
         self.active: LoadedTask | None = None
 
     # -- loading and switching ---------------------------------------------------------------------------------
@@ -93,6 +117,7 @@ class Predictor:
     def refresh(self) -> None:
         """Forget how refs resolve (after the registry changed); resident backbones and adapters stay."""
         self._refs.clear()
+        self._routers.clear()
 
     def load(self, ref: str) -> LoadedTask:
         """Attach the version ``ref`` (``task`` or ``task@N``) to its backbone, loading either if needed."""
@@ -149,13 +174,14 @@ class Predictor:
 
     def _attach(self, host: _Host, row: VersionRow, key: str) -> LoadedTask:
         state, meta = self.registry.load_version(row, fingerprint=host.backbone.fingerprint, device=self.device)
+        state, stats = split_state(state)
         try:
             model = get_method(meta.method, meta.method_config).attach(host.backbone.model, len(meta.classes),
                                                                        state=state)
         except ConfigError as exc:
             raise ArtifactError(f"adapter file of {key} does not fit its method: {exc}") from exc
         model.eval()
-        task = LoadedTask(ref=key, meta=meta, model=model, host=host)
+        task = LoadedTask(ref=key, meta=meta, model=model, host=host, routing=stats)
         host.tasks[row.sha256] = task
         return task
 
@@ -225,6 +251,94 @@ class Predictor:
             raise ConfigError(f"{len(images)} images but {len(tasks)} task names: give one task per image")
         x = torch.cat([self.preprocess([img], t) for img, t in zip(images, tasks, strict=True)])
         return [self._topk(row, t, topk) for row, t in zip(self.logits_mixed(x, refs), tasks, strict=True)]
+
+    # -- predicting with no task name ---------------------------------------------------------------------------
+
+    def predict_auto(self, images: list[ImageLike], topk: int = 5, tasks: list[str] | None = None,
+                     router: str = "lda") -> list[RoutedPrediction]:
+        """Top-k labels of images with no task given: route each image to a task, then run it through that task.
+
+        One frozen pass per backbone scores every class of every task (see :mod:`adaptkit.routing`); one mixed pass
+        per backbone then runs each image through its chosen task's adapter and head.
+
+        Args:
+            images: PIL images, paths, or tensors already transformed (tensors: tasks on one backbone only).
+            topk: labels per image.
+            tasks: the candidate tasks (``task`` or ``task@N``); default: every registered task's default version.
+            router: the routing classifier: ``lda`` (default), ``qda``, ``ridge`` or ``ncm``.
+        """
+        routes, batches = self._route(images, tasks, router)
+        out: list[RoutedPrediction | None] = [None] * len(routes)
+        by_host: dict[int, list[int]] = {}
+        for i, r in enumerate(routes):
+            by_host.setdefault(id(r.task.host), []).append(i)
+        for members in by_host.values():
+            x = batches[id(routes[members[0]].task.host)][members]
+            logits = self.logits_mixed(x, [routes[i].task.ref for i in members])
+            for i, row in zip(members, logits, strict=True):
+                r = routes[i]
+                out[i] = RoutedPrediction(r.task.ref, r.confidence, r.runner_up.ref if r.runner_up else None,
+                                          r.runner_up_confidence, self._topk(row, r.task, topk))
+        return out  # type: ignore[return-value]
+
+    def route(self, images: list[ImageLike], tasks: list[str] | None = None, router: str = "lda") -> list[Route]:
+        """Which task each image belongs to, with the routing posterior and the runner-up (see predict_auto)."""
+        return self._route(images, tasks, router)[0]
+
+    def _route(self, images: list[ImageLike], tasks: list[str] | None,
+               router: str) -> tuple[list[Route], dict[int, torch.Tensor]]:
+        hosts = self.by_backbone(self._candidates(tasks))
+        batches = {key: self.preprocess(images, members[0]) for key, members in hosts.items()}
+        feats = {key: self.frozen_features(batches[key], members[0]) for key, members in hosts.items()}
+        return self.pick(hosts, feats, router), batches
+
+    @staticmethod
+    def by_backbone(tasks: list[LoadedTask]) -> dict[int, list[LoadedTask]]:
+        """Tasks grouped by the resident backbone they are attached to."""
+        hosts: dict[int, list[LoadedTask]] = {}
+        for t in tasks:
+            hosts.setdefault(id(t.host), []).append(t)
+        return hosts
+
+    def frozen_features(self, x: torch.Tensor, task: LoadedTask) -> torch.Tensor:
+        """The bare backbone's (B, d) features of a preprocessed batch, whatever tasks are attached to it."""
+        with torch.inference_mode(), self._autocast(), frozen(task.host.backbone.model) as trunk:
+            return trunk(x).float()
+
+    def pick(self, hosts: dict[int, list[LoadedTask]], feats: dict[int, torch.Tensor], router: str) -> list[Route]:
+        """Route each image: within a backbone by the router's task posterior; across backbones to the one whose
+        classes the image is most typical of (smallest standardised Mahalanobis distance)."""
+        best: list[tuple[float, Route]] = []
+        for key, members in hosts.items():
+            routes = self._router(members, router).route(feats[key])
+            (values, indices), typical = routes.ranked(), routes.typicality.tolist()
+            for b, (v, i) in enumerate(zip(values.tolist(), indices.tolist(), strict=True)):
+                runner = members[i[1]] if len(members) > 1 else None
+                route = Route(members[i[0]], v[0], runner, v[1] if runner else 0.0)
+                if b == len(best):
+                    best.append((typical[b], route))
+                elif typical[b] < best[b][0]:
+                    best[b] = (typical[b], route)
+        return [r for _, r in best]
+
+    def _candidates(self, tasks: list[str] | None) -> list[LoadedTask]:
+        refs = tasks if tasks is not None else [t.name for t in self.registry.tasks() if t.versions]
+        if not refs:
+            raise ConfigError("no tasks to route to: train one first (adaptkit train) or pass a task name")
+        loaded = list({id(t): t for t in (self._task(r) for r in refs)}.values())
+        missing = [t.ref for t in loaded if t.routing is None]
+        if missing:
+            names = " ".join(sorted({m.partition("@")[0] for m in missing}))
+            raise RoutingError(f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} no routing statistics "
+                               f"(trained before routing existed, or imported): run `adaptkit routing fit {names}` "
+                               "to compute them, or name the task (--task)")
+        return loaded
+
+    def _router(self, tasks: list[LoadedTask], kind: str) -> Router:
+        key = (kind, *(id(t) for t in tasks))
+        if key not in self._routers:  # the tasks are kept with their router, so their ids stay theirs
+            self._routers[key] = (tasks, Router([t.routing for t in tasks], kind=kind))  # type: ignore[misc]
+        return self._routers[key][1]
 
     # -- helpers -----------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from adaptkit import db
 from adaptkit.artifacts import (
+    ROUTING_PREFIX,
     TASK_NAME,
     AdapterMeta,
     adapter_bytes,
@@ -328,18 +329,24 @@ class Registry:
         data = adapter_bytes(state, meta)
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
         rel = f"{meta.task}/{sha}.safetensors"
-        trainable = sum(t.numel() for t in state.values())
+        trainable = sum(t.numel() for k, t in state.items() if not k.startswith(ROUTING_PREFIX))
+        with self._storing(rel, data):
+            row = self._retry(lambda: self._insert(meta, Path(rel), sha, size, trainable, info, make_default))
+        self.sweep()
+        return row
+
+    @contextmanager
+    def _storing(self, rel: str, data: bytes) -> Iterator[None]:
+        """Put ``data`` at ``rel`` for a row committed inside the block; take the file away if the block fails."""
         with self.storage.writing():
             existed = self.storage.exists(rel)
             self.storage.put(rel, data)
             try:
-                row = self._retry(lambda: self._insert(meta, Path(rel), sha, size, trainable, info, make_default))
+                yield
             except BaseException:
                 if not existed and not self.referenced(rel):
                     self.storage.delete(rel)
                 raise
-        self.sweep()
-        return row
 
     def referenced(self, rel: str) -> bool:
         """Whether any version's row refers to the stored file ``rel``."""
@@ -378,6 +385,34 @@ class Registry:
             s.flush()
             _ = row.task.name, row.backbone.name
         return row
+
+    def replace_file(self, version: VersionRow, state: dict, meta: AdapterMeta) -> VersionRow:
+        """Rewrite a version's adapter file (e.g. with routing statistics added) as a new file, in one transaction.
+
+        The new file is written first; the row moves to it only if it still points at the file ``version`` was
+        read from (another writer's change is never overwritten); the old file is deleted after the commit.
+        """
+        meta.check(f"adapter of {version.ref}")
+        data = adapter_bytes(state, meta)
+        sha, size = hashlib.sha256(data).hexdigest(), len(data)
+        rel = f"{version.task.name}/{sha}.safetensors"
+
+        def _swap() -> None:
+            with self.transaction() as s:
+                row = s.get(VersionRow, version.id)
+                if row is None or row.sha256 != version.sha256:
+                    raise RegistryError(f"{version.ref} changed or was removed while its file was rewritten: "
+                                        "run the command again")
+                row.file, row.sha256, row.bytes = rel, sha, size
+
+        with self._storing(rel, data):
+            self._retry(_swap)
+        try:
+            if not self.referenced(version.file):
+                self.storage.delete(version.file)
+        except (OSError, RegistryError) as exc:  # the row has moved on; the old file is a leftover for the sweep
+            _log.warning("did not delete %r: %s", version.file, exc)
+        return self.get_version(version.ref)
 
     def remove(self, ref: str) -> list[str]:
         """Remove a task (every version) or one version ``task@N``; returns the refs removed.

@@ -30,6 +30,7 @@ from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError
 from adaptkit.methods import TaskModel, get_method
 from adaptkit.registry import TASK_NAME, Registry, VersionRow
+from adaptkit.routing import collect_task_stats
 from adaptkit.train_checks import DivergenceGuard, check_config, check_train_args, fit_batch
 
 __all__ = ["TrainConfig", "TrainEvent", "TrainResult", "METHOD_DEFAULTS", "train", "evaluate", "seed_everything"]
@@ -199,6 +200,7 @@ def train(
     data_dir: str | None = None,
     download: bool = True,
     on_event: Callable[[TrainEvent], None] | None = None,
+    classes: str | list[str] | None = None,
 ) -> TrainResult:
     """Train one task on a frozen backbone and register it as the task's next version.
 
@@ -212,9 +214,10 @@ def train(
         registry: where to record the version (a :class:`Registry` or URL).
         data_dir, download: where torchvision data sets live, and whether they may be downloaded.
         on_event: called with a :class:`TrainEvent` after every step and evaluation.
+        classes: train on these classes of the data set only (``0-9``, ``cat,dog`` or a list of names).
     """
     check_train_args(dataset, task, config, TrainConfig)
-    task = task or _task_name(dataset)
+    task = task or _task_name(dataset, classes)
     if not TASK_NAME.match(task):
         raise ConfigError(f"bad task name {task!r}: use letters, digits, '_', '-', '.', up to 64 characters "
                           "(pass --task NAME)")
@@ -228,7 +231,8 @@ def train(
     backbone.model.to(device)
     data = load_task_data(dataset, backbone.data_config, data_dir=data_dir, download=download and rank == 0,
                           val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
-                          limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale)
+                          limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale,
+                          classes=classes)
     registry.check_classes(task, data.classes)
     cfg = fit_batch(cfg, len(data.train))
 
@@ -251,9 +255,11 @@ def train(
                                backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
                                data_config=backbone.data_config, dataset=dataset, metrics=metrics)
             recipe = {k: v for k, v in asdict(cfg).items() if k not in ("device", "num_workers")}
-            version = registry.add_version(meta, model.state(), train_info={**timing, "recipe": recipe,
-                                                                            "world_size": world,
-                                                                            "train_images": len(data.train)})
+            stats = collect_task_stats(backbone.model, data, device, cfg.batch_size * 2)  # for routing
+            subset = {"classes": classes if isinstance(classes, str) else ",".join(classes)} if classes else {}
+            version = registry.add_version(meta, {**model.state(), **stats.to_tensors()},
+                                           train_info={**timing, "recipe": recipe, "world_size": world,
+                                                       "train_images": len(data.train), **subset})
         return TrainResult(version=version, metrics=metrics, history=history, model=model)
     finally:
         if chosen.name != "full":
@@ -326,10 +332,11 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _task_name(spec: str) -> str:
-    if spec.startswith("folder:"):
-        return os.path.basename(os.path.normpath(spec[7:])) or "folder"
-    return spec
+def _task_name(spec: str, classes: str | list[str] | None = None) -> str:
+    name = os.path.basename(os.path.normpath(spec[7:])) or "folder" if spec.startswith("folder:") else spec
+    if classes:  # e.g. cifar10-0-4 or cifar10-cat_dog
+        name += "-" + "_".join(c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes))
+    return name
 
 
 def evaluate(ref: str, *, registry: Registry | str | None = None, dataset: str | None = None,

@@ -19,7 +19,7 @@ import timm
 import torch
 
 import adaptkit.models  # noqa: F401  (registers adaptkit's own small ViTs with timm)
-from adaptkit.artifacts import AdapterMeta
+from adaptkit.artifacts import ROUTING_PREFIX, AdapterMeta
 from adaptkit.errors import AdaptkitError, ArtifactError
 from adaptkit.methods import get_method
 
@@ -48,6 +48,8 @@ def check_adapter(state: dict[str, torch.Tensor], meta: AdapterMeta, where: str)
                                    len(meta.classes))
     except ArtifactError as exc:
         raise ArtifactError(f"{where}: {exc}") from exc
+    _check_routing(state, where)
+    state = {k: v for k, v in state.items() if not k.startswith(ROUTING_PREFIX)}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise ArtifactError(f"{where}: its tensors are not those of {meta.method} on {meta.backbone} "
@@ -63,6 +65,14 @@ def check_adapter(state: dict[str, torch.Tensor], meta: AdapterMeta, where: str)
         if not bool(torch.isfinite(t).all()):
             raise ArtifactError(f"{where}: tensor {name} holds NaN or infinite values (training diverged?); "
                                 "retrain it")
+
+
+def _check_routing(state: dict[str, torch.Tensor], where: str) -> None:
+    """Routing statistics (``routing.*``) are no part of the method; they must still be finite floats."""
+    for name, t in state.items():
+        if name.startswith(ROUTING_PREFIX) and (not t.is_floating_point() or not bool(torch.isfinite(t).all())):
+            raise ArtifactError(f"{where}: routing statistic {name} is not a finite float tensor; refit it with "
+                                "`adaptkit routing fit`")
 
 
 def _check_config(meta: AdapterMeta, where: str) -> None:

@@ -34,11 +34,13 @@ from adaptkit.train import TrainConfig, TrainEvent, train
 from adaptkit_app import tables
 
 __all__ = ["Handlers", "user_errors", "page_terms", "dataset_choices", "default_data_roots", "METHOD_CHOICES",
-           "RANKED_METHODS", "UPLOAD_HINT"]
+           "RANKED_METHODS", "UPLOAD_HINT", "AUTO", "AUTO_LABEL"]
 
 _log = logging.getLogger(__name__)
 
 METHOD_CHOICES = ["adapter", "lora", "linear", "full"]
+AUTO = "*auto*"  # the picker's routed entry: not a valid task name, so it never shadows a task
+AUTO_LABEL = "Auto: which task?"
 RANKED_METHODS = ("adapter", "lora")  # the methods that take a rank
 UPLOAD_HINT = "Upload, paste or take a picture to see its labels."
 EMPTY_NOTE = """### No tasks yet
@@ -192,7 +194,8 @@ class Handlers:
     def _picker(self, value: str | None = None, tasks: Sequence[TaskRow] | None = None) -> tuple[dict, dict]:
         choices = picker_choices(self.registry.tasks() if tasks is None else tasks)
         names = [name for _, name in choices]
-        value = value if value in names else (names[0] if names else None)
+        value = value if value in names or (value == AUTO and names) else (names[0] if names else None)
+        choices = [(AUTO_LABEL, AUTO), *choices] if names else choices
         note = EMPTY_NOTE.format(url=self.registry.url)
         return gr.update(choices=choices, value=value), gr.update(value=note, visible=not names)
 
@@ -225,8 +228,11 @@ class Handlers:
                     ready.append((i, open_upload(image), task))
                 except AdaptkitError as exc:
                     notes[i] = f"**Could not predict:** {page_terms(str(exc))}"
-        if ready:
-            self._predict_ready(ready, [int(k or 5) for k in topks], labels, notes)
+        ks = [int(k or 5) for k in topks]
+        if any(task != AUTO for _, _, task in ready):
+            self._predict_ready([r for r in ready if r[2] != AUTO], ks, labels, notes)
+        if any(task == AUTO for _, _, task in ready):
+            self._predict_routed([r for r in ready if r[2] == AUTO], ks, labels, notes)
         return labels, notes
 
     def _predict_ready(self, ready: list[tuple[int, Any, str]], topks: list[int], labels: list, notes: list) -> None:
@@ -251,6 +257,25 @@ class Handlers:
             labels[i] = {x.label: x.prob for x in p[:max(topks[i], 1)]}
             notes[i] = f"`{ref}` predicted in **{took * 1000:.1f} ms** on {device}{batch}"
             notes[i] += f" (loading first took {load_s * 1000:.0f} ms)." if load_s > 0.001 else "."
+
+    def _predict_routed(self, ready: list[tuple[int, Any, str]], topks: list[int], labels: list,
+                        notes: list) -> None:
+        """The "Auto: which task?" requests: each image routed to its task, all in one routed pass."""
+        self._sync()
+        with self._lock:
+            tick = time.perf_counter()
+            try:
+                routed = self.predictor.predict_auto([img for _, img, _ in ready], topk=max(topks))
+            except AdaptkitError as exc:
+                for i, _, _ in ready:
+                    notes[i] = f"**Could not predict:** {page_terms(str(exc))}"
+                return
+            took = time.perf_counter() - tick
+        for (i, _, _), r in zip(ready, routed, strict=True):
+            runner = f"; runner-up `{r.runner_up}` {r.runner_up_confidence:.1%}" if r.runner_up else ""
+            labels[i] = {p.label: p.prob for p in r.predictions[:max(topks[i], 1)]}
+            notes[i] = (f"Routed to **`{r.task}`** ({r.confidence:.1%} sure{runner}), predicted in "
+                        f"**{took * 1000:.1f} ms** on {self.predictor.device.type}.")
 
     @user_errors
     def predict_all(self, image: str | None) -> tuple[pd.DataFrame, str]:
@@ -278,6 +303,7 @@ class Handlers:
                 for name, preds in zip(ready, self.predictor.predict_mixed([img] * len(ready), ready, topk=1),
                                        strict=True):
                     rows[name][2], rows[name][3] = preds[0].label, format_percent(preds[0].prob)
+                self._mark_routed(img, ready, rows)
         return pd.DataFrame(list(rows.values()), columns=tables.ALL_TASKS_COLUMNS), f"{len(ready)} of {len(tasks)} " \
             "task(s) answered in one backbone pass."
 
@@ -287,6 +313,16 @@ class Handlers:
         if image is None:
             return tables.empty_all_tasks(), "**Upload an image first**, then run every task on it."
         return self.predict_all(image)
+
+    def _mark_routed(self, img: Any, ready: list[str], rows: dict[str, list]) -> None:
+        """Note the task the router would send the image to (when every task has routing statistics)."""
+        try:
+            route = self.predictor.route([img], ready)[0]
+        except AdaptkitError as exc:
+            _log.info("no routing on the All tasks tab: %s", exc)
+            return
+        row = rows[route.task.ref.partition("@")[0]]
+        row[4] = f"router's choice ({route.confidence:.1%} sure)" + (f"; {row[4]}" if row[4] else "")
 
     # -- Compare -----------------------------------------------------------------------------------------------
 
@@ -298,6 +334,21 @@ class Handlers:
                 tables.per_task(report, "trainable_params", "parameters (K)", 1e3),
                 tables.per_task(report, "bytes", "KB on disk", 1e3), tables.storage(report),
                 tables.accuracy(report))
+
+    @user_errors
+    def continual(self, limit: float | None = 200) -> tuple[str, pd.DataFrame]:
+        """``adaptkit continual``: accuracy with no task name after each task is added, and its summary."""
+        from adaptkit.continual import evaluate_continual
+
+        r = evaluate_continual(registry=self.registry, limit=int(limit) if limit else None,
+                               device=self.device)
+        rows = [[f"{k + 1}. {ref}", *(round(100 * v[k], 1) for v in (r.task_id, r.cil, r.til, r.simplecil))]
+                for k, ref in enumerate(r.tasks)]
+        table = pd.DataFrame(rows, columns=["after adding", "task-id %", "no task given %", "task given %",
+                                            "SimpleCIL %"])
+        return (f"**{len(r.tasks)} tasks** in the order they were added, {sum(r.images)} test images: average "
+                f"incremental accuracy **{r.average_incremental:.1%}**, final **{r.final:.1%}** with no task name "
+                f"(task given: {r.til[-1]:.1%}), forgetting {100 * r.forgetting:.1f} points."), table
 
     # -- Add a task --------------------------------------------------------------------------------------------
 

@@ -121,6 +121,13 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
                                                    tooltip=["task", "method", "trainable params (K)",
                                                             "test top-1 (%)"], y_lim=[0, 100],
                                                    title="Test accuracy vs trainable parameters")
+                with gr.Accordion("Continual learning: every task with no task name given", open=False):
+                    with gr.Row():
+                        continual_limit = gr.Number(200, label="Test images per task (0: all)", precision=0,
+                                                    minimum=0)
+                        continual_btn = gr.Button("Evaluate in the order tasks were added", elem_id="continual")
+                    continual_summary = gr.Markdown(elem_id="continual-summary")
+                    continual_table = gr.Dataframe(label="Accuracy after each task is added", interactive=False)
             with gr.Tab("Add a task", id="add"):
                 with gr.Row():
                     with gr.Column():
@@ -162,6 +169,8 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
         run_all.click(h.run_all, inputs=image_all, outputs=[table_all, all_note], api_visibility="private")
         gr.on([compare_tab.select, refresh.click], h.compare,
               outputs=[summary, cost_table, params_plot, bytes_plot, storage_plot, accuracy_plot], api_name="compare")
+        continual_btn.click(h.continual, inputs=continual_limit, outputs=[continual_summary, continual_table],
+                            api_name="continual", concurrency_limit=1)
         dataset.change(lambda d: gr.update(visible=d == "folder"), dataset, folder, api_visibility="private")
         method.change(lambda m: gr.update(visible=m in RANKED_METHODS), method, rank, api_visibility="private")
         busy = train_btn.click(lambda: (gr.update(interactive=False, value="Training..."), ""), None,

@@ -226,5 +226,22 @@ def _refresh_compare(page) -> None:
     page.wait_for_timeout(500)  # the charts fade in
 
 
+def test_auto_routes_and_all_tasks_marks_the_choice(page):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Predict").click()
+    page.locator("#image input[type=file]").set_input_files(str(CIFAR_MINI / "test" / "ship" / "0001.jpg"))
+    page.locator("#task input").click()
+    page.get_by_role("option", name="Auto: which task?").click()
+    expect(page.locator("#timing")).to_contain_text("Routed to")
+    expect(page.locator("#timing")).to_contain_text("% sure")
+    assert page.locator("#labels [data-testid=label-output-value]").inner_text() in CLASSES
+    page.screenshot(path=str(ARTIFACTS / "app-auto.png"), full_page=True)
+    page.get_by_role("tab", name="All tasks").click()
+    page.locator("#image-all input[type=file]").set_input_files(str(CIFAR_MINI / "test" / "ship" / "0001.jpg"))
+    expect(page.locator("text=router's choice >> visible=true").first).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "app-all-tasks-routed.png"), full_page=True)
+
+
 def _starts_with(prefix: str):
     return re.compile("^" + re.escape(prefix))

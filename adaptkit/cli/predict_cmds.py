@@ -38,20 +38,51 @@ def eval_task(
 @app.command()
 @friendly
 def predict(
-    ref: RefArg,
-    images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="Image files", show_default=False)],
+    args: Annotated[list[str], typer.Argument(metavar="[TASK] IMAGE...", show_default=False,
+                                              help="Image files; with no --task each image is routed to its task "
+                                                   "(a first argument that names a task and is no file pins it)")],
+    task: Annotated[str | None, typer.Option("--task", "-t", metavar="TASK[@N]", help="Use this task, no "
+                                             "routing")] = None,
     topk: Annotated[int, typer.Option(metavar="K", help="How many labels to show per image")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     device: DeviceOpt = None,
     registry: RegistryOpt = None,
 ) -> None:
-    """Predict the top-k labels of images with one task."""
+    """Predict the top-k labels of images: routed to the task they belong to, or with --task."""
     from adaptkit.predict import Predictor
 
-    results = Predictor(registry_of(registry), device=device).predict(list(images), ref, topk=topk)
+    reg = registry_of(registry)
+    task, images = _task_and_images(reg, task, args)
+    predictor = Predictor(reg, device=device)
+    if task is not None:
+        rows = [{"image": str(p), "task": predictor.load(task).ref, "predictions": [asdict(x) for x in r]}
+                for p, r in zip(images, predictor.predict(list(images), task, topk=topk), strict=True)]
+    else:
+        rows = [{"image": str(p), "task": r.task, "confidence": r.confidence, "runner_up": r.runner_up,
+                 "runner_up_confidence": r.runner_up_confidence, "predictions": [asdict(x) for x in r.predictions]}
+                for p, r in zip(images, predictor.predict_auto(list(images), topk=topk), strict=True)]
     if as_json:
-        out.print_json(data=[{"image": str(p), "predictions": [asdict(x) for x in r]}
-                             for p, r in zip(images, results, strict=True)])
+        out.print_json(data=rows)
         return
-    for path, preds in zip(images, results, strict=True):
-        echo(escape(f"{path}: " + ", ".join(f"{p.label} {100 * p.prob:.1f}%" for p in preds)))
+    for row in rows:
+        sure = f" ({100 * row['confidence']:.1f}% sure)" if "confidence" in row else ""
+        labels = ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in row["predictions"])
+        echo(escape(f"{row['image']}: {row['task']}{sure}: {labels}"))
+
+
+def _task_and_images(reg, task: str | None, args: list[str]) -> tuple[str | None, list[Path]]:
+    """``--task T IMAGE...``, ``IMAGE...`` (routed), or the older ``TASK IMAGE...`` where TASK is not a file."""
+    from adaptkit.data import IMG_EXTENSIONS
+    from adaptkit.errors import ConfigError, NotFoundError
+
+    first = args[0]
+    if task is None and not Path(first).exists() and Path(first).suffix.lower() not in IMG_EXTENSIONS:
+        try:
+            reg.get_version(first)
+            task, args = first, args[1:]
+        except NotFoundError:
+            if len(args) > 1:  # TASK IMAGE... with a task that is not there: say which tasks there are
+                raise
+    if not args:
+        raise ConfigError("no images given: adaptkit predict [--task TASK] IMAGE...")
+    return task, [Path(a) for a in args]

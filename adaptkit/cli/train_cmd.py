@@ -19,6 +19,8 @@ def train(
     dataset: Annotated[str, typer.Option("--dataset", "-d", metavar="SPEC", help="digits, cifar100, folder:PATH ... "
                                          "(see `adaptkit datasets`)")],
     task: Annotated[str | None, typer.Option(metavar="NAME", help="Task name [default: the data set's name]")] = None,
+    classes: Annotated[str | None, typer.Option(metavar="LIST", help="Only these classes: index ranges (0-9, "
+                                                "0-4,7) or names (cat,dog)")] = None,
     backbone: Annotated[str, typer.Option(metavar="NAME", help="timm ViT name")] = "vit_base_patch16_224.augreg_in21k",
     weights: Annotated[Path | None, typer.Option(metavar="FILE", help="Local weights file (.safetensors/.pth) "
                                                   "instead of the hub")] = None,
@@ -73,7 +75,7 @@ def train(
         result = run(dataset, task=task, backbone=backbone, weights=str(weights) if weights else None,
                      pretrained=pretrained, method=method, method_config=method_config, config=config,
                      registry=registry_of(registry), data_dir=str(data_dir) if data_dir else None, download=download,
-                     on_event=on_event)
+                     on_event=on_event, classes=classes)
     v, m = result.version, result.metrics
     if v is None:  # a worker process under torchrun: rank 0 records and reports
         return

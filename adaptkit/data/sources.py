@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
 from adaptkit.data.images import IMG_EXTENSIONS
+from adaptkit.data.subsets import select_classes
 from adaptkit.data.transforms import build_transform
 from adaptkit.errors import DatasetError
 from adaptkit.suggest import did_you_mean
@@ -283,7 +284,8 @@ def _unknown_dataset(spec: str) -> str:
 def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None = None, download: bool = True,
                    val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
                    limit_train: int | None = None, limit_eval: int | None = None,
-                   crop_scale: tuple[float, float] | None = None) -> TaskData:
+                   crop_scale: tuple[float, float] | None = None,
+                   classes: str | Sequence[str] | None = None) -> TaskData:
     """Load a data set by spec and split it into train / val / test with timm transforms.
 
     Args:
@@ -297,6 +299,7 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         limit_train: keep only this many (seeded random) training images.
         limit_eval: keep only this many (seeded random) images in each of val and test.
         crop_scale: area range of the training random resized crop (default: timm's).
+        classes: keep only these classes (`0-9`, `cat,dog` or a list of names; see `subsets.parse_classes`).
 
     Returns:
         TaskData with class names and the three splits, each yielding (tensor C x H x W, int label).
@@ -308,6 +311,7 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
             raise DatasetError(f"{label} must be at least 1 (or None for no limit), got {n}")
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetError(f"a data set spec must be a name such as digits or folder:PATH, got {spec!r}")
+    selection = classes  # `classes` names the data set's classes from here on
     key = spec.strip()
     name = key.lower().replace("-", "_")
     if name.startswith("folder:"):
@@ -319,6 +323,9 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         classes, train_src, train_idx, test_src, test_idx = _load_torchvision(name, root, download)
     else:
         raise DatasetError(_unknown_dataset(spec))
+    if selection is not None:
+        classes, train_src, train_idx, test_src, test_idx = select_classes(selection, classes, train_src, train_idx,
+                                                                           test_src, test_idx)
     if len(classes) < 2:
         raise DatasetError(f"{spec} has one class ({classes[0] if classes else 'none'}): a classifier needs two or "
                            "more, so add a folder of images for each other class")

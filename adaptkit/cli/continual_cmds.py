@@ -1,0 +1,80 @@
+"""Commands for prediction with no task name and continual learning: `routing fit` and `continual`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from adaptkit.cli.common import RegistryOpt, app, err, friendly, out, registry_of
+
+routing_app = typer.Typer(help="Routing statistics: what `predict` with no task needs of every task.",
+                          no_args_is_help=True)
+app.add_typer(routing_app, name="routing")
+
+
+@routing_app.command("fit")
+@friendly
+def routing_fit(
+    tasks: Annotated[list[str] | None, typer.Argument(help="TASK or TASK@VERSION [default: every task]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute statistics that are there already")] = False,
+    dataset: Annotated[str | None, typer.Option(help="The data set to read, if not the one it was trained on "
+                                                     "(one task only)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    device: str | None = None,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Compute routing statistics for versions that lack them (trained before routing existed, or imported)."""
+    from adaptkit.continual import fit_routing
+
+    done = fit_routing(tasks or None, registry=registry_of(registry), force=force, dataset=dataset, device=device,
+                       data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
+                       on_task=lambda ref, what: err.print(f"{ref}: {what}", soft_wrap=True))
+    out.print(f"wrote routing statistics for {len(done)} version(s)" + (f": {', '.join(done)}" if done else ""))
+
+
+@app.command()
+@friendly
+def continual(
+    tasks: Annotated[list[str] | None, typer.Argument(help="TASK or TASK@VERSION in the order to add them "
+                                                            "[default: every task, in the order registered]")] = None,
+    router: Annotated[str, typer.Option(help="lda, qda, ridge or ncm")] = "lda",
+    limit: Annotated[int | None, typer.Option(min=1, help="Test images per task")] = None,
+    refine: Annotated[bool, typer.Option(help="Also measure routing refined by the top-2 tasks' adapters")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    device: str | None = None,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+    registry: RegistryOpt = None,
+) -> None:
+    """Evaluate the tasks as a class-incremental sequence: accuracy with no task name after each addition."""
+    from rich.table import Table
+
+    from adaptkit.continual import evaluate_continual
+
+    r = evaluate_continual(tasks or None, registry=registry_of(registry), router=router, limit=limit,
+                           device=device, data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
+                           refine=refine)
+    if as_json:
+        out.print_json(json.dumps(r.to_dict()))
+        return
+    table = Table(title="Accuracy (%) after each task is added, no task name given")
+    for name in ("after", "task-id", "no task", "task given", "SimpleCIL", *(["refined"] if refine else [])):
+        table.add_column(name, justify="left" if name == "after" else "right")
+    for k, ref in enumerate(r.tasks):
+        cells = [r.task_id[k], r.cil[k], r.til[k], r.simplecil[k], *([r.refined[k]] if refine else [])]
+        table.add_row(f"{k + 1}. {ref}", *(f"{100 * c:.1f}" for c in cells))
+    out.print(table)
+    matrix = Table(title="No-task accuracy (%) on each task's test images (rows: after task k)")
+    matrix.add_column("after")
+    for j in range(len(r.tasks)):
+        matrix.add_column(str(j + 1), justify="right")
+    for k, row in enumerate(r.matrix):
+        matrix.add_row(str(k + 1), *("" if a is None else f"{100 * a:.1f}" for a in row))
+    out.print(matrix)
+    out.print(f"average incremental accuracy {100 * r.average_incremental:.1f}%, final {100 * r.final:.1f}%, "
+              f"forgetting {100 * r.forgetting:.1f} points, router {r.router}, {sum(r.images)} test images",
+              soft_wrap=True)
