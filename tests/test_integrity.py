@@ -275,7 +275,9 @@ def _not_a_registry(tmp_path, kind: str):
         with sqlite3.connect(path) as con:
             con.execute("CREATE TABLE invoices (id INTEGER)")
     elif kind == "corrupted database":
-        Registry(path).add_version(_meta(), _state())
+        reg = Registry(path)
+        reg.add_version(_meta(), _state())
+        reg.engine.dispose()  # WAL: the last connection to close checkpoints the log into the file, then deletes it
         data = bytearray(path.read_bytes())
         data[0:100] = b"\xff" * 100
         path.write_bytes(bytes(data))
