@@ -249,11 +249,12 @@ def parse_adapter(data: bytes, where: str, *, sha256: str | None = None, fingerp
             f"{where} was trained on backbone {meta.backbone} with fingerprint {meta.backbone_fingerprint[:12]}, "
             f"not on this backbone ({fingerprint[:12]}): load it with the backbone it was trained on"
         )
-    bad = next((k for k, t in state.items() if str(t.dtype) not in STORED_DTYPES), None)
+    own = {k: t for k, t in state.items() if not k.startswith(ROUTING_PREFIX)}  # routing counts are integers
+    bad = next((k for k, t in own.items() if str(t.dtype) not in STORED_DTYPES), None)
     if bad is not None:
         raise ArtifactError(f"{where}: tensor {bad} is {state[bad].dtype}; adapter files hold float32 (or float16/"
                             "bfloat16) tensors only: re-export it from adaptkit")
-    return {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}, meta
+    return {k: v.to(device=device, dtype=torch.float32 if k in own else None) for k, v in state.items()}, meta
 
 
 def _check_exists(path: Path) -> None:

@@ -68,10 +68,11 @@ def check_adapter(state: dict[str, torch.Tensor], meta: AdapterMeta, where: str)
 
 
 def _check_routing(state: dict[str, torch.Tensor], where: str) -> None:
-    """Routing statistics (``routing.*``) are no part of the method; they must still be finite floats."""
+    """Routing statistics (``routing.*``) are no part of the method; they must still be finite numbers."""
     for name, t in state.items():
-        if name.startswith(ROUTING_PREFIX) and (not t.is_floating_point() or not bool(torch.isfinite(t).all())):
-            raise ArtifactError(f"{where}: routing statistic {name} is not a finite float tensor; refit it with "
+        if name.startswith(ROUTING_PREFIX) and (t.is_complex() or t.dtype == torch.bool
+                                                or not bool(torch.isfinite(t).all())):
+            raise ArtifactError(f"{where}: routing statistic {name} is not a finite real tensor; refit it with "
                                 "`adaptkit routing fit`")
 
 

@@ -17,7 +17,7 @@ from adaptkit.data import open_image
 from adaptkit.errors import DatasetError, ImageError
 from adaptkit.registry import Registry
 from adaptkit.train import TrainConfig, train
-from adaptkit_app.handlers import Handlers
+from adaptkit_app.handlers import AUTO, Handlers
 from adaptkit_app.main import launch
 
 CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
@@ -122,7 +122,7 @@ def test_bad_upload_gives_a_clear_message_and_the_app_stays_up(client, cat, tmp_
     assert not labels and "The uploaded file is not an image" in note
     assert "/tmp" not in note and "notes.png" not in note  # no server path, not even the upload's name
     labels, note = client.predict(handle_file(cat), "nope", 3, api_name="/predict")
-    assert not labels and "no task 'nope'" in note and "Add a task" in note
+    assert not labels and "no task 'nope' in the registry (tasks: ada, lo" in note  # a typo is not "train it"
     labels, _ = client.predict(handle_file(cat), "ada", 3, api_name="/predict")
     assert labels["label"] in CLASSES
 
@@ -255,7 +255,7 @@ def test_a_task_trained_by_another_process_is_seen_without_a_restart(tmp_path, c
     make_registry(tmp_path, {"ada": "linear", "new": "linear"})  # another writer: ada@2 becomes the default
     assert h.predict([cat], ["ada"], [3])[1][0].startswith("`ada@2`")
     picker, _ = h.tasks("ada")
-    assert [value for _, value in picker["choices"]] == ["ada", "new"] and picker["value"] == "ada"
+    assert [value for _, value in picker["choices"]] == [AUTO, "ada", "new"] and picker["value"] == "ada"
     assert h.predict([cat], ["new"], [3])[1][0].startswith("`new@1`")
 
 

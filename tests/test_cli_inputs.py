@@ -80,7 +80,8 @@ TEST_CASES: list[tuple[list[str], int, str]] = [
     (["predict", "zzz", "{img}"], 1, "no task 'zzz' in the registry (tasks: pets)"),
     (["predict", "pets", "{img}", "--device", "bogus"], 1, "unknown device 'bogus'"),
     (["predict", "pets", "{img}", "--topk", "0"], 1, "topk must be a whole number at least 1"),
-    (["predict", "pets"], 2, "Missing argument 'IMAGE...'"),
+    (["predict", "pets"], 1, "no images given: adaptkit predict [--task TASK] IMAGE..."),
+    (["predict"], 2, "Missing argument '[TASK] IMAGE...'"),
     # eval, show, remove, default, export, import
     (["eval", "pets", "--split", "train"], 1, "split must be test or val, got 'train'"),
     (["eval", "pets", "--batch-size", "0"], 1, "batch_size must be a whole number at least 1"),

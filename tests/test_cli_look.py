@@ -104,7 +104,7 @@ def test_train_help_at_80_columns_reads_like_a_normal_cli(monkeypatch):
     assert "vit_base_patch16_224.augreg_in21k" in text and "--label-smoothing X" in text
     assert not re.search(r"<\w|\{\w|list\[|…", text)
     usage = runner.invoke(app, ["predict", "--help"], terminal_width=80).output.splitlines()[0]
-    assert usage == "Usage: adaptkit predict [OPTIONS] TASK[@N] IMAGE..."
+    assert usage == "Usage: adaptkit predict [OPTIONS] [TASK] IMAGE..."
 
 
 def test_train_prints_one_plain_line_per_epoch_when_not_a_terminal(tmp_path, cifar_mini):
