@@ -29,7 +29,7 @@ __all__ = ["Handlers", "user_errors", "dataset_choices", "METHOD_CHOICES", "RANK
 
 _log = logging.getLogger(__name__)
 
-METHOD_CHOICES = ["adapter", "lora", "linear", "full"]
+METHOD_CHOICES = ["adapter", "lora", "ssf", "bitfit", "vpt", "linear", "full"]
 RANKED_METHODS = ("adapter", "lora")  # the methods that take a rank
 EMPTY_NOTE = """### No tasks yet
 The registry `{url}` has no tasks. Train one here in **Add a task** (for a quick offline try: data set `digits`,

@@ -44,13 +44,18 @@ def train(
                                                   "hub")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="--no-pretrained: random "
                                              "backbone weights (recorded as such)")] = True,
-    method: Annotated[str, typer.Option(help="adapter, lora, linear or full")] = "adapter",
+    method: Annotated[str, typer.Option(help="adapter, lora, ssf, bitfit, vpt, linear or full")] = "adapter",
     rank: Annotated[int | None, typer.Option(help="Adapter bottleneck / LoRA rank [default: 64 / 8]")] = None,
     placement: Annotated[str | None, typer.Option(help="Adapter placement: parallel, sequential, "
-                                                  "houlsby")] = None,
+                                                  "houlsby, adapterplus")] = None,
     scale: Annotated[float | None, typer.Option(help="Adapter output scale")] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha")] = None,
     targets: Annotated[str | None, typer.Option(help="LoRA targets, comma-separated: qkv,proj,fc1,fc2")] = None,
+    tokens: Annotated[int | None, typer.Option(min=1, help="VPT prompt tokens [default: 10]")] = None,
+    prompt_mode: Annotated[str | None, typer.Option(help="VPT prompts: deep (every block) or shallow (input "
+                                                    "only) [default: deep]")] = None,
+    prompt_init: Annotated[str | None, typer.Option(help="VPT prompt init: xavier or normal [default: "
+                                                    "xavier]")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: the method's]")] = None,
@@ -75,7 +80,7 @@ def train(
     from adaptkit.train import train as run
 
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,
-                                   targets=targets)
+                                   targets=targets, tokens=tokens, prompt_mode=prompt_mode, prompt_init=prompt_init)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, seed=seed,
                          device=device,
@@ -97,14 +102,23 @@ def train(
               f"best epoch {m['best_epoch']}, {v.train_time_s:.0f} s")
 
 
+# method -> {CLI option (parameter name): the method's setting}
+METHOD_OPTIONS: dict[str, dict[str, str]] = {
+    "adapter": {"rank": "rank", "placement": "placement", "scale": "scale"},
+    "lora": {"rank": "rank", "alpha": "alpha", "targets": "targets"},
+    "vpt": {"tokens": "tokens", "prompt_mode": "mode", "prompt_init": "init"},
+}
+
+
 def _method_config(method: str, **given: Any) -> dict[str, Any]:
     """Map CLI options onto the method's settings; an option that the method does not take is an error."""
-    takes = {"adapter": {"rank", "placement", "scale"}, "lora": {"rank", "alpha", "targets"}}.get(method, set())
+    takes = METHOD_OPTIONS.get(method, {})
     config = {}
     for name, value in given.items():
         if value is None:
             continue
         if name not in takes:
-            raise ConfigError(f"--{name} does not apply to method {method!r}")
-        config[name] = tuple(t.strip() for t in value.split(",")) if name == "targets" else value
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to method {method!r}")
+        config[takes[name]] = tuple(t.strip() for t in value.split(",")) if name == "targets" else value
     return config

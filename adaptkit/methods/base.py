@@ -58,6 +58,14 @@ class TaskSite(nn.Module):
         self.ctx = ctx  # plain attribute, not a submodule: shared by every site
         self._bank: tuple[Any, Any] | None = None
 
+    @property
+    def layer(self) -> nn.Module:
+        """The wrapped layer itself: ``base_layer`` may be a site of another kind around it."""
+        layer = self.base_layer
+        while isinstance(layer, TaskSite):
+            layer = layer.base_layer
+        return layer
+
     def add(self, slot: str, module: nn.Module) -> None:
         self.tasks[slot] = module
         self.ctx.generation += 1

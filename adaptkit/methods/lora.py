@@ -93,8 +93,8 @@ class LoraSite(TaskSite):
             return None
         ref = present[0].lora_A
         rank, count = max(m.lora_A.shape[0] for m in present), len(modules)
-        a = ref.new_zeros(count, self.base_layer.in_features, rank)
-        b = ref.new_zeros(count, rank, self.base_layer.out_features)
+        a = ref.new_zeros(count, self.layer.in_features, rank)
+        b = ref.new_zeros(count, rank, self.layer.out_features)
         scaling = ref.new_zeros(count, 1, 1)
         for i, m in enumerate(modules):
             if m is not None:
@@ -118,7 +118,7 @@ class LoraMethod(Method):
             for target in cfg.targets:
                 path = f"blocks.{i}.{TARGETS[target]}"
                 site = find_site(trunk, path, LoraSite, ctx)
-                base = site.base_layer
+                base = site.layer
                 module = LoraUpdate(base.in_features, base.out_features, cfg.rank, cfg.alpha, cfg.dropout)
                 site.add(slot, module)
                 parts[f"{path}.lora"] = module
