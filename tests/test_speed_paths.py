@@ -26,8 +26,8 @@ TASKS = {
     "full": ("full", {}, 8),
     "ssf": ("ssf", {}, 3),
     "bitfit": ("bitfit", {}, 4),
-    "vpt10": ("vpt", {"tokens": 10}, 5),
-    "vpt3s": ("vpt", {"tokens": 3, "mode": "shallow"}, 6),
+    "vpt3": ("vpt", {"tokens": 3}, 5),
+    "vpt10s": ("vpt", {"tokens": 10, "mode": "shallow"}, 6),
     "adapterplus": ("adapter", {"placement": "adapterplus"}, 7),
 }
 
@@ -65,7 +65,7 @@ def registry(tmp_path_factory) -> Registry:
 def own_registry(tmp_path) -> Registry:
     """A registry this test may damage (files deleted)."""
     reg = Registry(tmp_path / "reg.db")
-    _register(reg, {k: TASKS[k] for k in ("par8", "lora4", "houlsby", "ssf", "vpt3s")})
+    _register(reg, {k: TASKS[k] for k in ("par8", "lora4", "houlsby", "ssf", "vpt10s")})
     return reg
 
 
@@ -85,8 +85,8 @@ def test_mixed_batch_equals_each_sample_alone(registry, images):
 
 
 def test_mixed_batch_of_every_method_equals_each_sample_alone(registry):
-    """Every method in one batch, VPT tasks with 10 (deep) and 3 (shallow) prompts among tasks without prompts."""
-    refs = [*TASKS, "vpt3s", "ssf", "vpt10"]
+    """Every method in one batch, VPT tasks with 3 (deep) and 10 (shallow) prompts among tasks without prompts."""
+    refs = [*TASKS, "vpt10s", "ssf", "vpt3"]
     x = torch.randn(len(refs), 3, 224, 224, generator=torch.Generator().manual_seed(1))
     predictor = Predictor(registry, device="cpu")
     mixed = predictor.logits_mixed(x, refs)
@@ -99,7 +99,7 @@ def test_mixed_batch_of_every_method_equals_each_sample_alone(registry):
 def test_mixed_batch_of_one_prompt_task_equals_its_batch(registry, images):
     """A mixed batch whose samples all have prompts of one length (no padding, no mask) equals a plain batch."""
     predictor = Predictor(registry, device="cpu")
-    for ref in ("vpt10", "vpt3s"):
+    for ref in ("vpt3", "vpt10s"):
         mixed = predictor.logits_mixed(images[:3], [ref] * 3)
         torch.testing.assert_close(torch.stack(mixed), predictor.logits(images[:3], ref), atol=1e-5, rtol=1e-5)
 
@@ -162,7 +162,7 @@ def test_switching_changes_the_trunk_features(own_registry, images):
     assert not torch.allclose(fa, fb, atol=1e-4)
 
 
-@pytest.mark.parametrize("ref", ["par8", "houlsby", "lora4", "ssf", "vpt3s"])
+@pytest.mark.parametrize("ref", ["par8", "houlsby", "lora4", "ssf", "vpt10s"])
 def test_unload_restores_the_backbone(own_registry, images, ref):
     x = images[:2]
     with torch.inference_mode():

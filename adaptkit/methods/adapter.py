@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptkit.errors import ConfigError
-from adaptkit.methods.base import Method, TaskContext, TaskSite, find_site
+from adaptkit.methods.base import Method, TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["AdapterConfig", "Bottleneck", "AdapterSite", "AdapterMethod"]
 
@@ -134,10 +134,14 @@ class AdapterSite(TaskSite):
         y = self.base_layer(x, *args, **kwargs)
         parallel, sequential = bank
         out = y
-        if parallel is not None:
-            out = _apply_bank(parallel, x, idx, out)
-        if sequential is not None:
-            out = _apply_bank(sequential, y, idx, out)
+        for bank_, inputs in ((sequential, y), (parallel, x)):  # sequential first: it reads y before y is written
+            if bank_ is None:
+                continue
+            rows = self.ctx.rows(bank_["present"])
+            if rows is None:
+                out = _apply_bank(bank_, inputs, idx, out)
+            else:  # only the samples whose task has an adapter of this kind here
+                out = put_rows(out, rows, _apply_bank(bank_, inputs[rows], idx[rows], out[rows]))
         return out
 
     def build_bank(self, modules: list[nn.Module | None]) -> Any:
@@ -169,7 +173,8 @@ def _stack(modules: list[Bottleneck | None]) -> dict[str, Any] | None:
         up[i, :r] = m.up.weight.detach().t() * scale
         up[i, rank] = m.up.bias.detach() * scale
     act_of_slot = torch.tensor([acts.index(m.act) if m is not None else 0 for m in modules], device=ref.device)
-    return {"down": down, "down_bias": down_bias, "up": up, "acts": acts, "act_of_slot": act_of_slot}
+    return {"down": down, "down_bias": down_bias, "up": up, "acts": acts, "act_of_slot": act_of_slot,
+            "present": tuple(m is not None for m in modules)}
 
 
 def _apply_bank(bank: dict[str, Any], x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.methods.base import TaskSite
+from adaptkit.methods.base import TaskSite, put_rows
 
 __all__ = ["ChannelAffine", "AffineSite", "affine_layers", "fold_affine"]
 
@@ -67,8 +67,12 @@ class AffineSite(TaskSite):
         y = self.base_layer(x, *args, **kwargs)
         if bank is None:
             return y
-        scale, shift = bank
-        return torch.addcmul(self._view(shift[idx], y), y, self._view(scale[idx], y))
+        scale, shift, present = bank
+        rows = self.ctx.rows(present)
+        if rows is None:
+            return torch.addcmul(self._view(shift[idx], y), y, self._view(scale[idx], y))
+        idx, part = idx[rows], y[rows]  # only the samples whose task has a module here
+        return put_rows(y, rows, torch.addcmul(self._view(shift[idx], part), part, self._view(scale[idx], part)))
 
     def build_bank(self, modules: list[nn.Module | None]) -> Any:
         """(T, C) scales and shifts; a slot without a module (or without a scale) gets 1 and 0: its own output."""
@@ -83,7 +87,7 @@ class AffineSite(TaskSite):
                 shift[i] = m.shift.detach()
                 if m.scale is not None:
                     scale[i] = m.scale.detach()
-        return scale, shift
+        return scale, shift, tuple(m is not None for m in modules)
 
 
 def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
