@@ -153,10 +153,11 @@ def test_new_methods_count_in_closed_form(vit_base):
     assert [round(n / 1e6, 2) for n in (205_824, 102_912, 92_160, 165_984)] == [0.21, 0.10, 0.09, 0.17]
 
 
-def test_ssf_merge_equals_unmerged(pico, images):
+@pytest.mark.parametrize("method", ["ssf", "bitfit"])
+def test_ssf_merge_equals_unmerged(pico, images, method):
     with torch.no_grad():
         feats = pico.model(images)
-        task = get_method("ssf").attach(pico.model, num_classes=4)
+        task = get_method(method).attach(pico.model, num_classes=4)
         for name, p in task.named_trainable_parameters():
             torch.nn.init.normal_(p, mean=1.0 if name.endswith(".scale") else 0.0, std=0.1)
         task.eval()

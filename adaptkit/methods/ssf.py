@@ -43,7 +43,10 @@ class SsfMethod(Method):
 
 @torch.no_grad()
 def merge_ssf(task: TaskModel) -> nn.Module:
-    """A plain copy of the task's trunk with its scales and shifts folded into the weights, followed by its head."""
+    """A plain copy of the task's trunk with its scales and shifts folded into the weights, followed by its head.
+
+    A BitFit task's bias deltas fold the same way (a shift without a scale).
+    """
     merged = plain_copy(task.trunk)
     for part_name, module in task.parts.items():
         if isinstance(module, ChannelAffine):
