@@ -219,3 +219,30 @@ def test_vpt_init_follows_the_paper(pico):
     tokens = torch.stack([m.tokens for m in task.parts.values()])
     assert tokens.abs().max() <= bound and tokens.abs().max() > 0.9 * bound
     assert abs(tokens.mean().item()) < 0.02
+
+
+def test_one_pass_over_every_method_equals_each_sample_alone(pico):
+    """The trunk run once over a batch that mixes tasks of every shared-trunk method, VPT tasks with 4 (deep), 2 and
+    5 (shallow) prompts among them, so prompt slots are padded and masked; each sample equals its task alone."""
+    cases = [*TEST_CASES, *NEAR_IDENTITY, ("vpt", {"tokens": 5, "mode": "shallow"}), ("linear", {})]
+    torch.manual_seed(0)
+    tasks = []
+    for method, config in cases:
+        task = get_method(method, config).attach(pico.model, num_classes=3)
+        for p in task.trainable_parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        tasks.append(task.eval())
+    x = torch.randn(len(tasks) + 2, 3, 32, 32)
+    owner = [*range(len(tasks)), 9, 11]  # two more samples of VPT tasks
+    ctx = tasks[0].ctx
+    with torch.no_grad():
+        ctx.slot_order = tuple(t.slot for t in tasks)
+        ctx.sample_slots = torch.tensor(owner)
+        try:
+            mixed = pico.model(x)
+        finally:
+            ctx.sample_slots = None
+        for b, i in enumerate(owner):
+            ctx.active = tasks[i].slot
+            torch.testing.assert_close(mixed[b], pico.model(x[b : b + 1])[0], atol=1e-5, rtol=1e-5,
+                                       msg=f"sample {b} ({cases[i]})")

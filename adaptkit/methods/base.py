@@ -255,6 +255,11 @@ class Method(ABC):
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
 
+    def added_tokens(self) -> int:
+        """How many tokens the method adds to the sequence (VPT's prompts): a mixed batch runs the samples of tasks
+        that add the same number in one pass, so no sample pays for another task's longer sequence."""
+        return 0
+
     def attach(self, trunk: nn.Module, num_classes: int, slot: str | None = None,
                state: dict[str, torch.Tensor] | None = None) -> TaskModel:
         """Add this method's modules for a new task to ``trunk`` and return the task with a new head.

@@ -156,6 +156,9 @@ class VptMethod(Method):
     name = "vpt"
     config_class = VptConfig
 
+    def added_tokens(self) -> int:
+        return self.config.tokens
+
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
         cfg = self.config
         dim, depth = int(trunk.num_features), len(trunk.blocks)
