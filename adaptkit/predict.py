@@ -212,9 +212,9 @@ class Predictor:
             raise ConfigError(f"{x.shape[0]} images but {len(refs)} task names: give one task per image")
         tasks = [self._task(r) for r in refs]
         out: list[torch.Tensor | None] = [None] * len(tasks)
-        groups: dict[int, list[int]] = {}
-        for i, t in enumerate(tasks):  # a shared trunk (any method but full) is one group; a full copy its own
-            groups.setdefault(id(t.model.trunk), []).append(i)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, t in enumerate(tasks):  # one pass per trunk (a full copy has its own) and per number of added tokens
+            groups.setdefault((id(t.model.trunk), t.model.method.added_tokens()), []).append(i)
         with self._autocast():
             for members in groups.values():
                 self._run_group(x, tasks, members, out)

@@ -40,9 +40,17 @@ __all__ = ["TrainConfig", "TrainEvent", "TrainResult", "METHOD_DEFAULTS", "train
 #   lora:    LoRA on ViTs (Hu et al. 2021; PEFT's image-classification guide) uses 1e-3 to 5e-3;
 #   linear:  linear probes (MAE, He et al. 2022) use a large rate and no weight decay;
 #   full:    full fine-tuning (DeiT/BEiT recipes, Touvron et al. 2021) uses 5e-5 to 1e-4 and weight decay 0.05.
+#   ssf:     SSF (Lian et al. 2022) trains its scales and shifts with AdamW at 5e-3 to 1e-2 (VTAB, FGVC);
+#   bitfit:  bias tuning on ViTs (V-PETL Bench; Zaken et al. 2021 use 1e-4 to 1e-3 on BERT) wants a larger rate
+#            than adapters, as each bias is one vector;
+#   vpt:     VPT (Jia et al. 2022) tunes prompts with large rates (SGD, base lr up to 50 x batch / 256); with AdamW
+#            1e-2 is the common choice (PETL_Vision, PILOT), no weight decay on the prompts.
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "adapter": {"lr": 1e-3, "weight_decay": 1e-4},
     "lora": {"lr": 1e-3, "weight_decay": 1e-4},
+    "ssf": {"lr": 5e-3, "weight_decay": 1e-4},
+    "bitfit": {"lr": 5e-3, "weight_decay": 0.0},
+    "vpt": {"lr": 1e-2, "weight_decay": 0.0},
     "linear": {"lr": 3e-3, "weight_decay": 0.0},
     "full": {"lr": 1e-4, "weight_decay": 0.05},
 }

@@ -38,7 +38,7 @@ __all__ = ["Handlers", "user_errors", "page_terms", "dataset_choices", "default_
 
 _log = logging.getLogger(__name__)
 
-METHOD_CHOICES = ["adapter", "lora", "linear", "full"]
+METHOD_CHOICES = ["adapter", "lora", "ssf", "bitfit", "vpt", "linear", "full"]
 AUTO = "*auto*"  # the picker's routed entry: not a valid task name, so it never shadows a task
 AUTO_LABEL = "Auto: which task?"
 RANKED_METHODS = ("adapter", "lora")  # the methods that take a rank

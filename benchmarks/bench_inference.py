@@ -14,7 +14,7 @@ import torch
 from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, randomize, ratio, sync
 
 from adaptkit.backbone import create_backbone
-from adaptkit.methods import get_method, merge_lora
+from adaptkit.methods import get_method, merge_lora, merge_ssf
 
 
 def run(backbone_name: str, batch: int, repeats: int, device: str, only: list[str] | None) -> list[list[str]]:
@@ -30,6 +30,8 @@ def run(backbone_name: str, batch: int, repeats: int, device: str, only: list[st
         configs[label] = task
         if method == "lora":
             configs["lora r8 qkv, merged"] = merge_lora(task)
+        if method == "ssf":
+            configs["ssf, merged"] = merge_ssf(task)
     x = torch.randn(batch, 3, 224, 224, device=device)
     times: dict[str, list[float]] = {k: [] for k in configs}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))

@@ -30,6 +30,10 @@ METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "adapter sequential r64": ("adapter", {"rank": 64, "placement": "sequential"}),
     "adapter houlsby r64": ("adapter", {"rank": 64, "placement": "houlsby"}),
     "lora r8 qkv": ("lora", {"rank": 8}),
+    "adapter+ r8": ("adapter", {"placement": "adapterplus"}),
+    "ssf": ("ssf", {}),
+    "bitfit": ("bitfit", {}),
+    "vpt deep 10": ("vpt", {"tokens": 10}),
     "linear": ("linear", {}),
 }
 

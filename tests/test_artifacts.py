@@ -28,7 +28,9 @@ def _trained(backbone, method="adapter", config=None, classes=5):
 
 
 @pytest.mark.parametrize(("method", "config"), [("adapter", {"rank": 8}), ("lora", {"rank": 4}), ("linear", {}),
-                                                ("full", {})])
+                                                ("full", {}), ("ssf", {}), ("bitfit", {}),
+                                                ("vpt", {"tokens": 3, "mode": "shallow"}), ("vpt", {"tokens": 2}),
+                                                ("adapter", {"placement": "adapterplus"})])
 def test_save_load_into_fresh_backbone_gives_identical_logits(pico, images, tmp_path, method, config):
     task, meta = _trained(pico, method, config)
     with torch.no_grad():

@@ -134,6 +134,9 @@ def test_same_seed_gives_identical_adapter_files(tmp_path, cifar_mini):
     (["train", "--dataset", "digits", "--backbone", "vit_base_patch16_224.augreg_in21k"], "--weights FILE"),
     (["train", "--dataset", "digits", "--method", "linear", "--rank", "4", *QUICK], "--rank does not apply"),
     (["train", "--dataset", "digits", "--placement", "diagonal", *QUICK], "placement must be one of"),
+    (["train", "--dataset", "digits", "--tokens", "4", *QUICK], "--tokens does not apply to method 'adapter'"),
+    (["train", "--dataset", "digits", "--method", "ssf", "--rank", "4", *QUICK], "--rank does not apply"),
+    (["train", "--dataset", "digits", "--method", "vpt", "--prompt-mode", "wide", *QUICK], "mode must be one of"),
     (["train", "--dataset", "digits", "--weights", "{tmp}/none.pth", *QUICK], "does not exist"),
     (["train", "--dataset", "digits", "--task", "a/b", *QUICK], "bad task name"),
     (["show", "nothing"], "no task 'nothing'"),
@@ -152,3 +155,22 @@ def test_bad_image_and_bad_file(trained, tmp_path):
     bad.write_text("hello")
     fails("predict", "ad", bad, "--registry", trained, message="is not an image")
     fails("import", bad, "--registry", tmp_path / "r.db", message="not a readable adapter file")
+
+
+@pytest.mark.parametrize(("extra", "config"), [
+    (["--method", "ssf"], {}),
+    (["--method", "bitfit"], {}),
+    (["--method", "vpt", "--tokens", "3", "--prompt-mode", "shallow", "--prompt-init", "normal"],
+     {"tokens": 3, "mode": "shallow", "init": "normal", "dropout": 0.0}),
+    (["--method", "adapter", "--placement", "adapterplus"],
+     {"rank": 8, "placement": "adapterplus", "scale": 1.0, "dropout": 0.0, "act": "gelu", "scaling": "channel",
+      "init": "houlsby"}),
+])
+def test_train_new_methods_records_their_settings(tmp_path, cifar_mini, extra, config):
+    reg = tmp_path / "r.db"
+    out = run("train", "--dataset", f"folder:{cifar_mini}", "--task", "t", *QUICK, *extra, "--registry", reg).output
+    assert "trained t@1" in out
+    v = Registry(reg).get_version("t")
+    assert (v.method, v.config) == (extra[1], config)
+    own = {k: t for k, t in load_file(Registry(reg).path_of(v)).items() if not k.startswith("routing.")}
+    assert sum(t.numel() for t in own.values()) == v.trainable_params  # routing statistics are not trained

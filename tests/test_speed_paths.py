@@ -9,7 +9,7 @@ import torch
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import create_backbone
-from adaptkit.methods import get_method, merge_lora, unwrap
+from adaptkit.methods import get_method, merge_lora, merge_ssf, unwrap
 from adaptkit.methods.base import TaskSite
 from adaptkit.predict import Predictor
 from adaptkit.registry import Registry
@@ -24,6 +24,11 @@ TASKS = {
     "lora4": ("lora", {"rank": 4, "targets": ["qkv", "fc1"]}, 6),
     "linear": ("linear", {}, 7),
     "full": ("full", {}, 8),
+    "ssf": ("ssf", {}, 3),
+    "bitfit": ("bitfit", {}, 4),
+    "vpt3": ("vpt", {"tokens": 3}, 5),
+    "vpt10s": ("vpt", {"tokens": 10, "mode": "shallow"}, 6),
+    "adapterplus": ("adapter", {"placement": "adapterplus"}, 7),
 }
 
 
@@ -60,7 +65,7 @@ def registry(tmp_path_factory) -> Registry:
 def own_registry(tmp_path) -> Registry:
     """A registry this test may damage (files deleted)."""
     reg = Registry(tmp_path / "reg.db")
-    _register(reg, {k: TASKS[k] for k in ("par8", "lora4", "houlsby")})
+    _register(reg, {k: TASKS[k] for k in ("par8", "lora4", "houlsby", "ssf", "vpt10s")})
     return reg
 
 
@@ -77,6 +82,32 @@ def test_mixed_batch_equals_each_sample_alone(registry, images):
         alone = predictor.logits(images[i : i + 1], ref)[0]
         assert mixed[i].shape == (TASKS[ref][2],)
         torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-5, msg=f"sample {i} ({ref})")
+
+
+def test_mixed_batch_of_every_method_equals_each_sample_alone(registry):
+    """Every method in one batch, VPT tasks with 3 (deep) and 10 (shallow) prompts among tasks without prompts."""
+    refs = [*TASKS, "vpt10s", "ssf", "vpt3"]
+    x = torch.randn(len(refs), 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    predictor = Predictor(registry, device="cpu")
+    mixed = predictor.logits_mixed(x, refs)
+    for i, ref in enumerate(refs):
+        alone = predictor.logits(x[i : i + 1], ref)[0]
+        assert mixed[i].shape == (TASKS[ref][2],)
+        torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=1e-5, msg=f"sample {i} ({ref})")
+
+
+def test_mixed_batch_of_one_prompt_task_equals_its_batch(registry, images):
+    """A mixed batch whose samples all have prompts of one length (no padding, no mask) equals a plain batch."""
+    predictor = Predictor(registry, device="cpu")
+    for ref in ("vpt3", "vpt10s"):
+        mixed = predictor.logits_mixed(images[:3], [ref] * 3)
+        torch.testing.assert_close(torch.stack(mixed), predictor.logits(images[:3], ref), atol=1e-5, rtol=1e-5)
+
+
+def test_merged_ssf_equals_unmerged(registry, images):
+    predictor = Predictor(registry, device="cpu")
+    unmerged = predictor.logits(images[:2], "ssf")
+    torch.testing.assert_close(merge_ssf(predictor.load("ssf").model)(images[:2]), unmerged, atol=1e-5, rtol=1e-5)
 
 
 def test_merged_lora_equals_unmerged(registry, images):
@@ -131,7 +162,7 @@ def test_switching_changes_the_trunk_features(own_registry, images):
     assert not torch.allclose(fa, fb, atol=1e-4)
 
 
-@pytest.mark.parametrize("ref", ["par8", "houlsby", "lora4"])
+@pytest.mark.parametrize("ref", ["par8", "houlsby", "lora4", "ssf", "vpt10s"])
 def test_unload_restores_the_backbone(own_registry, images, ref):
     x = images[:2]
     with torch.inference_mode():

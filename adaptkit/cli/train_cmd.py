@@ -26,15 +26,21 @@ def train(
                                                   "instead of the hub")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="--no-pretrained: random "
                                              "backbone weights (recorded as such)")] = True,
-    method: Annotated[str, typer.Option(metavar="NAME", help="adapter, lora, linear or full")] = "adapter",
+    method: Annotated[str, typer.Option(metavar="NAME", help="adapter, lora, ssf, bitfit, vpt, linear or "
+                                        "full")] = "adapter",
     rank: Annotated[int | None, typer.Option(metavar="R", help="Adapter bottleneck / LoRA rank "
                                              "[default: 64 / 8]")] = None,
     placement: Annotated[str | None, typer.Option(metavar="WHERE", help="Adapter placement: parallel, "
-                                                  "sequential, houlsby")] = None,
+                                                  "sequential, houlsby, adapterplus")] = None,
     scale: Annotated[float | None, typer.Option(metavar="S", help="Adapter output scale")] = None,
     alpha: Annotated[float | None, typer.Option(metavar="A", help="LoRA alpha")] = None,
     targets: Annotated[str | None, typer.Option(metavar="LAYERS", help="LoRA targets, comma-separated: "
                                                 "qkv,proj,fc1,fc2")] = None,
+    tokens: Annotated[int | None, typer.Option(metavar="N", help="VPT prompt tokens [default: 10]")] = None,
+    prompt_mode: Annotated[str | None, typer.Option(metavar="MODE", help="VPT prompts: deep (every block) or "
+                                                    "shallow (input only) [default: deep]")] = None,
+    prompt_init: Annotated[str | None, typer.Option(metavar="INIT", help="VPT prompt init: xavier or normal "
+                                                    "[default: xavier]")] = None,
     epochs: Annotated[int, typer.Option(metavar="N", help="Passes over the training set")] = 10,
     batch_size: Annotated[int, typer.Option(metavar="N", help="Images per step")] = 64,
     lr: Annotated[float | None, typer.Option(metavar="LR", help="Peak learning rate [default: the "
@@ -65,7 +71,7 @@ def train(
     from adaptkit.train import train as run
 
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,
-                                   targets=targets)
+                                   targets=targets, tokens=tokens, prompt_mode=prompt_mode, prompt_init=prompt_init)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, seed=seed,
                          device=device,
@@ -84,15 +90,24 @@ def train(
     echo(f"  {v.method}, {count(v.trainable_params)} trainable parameters, {format_bytes(v.bytes)} file")
 
 
+# method -> {CLI option (parameter name): the method's setting}
+METHOD_OPTIONS: dict[str, dict[str, str]] = {
+    "adapter": {"rank": "rank", "placement": "placement", "scale": "scale"},
+    "lora": {"rank": "rank", "alpha": "alpha", "targets": "targets"},
+    "vpt": {"tokens": "tokens", "prompt_mode": "mode", "prompt_init": "init"},
+}
+
+
 def _method_config(method: str, **given: Any) -> dict[str, Any]:
     """Map CLI options onto the method's settings; an option that the method does not take is an error."""
     method = method.strip().lower()
-    takes = {"adapter": {"rank", "placement", "scale"}, "lora": {"rank", "alpha", "targets"}}.get(method, set())
+    takes = METHOD_OPTIONS.get(method, {})
     config = {}
     for name, value in given.items():
         if value is None:
             continue
         if name not in takes:
-            raise ConfigError(f"--{name} does not apply to method {method!r}")
-        config[name] = tuple(t.strip() for t in value.split(",")) if name == "targets" else value
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} does not apply to method {method!r}")
+        config[takes[name]] = tuple(t.strip() for t in value.split(",")) if name == "targets" else value
     return config

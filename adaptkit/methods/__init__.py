@@ -7,17 +7,22 @@ from typing import Any
 from adaptkit.errors import ConfigError
 from adaptkit.methods.adapter import AdapterConfig, AdapterMethod
 from adaptkit.methods.base import Method, TaskContext, TaskModel, task_context, unwrap
+from adaptkit.methods.bitfit import BitFitConfig, BitFitMethod
 from adaptkit.methods.linear import FullConfig, FullMethod, LinearConfig, LinearMethod
 from adaptkit.methods.lora import LoraConfig, LoraMethod, merge_lora
+from adaptkit.methods.ssf import SsfConfig, SsfMethod, merge_ssf
+from adaptkit.methods.vpt import VptConfig, VptMethod
 from adaptkit.suggest import did_you_mean
 
 __all__ = [
     "METHODS", "get_method", "Method", "TaskContext", "TaskModel", "task_context", "unwrap", "merge_lora",
     "AdapterConfig", "AdapterMethod", "LoraConfig", "LoraMethod", "LinearConfig", "LinearMethod",
-    "FullConfig", "FullMethod",
+    "FullConfig", "FullMethod", "SsfConfig", "SsfMethod", "merge_ssf", "BitFitConfig", "BitFitMethod",
+    "VptConfig", "VptMethod",
 ]
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (AdapterMethod, LoraMethod, LinearMethod, FullMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (AdapterMethod, LoraMethod, SsfMethod, BitFitMethod, VptMethod,
+                                                        LinearMethod, FullMethod)}
 
 
 def get_method(name: str, config: dict[str, Any] | None = None) -> Method:

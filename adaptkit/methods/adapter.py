@@ -4,9 +4,14 @@
   adapter of He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning").
 * ``sequential``: after the MLP, on its output (Pfeiffer et al. 2021).
 * ``houlsby``: after attention and after the MLP (Houlsby et al. 2019).
+* ``adapterplus``: Adapter+ (Steitz & Roth, CVPR 2024): the post-adapter position (on the MLP's output, before the
+  residual add, as ``sequential``), a learned per-channel scale (init 1) instead of a fixed scalar, and Houlsby's
+  near-identity initialisation; rank 8 by default.
 
 The down-projection is initialised as in AdaptFormer/LoRA (Kaiming-uniform, a=sqrt(5)); the up-projection and both
-biases start at zero, so at step 0 each adapter adds exactly zero and the model equals the backbone.
+biases start at zero, so at step 0 each adapter adds exactly zero and the model equals the backbone. Houlsby's
+initialisation (``init="houlsby"``, Adapter+'s) draws both projections from a normal with std 0.01 truncated at two
+standard deviations: the model starts near the backbone, not equal to it.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from torch import nn
 
 from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
-from adaptkit.methods.base import Method, TaskContext, TaskSite, find_site
+from adaptkit.methods.base import Method, TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["AdapterConfig", "Bottleneck", "AdapterSite", "AdapterMethod"]
 
-PLACEMENTS = ("parallel", "sequential", "houlsby")
+PLACEMENTS = ("parallel", "sequential", "houlsby", "adapterplus")
+SCALINGS = ("scalar", "channel")
+INITS = ("lora", "houlsby")
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
@@ -34,20 +41,33 @@ class AdapterConfig:
     """Settings of the bottleneck adapter.
 
     Args:
-        rank: bottleneck width r (d -> r -> d).
-        placement: ``parallel`` (default), ``sequential`` or ``houlsby``.
+        rank: bottleneck width r (d -> r -> d); None means 8 for ``adapterplus`` and 64 otherwise.
+        placement: ``parallel`` (default), ``sequential``, ``houlsby`` or ``adapterplus``.
         scale: multiplier on the adapter's output; None means 0.1 for ``parallel`` (AdaptFormer) and 1.0 otherwise.
         dropout: dropout inside the bottleneck while training.
         act: non-linearity, one of gelu, relu, silu.
+        scaling: ``scalar`` (a fixed ``scale``) or ``channel`` (a learned vector, init ``scale``); None means
+            ``channel`` for ``adapterplus`` and ``scalar`` otherwise.
+        init: ``lora`` (up-projection zero: exact identity at step 0) or ``houlsby`` (near zero); None means
+            ``houlsby`` for ``adapterplus`` and ``lora`` otherwise.
     """
 
-    rank: int = 64
+    rank: int | None = None
     placement: str = "parallel"
     scale: float | None = None
     dropout: float = 0.0
     act: str = "gelu"
+    scaling: str | None = None
+    init: str | None = None
 
     def __post_init__(self) -> None:
+        plus = self.placement == "adapterplus"
+        if self.rank is None:
+            self.rank = 8 if plus else 64
+        if self.scaling is None:
+            self.scaling = "channel" if plus else "scalar"
+        if self.init is None:
+            self.init = "houlsby" if plus else "lora"
         check_int("adapter rank", self.rank, 1, MAX_RANK)
         check_float("adapter scale", self.scale, optional=True)
         if self.placement not in PLACEMENTS:
@@ -55,22 +75,35 @@ class AdapterConfig:
         if self.act not in ACTIVATIONS:
             raise ConfigError(f"adapter act must be one of {', '.join(ACTIVATIONS)}, got {self.act!r}")
         check_float("adapter dropout", self.dropout, 0, 1, high_open=True)
+        if self.scaling not in SCALINGS:
+            raise ConfigError(f"adapter scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"adapter init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.scale is None:
             self.scale = 0.1 if self.placement == "parallel" else 1.0
 
 
 class Bottleneck(nn.Module):
-    """``scale * up(drop(act(down(x))))``: d -> r -> d, starting at exactly zero."""
+    """``scale * up(drop(act(down(x))))``: d -> r -> d, starting at zero (``lora`` init) or near it (``houlsby``).
 
-    def __init__(self, dim: int, rank: int, scale: float, act: str, dropout: float, parallel: bool) -> None:
+    ``scale`` is a float, or with ``channel`` a learned (d,) vector that starts at that float (Adapter+).
+    """
+
+    def __init__(self, dim: int, rank: int, scale: float, act: str, dropout: float, parallel: bool,
+                 channel: bool = False, init: str = "lora") -> None:
         super().__init__()
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale, self.act, self.parallel = scale, act, parallel
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        self.scale: float | nn.Parameter = nn.Parameter(torch.full((dim,), scale)) if channel else scale
+        self.act, self.parallel = act, parallel
+        if init == "houlsby":
+            for w in (self.down.weight, self.up.weight):
+                nn.init.trunc_normal_(w, std=0.01, a=-0.02, b=0.02)
+        else:
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,10 +134,14 @@ class AdapterSite(TaskSite):
         y = self.base_layer(x, *args, **kwargs)
         parallel, sequential = bank
         out = y
-        if parallel is not None:
-            out = _apply_bank(parallel, x, idx, out)
-        if sequential is not None:
-            out = _apply_bank(sequential, y, idx, out)
+        for bank_, inputs in ((sequential, y), (parallel, x)):  # sequential first: it reads y before y is written
+            if bank_ is None:
+                continue
+            rows = self.ctx.rows(bank_["present"])
+            if rows is None:
+                out = _apply_bank(bank_, inputs, idx, out)
+            else:  # only the samples whose task has an adapter of this kind here
+                out = put_rows(out, rows, _apply_bank(bank_, inputs[rows], idx[rows], out[rows]))
         return out
 
     def build_bank(self, modules: list[nn.Module | None]) -> Any:
@@ -132,10 +169,12 @@ def _stack(modules: list[Bottleneck | None]) -> dict[str, Any] | None:
         r = m.down.weight.shape[0]
         down[i, :, :r] = m.down.weight.detach().t()
         down_bias[i, 0, :r] = m.down.bias.detach()
-        up[i, :r] = m.up.weight.detach().t() * m.scale
-        up[i, rank] = m.up.bias.detach() * m.scale
+        scale = m.scale.detach() if isinstance(m.scale, torch.Tensor) else m.scale
+        up[i, :r] = m.up.weight.detach().t() * scale
+        up[i, rank] = m.up.bias.detach() * scale
     act_of_slot = torch.tensor([acts.index(m.act) if m is not None else 0 for m in modules], device=ref.device)
-    return {"down": down, "down_bias": down_bias, "up": up, "acts": acts, "act_of_slot": act_of_slot}
+    return {"down": down, "down_bias": down_bias, "up": up, "acts": acts, "act_of_slot": act_of_slot,
+            "present": tuple(m is not None for m in modules)}
 
 
 def _apply_bank(bank: dict[str, Any], x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -162,7 +201,7 @@ class AdapterMethod(Method):
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
         cfg = self.config
         dim = int(trunk.num_features)
-        targets = [("mlp", cfg.placement == "parallel")]
+        targets = [("mlp", cfg.placement == "parallel")]  # adapterplus: on the MLP's output, as sequential
         if cfg.placement == "houlsby":
             targets.insert(0, ("attn", False))
         parts, sites = {}, {}
@@ -170,7 +209,8 @@ class AdapterMethod(Method):
             for layer, parallel in targets:
                 path = f"blocks.{i}.{layer}"
                 site = find_site(trunk, path, AdapterSite, ctx)
-                module = Bottleneck(dim, cfg.rank, float(cfg.scale), cfg.act, cfg.dropout, parallel)
+                module = Bottleneck(dim, cfg.rank, float(cfg.scale), cfg.act, cfg.dropout, parallel,
+                                    channel=cfg.scaling == "channel", init=cfg.init)
                 site.add(slot, module)
                 parts[f"{path}.adapter"] = module
                 sites[path] = site

@@ -20,7 +20,8 @@ from torch import nn
 
 from adaptkit.errors import ConfigError
 
-__all__ = ["TaskContext", "TaskSite", "TaskModel", "Method", "find_site", "plain_copy", "task_context", "unwrap"]
+__all__ = ["TaskContext", "TaskSite", "TaskModel", "Method", "find_site", "plain_copy", "put_rows", "task_context",
+           "unwrap"]
 
 
 class TaskContext:
@@ -32,11 +33,35 @@ class TaskContext:
         self.sample_slots: torch.Tensor | None = None  # (B,) int64 indices into slot_order
         self.generation = 0  # bumped when a slot is added or removed, so cached banks are rebuilt
         self._next = 0
+        self._rows: tuple[torch.Tensor | None, dict[tuple[bool, ...], torch.Tensor | None]] = (None, {})
 
     def new_slot(self) -> str:
         """A slot name not used before on this backbone (ModuleDict keys: no dots)."""
         self._next += 1
         return f"s{self._next}"
+
+    def rows(self, present: tuple[bool, ...]) -> torch.Tensor | None:
+        """The samples of the mixed batch whose slot has a module at a site (``present``: one flag per slot of
+        ``slot_order``), so that a site works on those rows only; None when every sample has one.
+
+        Sites with the same pattern share one answer per batch (one look-up, one device sync, per pattern).
+        """
+        idx = self.sample_slots
+        if all(present) or idx is None:
+            return None
+        if self._rows[0] is not idx:
+            self._rows = (idx, {})
+        cache = self._rows[1]
+        if present not in cache:
+            rows = torch.tensor(present, device=idx.device)[idx].nonzero().squeeze(1)
+            cache[present] = None if rows.numel() == idx.numel() else rows
+        return cache[present]
+
+
+def put_rows(y: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``y`` with ``values`` at ``rows``: written in place when no autograd graph records ``y`` (serving), so the
+    samples without a module here cost nothing."""
+    return y.index_copy(0, rows, values) if y.requires_grad else y.index_copy_(0, rows, values)
 
 
 def task_context(trunk: nn.Module) -> TaskContext:
@@ -57,6 +82,14 @@ class TaskSite(nn.Module):
         self.tasks = nn.ModuleDict()
         self.ctx = ctx  # plain attribute, not a submodule: shared by every site
         self._bank: tuple[Any, Any] | None = None
+
+    @property
+    def layer(self) -> nn.Module:
+        """The wrapped layer itself: ``base_layer`` may be a site of another kind around it."""
+        layer = self.base_layer
+        while isinstance(layer, TaskSite):
+            layer = layer.base_layer
+        return layer
 
     def add(self, slot: str, module: nn.Module) -> None:
         self.tasks[slot] = module
@@ -221,6 +254,11 @@ class Method(ABC):
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
+
+    def added_tokens(self) -> int:
+        """How many tokens the method adds to the sequence (VPT's prompts): a mixed batch runs the samples of tasks
+        that add the same number in one pass, so no sample pays for another task's longer sequence."""
+        return 0
 
     def attach(self, trunk: nn.Module, num_classes: int, slot: str | None = None,
                state: dict[str, torch.Tensor] | None = None) -> TaskModel:

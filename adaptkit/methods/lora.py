@@ -16,7 +16,7 @@ from torch import nn
 
 from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
-from adaptkit.methods.base import Method, TaskContext, TaskModel, TaskSite, find_site, plain_copy
+from adaptkit.methods.base import Method, TaskContext, TaskModel, TaskSite, find_site, plain_copy, put_rows
 
 __all__ = ["LoraConfig", "LoraUpdate", "LoraSite", "LoraMethod", "merge_lora"]
 
@@ -83,7 +83,15 @@ class LoraSite(TaskSite):
         y = self.base_layer(x)
         if bank is None:
             return y
-        a, b, scaling = bank
+        a, b, scaling, present = bank
+        rows = self.ctx.rows(present)
+        if rows is not None:  # only the samples whose task has an update here
+            return put_rows(y, rows, self._update(x[rows], y[rows], idx[rows], a, b, scaling))
+        return self._update(x, y, idx, a, b, scaling)
+
+    @staticmethod
+    def _update(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                scaling: torch.Tensor) -> torch.Tensor:
         h = torch.bmm(x, a[idx]) * scaling[idx]  # (B, N, r)
         return torch.baddbmm(y, h, b[idx])  # (B, N, out), one pass over y
 
@@ -93,8 +101,8 @@ class LoraSite(TaskSite):
             return None
         ref = present[0].lora_A
         rank, count = max(m.lora_A.shape[0] for m in present), len(modules)
-        a = ref.new_zeros(count, self.base_layer.in_features, rank)
-        b = ref.new_zeros(count, rank, self.base_layer.out_features)
+        a = ref.new_zeros(count, self.layer.in_features, rank)
+        b = ref.new_zeros(count, rank, self.layer.out_features)
         scaling = ref.new_zeros(count, 1, 1)
         for i, m in enumerate(modules):
             if m is not None:
@@ -102,7 +110,7 @@ class LoraSite(TaskSite):
                 a[i, :, :r] = m.lora_A.detach().t()
                 b[i, :r] = m.lora_B.detach().t()
                 scaling[i] = m.scaling
-        return a, b, scaling
+        return a, b, scaling, tuple(m is not None for m in modules)
 
 
 class LoraMethod(Method):
@@ -118,7 +126,7 @@ class LoraMethod(Method):
             for target in cfg.targets:
                 path = f"blocks.{i}.{TARGETS[target]}"
                 site = find_site(trunk, path, LoraSite, ctx)
-                base = site.base_layer
+                base = site.layer
                 module = LoraUpdate(base.in_features, base.out_features, cfg.rank, cfg.alpha, cfg.dropout)
                 site.add(slot, module)
                 parts[f"{path}.lora"] = module

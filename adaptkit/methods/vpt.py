@@ -1,0 +1,179 @@
+"""VPT (Jia et al. 2022, "Visual Prompt Tuning"): learned prompt tokens that the frozen blocks attend to.
+
+* ``deep``: every block gets its own new prompts, which replace the previous block's prompt outputs.
+* ``shallow``: prompts enter at the first block only and travel through the rest like the other tokens.
+
+Prompts are appended after the patch tokens (attention has no notion of order once positions are embedded, so this
+equals the paper's placement after the class token) and are removed after the last block, so the final norm, the
+pooling and the head see exactly the positions they see without prompts. VPT cannot start as the identity: the
+blocks attend to the prompts from the first step, whatever their values.
+
+In a mixed batch the tokens are padded to the longest prompt of the batch and every key that is not a real prompt of
+the sample's task is masked out of attention, so tasks with prompts of different lengths, and tasks without prompts,
+each get their own result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit.errors import ConfigError
+from adaptkit.methods.base import Method, TaskContext, TaskSite, find_site
+
+__all__ = ["VptConfig", "PromptTokens", "PromptSite", "VptMethod"]
+
+MODES = ("deep", "shallow")
+INITS = ("xavier", "normal")
+
+
+@dataclass
+class VptConfig:
+    """Settings of VPT.
+
+    Args:
+        tokens: number of prompt tokens (per block for ``deep``).
+        mode: ``deep`` (new prompts at every block) or ``shallow`` (prompts at the input only).
+        init: ``xavier`` (the paper's: uniform in +-sqrt(6 / (3 * patch_area + dim))) or ``normal`` (std 0.02).
+        dropout: dropout on the prompts while training (the paper uses 0.1 on some data sets).
+    """
+
+    tokens: int = 10
+    mode: str = "deep"
+    init: str = "xavier"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 1:
+            raise ConfigError(f"vpt tokens must be a positive integer, got {self.tokens!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"vpt mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"vpt init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"vpt dropout must be in [0, 1), got {self.dropout!r}")
+
+
+class PromptTokens(nn.Module):
+    """One task's prompts at one block.
+
+    Args:
+        count: number of prompt tokens of the task.
+        dim: token width.
+        new: whether this block brings new prompts (``tokens``); otherwise it carries the previous block's.
+        first: whether the prompts enter the sequence here (before it, the task's tokens have no prompts).
+        last: whether the prompts leave the sequence after this block.
+        dropout: dropout on new prompts while training.
+    """
+
+    def __init__(self, count: int, dim: int, new: bool, first: bool, last: bool, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.count, self.first, self.last = count, first, last
+        self.tokens = nn.Parameter(torch.zeros(count, dim)) if new else None
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def prompts(self) -> torch.Tensor:
+        return self.drop(self.tokens)
+
+
+class PromptSite(TaskSite):
+    """Wraps a transformer block: add, replace or carry the task's prompt tokens around it; remove them after the
+    last block."""
+
+    def forward_task(self, x: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if module is None:
+            return self.base_layer(x, *args, **kwargs)
+        n = x.shape[1] - (0 if module.first else module.count)  # the real tokens; the prompts come after them
+        if module.tokens is not None:
+            prompts = module.prompts().to(x.dtype).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :n], prompts], dim=1)
+        y = self.base_layer(x, *args, **kwargs)
+        return y[:, :n] if module.last else y
+
+    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if bank is None:
+            return self.base_layer(x, *args, **kwargs)
+        n = x.shape[1] - bank["width_in"]
+        width = bank["width_out"]
+        carried = x[:, n:]
+        if carried.shape[1] < width:
+            carried = torch.cat([carried, carried.new_zeros(x.shape[0], width - carried.shape[1], x.shape[2])], 1)
+        prompts = carried
+        if bank["tokens"] is not None:
+            prompts = torch.where(bank["new"][idx].view(-1, 1, 1), bank["tokens"][idx].to(x.dtype), carried)
+        x = torch.cat([x[:, :n], prompts], dim=1)
+        mask = None
+        if not bank["full"]:
+            valid = bank["valid"][idx]  # (B, width): which prompt slots are real prompts of the sample's task
+            keep = torch.cat([valid.new_ones(x.shape[0], n), valid], dim=1)
+            mask = keep[:, None, None, :]  # (B, 1, 1, keys): True takes part in attention
+        y = self.base_layer(x, *args, attn_mask=mask, **kwargs)
+        return y[:, :n] if bank["last"] else y
+
+    def build_bank(self, modules: list[nn.Module | None]) -> Any:
+        """Prompts of every slot, padded to the longest: ``tokens`` (T, W, d), ``new`` (T,), ``valid`` (T, W).
+
+        ``width_in`` is the padded width the tokens arrive with: the longest prompt among tasks already carrying
+        prompts into this block (each task has a module at every block from its first to the last).
+        """
+        present = [m for m in modules if m is not None]
+        if not present:
+            return None
+        width_in = max((m.count for m in present if not m.first), default=0)
+        width = max(m.count for m in present)
+        device = next(self.base_layer.parameters()).device
+        ref = next((m.tokens for m in present if m.tokens is not None), None)
+        tokens = None if ref is None else ref.new_zeros(len(modules), width, ref.shape[1])
+        new = torch.zeros(len(modules), dtype=torch.bool, device=device)
+        valid = torch.zeros(len(modules), width, dtype=torch.bool, device=device)
+        for i, m in enumerate(modules):
+            if m is None:
+                continue
+            valid[i, : m.count] = True
+            if m.tokens is not None:
+                tokens[i, : m.count] = m.tokens.detach()
+                new[i] = True
+        full = all(m is not None and m.count == width for m in modules)  # no slot needs a mask
+        return {"tokens": tokens, "new": new, "valid": valid, "width_in": width_in, "width_out": width,
+                "full": full, "last": present[0].last}
+
+
+def _init_prompts(tokens: torch.Tensor, init: str, patch_size: tuple[int, ...]) -> None:
+    if init == "xavier":  # VPT's "xavier uniform": fan-in of a patch (3 * p * p) plus the width
+        bound = math.sqrt(6.0 / (3 * math.prod(patch_size) + tokens.shape[1]))
+        nn.init.uniform_(tokens, -bound, bound)
+    else:
+        nn.init.trunc_normal_(tokens, std=0.02)
+
+
+class VptMethod(Method):
+    """Learned prompt tokens at the input (shallow) or at every block (deep), plus the head."""
+
+    name = "vpt"
+    config_class = VptConfig
+
+    def added_tokens(self) -> int:
+        return self.config.tokens
+
+    def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
+        cfg = self.config
+        dim, depth = int(trunk.num_features), len(trunk.blocks)
+        patch_size = tuple(getattr(trunk.patch_embed, "patch_size", (16, 16)))
+        blocks = list(range(depth))
+        parts, sites = {}, {}
+        for i in blocks:
+            first, last = i == blocks[0], i == blocks[-1]
+            path = f"blocks.{i}"
+            site = find_site(trunk, path, PromptSite, ctx)
+            module = PromptTokens(cfg.tokens, dim, new=cfg.mode == "deep" or first, first=first, last=last,
+                                  dropout=cfg.dropout)
+            if module.tokens is not None:
+                _init_prompts(module.tokens.data, cfg.init, patch_size)
+            site.add(slot, module)
+            parts[f"{path}.prompt"] = module
+            sites[path] = site
+        return trunk, parts, sites
