@@ -51,6 +51,14 @@ def train(
     scale: Annotated[float | None, typer.Option(help="Adapter output scale")] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha")] = None,
     targets: Annotated[str | None, typer.Option(help="LoRA targets, comma-separated: qkv,proj,fc1,fc2")] = None,
+    blocks: Annotated[int | None, typer.Option(min=1, help="Put the method's modules only in the last K blocks "
+                                               "(full: train only them) [default: every block]")] = None,
+    init_from: Annotated[str | None, typer.Option(help="Start from a registered adapter: TASK, TASK@N, or auto "
+                                                  "(the task whose data look closest)")] = None,
+    checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", help="Activation "
+                                                "checkpointing: less memory, about one more forward pass")] = False,
+    feature_cache: Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="With --no-augment, run "
+                                                "the frozen blocks once per image, not once per epoch")] = True,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: the method's]")] = None,
@@ -75,19 +83,19 @@ def train(
     from adaptkit.train import train as run
 
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,
-                                   targets=targets)
+                                   targets=targets, blocks=blocks)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, seed=seed,
                          device=device,
                          precision=precision, limit_train=limit_train, limit_eval=limit_eval,
-                         num_workers=num_workers)
+                         num_workers=num_workers, checkpointing=checkpointing, feature_cache=feature_cache)
     columns = [TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True) as progress:
         result = run(dataset, task=task, backbone=backbone, weights=str(weights) if weights else None,
                      pretrained=pretrained, method=method, method_config=method_config, config=config,
                      registry=registry_of(registry), data_dir=str(data_dir) if data_dir else None, download=download,
-                     on_event=_RichProgress(progress))
+                     on_event=_RichProgress(progress), init_from=init_from)
     v, m = result.version, result.metrics
     if v is None:  # a worker process under torchrun: rank 0 records and reports
         return
@@ -95,11 +103,14 @@ def train(
               f"{format_bytes(v.bytes)}): test top-1 {format_percent(m['test_top1'])}, "
               f"top-5 {format_percent(m['test_top5'])}, "
               f"best epoch {m['best_epoch']}, {v.train_time_s:.0f} s")
+    if result.init_from:
+        out.print(_warm_line(result.init_from))
 
 
 def _method_config(method: str, **given: Any) -> dict[str, Any]:
     """Map CLI options onto the method's settings; an option that the method does not take is an error."""
     takes = {"adapter": {"rank", "placement", "scale"}, "lora": {"rank", "alpha", "targets"}}.get(method, set())
+    takes = takes | {"blocks"}  # every method's; the linear probe refuses it with its own message
     config = {}
     for name, value in given.items():
         if value is None:
@@ -108,3 +119,11 @@ def _method_config(method: str, **given: Any) -> dict[str, Any]:
             raise ConfigError(f"--{name} does not apply to method {method!r}")
         config[name] = tuple(t.strip() for t in value.split(",")) if name == "targets" else value
     return config
+
+
+def _warm_line(info: dict[str, Any]) -> str:
+    """One line on where the task started from."""
+    if info["ref"] is None:
+        return f"init-from auto: {info.get('note', 'a cold start')}"
+    how = f"cosine {info['similarity']:.3f} to the new data, " if info.get("auto") else ""
+    return f"warm start from {info['ref']} ({how}head {info['head']})"
