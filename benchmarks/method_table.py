@@ -23,14 +23,11 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from datasets import specs  # noqa: E402  (benchmarks/datasets.py)
-
-from adaptkit.compare import format_bytes, format_percent  # noqa: E402
-from adaptkit.methods import METHODS  # noqa: E402
-from adaptkit.models import PACKAGED_BACKBONE  # noqa: E402
-from adaptkit.registry import Registry  # noqa: E402
-from adaptkit.train import TrainConfig, train  # noqa: E402
+from adaptkit.compare import format_bytes, format_percent
+from adaptkit.methods import METHODS
+from adaptkit.models import PACKAGED_BACKBONE
+from adaptkit.registry import Registry
+from adaptkit.train import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "method_table.json"
 HALF = "half"  # a ``blocks`` value resolved to half the backbone's depth
@@ -102,6 +99,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from datasets import specs  # benchmarks/datasets.py (imported here: the name is also Hugging Face's package)
     from timm import create_model
 
     depth = len(create_model(PACKAGED_BACKBONE.split(".")[0]).blocks)

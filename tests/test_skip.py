@@ -136,3 +136,30 @@ def test_checkpointing_through_train_records_the_option(pico, registry):
     result = train("digits", task="ck", backbone=pico, registry=registry, config=cfg)
     assert result.version.train["recipe"]["checkpointing"] is True
     assert pico.model.grad_checkpointing is False
+
+
+def _vtab():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("vtab_table")
+
+
+def test_vtab_1k_draws_800_train_and_200_val_seeded():
+    vtab = _vtab()
+    train_idx, val_idx = vtab.vtab_1k(5000, seed=3)
+    assert (len(train_idx), len(val_idx)) == (800, 200) and not set(train_idx) & set(val_idx)
+    assert max(train_idx + val_idx) < 5000 and vtab.vtab_1k(5000, seed=3) == (train_idx, val_idx)
+    with pytest.raises(ValueError, match="needs 1000 training images"):
+        vtab.vtab_1k(999)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine with no GPU")
+def test_vtab_table_stops_at_once_offline_and_says_why():
+    with pytest.raises(SystemExit) as info:
+        _vtab().main(["--tasks", "dtd", "--only", "linear"])
+    message = str(info.value)
+    assert "cannot run here: it needs a CUDA GPU" in message
+    assert "benchmarks/method_table.py is the table that runs" in message
