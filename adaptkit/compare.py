@@ -101,7 +101,7 @@ def compare(registry: Registry) -> CostReport:
     adapters_bytes = full_total_bytes = adapters_params = full_total_params = 0
     tasks = registry.tasks()
     for task in tasks:
-        full = next((v for v in reversed(task.versions) if v.method == "full"), None)
+        full = next((v for v in reversed(task.versions) if v.method == "full" and "blocks" not in v.config), None)
         rows.extend(_row(task, v, full) for v in task.versions)
         default = task.default
         backbones[default.backbone.fingerprint] = default.backbone.num_params * FP32
