@@ -153,11 +153,15 @@ def _device(choice: str | None, rank: int, world: int) -> torch.device:
     return device
 
 
+def _workers(cfg: TrainConfig) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return min(8, (os.cpu_count() or 1) - 1) if (os.cpu_count() or 1) > 2 else 0
+
+
 def _loader(data: Dataset, batch: int, shuffle: bool, cfg: TrainConfig, world: int, device: torch.device,
             seed_offset: int = 0) -> DataLoader:
-    workers = cfg.num_workers if cfg.num_workers is not None else (min(8, (os.cpu_count() or 1) - 1)
-                                                                   if (os.cpu_count() or 1) > 2 else 0)
-    workers = 0 if isinstance(data, feature_cache.FeatureSet) else workers  # in memory already: nothing to load
+    workers = 0 if isinstance(data, feature_cache.FeatureSet) else _workers(cfg)  # features: nothing to load
     sampler = DistributedSampler(data, shuffle=shuffle, seed=cfg.seed) if world > 1 and shuffle else None
     generator = torch.Generator().manual_seed(cfg.seed + seed_offset)
     return DataLoader(data, batch_size=batch, shuffle=shuffle and sampler is None, sampler=sampler,
@@ -254,7 +258,7 @@ def train(
         if warm is not None:
             warmstart.apply(model, warm, data.classes)
         started = time.perf_counter()
-        data, net = feature_cache.prepare(model, data, batch_size=cfg.batch_size * 2, workers=cfg.num_workers or 0,
+        data, net = feature_cache.prepare(model, data, batch_size=cfg.batch_size * 2, workers=_workers(cfg),
                                           device=device,
                                           autocast=lambda: _autocast(device, cfg.precision),
                                           enabled=cfg.feature_cache and world == 1)
