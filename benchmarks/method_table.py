@@ -3,6 +3,7 @@
     python benchmarks/method_table.py                    # all rows; rows already in the JSON file are reused
     python benchmarks/method_table.py --only adapter     # one method's rows (re)computed if missing
     python benchmarks/method_table.py --fresh            # ignore the saved rows
+    python benchmarks/method_table.py --print            # the table of the saved rows, nothing trained
 
 Each row is (data set, method, settings): the packaged backbone, 10 epochs, batch 64, no augmentation, seed 0, the
 method's default learning rate. A method that is not in :data:`CONFIGS` runs with its default settings, so a new
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON file of finished rows")
     parser.add_argument("--fresh", action="store_true", help="recompute every row")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
+    parser.add_argument("--print", action="store_true", help="print the table of the saved rows, train nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,6 +110,8 @@ def main() -> None:
     methods = [m for m in METHODS if args.only is None or m in args.only]
     plan = [(name, m, resolve(c, depth)) for name in data for m in methods for c in CONFIGS.get(m, [{}])]
     rows = {} if args.fresh else load(args.results)
+    if args.print:
+        plan = [p for p in plan if row_key(*p) in rows]
     with tempfile.TemporaryDirectory() as tmp:
         registry = Registry(Path(tmp) / "registry.db")
         for name, method, config in plan:
