@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from adaptkit.artifacts import AdapterMeta, load_adapter
 from adaptkit.backbone import Backbone
 from adaptkit.data import TransformedSubset, load_task_data
-from adaptkit.errors import AdaptkitError, ConfigError
+from adaptkit.errors import AdaptkitError, ConfigError, NotFoundError
 from adaptkit.methods import Method, TaskModel, task_context
 from adaptkit.registry import Registry, VersionRow
 
@@ -169,7 +169,11 @@ def choose(init_from: str, *, registry: Registry, backbone: Backbone, method: Me
     """
     if init_from.strip().lower() == AUTO:
         return _auto(registry, backbone, method, data)
-    return _from_version(registry, registry.get_version(init_from.strip()), backbone, method)
+    try:
+        row = registry.get_version(init_from.strip())
+    except NotFoundError as exc:
+        raise NotFoundError(f"--init-from {init_from}: {exc} (`adaptkit list` shows the tasks)") from exc
+    return _from_version(registry, row, backbone, method)
 
 
 def apply(task: TaskModel, warm: WarmStart, classes: list[str]) -> None:
