@@ -119,7 +119,7 @@ def compare(registry: Registry | str) -> CostReport:
                 broken.append(f"task {task.name}: {task.problem or 'it has no versions'}")
             continue
         tasks.append(task)
-        full = next((v for v in reversed(good) if v.method == "full"), None)
+        full = next((v for v in reversed(good) if v.method == "full" and "blocks" not in v.config), None)
         rows.extend(_row(task, v, full) for v in good)
         default = task.default
         backbones[default.backbone.fingerprint] = default.backbone.num_params * FP32

@@ -22,8 +22,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from adaptkit import feature_cache, warmstart
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
+from adaptkit.checkpointing import activation_checkpointing
 from adaptkit.checks import check_int
 from adaptkit.data import load_task_data
 from adaptkit.devices import resolve_device
@@ -77,6 +79,8 @@ class TrainConfig:
     crop_scale: tuple[float, float] | None = None
     limit_train: int | None = None
     limit_eval: int | None = None
+    checkpointing: bool = False  # activation checkpointing in the blocks: less memory, one more forward pass
+    feature_cache: bool = True  # with no augmentation, run the frozen blocks once per image (feature_cache.py)
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -109,6 +113,7 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     model: TaskModel | None = None
+    init_from: dict[str, Any] | None = None  # the warm start, as recorded with the version
 
 
 def seed_everything(seed: int) -> None:
@@ -150,10 +155,15 @@ def _device(choice: str | None, rank: int, world: int) -> torch.device:
     return device
 
 
+def _workers(cfg: TrainConfig) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return min(8, (os.cpu_count() or 1) - 1) if (os.cpu_count() or 1) > 2 else 0
+
+
 def _loader(data: Dataset, batch: int, shuffle: bool, cfg: TrainConfig, world: int, device: torch.device,
             seed_offset: int = 0) -> DataLoader:
-    workers = cfg.num_workers if cfg.num_workers is not None else (min(8, (os.cpu_count() or 1) - 1)
-                                                                   if (os.cpu_count() or 1) > 2 else 0)
+    workers = 0 if isinstance(data, feature_cache.FeatureSet) else _workers(cfg)  # features: nothing to load
     sampler = DistributedSampler(data, shuffle=shuffle, seed=cfg.seed) if world > 1 and shuffle else None
     generator = torch.Generator().manual_seed(cfg.seed + seed_offset)
     return DataLoader(data, batch_size=batch, shuffle=shuffle and sampler is None, sampler=sampler,
@@ -209,6 +219,7 @@ def train(
     download: bool = True,
     on_event: Callable[[TrainEvent], None] | None = None,
     classes: str | list[str] | None = None,
+    init_from: str | None = None,
 ) -> TrainResult:
     """Train one task on a frozen backbone and register it as the task's next version.
 
@@ -223,6 +234,8 @@ def train(
         data_dir, download: where torchvision data sets live, and whether they may be downloaded.
         on_event: called with a :class:`TrainEvent` after every step and evaluation.
         classes: train on these classes of the data set only (``0-9``, ``cat,dog`` or a list of names).
+        init_from: start from a registered version's adapter (``TASK``, ``TASK@N``) or the closest task
+            (``auto``); see :mod:`adaptkit.warmstart`.
     """
     check_train_args(dataset, task, config, TrainConfig)
     task = task or _task_name(dataset, classes)
@@ -243,14 +256,25 @@ def train(
                           classes=classes)
     registry.check_classes(task, data.classes)
     cfg = fit_batch(cfg, len(data.train))
+    warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
+                            data=data) if init_from else None
 
     seed_everything(cfg.seed)
     model = chosen.attach(backbone.model, len(data.classes))
     try:
-        best, history, timing = _fit(model, data, cfg, device, world, on_event)
+        if warm is not None:
+            warmstart.apply(model, warm, data.classes)
+        started = time.perf_counter()
+        feats, net = feature_cache.prepare(model, data, batch_size=cfg.batch_size * 2, workers=_workers(cfg),
+                                          device=device,
+                                          autocast=lambda: _autocast(device, cfg.precision),
+                                          enabled=cfg.feature_cache and world == 1)
+        with activation_checkpointing(model.trunk, cfg.checkpointing):
+            best, history, timing = _fit(model, feats, cfg, device, world, on_event, net)
+        timing["train_time_s"] = time.perf_counter() - started  # the cached pass counts as training time
         model.load_state(best["state"])
         emit = on_event or (lambda e: None)
-        test = run_eval(model, _loader(data.test, cfg.batch_size * 2, False, cfg, 1, device), device,
+        test = run_eval(net, _loader(feats.test, cfg.batch_size * 2, False, cfg, 1, device), device,
                         lambda s, n: emit(TrainEvent("test", cfg.epochs, cfg.epochs, s, n)), cfg.precision)
         metrics = {"val_top1": best["val_top1"], "best_epoch": best["epoch"], "test_top1": test["top1"],
                    "test_top5": test["top5"], "test_loss": test["loss"], "test_images": test["images"]}
@@ -263,22 +287,25 @@ def train(
                                backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
                                data_config=backbone.data_config, dataset=dataset, metrics=metrics)
             recipe = {k: v for k, v in asdict(cfg).items() if k not in ("device", "num_workers")}
-            stats = collect_task_stats(backbone.model, data, device, cfg.batch_size * 2)  # for routing
+            stats = collect_task_stats(backbone.model, data, device, cfg.batch_size * 2)  # images, not features
             subset = {"classes": classes if isinstance(classes, str) else ",".join(classes)} if classes else {}
+            warm_info = {"init_from": warm.record()} if warm is not None else {}
             version = registry.add_version(meta, {**model.state(), **stats.to_tensors()},
                                            train_info={**timing, "recipe": recipe, "world_size": world,
-                                                       "train_images": len(data.train), **subset})
-        return TrainResult(version=version, metrics=metrics, history=history, model=model)
+                                                       "train_images": len(data.train), **subset, **warm_info})
+        return TrainResult(version=version, metrics=metrics, history=history, model=model,
+                           init_from=warm.record() if warm is not None else None)
     finally:
         if chosen.name != "full":
             model.detach_from_trunk()  # the shared backbone leaves exactly as it came
 
 
 def _fit(model: TaskModel, data: Any, cfg: TrainConfig, device: torch.device, world: int,
-         on_event: Callable[[TrainEvent], None] | None) -> tuple[dict, list, dict]:
-    """The epochs: train, validate, keep the best state. Returns (best, history, timing)."""
+         on_event: Callable[[TrainEvent], None] | None, net: nn.Module | None = None) -> tuple[dict, list, dict]:
+    """The epochs: train, validate, keep the best state (``net`` maps a batch to logits: the task, or the task on
+    cached features). Returns (best, history, timing)."""
     emit = on_event or (lambda e: None)
-    net: nn.Module = model
+    net = net or model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     train_loader = _loader(data.train, cfg.batch_size, True, cfg, world, device)
@@ -320,7 +347,7 @@ def _fit(model: TaskModel, data: Any, cfg: TrainConfig, device: torch.device, wo
             emit(TrainEvent("train", epoch, cfg.epochs, step, steps_per_epoch, loss_sum / seen, correct / seen, rate))
         busy += time.perf_counter() - tick
         images += seen * world
-        val = run_eval(model, val_loader, device,
+        val = run_eval(net, val_loader, device,
                        lambda s, n, e=epoch: emit(TrainEvent("val", e, cfg.epochs, s, n)), cfg.precision)
         emit(TrainEvent("val", epoch, cfg.epochs, len(val_loader), len(val_loader), val["loss"], val["top1"]))
         history.append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from adaptkit.cli.common import DeviceOpt, RegistryOpt, app, count, echo, err, friendly, plain, registry_of
 from adaptkit.cli.progress import train_progress
@@ -41,6 +42,14 @@ def train(
                                                     "shallow (input only) [default: deep]")] = None,
     prompt_init: Annotated[str | None, typer.Option(metavar="INIT", help="VPT prompt init: xavier or normal "
                                                     "[default: xavier]")] = None,
+    blocks: Annotated[int | None, typer.Option(metavar="K", help="Put the method's modules only in the last K "
+                                               "blocks (full: train only them) [default: every block]")] = None,
+    init_from: Annotated[str | None, typer.Option(metavar="TASK", help="Start from a registered adapter: TASK, "
+                                                  "TASK@N, or auto (the task whose data look closest)")] = None,
+    checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", help="Activation "
+                                                "checkpointing: less memory, about one more forward pass")] = False,
+    feature_cache: Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="With no augmentation, "
+                                                "run the frozen blocks once per image, not once per epoch")] = True,
     epochs: Annotated[int, typer.Option(metavar="N", help="Passes over the training set")] = 10,
     batch_size: Annotated[int, typer.Option(metavar="N", help="Images per step")] = 64,
     lr: Annotated[float | None, typer.Option(metavar="LR", help="Peak learning rate [default: the "
@@ -71,23 +80,26 @@ def train(
     from adaptkit.train import train as run
 
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,
-                                   targets=targets, tokens=tokens, prompt_mode=prompt_mode, prompt_init=prompt_init)
+                                   targets=targets, tokens=tokens, prompt_mode=prompt_mode, prompt_init=prompt_init,
+                                   blocks=blocks)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, seed=seed,
                          device=device,
                          precision=precision, limit_train=limit_train, limit_eval=limit_eval,
-                         num_workers=num_workers)
+                         num_workers=num_workers, checkpointing=checkpointing, feature_cache=feature_cache)
     with train_progress(err, plain()) as on_event:
         result = run(dataset, task=task, backbone=backbone, weights=str(weights) if weights else None,
                      pretrained=pretrained, method=method, method_config=method_config, config=config,
                      registry=registry_of(registry), data_dir=str(data_dir) if data_dir else None, download=download,
-                     on_event=on_event, classes=classes)
+                     on_event=on_event, classes=classes, init_from=init_from)
     v, m = result.version, result.metrics
     if v is None:  # a worker process under torchrun: rank 0 records and reports
         return
     echo(f"trained [bold]{v.ref}[/bold]: test top-1 {format_percent(m['test_top1'])}, "
          f"top-5 {format_percent(m['test_top5'])}, best epoch {m['best_epoch']}, {v.train_time_s:.0f} s")
     echo(f"  {v.method}, {count(v.trainable_params)} trainable parameters, {format_bytes(v.bytes)} file")
+    if result.init_from:
+        echo(escape(_warm_line(result.init_from)))
 
 
 # method -> {CLI option (parameter name): the method's setting}
@@ -101,7 +113,7 @@ METHOD_OPTIONS: dict[str, dict[str, str]] = {
 def _method_config(method: str, **given: Any) -> dict[str, Any]:
     """Map CLI options onto the method's settings; an option that the method does not take is an error."""
     method = method.strip().lower()
-    takes = METHOD_OPTIONS.get(method, {})
+    takes = {**METHOD_OPTIONS.get(method, {}), "blocks": "blocks"}  # every method's; linear refuses it itself
     config = {}
     for name, value in given.items():
         if value is None:
@@ -111,3 +123,11 @@ def _method_config(method: str, **given: Any) -> dict[str, Any]:
             raise ConfigError(f"{flag} does not apply to method {method!r}")
         config[takes[name]] = tuple(t.strip() for t in value.split(",")) if name == "targets" else value
     return config
+
+
+def _warm_line(info: dict[str, Any]) -> str:
+    """One line on where the task started from."""
+    if info["ref"] is None:
+        return f"init-from auto: {info.get('note', 'a cold start')}"
+    how = f"cosine {info['similarity']:.3f} to the new data, " if info.get("auto") else ""
+    return f"warm start from {info['ref']} ({how}head {info['head']})"

@@ -193,7 +193,7 @@ def _apply_bank(bank: dict[str, Any], x: torch.Tensor, idx: torch.Tensor, y: tor
 
 
 class AdapterMethod(Method):
-    """Bottleneck adapters in every block, plus the head."""
+    """Bottleneck adapters in every block (or the last ``blocks``), plus the head."""
 
     name = "adapter"
     config_class = AdapterConfig
@@ -205,7 +205,7 @@ class AdapterMethod(Method):
         if cfg.placement == "houlsby":
             targets.insert(0, ("attn", False))
         parts, sites = {}, {}
-        for i in range(len(trunk.blocks)):
+        for i in self.block_indices(trunk):
             for layer, parallel in targets:
                 path = f"blocks.{i}.{layer}"
                 site = find_site(trunk, path, AdapterSite, ctx)

@@ -240,20 +240,47 @@ class Method(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    takes_blocks: ClassVar[bool] = True  # False where the method puts nothing in the blocks (the linear probe)
 
-    def __init__(self, config: Any = None) -> None:
+    def __init__(self, config: Any = None, blocks: int | None = None) -> None:
+        """A method with its settings.
+
+        Args:
+            config: the method's own settings (its ``config_class``; None: the defaults).
+            blocks: put the method's modules only in the last ``blocks`` blocks (None: every block), so the
+                backward pass stops there and the frozen blocks before them can be cached.
+        """
         self.config = config if config is not None else self.config_class()
+        if blocks is not None:
+            if not self.takes_blocks:
+                raise ConfigError(f"{self.name} puts nothing in the blocks: --blocks does not apply to it; drop it")
+            if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+                raise ConfigError(f"blocks must be a positive number of blocks, got {blocks!r}")
+        self.blocks = blocks
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Method:
+        values = dict(values)
+        blocks = values.pop("blocks", None)
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         unknown = sorted(set(values) - fields)
         if unknown:
-            raise ConfigError(f"unknown {cls.name} setting(s) {unknown}; known: {sorted(fields)}")
-        return cls(cls.config_class(**values))
+            raise ConfigError(f"unknown {cls.name} setting(s) {unknown}; known: {sorted(fields | {'blocks'})}")
+        return cls(cls.config_class(**values), blocks=blocks)
 
     def config_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config)
+        """The method's settings as recorded with a version; ``blocks`` only when set, so older files read the same."""
+        values = dataclasses.asdict(self.config)
+        return values if self.blocks is None else {**values, "blocks": self.blocks}
+
+    def block_indices(self, trunk: nn.Module) -> range:
+        """The indices of the blocks this method puts its modules in: every block, or the last ``blocks``."""
+        depth = len(trunk.blocks)
+        if self.blocks is None:
+            return range(depth)
+        if self.blocks > depth:
+            raise ConfigError(f"blocks={self.blocks} but the backbone has {depth} blocks: pick 1 to {depth}")
+        return range(depth - self.blocks, depth)
 
     def added_tokens(self) -> int:
         """How many tokens the method adds to the sequence (VPT's prompts): a mixed batch runs the samples of tasks

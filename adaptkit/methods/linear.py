@@ -10,6 +10,8 @@ from adaptkit.methods.base import Method, TaskContext, private_trunk
 
 __all__ = ["LinearConfig", "LinearMethod", "FullConfig", "FullMethod"]
 
+_AFTER_BLOCKS = ("norm", "fc_norm")  # the trunk's layers after its last block: they train with the last blocks
+
 
 @dataclass
 class LinearConfig:
@@ -26,17 +28,32 @@ class LinearMethod(Method):
 
     name = "linear"
     config_class = LinearConfig
+    takes_blocks = False
 
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
         return trunk, {}, {}
 
 
 class FullMethod(Method):
-    """Every parameter: a private, trainable copy of the backbone (the shared one is never touched)."""
+    """Every parameter of a private, trainable copy of the backbone (the shared one is never touched).
+
+    With ``blocks`` only the last blocks and the norms after them train (partial fine-tuning), and only they are
+    the task's state: the frozen blocks before them equal the shared backbone's.
+    """
 
     name = "full"
     config_class = FullConfig
 
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
         own = private_trunk(trunk)
-        return own, {"backbone": own}, {}
+        if self.blocks is None:
+            return own, {"backbone": own}, {}
+        own.requires_grad_(False)
+        parts: dict[str, nn.Module] = {f"blocks.{i}": own.blocks[i] for i in self.block_indices(own)}
+        for name in _AFTER_BLOCKS:
+            layer = getattr(own, name, None)
+            if layer is not None and any(True for _ in layer.parameters()):
+                parts[name] = layer
+        for module in parts.values():
+            module.requires_grad_(True)
+        return own, parts, {}

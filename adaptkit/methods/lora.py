@@ -122,7 +122,7 @@ class LoraMethod(Method):
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
         cfg = self.config
         parts, sites = {}, {}
-        for i in range(len(trunk.blocks)):
+        for i in self.block_indices(trunk):
             for target in cfg.targets:
                 path = f"blocks.{i}.{TARGETS[target]}"
                 site = find_site(trunk, path, LoraSite, ctx)

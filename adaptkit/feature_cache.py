@@ -1,0 +1,181 @@
+"""Train on cached frozen features: run the frozen part of the backbone once per image, not once per epoch.
+
+A task's trainable tensors start at some block ``k`` (the head alone: ``k = depth``; ``--blocks K``: ``depth - K``).
+Everything before block ``k`` is frozen, and when the training images are not augmented (the train transform is
+the eval transform) its output for an image never changes. :func:`prepare` then runs that prefix once over the
+train, val and test splits, keeps its outputs (in memory, or in a temporary file when they would not fit) and gives
+back data sets of features with a module that runs only the rest: the blocks from ``k`` on, the final norm, the
+pooling and the task's head. The steps, their order and the head are the same as without the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from adaptkit.methods import TaskModel
+
+__all__ = ["FeatureSet", "CachedTask", "first_trainable_block", "cache_start", "run_prefix", "run_suffix", "prepare"]
+
+_log = logging.getLogger(__name__)
+MEMORY_SHARE = 0.25  # features larger than this share of the machine's memory go to a temporary file
+_AFTER_BLOCKS = ("norm", "fc_norm")
+
+
+def first_trainable_block(task: TaskModel) -> int:
+    """The index of the first block that holds one of the task's trainable parts.
+
+    Returns:
+        ``depth`` when only the head trains (or parts after the last block), 0 when a part sits before the blocks
+        or somewhere this function does not know (nothing can be cached then).
+    """
+    depth = len(task.trunk.blocks)
+    first = depth
+    for name in task.parts:
+        root, _, rest = name.partition(".")
+        index = rest.split(".", 1)[0]
+        if root == "blocks" and index.isdigit():
+            first = min(first, int(index))
+        elif name not in _AFTER_BLOCKS:
+            return 0
+    return first
+
+
+def _deterministic(data: Any) -> bool:
+    """True when the training images go through the eval transform (no augmentation): then they can be cached."""
+    train_tf, eval_tf = getattr(data.train, "transform", None), getattr(data.val, "transform", None)
+    return train_tf is not None and eval_tf is not None and repr(train_tf) == repr(eval_tf)
+
+
+def cache_start(task: TaskModel, data: Any) -> int:
+    """Where the cached prefix ends (a block index), or 0 when nothing can be cached for this task and data."""
+    if not _deterministic(data) or any(p.requires_grad for p in task.trunk.patch_embed.parameters()):
+        return 0
+    start = first_trainable_block(task)
+    if start < len(task.trunk.blocks) and type(task.trunk).forward_features is not VisionTransformer.forward_features:
+        return 0  # a ViT variant with its own forward: only its pooled output (the linear probe) is cached
+    return start
+
+
+def run_prefix(trunk: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
+    """The trunk up to block ``start``: tokens (B, N, d), or pooled features (B, d) when ``start`` is its depth."""
+    if start == len(trunk.blocks):
+        return trunk(x)
+    x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(x))))
+    for block in trunk.blocks[:start]:
+        x = block(x)
+    return x
+
+
+def run_suffix(trunk: nn.Module, h: torch.Tensor, start: int) -> torch.Tensor:
+    """The rest of the trunk from block ``start`` on (as timm's ``forward_features`` and ``forward_head``)."""
+    if start == len(trunk.blocks):
+        return h
+    blocks = trunk.blocks[start:]
+    h = checkpoint_seq(blocks, h) if getattr(trunk, "grad_checkpointing", False) else blocks(h)
+    return trunk.forward_head(trunk.norm(h), pre_logits=True)
+
+
+class FeatureSet(Dataset):
+    """Cached features and their labels; ``features`` is a tensor or a memory-mapped array on disk."""
+
+    def __init__(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor, folder: Any = None) -> None:
+        self.features, self.labels = features, labels
+        self._folder = folder  # a TemporaryDirectory kept alive as long as its memory map
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        f = self.features[i]
+        return (torch.from_numpy(np.array(f)) if isinstance(f, np.ndarray) else f), int(self.labels[i])
+
+
+class CachedTask(nn.Module):
+    """A task run on cached features: the trunk from block ``start`` on, then the head."""
+
+    def __init__(self, task: TaskModel, start: int) -> None:
+        super().__init__()
+        self.task, self.start = task, start
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.task.ctx.active = self.task.slot
+        return self.task.head(run_suffix(self.task.trunk, h, self.start))
+
+    def train(self, mode: bool = True) -> CachedTask:
+        self.training = mode
+        self.task.train(mode)  # reaches only what trains, as the task itself does
+        return self
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+@torch.no_grad()
+def _cache_split(task: TaskModel, split: Dataset, start: int, batch_size: int, workers: int, device: torch.device,
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> FeatureSet:
+    loader = DataLoader(split, batch_size=batch_size, shuffle=False, num_workers=workers)
+    n, store, labels, folder, at = len(split), None, torch.empty(len(split), dtype=torch.long), None, 0
+    task.ctx.active = task.slot
+    for x, y in loader:
+        with autocast():
+            h = run_prefix(task.trunk, x.to(device, non_blocking=True), start).float().cpu()
+        if store is None:
+            store, folder = _allocate(n, tuple(h.shape[1:]))
+        store[at:at + len(y)] = h.numpy() if isinstance(store, np.ndarray) else h
+        labels[at:at + len(y)] = y
+        at += len(y)
+    if store is None:
+        store = torch.empty(0)
+    return FeatureSet(store, labels, folder)
+
+
+def _allocate(n: int, shape: tuple[int, ...]) -> tuple[torch.Tensor | np.ndarray, Any]:
+    size = n * int(np.prod(shape)) * 4
+    if size <= MEMORY_SHARE * _memory_bytes():
+        return torch.empty((n, *shape), dtype=torch.float32), None
+    folder = tempfile.TemporaryDirectory(prefix="adaptkit-features-")
+    _log.info("caching %.1f GB of features in %s", size / 2**30, folder.name)
+    return np.lib.format.open_memmap(os.path.join(folder.name, "features.npy"), "w+", np.float32, (n, *shape)), folder
+
+
+def prepare(task: TaskModel, data: Any, *, batch_size: int, workers: int, device: torch.device,
+            autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+            enabled: bool = True) -> tuple[Any, nn.Module]:
+    """Cache the frozen prefix's output over the three splits, where that is exact.
+
+    Args:
+        task: the task being trained (its trunk stays frozen before its first trainable block).
+        data: a ``TaskData`` (train, val, test splits yielding (image tensor, label)).
+        batch_size, workers: of the one pass over the images.
+        device: where the prefix runs.
+        autocast: the training loop's autocast, so cached features equal what an uncached step would compute.
+        enabled: False returns ``data`` and ``task`` unchanged.
+
+    Returns:
+        ``(data, net)``: data sets of features and the module that maps them to logits; or the inputs unchanged
+        when nothing can be cached (augmentation on, or a trainable part before the first block).
+    """
+    start = cache_start(task, data) if enabled else 0
+    if start == 0:
+        return data, task
+    splits = {name: _cache_split(task, getattr(data, name), start, batch_size, workers, device, autocast)
+              for name in ("train", "val", "test")}
+    _log.info("cached the frozen blocks 0-%d for %d images", start - 1, sum(len(s) for s in splits.values()))
+    return dataclasses.replace(data, **splits), CachedTask(task, start)

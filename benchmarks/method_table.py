@@ -1,0 +1,134 @@
+"""The method table: every method in ``adaptkit.methods.METHODS`` with the same budget on the three offline data sets.
+
+    python benchmarks/method_table.py                    # all rows; rows already in the JSON file are reused
+    python benchmarks/method_table.py --only adapter     # one method's rows (re)computed if missing
+    python benchmarks/method_table.py --fresh            # ignore the saved rows
+    python benchmarks/method_table.py --print            # the table of the saved rows, nothing trained
+
+Each row is (data set, method, settings): the packaged backbone, 10 epochs, batch 64, no augmentation, seed 0, the
+method's default learning rate. A method that is not in :data:`CONFIGS` runs with its default settings, so a new
+method appears in the table with no change here. Every finished row is saved at once to a JSON file
+(``benchmarks/results/method_table.json``), so an interrupted run resumes where it stopped and a rerun after new
+methods are added trains only their rows. Prints a Markdown table and the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptkit.compare import format_bytes, format_percent
+from adaptkit.methods import METHODS
+from adaptkit.models import PACKAGED_BACKBONE
+from adaptkit.registry import Registry
+from adaptkit.train import TrainConfig, train
+
+RESULTS = Path(__file__).resolve().parent / "results" / "method_table.json"
+HALF = "half"  # a ``blocks`` value resolved to half the backbone's depth
+# Settings per method; a method not named here runs once with its defaults.
+CONFIGS: dict[str, list[dict[str, Any]]] = {
+    "adapter": [{"rank": 32}, {"rank": 32, "blocks": HALF}],
+    "lora": [{"rank": 8}],
+    "linear": [{}],
+    "full": [{}],
+}
+BUDGET = {"epochs": 10, "batch_size": 64, "augment": False, "seed": 0}
+
+
+def resolve(config: dict[str, Any], depth: int) -> dict[str, Any]:
+    """``blocks: "half"`` -> half the backbone's depth."""
+    return {k: (depth // 2 if v == HALF else v) for k, v in config.items()}
+
+
+def row_key(dataset: str, method: str, config: dict[str, Any]) -> str:
+    return f"{dataset}|{method}|{json.dumps(config, sort_keys=True)}"
+
+
+def label(method: str, config: dict[str, Any], depth: int) -> str:
+    parts = [f"{k}={v}" for k, v in config.items() if k != "blocks"]
+    if "blocks" in config:
+        parts.append(f"last {config['blocks']} of {depth} blocks")
+    return method + (f" ({', '.join(parts)})" if parts else "")
+
+
+def run_row(spec: str, task: str, method: str, config: dict[str, Any], backbone: str,
+            registry: Registry) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = train(spec, task=task, backbone=backbone, method=method,
+                   method_config=config, config=TrainConfig(**BUDGET), registry=registry)
+    v = result.version
+    return {"test_top1": result.metrics["test_top1"], "trainable_params": v.trainable_params, "bytes": v.bytes,
+            "train_time_s": v.train_time_s, "wall_s": time.perf_counter() - started, "device": v.device}
+
+
+def load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save(path: Path, rows: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def table(rows: dict[str, Any], plan: list[tuple[str, str, dict[str, Any]]], depth: int) -> str:
+    lines = ["| data set | method | test top-1 | trainable parameters | file | train time |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, method, config in plan:
+        r = rows.get(row_key(name, method, config))
+        if r is None:
+            continue
+        lines.append(f"| {name} | {label(method, config, depth)} | {format_percent(r['test_top1'])} | "
+                     f"{r['trainable_params']:,} | {format_bytes(r['bytes'])} | {r['train_time_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="methods to run (default: every registered one)")
+    parser.add_argument("--datasets", nargs="*", default=None, help="digits, glyphs, cifar5 (default: all)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON file of finished rows")
+    parser.add_argument("--fresh", action="store_true", help="recompute every row")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
+    parser.add_argument("--print", action="store_true", help="print the table of the saved rows, train nothing")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from datasets import specs  # benchmarks/datasets.py (imported here: the name is also Hugging Face's package)
+    from timm import create_model
+
+    depth = len(create_model(PACKAGED_BACKBONE.split(".")[0]).blocks)
+    data = {k: v for k, v in specs().items() if args.datasets is None or k in args.datasets}
+    methods = [m for m in METHODS if args.only is None or m in args.only]
+    plan = [(name, m, resolve(c, depth)) for name in data for m in methods for c in CONFIGS.get(m, [{}])]
+    rows = {} if args.fresh else load(args.results)
+    if args.print:
+        plan = [p for p in plan if row_key(*p) in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Registry(Path(tmp) / "registry.db")
+        for name, method, config in plan:
+            key = row_key(name, method, config)
+            if key in rows:
+                continue
+            print(f"{name}: {label(method, config, depth)} ...", flush=True)
+            rows[key] = run_row(data[name], f"{name}-{method}-{len(rows)}", method, config, PACKAGED_BACKBONE,
+                                registry)
+            save(args.results, rows)
+            print(f"  test top-1 {format_percent(rows[key]['test_top1'])}, {rows[key]['train_time_s']:.0f} s",
+                  flush=True)
+    print(f"\n{PACKAGED_BACKBONE}, {BUDGET['epochs']} epochs, batch {BUDGET['batch_size']}, no augmentation, "
+          f"seed {BUDGET['seed']}, each method at its default learning rate, {args.threads} thread(s); "
+          f"`python benchmarks/method_table.py`\n")
+    print(table(rows, plan, depth))
+
+
+if __name__ == "__main__":
+    main()
