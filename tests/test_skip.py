@@ -11,6 +11,7 @@ from adaptkit.data import load_task_data
 from adaptkit.errors import ConfigError
 from adaptkit.feature_cache import CachedTask, first_trainable_block, prepare, run_prefix, run_suffix
 from adaptkit.methods import get_method
+from adaptkit.methods.base import TaskSite
 from adaptkit.predict import Predictor
 from adaptkit.train import TrainConfig, train
 
@@ -61,14 +62,18 @@ def test_no_cache_with_augmentation_or_a_trainable_prefix(pico):
         assert net is task and same_data is data
 
 
-@pytest.mark.parametrize(("method", "config"), [("adapter", {"blocks": 2}), ("lora", {"blocks": 1,
-                                                                                        "targets": ("qkv", "fc1")})])
+@pytest.mark.parametrize(("method", "config"), [
+    ("adapter", {"blocks": 2}), ("lora", {"blocks": 1, "targets": ("qkv", "fc1")}), ("ssf", {"blocks": 2}),
+    ("bitfit", {"blocks": 1}), ("vpt", {"blocks": 2, "tokens": 3}), ("vpt", {"blocks": 3, "mode": "shallow"}),
+])
 def test_blocks_puts_modules_only_in_the_last_blocks(pico, images, method, config):
     before = fingerprint(pico.model)
     task = get_method(method, config).attach(pico.model, 3)
     first = 4 - config["blocks"]
-    assert task.parts and all(int(name.split(".")[1]) >= first for name in task.parts)
-    assert all(not hasattr(pico.model.blocks[i].mlp, "base_layer") for i in range(first))  # no site there
+    in_blocks = [name for name in task.parts if name.startswith("blocks.")]  # others follow the blocks (final norm)
+    assert in_blocks and all(int(name.split(".")[1]) >= first for name in in_blocks)
+    assert all(n.startswith(("blocks.", "norm.", "fc_norm.")) for n in task.parts)  # nothing before block `first`
+    assert not any(isinstance(m, TaskSite) for i in range(first) for m in pico.model.blocks[i].modules())
     outputs = []
     hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o)) for b in pico.model.blocks]
     task.train()

@@ -7,13 +7,13 @@ of each) then share a site, and a mixed batch applies every sample's own scale a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from adaptkit.methods.base import TaskSite, put_rows
+from adaptkit.methods.base import TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["ChannelAffine", "AffineSite", "affine_layers", "fold_affine"]
 
@@ -102,25 +102,42 @@ def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
             yield from _walk(child, path + ".")
 
 
-def affine_layers(trunk: nn.Module, with_bias: bool = False) -> list[tuple[str, nn.Module]]:
+def affine_layers(trunk: nn.Module, with_bias: bool = False,
+                  blocks: Sequence[int] | None = None) -> list[tuple[str, nn.Module]]:
     """The backbone's linear, norm and convolution layers, block by block, then those outside the blocks.
 
     Args:
         trunk: a timm ViT.
         with_bias: only layers that have a bias (BitFit).
+        blocks: only these blocks (default: all); the patch embedding counts as before block 0.
 
     Returns:
-        (canonical path, layer) pairs: the patch embedding, every block's layers (one loop over ``trunk.blocks``),
-        and the final norms.
+        (canonical path, layer) pairs: the patch embedding, the chosen blocks' layers (one loop over
+        ``trunk.blocks``), and the final norms.
     """
-    found = [(f"patch_embed.{p}", m) for p, m in _walk(_innermost(trunk.patch_embed), "")]
-    for i, block in enumerate(trunk.blocks):
-        found += _walk(_innermost(block), f"blocks.{i}.")
+    blocks = range(len(trunk.blocks)) if blocks is None else blocks
+    found = [(f"patch_embed.{p}", m) for p, m in _walk(_innermost(trunk.patch_embed), "")] if 0 in blocks else []
+    for i in blocks:
+        found += _walk(_innermost(trunk.blocks[i]), f"blocks.{i}.")
     for name in ("norm", "fc_norm"):
         layer = _innermost(getattr(trunk, name, nn.Identity()))
         if isinstance(layer, AFFINE_TYPES):
             found.append((name, layer))
     return [(p, m) for p, m in found if not with_bias or getattr(m, "bias", None) is not None]
+
+
+def inject_affine(trunk: nn.Module, ctx: TaskContext, slot: str, blocks: Sequence[int], *, scale: bool,
+                  role: str) -> tuple[nn.Module, dict[str, nn.Module], dict[str, AffineSite]]:
+    """A :class:`ChannelAffine` for ``slot`` after every affine layer of ``blocks`` (SSF: with a scale; BitFit: a
+    bias delta only, on layers that have a bias); parts are named ``<layer path>.<role>``."""
+    parts, sites = {}, {}
+    for path, layer in affine_layers(trunk, with_bias=not scale, blocks=blocks):
+        site = find_site(trunk, path, AffineSite, ctx)
+        module = ChannelAffine(out_channels(layer), scale=scale)
+        site.add(slot, module)
+        parts[f"{path}.{role}"] = module
+        sites[path] = site
+    return trunk, parts, sites
 
 
 def out_channels(layer: nn.Module) -> int:

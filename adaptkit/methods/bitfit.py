@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from adaptkit.methods.affine import AffineSite, ChannelAffine, affine_layers, out_channels
-from adaptkit.methods.base import Method, TaskContext, find_site
+from adaptkit.methods.affine import inject_affine
+from adaptkit.methods.base import Method, TaskContext
 
 __all__ = ["BitFitConfig", "BitFitMethod"]
 
@@ -29,11 +29,4 @@ class BitFitMethod(Method):
     config_class = BitFitConfig
 
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
-        parts, sites = {}, {}
-        for path, layer in affine_layers(trunk, with_bias=True):
-            site = find_site(trunk, path, AffineSite, ctx)
-            module = ChannelAffine(out_channels(layer), scale=False)
-            site.add(slot, module)
-            parts[f"{path}.bias_delta"] = module
-            sites[path] = site
-        return trunk, parts, sites
+        return inject_affine(trunk, ctx, slot, self.block_indices(trunk), scale=False, role="bias_delta")

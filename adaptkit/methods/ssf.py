@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adaptkit.methods.affine import AffineSite, ChannelAffine, affine_layers, fold_affine, out_channels
-from adaptkit.methods.base import Method, TaskContext, TaskModel, find_site, plain_copy
+from adaptkit.methods.affine import ChannelAffine, fold_affine, inject_affine
+from adaptkit.methods.base import Method, TaskContext, TaskModel, plain_copy
 
 __all__ = ["SsfConfig", "SsfMethod", "merge_ssf"]
 
@@ -31,14 +31,7 @@ class SsfMethod(Method):
     config_class = SsfConfig
 
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
-        parts, sites = {}, {}
-        for path, layer in affine_layers(trunk):
-            site = find_site(trunk, path, AffineSite, ctx)
-            module = ChannelAffine(out_channels(layer), scale=True)
-            site.add(slot, module)
-            parts[f"{path}.ssf"] = module
-            sites[path] = site
-        return trunk, parts, sites
+        return inject_affine(trunk, ctx, slot, self.block_indices(trunk), scale=True, role="ssf")
 
 
 @torch.no_grad()

@@ -161,9 +161,9 @@ class VptMethod(Method):
 
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
         cfg = self.config
-        dim, depth = int(trunk.num_features), len(trunk.blocks)
+        dim = int(trunk.num_features)
         patch_size = tuple(getattr(trunk.patch_embed, "patch_size", (16, 16)))
-        blocks = list(range(depth))
+        blocks = list(self.block_indices(trunk))  # with --blocks K, the prompts enter at block depth - K
         parts, sites = {}, {}
         for i in blocks:
             first, last = i == blocks[0], i == blocks[-1]
