@@ -14,6 +14,7 @@ from rich.table import Table
 
 from adaptkit.cli.common import RegistryOpt, app, count, friendly, out, registry_of
 from adaptkit.compare import format_bytes, format_percent
+from adaptkit.recipe import describe_recipe
 
 
 def _config_text(config: dict[str, Any]) -> str:
@@ -61,6 +62,7 @@ def show(ref: Annotated[str, typer.Argument(help="TASK or TASK@VERSION")], regis
     b = v.backbone
     out.print(f"v{v.version}: backbone {b.name} ({b.weights}), fingerprint {b.fingerprint[:16]}\n"
               f"file {reg.path_of(v)} sha256 {v.sha256[:16]}\nmetrics {json.dumps(v.metrics)}")
+    out.print(f"recipe {describe_recipe(v.train)}", highlight=False)
 
 
 @app.command()

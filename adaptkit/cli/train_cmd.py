@@ -28,8 +28,11 @@ class _RichProgress:
             stats.append(f"acc {100 * e.accuracy:.1f}%")
         if e.images_per_s:
             stats.append(f"{e.images_per_s:.0f} img/s")
-        label = {"train": f"epoch {e.epoch}/{e.epochs}", "val": f"validate {e.epoch}/{e.epochs}",
-                 "test": "test", "save": "saving"}[e.phase]
+        if e.phase == "lr":
+            self.progress.console.print(f"--lr auto chose {e.lr:.2g} (validation top-1 {100 * e.accuracy:.1f}%)")
+            return
+        label = {"search": f"lr {e.lr or 0:.2g} {e.epoch}/{e.epochs}", "train": f"epoch {e.epoch}/{e.epochs}",
+                 "val": f"validate {e.epoch}/{e.epochs}", "test": "test", "save": "saving"}[e.phase]
         self.progress.update(self.bar, description=label, completed=e.step, total=e.steps, stats="  ".join(stats))
 
 
@@ -53,12 +56,17 @@ def train(
     targets: Annotated[str | None, typer.Option(help="LoRA targets, comma-separated: qkv,proj,fc1,fc2")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: the method's]")] = None,
+    lr: Annotated[str | None, typer.Option(help="Peak learning rate, or auto: a short sweep on the validation "
+                                           "split [default: the method's base rate x batch/256]")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="[default: the method's]")] = None,
     warmup_epochs: Annotated[float, typer.Option(min=0)] = 1.0,
     label_smoothing: Annotated[float, typer.Option(min=0, max=0.99)] = 0.1,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop and flip while "
-                                          "training")] = True,
+    augment: Annotated[str, typer.Option(help="Training augmentation: none, light (random crops of 60-100%), "
+                                         "strong (8-100% and colour jitter)")] = "light",
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Same as --augment none")] = False,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips while training (wrong "
+                                       "for text, digits ...)")] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads [default: the idle cores, 1-4]")] = None,
     seed: int = 0,
     device: Annotated[str | None, typer.Option(help="cuda, cpu ... [default: cuda if available]")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32")] = "auto",
@@ -76,8 +84,9 @@ def train(
 
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,
                                    targets=targets)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, seed=seed,
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=_lr(lr), weight_decay=weight_decay,
+                         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+                         augment=_augment(augment, no_augment), flip=flip, threads=threads, seed=seed,
                          device=device,
                          precision=precision, limit_train=limit_train, limit_eval=limit_eval,
                          num_workers=num_workers)
@@ -95,6 +104,22 @@ def train(
               f"{format_bytes(v.bytes)}): test top-1 {format_percent(m['test_top1'])}, "
               f"top-5 {format_percent(m['test_top5'])}, "
               f"best epoch {m['best_epoch']}, {v.train_time_s:.0f} s")
+
+
+def _lr(value: str | None) -> float | str | None:
+    """``--lr``: a number, ``auto``, or nothing for the method's default."""
+    if value is None or value.strip().lower() == "auto":
+        return value and "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"bad --lr {value!r}: give a number such as 3e-3, or auto") from None
+
+
+def _augment(level: str, no_augment: bool) -> str:
+    if no_augment and level.strip().lower() not in ("none", "light"):
+        raise ConfigError(f"--no-augment contradicts --augment {level}: give one of them")
+    return "none" if no_augment else level
 
 
 def _method_config(method: str, **given: Any) -> dict[str, Any]:
