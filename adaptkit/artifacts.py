@@ -27,6 +27,7 @@ __all__ = ["FORMAT_VERSION", "AdapterMeta", "save_adapter", "load_adapter", "rea
 
 FORMAT_VERSION = "1"
 FORMAT_NAME = "adaptkit.adapter"
+_ADDED_LATER = ("recipe",)  # metadata fields that format version 1 files may lack (they take their defaults)
 
 
 @dataclass
@@ -46,9 +47,10 @@ class AdapterMeta:
     dataset: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
+    recipe: dict[str, Any] = field(default_factory=dict)  # how it was trained; absent from files written before it
 
     def __post_init__(self) -> None:
-        for name in ("classes", "method_config", "data_config", "metrics"):  # as they read back from JSON
+        for name in ("classes", "method_config", "data_config", "metrics", "recipe"):  # as they read back from JSON
             setattr(self, name, json.loads(json.dumps(getattr(self, name))))
 
     def to_strings(self, tensors_hash: str) -> dict[str, str]:
@@ -66,6 +68,8 @@ class AdapterMeta:
         values: dict[str, Any] = {}
         try:
             for name, f in cls.__dataclass_fields__.items():
+                if name in _ADDED_LATER and name not in meta:
+                    continue
                 raw = meta[name]
                 values[name] = raw if f.type in ("str", str) else json.loads(raw)
         except (KeyError, json.JSONDecodeError) as exc:

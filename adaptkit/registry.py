@@ -344,4 +344,5 @@ class Registry:
         state, meta = load_adapter(path)
         if task:
             meta.task = task
-        return self.add_version(meta, state, train_info={"imported_from": str(Path(path).resolve())})
+        return self.add_version(meta, state, train_info={"imported_from": str(Path(path).resolve()),
+                                                         **({"recipe": meta.recipe} if meta.recipe else {})})

@@ -289,12 +289,12 @@ def train(
         version = None
         if rank == 0:
             emit(TrainEvent("save", cfg.epochs, cfg.epochs, 0, 1))
+            recipe = _recipe(given, cfg, device, threads, search)
             meta = AdapterMeta(task=task, classes=data.classes, method=chosen.name,
                                method_config=chosen.config_dict(), backbone=backbone.name,
                                backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
                                backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
-                               data_config=backbone.data_config, dataset=dataset, metrics=metrics)
-            recipe = _recipe(given, cfg, device, threads, search)
+                               data_config=backbone.data_config, dataset=dataset, metrics=metrics, recipe=recipe)
             version = registry.add_version(meta, model.state(), train_info={**timing, "recipe": recipe,
                                                                             "world_size": world,
                                                                             "train_images": len(data.train)})

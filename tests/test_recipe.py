@@ -11,6 +11,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from typer.testing import CliRunner
 
+from adaptkit.artifacts import read_meta
 from adaptkit.cli import app
 from adaptkit.data import build_transform
 from adaptkit.errors import ConfigError
@@ -92,7 +93,7 @@ def test_lr_auto_reports_records_and_equals_training_at_the_chosen_rate(pico, tm
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_recipe_is_recorded_and_threads_are_restored(pico, registry, cifar_mini):
+def test_recipe_is_recorded_and_threads_are_restored(pico, registry, tmp_path, cifar_mini):
     before = torch.get_num_threads()
     result = train(f"folder:{cifar_mini}", task="t", backbone=pico, registry=registry,
                    config=TrainConfig(augment="strong", flip=True, **TINY))
@@ -102,6 +103,9 @@ def test_recipe_is_recorded_and_threads_are_restored(pico, registry, cifar_mini)
     assert (recipe["augment"], recipe["flip"], recipe["threads"], recipe["device"]) == ("strong", True, 1, "cpu")
     assert (recipe["epochs"], recipe["batch_size"], recipe["seed"]) == (2, 16, 0)
     assert "augment strong + flip" in describe_recipe(result.version.train)
+    exported = registry.export(result.version.ref, tmp_path / "t.safetensors")  # the file carries its recipe
+    assert read_meta(exported).recipe == recipe
+    assert Registry(tmp_path / "other.db").import_file(exported).train["recipe"] == recipe
     assert 1 <= default_threads() <= 4
 
 

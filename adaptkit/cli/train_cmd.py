@@ -56,17 +56,19 @@ def train(
     targets: Annotated[str | None, typer.Option(help="LoRA targets, comma-separated: qkv,proj,fc1,fc2")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    lr: Annotated[str | None, typer.Option(help="Peak learning rate, or auto: a short sweep on the validation "
-                                           "split [default: the method's base rate x batch/256]")] = None,
+    lr: Annotated[str | None, typer.Option(metavar="RATE|auto", help="Peak learning rate, or auto: a short "
+                                           "sweep on the validation split [default: the method's base rate x "
+                                           "batch/256]")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="[default: the method's]")] = None,
     warmup_epochs: Annotated[float, typer.Option(min=0)] = 1.0,
     label_smoothing: Annotated[float, typer.Option(min=0, max=0.99)] = 0.1,
-    augment: Annotated[str, typer.Option(help="Training augmentation: none, light (random crops of 60-100%), "
-                                         "strong (8-100% and colour jitter)")] = "light",
+    augment: Annotated[str, typer.Option(metavar="LEVEL", help="none, light (random crops of 60-100%) or strong "
+                                         "(8-100% and colour jitter)")] = "light",
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Same as --augment none")] = False,
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips while training (wrong "
-                                       "for text, digits ...)")] = False,
-    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads [default: the idle cores, 1-4]")] = None,
+    flip: Annotated[bool, typer.Option("--flip", help="Random horizontal flips (wrong for text, digits "
+                                       "...)")] = False,
+    threads: Annotated[int | None, typer.Option(min=1, metavar="N", help="CPU threads [default: the idle cores, "
+                                                "1-4]")] = None,
     seed: int = 0,
     device: Annotated[str | None, typer.Option(help="cuda, cpu ... [default: cuda if available]")] = None,
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), bf16 or fp32")] = "auto",
