@@ -98,6 +98,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"bad {name}: {getattr(self, name)!r}")
         self.augment = augment_level(self.augment)
+        if self.lr == "auto" and self.val_fraction <= 0:
+            raise ConfigError("lr='auto' picks the rate on the validation split: keep val_fraction above 0 "
+                              "or give a learning rate")
 
     def resolved(self, method: str) -> TrainConfig:
         """This recipe with the method's defaults filled in (``lr="auto"`` stays for :func:`train` to search)."""

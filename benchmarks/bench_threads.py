@@ -84,7 +84,7 @@ def main() -> None:
         rates = measure(k, t, wait, args.steps, args.batch)
         rows.append([k, t, wait or "default", f"{statistics.median(rates):.0f}", f"{sum(rates):.0f}"])
         print(rows[-1], file=sys.stderr, flush=True)
-    print(f"{machine_line()}; {os.cpu_count()} logical CPUs; load average before: {os.getloadavg()[0]:.1f}\n")
+    print(f"{machine_line()}; {os.cpu_count()} logical CPUs; load average at the end: {os.getloadavg()[0]:.1f}\n")
     print_table(["processes", "threads each", "OMP_WAIT_POLICY", "img/s per process (median)", "img/s in all"], rows)
 
 

@@ -39,6 +39,7 @@ def test_default_lr_scales_linearly_with_the_batch(method):
     ({"lr": "fast"}, "bad lr"), ({"lr": 0.0}, "bad lr"), ({"lr": float("nan")}, "bad lr"), ({"lr": True}, "bad lr"),
     ({"threads": 0}, "bad threads"), ({"threads": 1.5}, "bad threads"),
     ({"augment": "heavy"}, "use one of none, light, strong"),
+    ({"lr": "auto", "val_fraction": 0.0}, "picks the rate on the validation split"),
 ])
 def test_bad_recipe_values(values, message):
     with pytest.raises(ConfigError, match=message):
