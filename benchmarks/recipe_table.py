@@ -92,20 +92,27 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the default epochs (say so in the table)")
     parser.add_argument("--limit-train", type=int, default=None, help="use only N training images (say so)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one CPU thread each")
+    parser.add_argument("--from-log", type=Path, default=None,
+                        help="print the table from the JSON lines of an earlier (possibly stopped) run's stderr")
     args = parser.parse_args()
-    chosen = {k: v for k, v in specs().items() if k in args.datasets}
+    from adaptkit.train import TrainConfig
+
     extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train)) if v is not None}
-    todo = jobs(chosen, args.factors, args.auto, extra)
-    with get_context("spawn").Pool(args.jobs) as pool:
-        results = []
-        for r in pool.imap_unordered(run, todo):
-            results.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "recipe"}), file=sys.stderr, flush=True)
-    recipe = results[0]["recipe"]
-    print(f"{BACKBONE}; test top-1 (%); {recipe['epochs']} epochs, batch {recipe['batch_size']}, augment "
-          f"{recipe['augment']}, seed {recipe['seed']}, one CPU thread per run"
+    if args.from_log:
+        results = [json.loads(line) for line in args.from_log.read_text().splitlines() if line.startswith("{")]
+        names = [n for n in args.datasets if any(r["dataset"] == n for r in results)]
+    else:
+        chosen = {k: v for k, v in specs().items() if k in args.datasets}
+        names, results = list(chosen), []
+        with get_context("spawn").Pool(args.jobs) as pool:
+            for r in pool.imap_unordered(run, jobs(chosen, args.factors, args.auto, extra)):
+                results.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k != "recipe"}), file=sys.stderr, flush=True)
+    cfg = TrainConfig(**extra)
+    print(f"{BACKBONE}; test top-1 (%); {cfg.epochs} epochs, batch {cfg.batch_size}, augment {cfg.augment}, "
+          f"seed {cfg.seed}, one CPU thread per run"
           + (f"; only {args.limit_train} training images" if args.limit_train else "") + "\n")
-    table(results, list(chosen))
+    table(results, names)
 
 
 if __name__ == "__main__":
