@@ -110,6 +110,12 @@ def test_recipe_is_recorded_and_threads_are_restored(pico, registry, tmp_path, c
     assert 1 <= default_threads() <= 4
 
 
+@pytest.mark.parametrize(("cores", "load", "threads"), [(2, 0.1, 2), (2, 1.2, 1), (2, 30.0, 1), (16, 0.0, 4),
+                                                         (16, 13.6, 2), (1, 0.0, 1)])
+def test_default_threads_leave_busy_cores_alone(cores, load, threads):
+    assert default_threads(cores, load) == threads
+
+
 def test_cli_options_and_show(tmp_path, cifar_mini):
     runner, reg = CliRunner(), tmp_path / "r.db"
     base = ["train", "--dataset", f"folder:{cifar_mini}", "--backbone", PICO, "--no-pretrained", "--epochs", "1",
