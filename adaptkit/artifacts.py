@@ -35,6 +35,7 @@ TASK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z, not $: "$"
 STORED_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
 WEIGHT_SOURCES = ("hub", "package", "random")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+_ADDED_LATER = ("recipe",)  # metadata fields that format version 1 files may lack (they take their defaults)
 
 
 @dataclass
@@ -54,9 +55,10 @@ class AdapterMeta:
     dataset: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
+    recipe: dict[str, Any] = field(default_factory=dict)  # how it was trained; absent from files written before it
 
     def __post_init__(self) -> None:
-        for name in ("classes", "method_config", "data_config", "metrics"):  # as they read back from JSON
+        for name in ("classes", "method_config", "data_config", "metrics", "recipe"):  # as they read back from JSON
             setattr(self, name, json.loads(json.dumps(getattr(self, name))))
 
     def to_strings(self, tensors_hash: str) -> dict[str, str]:
@@ -74,6 +76,8 @@ class AdapterMeta:
         values: dict[str, Any] = {}
         try:
             for name, f in cls.__dataclass_fields__.items():
+                if name in _ADDED_LATER and name not in meta:
+                    continue
                 raw = meta[name]
                 values[name] = raw if f.type in ("str", str) else json.loads(raw)
         except (KeyError, TypeError, json.JSONDecodeError) as exc:

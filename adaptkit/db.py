@@ -23,8 +23,8 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModul
 from adaptkit.dberrors import advice
 from adaptkit.errors import RegistryError
 
-__all__ = ["SCHEMA_HEAD", "normalise_url", "sqlite_file", "make_engine", "write_lock", "retryable", "schema_revision",
-           "ensure_schema", "migrate", "describe"]
+__all__ = ["SCHEMA_HEAD", "identity", "normalise_url", "sqlite_file", "make_engine", "write_lock", "retryable",
+           "schema_revision", "ensure_schema", "migrate", "describe"]
 
 SCHEMA_HEAD = "0002"  # the newest revision in adaptkit/migrations/versions; a test checks they agree
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -48,6 +48,11 @@ def describe(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
         return url
+
+
+def identity(url: str) -> str:
+    """A server registry's name whoever connects to it: the URL without user and password."""
+    return make_url(url).set(username=None, password=None).render_as_string(hide_password=False)
 
 
 def sqlite_file(url: str) -> Path | None:

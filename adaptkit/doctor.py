@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from adaptkit.artifacts import parse_adapter
 from adaptkit.errors import AdaptkitError, RegistryError
-from adaptkit.registry import Registry, TaskRow, VersionRow
+from adaptkit.registry import OWNER_FILE, Registry, TaskRow, VersionRow
 from adaptkit.rows import task_problem
 from adaptkit.storage import is_own_file, is_temp
 
@@ -165,13 +165,18 @@ def _files(registry: Registry, repair: bool, min_age_s: float | None) -> list[Fi
         leftovers = {f.rel for f in registry.leftovers(alone, min_age_s)}
         with registry.session() as s:
             referenced = set(s.scalars(select(VersionRow.file)))
+        owner = registry.owns_store()
         for f in registry.storage.files():
-            if f.rel in referenced:
+            if f.rel in referenced or f.rel == OWNER_FILE:
                 continue
             if not is_own_file(f.rel):
                 found.append(Finding("foreign", f.rel, "not a file adaptkit makes: left alone", repairable=False))
                 continue
             kind = "temporary" if is_temp(f.rel) else "orphan"
+            if kind == "orphan" and not owner:
+                found.append(Finding(kind, f.rel, "the adapter store is shared with another registry (its "
+                                                  f"{OWNER_FILE} file names it): left alone", repairable=False))
+                continue
             if f.rel not in leftovers:
                 found.append(Finding(kind, f.rel, f"{f.age_s:.0f} s old: a write may be in flight, left alone "
                                                   "(pass a smaller minimum age to repair it)", repairable=False))

@@ -37,12 +37,14 @@ from adaptkit.errors import ArtifactError, ConfigError, NotFoundError, RegistryE
 from adaptkit.rows import TolerantDateTime as DateTime
 from adaptkit.rows import TolerantJSON as JSON
 from adaptkit.rows import task_problem, version_problem
-from adaptkit.storage import Storage, StoredFile, is_own_file, open_storage
+from adaptkit.storage import Storage, StoredFile, is_own_file, is_temp, open_storage
 from adaptkit.suggest import did_you_mean
 
-__all__ = ["Base", "BackboneRow", "TaskRow", "VersionRow", "Registry", "default_url", "parse_ref", "TASK_NAME"]
+__all__ = ["Base", "BackboneRow", "TaskRow", "VersionRow", "Registry", "default_url", "parse_ref", "TASK_NAME",
+           "OWNER_FILE"]
 
 _log = logging.getLogger(__name__)
+OWNER_FILE = "REGISTRY"  # in an adapter store: the registry that may delete the store's orphan files
 Count = BigInteger().with_variant(Integer(), "sqlite")  # sizes past 2 GB on PostgreSQL; SQLite's INTEGER is 64-bit
 
 
@@ -330,6 +332,7 @@ class Registry:
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
         rel = f"{meta.task}/{sha}.safetensors"
         trainable = sum(t.numel() for k, t in state.items() if not k.startswith(ROUTING_PREFIX))
+        self._check_store()
         with self._storing(rel, data):
             row = self._retry(lambda: self._insert(meta, Path(rel), sha, size, trainable, info, make_default))
         self.sweep()
@@ -396,6 +399,7 @@ class Registry:
         data = adapter_bytes(state, meta)
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
         rel = f"{version.task.name}/{sha}.safetensors"
+        self._check_store()
 
         def _swap() -> None:
             with self.transaction() as s:
@@ -522,14 +526,15 @@ class Registry:
         check_adapter(state, meta, str(path))
         self._check_weights_source(meta, path)
         sha = hashlib.sha256(adapter_bytes(state, meta)).hexdigest()
+        info = {"imported_from": str(path.resolve()), **({"recipe": meta.recipe} if meta.recipe else {})}
         if not self.exists:
-            return self.add_version(meta, state, train_info={"imported_from": str(path.resolve())})
+            return self.add_version(meta, state, train_info=info)
         with self.session() as s:
             same = s.scalar(select(VersionRow).join(TaskRow).where(TaskRow.name == meta.task, VersionRow.sha256 == sha))
             if same is not None:
                 raise ConfigError(f"{path} is identical to {meta.task}@{same.version} already in this registry: "
                                   "nothing to import")
-        return self.add_version(meta, state, train_info={"imported_from": str(path.resolve())})
+        return self.add_version(meta, state, train_info=info)
 
     def _check_weights_source(self, meta: AdapterMeta, path: Path) -> None:
         """A ``file:`` backbone source from a file is a path on someone else's disk: never read it on trust.
@@ -560,8 +565,35 @@ class Registry:
         with self.session() as s:
             referenced = set(s.scalars(select(VersionRow.file)))
         age = 0.0 if alone else (self.storage.in_flight_s if min_age_s is None else min_age_s)
+        owner = self.owns_store()
         return [f for f in self.storage.files()
-                if f.rel not in referenced and is_own_file(f.rel) and f.age_s >= age]
+                if f.rel not in referenced and is_own_file(f.rel) and (owner or is_temp(f.rel)) and f.age_s >= age]
+
+    def owns_store(self) -> bool:
+        """Whether the adapter store is this registry's (the first registry to write into a store claims it).
+
+        Two registries pointed at one folder (``a.db`` and ``b.db`` side by side share ``adapters/``) would each
+        take the other's files for orphans and sweep them: the store's ``REGISTRY`` file names its registry, which
+        alone writes and sweeps there; another only reads, so no registry ever loses a file to another's sweep.
+        """
+        try:
+            return self.storage.get(OWNER_FILE).decode(errors="replace").strip() == self._identity
+        except FileNotFoundError:
+            self.storage.put(OWNER_FILE, self._identity.encode())
+            return True
+
+    @property
+    def _identity(self) -> str:
+        """Which registry this is, whoever connects: the database file, or the server and database."""
+        return str(self._file) if self._file else db.identity(self.url)
+
+    def _check_store(self) -> None:
+        if not self.owns_store():
+            owner = self.storage.get(OWNER_FILE).decode(errors="replace").strip()
+            raise RegistryError(f"the adapter folder {self.storage.url} belongs to the registry {owner} (its "
+                                f"{OWNER_FILE} file says so): give this registry its own folder with "
+                                "$ADAPTKIT_ADAPTERS, or move it to its own directory; if that was this registry "
+                                f"before it moved, delete {OWNER_FILE}")
 
     def sweep(self) -> list[str]:
         """Delete this registry's crash leftovers: temporary files, and files no row refers to.

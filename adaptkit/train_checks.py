@@ -29,7 +29,11 @@ def check_config(cfg: Any) -> None:
     """
     check_int("epochs", cfg.epochs, 1)
     check_int("batch_size", cfg.batch_size, 1)
-    check_float("lr", cfg.lr, 0, low_open=True, optional=True)
+    if isinstance(cfg.lr, str) and cfg.lr != "auto":
+        raise ConfigError(f"lr must be a number greater than 0, 'auto' or None, got {cfg.lr!r}")
+    if cfg.lr != "auto":
+        check_float("lr", cfg.lr, 0, low_open=True, optional=True)
+    check_int("threads", getattr(cfg, "threads", None), 1, 1024, optional=True)
     check_float("weight_decay", cfg.weight_decay, 0, optional=True)
     check_float("warmup_epochs", cfg.warmup_epochs, 0)
     check_float("min_lr_ratio", cfg.min_lr_ratio, 0, 1)

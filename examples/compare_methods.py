@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-augment", action="store_true", help="no random crop and flip (small images: digits)")
+    parser.add_argument("--no-augment", action="store_true", help="no random crops (the default is light ones)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +47,7 @@ def main() -> None:
             rows.append((label, format_percent(result.metrics["test_top1"]), f"{v.trainable_params:,}",
                          format_bytes(v.bytes), f"{v.train_time_s:.0f} s"))
             print(f"{label}: {rows[-1][1]}", flush=True)
-    augment = "no augmentation" if args.no_augment else "random resized crop + flip"
+    augment = "no augmentation" if args.no_augment else "light augmentation (random crops of 60-100%)"
     print(f"\n{args.dataset} on {args.backbone}, {args.epochs} epochs, batch {args.batch_size}, {augment}, "
           f"seed {args.seed}; each method at its default learning rate\n")
     print("| method | test top-1 | trainable parameters | file | train time |")

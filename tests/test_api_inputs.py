@@ -22,7 +22,7 @@ CONFIG_CASES = [
     ({"epochs": True}, "epochs must be a whole number"),
     ({"batch_size": 2.5}, "batch_size must be a whole number at least 1, got 2.5"),
     ({"lr": float("inf")}, "lr must be a finite number greater than 0"),
-    ({"lr": "fast"}, "lr must be a finite number"),
+    ({"lr": "fast"}, "lr must be a number greater than 0, 'auto' or None"),
     ({"seed": -1}, "seed must be a whole number in [0, 4294967295]"),
     ({"grad_clip": 0.0}, "grad_clip must be a finite number greater than 0"),
     ({"min_lr_ratio": 2.0}, "min_lr_ratio must be a finite number in [0, 1]"),

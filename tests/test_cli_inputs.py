@@ -32,7 +32,7 @@ TEST_CASES: list[tuple[list[str], int, str]] = [
     (["train", "-d", "digits", "--lr", "inf"], 1, "lr must be a finite number greater than 0"),
     (["train", "-d", "digits", "--lr", "nan"], 1, "lr must be a finite number greater than 0"),
     (["train", "-d", "digits", "--lr", "-0.1"], 1, "lr must be a finite number greater than 0"),
-    (["train", "-d", "digits", "--lr", "fast"], 2, "Invalid value for '--lr'"),
+    (["train", "-d", "digits", "--lr", "fast"], 1, "bad --lr 'fast': give a number such as 3e-3, or auto"),
     (["train", "-d", "digits", "--weight-decay", "-1"], 1, "weight_decay must be a finite number at least 0"),
     (["train", "-d", "digits", "--warmup-epochs", "nan"], 1, "warmup_epochs must be a finite number"),
     (["train", "-d", "digits", "--label-smoothing", "1"], 1, "label_smoothing must be a finite number in [0, 1)"),

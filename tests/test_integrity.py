@@ -21,7 +21,7 @@ from adaptkit.artifacts import AdapterMeta, adapter_bytes, tensors_sha256
 from adaptkit.cli import app
 from adaptkit.errors import ArtifactError, ConfigError, RegistryError
 from adaptkit.methods import get_method
-from adaptkit.registry import Registry
+from adaptkit.registry import OWNER_FILE, Registry
 
 PICO = "vit_pico_patch4_32"
 
@@ -55,7 +55,8 @@ def _write(path, state: dict[str, torch.Tensor], meta: AdapterMeta, **meta_strin
 
 
 def _files(reg: Registry) -> set:
-    return {p for p in reg.adapter_dir.rglob("*") if p.is_file()} if reg.adapter_dir.exists() else set()
+    return {p for p in reg.adapter_dir.rglob("*") if p.is_file() and p.name != OWNER_FILE} \
+        if reg.adapter_dir.exists() else set()
 
 
 def _cli(*args: str, code: int = 0) -> str:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.errors import ConfigError, NotFoundError, RegistryError
-from adaptkit.registry import Registry
+from adaptkit.registry import OWNER_FILE, Registry
 
 
 def _meta(task: str = "demo", **overrides) -> AdapterMeta:
@@ -29,7 +29,7 @@ def _state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _files(reg: Registry) -> list:
-    return sorted(p for p in reg.adapter_dir.rglob("*") if p.is_file())
+    return sorted(p for p in reg.adapter_dir.rglob("*") if p.is_file() and p.name != OWNER_FILE)
 
 
 @pytest.fixture
@@ -167,3 +167,19 @@ def test_a_writer_kept_waiting_gives_up_clearly_and_leaves_no_file(registry_url,
             registry.add_version(_meta(), _state(2))
     assert len(_files(registry)) == 1
     assert registry.add_version(_meta(), _state(3)).version == 2  # and works once the lock is free
+
+
+def test_two_registries_sharing_an_adapter_folder_never_sweep_each_others_files(tmp_path):
+    """a.db and b.db side by side share adapters/: the registry that wrote there first owns it; the other is refused
+    before it writes, so neither ever takes the other's files for orphans."""
+    a, b = Registry(tmp_path / "a.db"), Registry(tmp_path / "b.db")
+    kept = a.path_of(a.add_version(_meta(task="t"), _state(1)))
+    with pytest.raises(RegistryError, match=r"belongs to the registry .*a\.db .*\$ADAPTKIT_ADAPTERS"):
+        b.add_version(_meta(task="t"), _state(2))
+    assert a.owns_store() and not b.owns_store() and b.tasks() == []
+    orphan = kept.parent / ("0" * 64 + ".safetensors")
+    orphan.write_bytes(b"left by a crash")
+    assert b.sweep() == [] and orphan.is_file()  # not b's to judge
+    assert a.sweep() == [f"t/{orphan.name}"] and kept.is_file()
+    c = Registry(tmp_path / "c.db", adapter_dir=tmp_path / "c-adapters")  # its own folder: no conflict
+    assert c.path_of(c.add_version(_meta(task="t"), _state(2))).is_file() and kept.is_file()

@@ -9,7 +9,7 @@ import torch
 
 from adaptkit.backbone import fingerprint
 from adaptkit.errors import ConfigError
-from adaptkit.train import TrainConfig, TrainEvent, evaluate, lr_factor, train
+from adaptkit.train import METHOD_DEFAULTS, TrainConfig, TrainEvent, evaluate, lr_factor, train
 
 QUICK = TrainConfig(epochs=2, batch_size=32, limit_train=64, limit_eval=32)
 
@@ -33,7 +33,7 @@ def test_train_leaves_shared_backbone_unchanged_and_reports(pico, registry, cifa
     assert {e.phase for e in events} == {"train", "val", "test", "save"}
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert result.metrics["best_epoch"] in (1, 2)
-    assert result.version.train["recipe"]["lr"] == 1e-3  # the adapter's default was filled in
+    assert result.version.train["recipe"]["lr"] == METHOD_DEFAULTS["adapter"]["lr"] * 32 / 256  # default, scaled
     assert result.version.train["images_per_s"] > 0
     m = evaluate("t", registry=registry, limit=32)
     assert m["top1"] == pytest.approx(result.metrics["test_top1"])  # the same weights, the same test images
@@ -47,7 +47,7 @@ def test_interrupt_leaves_no_row_and_no_file(pico, registry, cifar_mini):
     with pytest.raises(KeyboardInterrupt):
         train(f"folder:{cifar_mini}", task="t", backbone=pico, config=QUICK, registry=registry, on_event=stop)
     assert registry.tasks() == []
-    assert not registry.adapter_dir.exists() or not any(p.is_file() for p in registry.adapter_dir.rglob("*"))
+    assert not registry.adapter_dir.exists() or not any(registry.adapter_dir.rglob("*.safetensors"))
     assert not hasattr(pico.model.blocks[0].mlp, "base_layer")  # the adapter came off the backbone
 
 
@@ -86,4 +86,4 @@ def test_two_process_ddp_writes_one_version(tmp_path, cifar_mini):
     [task] = registry.tasks()
     assert [v.version for v in task.versions] == [1]
     assert task.versions[0].train["world_size"] == 2
-    assert len([p for p in registry.adapter_dir.rglob("*") if p.is_file()]) == 1
+    assert len([p for p in registry.adapter_dir.rglob("*.safetensors") if p.is_file()]) == 1

@@ -15,6 +15,7 @@ from rich.markup import escape
 from adaptkit.cli.common import RefArg, RegistryOpt, app, count, echo, friendly, out, registry_of
 from adaptkit.cli.tables import Col, print_table
 from adaptkit.compare import format_bytes, format_percent
+from adaptkit.recipe import describe_recipe
 
 
 def _config_text(config: dict[str, Any]) -> str:
@@ -72,6 +73,7 @@ def show(ref: RefArg, registry: RegistryOpt = None) -> None:
     for line in (f"v{v.version}: backbone {b.name} ({b.weights}), fingerprint {b.fingerprint[:16]}",
                  f"file {reg.location_of(v)} sha256 {v.sha256[:16]}", f"metrics {json.dumps(v.metrics)}"):
         echo(escape(line))
+    echo(escape(f"recipe {describe_recipe(v.train)}"))
 
 
 @app.command()

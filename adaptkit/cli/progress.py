@@ -13,6 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 __all__ = ["PlainProgress", "RichProgress", "train_progress"]
 
 
+def _chosen_lr(e: Any) -> str:
+    """The line for the ``lr`` event of ``--lr auto``."""
+    return f"--lr auto chose {e.lr:.2g} (validation top-1 {100 * e.accuracy:.1f}%)"
+
+
 def _stats(e: Any) -> list[str]:
     stats = []
     if e.loss is not None:
@@ -32,7 +37,11 @@ class RichProgress:
         self.bar = progress.add_task("starting", total=None, stats="")
 
     def __call__(self, e: Any) -> None:
-        label = {"train": f"epoch {e.epoch}/{e.epochs}", "val": f"validate {e.epoch}/{e.epochs}",
+        if e.phase == "lr":
+            self.progress.console.print(_chosen_lr(e), markup=False, highlight=False)
+            return
+        label = {"search": f"lr {getattr(e, 'lr', 0) or 0:.2g} {e.epoch}/{e.epochs}",
+                 "train": f"epoch {e.epoch}/{e.epochs}", "val": f"validate {e.epoch}/{e.epochs}",
                  "test": "test", "save": "saving"}.get(e.phase, e.phase)
         self.progress.update(self.bar, description=label, completed=e.step, total=e.steps, stats="  ".join(_stats(e)))
 
@@ -46,7 +55,9 @@ class PlainProgress:
         self.since = time.monotonic()
 
     def __call__(self, e: Any) -> None:
-        if e.phase == "train":
+        if e.phase == "lr":
+            self.console.print(_chosen_lr(e), markup=False, highlight=False, soft_wrap=True)
+        elif e.phase == "train":
             self.last_train = e
         elif e.phase == "val" and e.step == e.steps and e.accuracy is not None:
             t = self.last_train

@@ -52,14 +52,20 @@ def train(
                                                 "run the frozen blocks once per image, not once per epoch")] = True,
     epochs: Annotated[int, typer.Option(metavar="N", help="Passes over the training set")] = 10,
     batch_size: Annotated[int, typer.Option(metavar="N", help="Images per step")] = 64,
-    lr: Annotated[float | None, typer.Option(metavar="LR", help="Peak learning rate [default: the "
-                                             "method's]")] = None,
+    lr: Annotated[str | None, typer.Option(metavar="RATE|auto", help="Peak learning rate, or auto: a short "
+                                           "sweep on the validation split [default: the method's base rate x "
+                                           "batch/256]")] = None,
     weight_decay: Annotated[float | None, typer.Option(metavar="WD", help="AdamW weight decay [default: the "
                                                        "method's]")] = None,
     warmup_epochs: Annotated[float, typer.Option(metavar="N", help="Linear warm-up, in epochs")] = 1.0,
     label_smoothing: Annotated[float, typer.Option(metavar="X", help="In [0, 1)")] = 0.1,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random resized crop and flip while "
-                                          "training")] = True,
+    augment: Annotated[str, typer.Option(metavar="LEVEL", help="none, light (random crops of 60-100%) or strong "
+                                         "(8-100% and colour jitter)")] = "light",
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="Same as --augment none")] = False,
+    flip: Annotated[bool, typer.Option("--flip", help="Random horizontal flips (wrong for text, digits "
+                                       "...)")] = False,
+    threads: Annotated[int | None, typer.Option(metavar="N", help="CPU threads [default: the idle cores, "
+                                                "1-4]")] = None,
     seed: Annotated[int, typer.Option(metavar="N", help="Seeds the split, the order and the initialisation")] = 0,
     device: DeviceOpt = None,
     precision: Annotated[str, typer.Option(metavar="P", help="auto (bf16 on CUDA), bf16 or fp32")] = "auto",
@@ -82,8 +88,9 @@ def train(
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,
                                    targets=targets, tokens=tokens, prompt_mode=prompt_mode, prompt_init=prompt_init,
                                    blocks=blocks)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, augment=augment, seed=seed,
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=_lr(lr), weight_decay=weight_decay,
+                         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+                         augment=_augment(augment, no_augment), flip=flip, threads=threads, seed=seed,
                          device=device,
                          precision=precision, limit_train=limit_train, limit_eval=limit_eval,
                          num_workers=num_workers, checkpointing=checkpointing, feature_cache=feature_cache)
@@ -108,6 +115,22 @@ METHOD_OPTIONS: dict[str, dict[str, str]] = {
     "lora": {"rank": "rank", "alpha": "alpha", "targets": "targets"},
     "vpt": {"tokens": "tokens", "prompt_mode": "mode", "prompt_init": "init"},
 }
+
+
+def _lr(value: str | None) -> float | str | None:
+    """``--lr``: a number, ``auto``, or nothing for the method's default."""
+    if value is None or value.strip().lower() == "auto":
+        return value and "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"bad --lr {value!r}: give a number such as 3e-3, or auto") from None
+
+
+def _augment(level: str, no_augment: bool) -> str:
+    if no_augment and level.strip().lower() not in ("none", "light"):
+        raise ConfigError(f"--no-augment contradicts --augment {level}: give one of them")
+    return "none" if no_augment else level
 
 
 def _method_config(method: str, **given: Any) -> dict[str, Any]:

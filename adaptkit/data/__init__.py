@@ -12,8 +12,8 @@ from adaptkit.data.sources import (
     list_datasets,
     load_task_data,
 )
-from adaptkit.data.transforms import ImageTransform, build_transform
+from adaptkit.data.transforms import AUGMENT_LEVELS, ImageTransform, augment_level, build_transform
 
-__all__ = ["IMG_EXTENSIONS", "MAX_SIDE", "TORCHVISION_SETS", "DatasetInfo", "ImageFiles", "ImageTransform",
-           "TaskData", "TransformedSubset", "build_transform", "default_data_dir", "list_datasets",
-           "load_task_data", "open_image", "to_rgb"]
+__all__ = ["AUGMENT_LEVELS", "IMG_EXTENSIONS", "MAX_SIDE", "TORCHVISION_SETS", "DatasetInfo", "ImageFiles",
+           "ImageTransform", "TaskData", "TransformedSubset", "augment_level", "build_transform", "default_data_dir",
+           "list_datasets", "load_task_data", "open_image", "to_rgb"]

@@ -282,9 +282,9 @@ def _unknown_dataset(spec: str) -> str:
 
 
 def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None = None, download: bool = True,
-                   val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
+                   val_fraction: float = 0.1, seed: int = 0, augment: str | bool = "light",
                    limit_train: int | None = None, limit_eval: int | None = None,
-                   crop_scale: tuple[float, float] | None = None,
+                   crop_scale: tuple[float, float] | None = None, flip: bool = False,
                    classes: str | Sequence[str] | None = None) -> TaskData:
     """Load a data set by spec and split it into train / val / test with timm transforms.
 
@@ -295,10 +295,11 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         download: let torchvision download a missing set.
         val_fraction: share of train carved out (seeded) as the validation split, in [0, 1).
         seed: seeds the validation split and the `limit_*` subsets.
-        augment: random resized crop + flip for train; False uses the eval transform.
+        augment: the training augmentation, ``none``, ``light`` or ``strong`` (see `build_transform`).
         limit_train: keep only this many (seeded random) training images.
         limit_eval: keep only this many (seeded random) images in each of val and test.
-        crop_scale: area range of the training random resized crop (default: timm's).
+        crop_scale: area range of the training random resized crop (default: the level's).
+        flip: random horizontal flips while training.
         classes: keep only these classes (`0-9`, `cat,dog` or a list of names; see `subsets.parse_classes`).
 
     Returns:
@@ -333,7 +334,7 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
     if limit_eval is not None and limit_eval < len(test_idx):
         test_idx = sorted(_shuffled(test_idx, seed)[:limit_eval])
     fit_idx, val_idx = fit_idx[:limit_train], val_idx[:limit_eval]  # a slice [:None] keeps all
-    train_tf = build_transform(data_config, train=True, augment=augment, crop_scale=crop_scale)
+    train_tf = build_transform(data_config, train=True, augment=augment, crop_scale=crop_scale, flip=flip)
     eval_tf = build_transform(data_config, train=False)
     return TaskData(spec=spec, classes=classes, train=TransformedSubset(train_src, fit_idx, train_tf),
                     val=TransformedSubset(train_src, val_idx, eval_tf),
