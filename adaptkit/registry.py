@@ -584,8 +584,12 @@ class Registry:
 
     @property
     def _identity(self) -> str:
-        """Which registry this is, whoever connects: the database file, or the server and database."""
-        return str(self._file) if self._file else db.identity(self.url)
+        """Which registry this is, whoever connects: the server and database; for SQLite the database file, by its
+        name alone when the store sits beside it (so a registry's folder can be copied or moved whole)."""
+        if self._file is None:
+            return db.identity(self.url)
+        root = self.storage.local_path_root()
+        return self._file.name if root is not None and root.parent == self._file.parent else str(self._file)
 
     def _check_store(self) -> None:
         if not self.owns_store():

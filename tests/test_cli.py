@@ -119,7 +119,8 @@ def test_adapter_beats_chance_on_real_images(tmp_path, cifar_mini):
 def test_same_seed_gives_identical_adapter_files(tmp_path, cifar_mini):
     files = []
     for n in range(2):
-        reg = tmp_path / f"r{n}.db"
+        (tmp_path / str(n)).mkdir()  # two registries, each with its own adapter folder
+        reg = tmp_path / str(n) / "r.db"
         run("train", "--dataset", f"folder:{cifar_mini}", "--task", "det", *QUICK, "--rank", "4", "--seed", "3",
             "--registry", reg)
         files.append(Registry(reg).path_of(Registry(reg).get_version("det")).read_bytes())

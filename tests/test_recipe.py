@@ -109,7 +109,8 @@ def test_recipe_is_recorded_and_threads_are_restored(pico, registry, tmp_path, c
     assert "augment strong + flip" in describe_recipe(result.version.train)
     exported = registry.export(result.version.ref, tmp_path / "t.safetensors")  # the file carries its recipe
     assert read_meta(exported).recipe == recipe
-    assert Registry(tmp_path / "other.db").import_file(exported).train["recipe"] == recipe
+    (tmp_path / "other").mkdir()
+    assert Registry(tmp_path / "other" / "r.db").import_file(exported).train["recipe"] == recipe
     assert 1 <= default_threads() <= 4
 
 
