@@ -296,19 +296,24 @@ class Registry:
     def load_version(self, version: VersionRow, *, fingerprint: str | None = None,
                      device: str | Any = "cpu") -> tuple[dict, AdapterMeta]:
         """A version's tensors and metadata, checked against its row's sha256 (and ``fingerprint``, if given)."""
+        path = self.storage.local_path(version.file) if not version.problem else None
+        if path is not None:  # a local file is read in place, as before storage had kinds
+            return load_adapter(path, sha256=version.sha256, fingerprint=fingerprint, device=device)
+        data, where = self._stored_bytes(version)
+        return parse_adapter(data, where, sha256=version.sha256, fingerprint=fingerprint, device=device)
+
+    def _stored_bytes(self, version: VersionRow) -> tuple[bytes, str]:
+        """A usable version's file as bytes, and where it is (for messages); a broken row or a missing file is an
+        error that says what to do."""
         problem = version.problem
         if problem:
             raise RegistryError(f"version {version.id} is broken: {problem}; run `adaptkit doctor`")
-        path = self.storage.local_path(version.file)
-        if path is not None:  # a local file is read in place, as before storage had kinds
-            return load_adapter(path, sha256=version.sha256, fingerprint=fingerprint, device=device)
         where = self.storage.location(version.file)
         try:
-            data = self.storage.get(version.file)
+            return self.storage.get(version.file), where
         except FileNotFoundError as exc:
             raise ArtifactError(f"adapter file {where} is missing: remove this version (adaptkit remove) or run "
                                 "`adaptkit doctor`") from exc
-        return parse_adapter(data, where, sha256=version.sha256, fingerprint=fingerprint, device=device)
 
     # -- writing -----------------------------------------------------------------------------------------------
 
@@ -495,15 +500,7 @@ class Registry:
 
     def _checked_bytes(self, version: VersionRow) -> bytes:
         """A version's file as bytes, after the same checks as loading (never hand out a damaged file)."""
-        problem = version.problem
-        if problem:
-            raise RegistryError(f"{version.ref} is broken: {problem}; run `adaptkit doctor`")
-        where = self.storage.location(version.file)
-        try:
-            data = self.storage.get(version.file)
-        except FileNotFoundError as exc:
-            raise ArtifactError(f"adapter file {where} is missing: remove this version (adaptkit remove) or run "
-                                "`adaptkit doctor`") from exc
+        data, where = self._stored_bytes(version)
         parse_adapter(data, where, sha256=version.sha256)
         return data
 
