@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from bench_train_step import PeakRSS
+from bench_train_step import PeakRSS, time_train_steps
 from common import base_parser, machine_line, parse, print_table, ratio, sync
 
 CASES = {"every block": None, "last half": "half", "last half, cached": "half-cached"}
@@ -74,24 +73,7 @@ def one_case(case: str, backbone_name: str, batch: int, steps: int, device: str)
         before = torch.cuda.memory_allocated()
     with PeakRSS() as rss:
         start_rss = rss.peak
-        net.train()
-        opt = torch.optim.AdamW(task.trainable_parameters(), lr=1e-4)
-
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(net(inputs), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()
-        times = []
-        for _ in range(steps):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
+        times = time_train_steps(net, task.trainable_parameters(), inputs, y, steps, cuda)
     peak = torch.cuda.max_memory_allocated() - before if cuda else rss.peak - start_rss
     return {"time": statistics.median(times), "peak_mb": peak / 2**20, "trainable": task.num_trainable()}
 

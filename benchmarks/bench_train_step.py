@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -47,6 +48,31 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
+def time_train_steps(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y: torch.Tensor, steps: int,
+                     cuda: bool) -> list[float]:
+    """Seconds of each of ``steps`` AdamW steps of ``net`` on one batch, after a warm-up step (which also makes the
+    optimiser's state, so it counts in the peak memory)."""
+    net.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss = F.cross_entropy(net(inputs), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def one_method(label: str, backbone_name: str, batch: int, steps: int, device: str) -> dict:
     """Run in the child process: time ``steps`` training steps after one warm-up step; measure peak memory."""
     from adaptkit.backbone import create_backbone
@@ -64,24 +90,7 @@ def one_method(label: str, backbone_name: str, batch: int, steps: int, device: s
     with PeakRSS() as rss:
         start_rss = rss.peak
         task = get_method(method, config).attach(backbone.model, 10)
-        task.train()
-        opt = torch.optim.AdamW(task.trainable_parameters(), lr=1e-4)
-
-        def step() -> None:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                loss = F.cross_entropy(task(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()  # warm-up; also creates the AdamW state
-        times = []
-        for _ in range(steps):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
+        times = time_train_steps(task, task.trainable_parameters(), x, y, steps, cuda)
     peak = torch.cuda.max_memory_allocated() - before if cuda else rss.peak - start_rss
     return {"time": statistics.median(times), "peak_mb": peak / 2**20, "trainable": task.num_trainable()}
 

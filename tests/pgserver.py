@@ -11,7 +11,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 PASSWORD = "adaptkit-test"
 
@@ -51,12 +51,6 @@ def _bin_dir() -> Path | None:
     return Path(dirs[-1]) if dirs else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_as(user: pwd.struct_passwd | None, args: list[str], **kwargs) -> subprocess.CompletedProcess:
     kwargs.setdefault("check", True)
     kwargs.setdefault("capture_output", True)
@@ -79,7 +73,7 @@ def pg_server() -> Iterator[PgServer]:
         except KeyError:
             pytest.skip("running as root and there is no 'postgres' user to run the server as")
         os.chown(root, user.pw_uid, user.pw_gid)
-    data, pwfile, port = root / "data", root / "pw", _free_port()
+    data, pwfile, port = root / "data", root / "pw", free_port()
     pwfile.write_text(PASSWORD)
     if user:
         os.chown(pwfile, user.pw_uid, user.pw_gid)

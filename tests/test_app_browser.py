@@ -6,11 +6,11 @@ the repository root, at 1280x800 and at 800 px wide.
 """
 
 import re
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from adaptkit.registry import Registry
 from adaptkit.train import TrainConfig, train
@@ -52,9 +52,7 @@ def app_url(tmp_path_factory):
     for name, method in TASKS.items():
         train(f"folder:{CIFAR_MINI}", task=name, backbone="vit_pico_patch4_32", pretrained=False, method=method,
               config=TrainConfig(epochs=1, batch_size=32, limit_train=64, limit_eval=32), registry=reg)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = launch(reg.url, port=port, prevent_thread_lock=True, quiet=True, data_roots=[CIFAR_MINI.parent])
     try:
         yield app.local_url

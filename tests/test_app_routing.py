@@ -1,10 +1,10 @@
 """The page's routed parts: the picker's "Auto: which task?" entry, the router's mark on All tasks, the continual
 evaluation on Compare; served on localhost and called through gradio_client."""
 
-import socket
 
 import pytest
 from gradio_client import Client, handle_file
+from ports import free_port
 
 from adaptkit.artifacts import load_adapter
 from adaptkit.registry import Registry
@@ -32,9 +32,7 @@ def registry_db(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(registry_db):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = launch(registry_db, port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield Client(app.local_url, verbose=False)

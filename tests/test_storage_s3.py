@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import uuid
 
 import pytest
 import torch
+from ports import free_port
 from typer.testing import CliRunner
 
 from adaptkit.artifacts import AdapterMeta, adapter_bytes
@@ -29,9 +29,7 @@ def s3_endpoint():
     for module in ("moto", "flask", "s3fs", "boto3"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed: pip install -e '.[dev,s3]'")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
