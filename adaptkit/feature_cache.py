@@ -20,18 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from adaptkit.methods import TaskModel
+from adaptkit.trunk import first_changed_block, run_prefix, run_suffix, splittable
 
 __all__ = ["FeatureSet", "CachedTask", "first_trainable_block", "cache_start", "run_prefix", "run_suffix", "prepare"]
 
 _log = logging.getLogger(__name__)
 MEMORY_SHARE = 0.25  # features larger than this share of the machine's memory go to a temporary file
-_AFTER_BLOCKS = ("norm", "fc_norm")
 
 
 def first_trainable_block(task: TaskModel) -> int:
@@ -41,16 +39,8 @@ def first_trainable_block(task: TaskModel) -> int:
         ``depth`` when only the head trains (or parts after the last block), 0 when a part sits before the blocks
         or somewhere this function does not know (nothing can be cached then).
     """
-    depth = len(task.trunk.blocks)
-    first = depth
-    for name in task.parts:
-        root, _, rest = name.partition(".")
-        index = rest.split(".", 1)[0]
-        if root == "blocks" and index.isdigit():
-            first = min(first, int(index))
-        elif name not in _AFTER_BLOCKS:
-            return 0
-    return first
+    first = first_changed_block(task.parts, len(task.trunk.blocks))
+    return 0 if first is None else first
 
 
 def _deterministic(data: Any) -> bool:
@@ -64,28 +54,9 @@ def cache_start(task: TaskModel, data: Any) -> int:
     if not _deterministic(data) or any(p.requires_grad for p in task.trunk.patch_embed.parameters()):
         return 0
     start = first_trainable_block(task)
-    if start < len(task.trunk.blocks) and type(task.trunk).forward_features is not VisionTransformer.forward_features:
+    if start < len(task.trunk.blocks) and not splittable(task.trunk):
         return 0  # a ViT variant with its own forward: only its pooled output (the linear probe) is cached
     return start
-
-
-def run_prefix(trunk: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
-    """The trunk up to block ``start``: tokens (B, N, d), or pooled features (B, d) when ``start`` is its depth."""
-    if start == len(trunk.blocks):
-        return trunk(x)
-    x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(x))))
-    for block in trunk.blocks[:start]:
-        x = block(x)
-    return x
-
-
-def run_suffix(trunk: nn.Module, h: torch.Tensor, start: int) -> torch.Tensor:
-    """The rest of the trunk from block ``start`` on (as timm's ``forward_features`` and ``forward_head``)."""
-    if start == len(trunk.blocks):
-        return h
-    blocks = trunk.blocks[start:]
-    h = checkpoint_seq(blocks, h) if getattr(trunk, "grad_checkpointing", False) else blocks(h)
-    return trunk.forward_head(trunk.norm(h), pre_logits=True)
 
 
 class FeatureSet(Dataset):

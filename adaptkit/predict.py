@@ -26,6 +26,7 @@ from adaptkit.errors import AdaptkitError, ArtifactError, ConfigError, RoutingEr
 from adaptkit.methods import TaskModel, get_method, merge_lora
 from adaptkit.registry import Registry, VersionRow
 from adaptkit.routing import Router, RoutingStats, frozen, split_state
+from adaptkit.trunk import first_changed_block, run_prefix, run_suffix, splittable
 
 __all__ = ["Prediction", "RoutedPrediction", "Route", "Predictor", "LoadedTask", "default_device"]
 
@@ -78,6 +79,17 @@ class LoadedTask:
     @property
     def classes(self) -> list[str]:
         return self.meta.classes
+
+
+@dataclass(frozen=True)
+class FrozenPrefix:
+    """The bare backbone's tokens at block ``start`` of a batch: where the tasks' own pass can begin, since none of
+    the tasks it was computed for changes anything before that block (the pooled features when ``start`` is the
+    depth: a linear probe's head reads them directly)."""
+
+    trunk: torch.nn.Module
+    start: int
+    tokens: torch.Tensor
 
 
 @dataclass
@@ -206,8 +218,15 @@ class Predictor:
             return task.model(x).float()
 
     @torch.inference_mode()
-    def logits_mixed(self, x: torch.Tensor, refs: list[str]) -> list[torch.Tensor]:
-        """Per-sample logits for a batch whose sample b belongs to task ``refs[b]``; the backbone runs once."""
+    def logits_mixed(self, x: torch.Tensor, refs: list[str], prefix: FrozenPrefix | None = None) -> list[torch.Tensor]:
+        """Per-sample logits for a batch whose sample b belongs to task ``refs[b]``; the backbone runs once.
+
+        Args:
+            x: the preprocessed batch.
+            refs: one task per sample.
+            prefix: the frozen pass's tokens of this batch (see :meth:`frozen_prefix`); the samples of tasks on its
+                trunk then start at its block instead of at the image.
+        """
         if len(refs) != x.shape[0]:
             raise ConfigError(f"{x.shape[0]} images but {len(refs)} task names: give one task per image")
         tasks = [self._task(r) for r in refs]
@@ -217,17 +236,22 @@ class Predictor:
             groups.setdefault((id(t.model.trunk), t.model.method.added_tokens()), []).append(i)
         with self._autocast():
             for members in groups.values():
-                self._run_group(x, tasks, members, out)
+                self._run_group(x, tasks, members, out, prefix)
         return out  # type: ignore[return-value]
 
-    def _run_group(self, x: torch.Tensor, tasks: list[LoadedTask], members: list[int], out: list) -> None:
+    def _run_group(self, x: torch.Tensor, tasks: list[LoadedTask], members: list[int], out: list,
+                   prefix: FrozenPrefix | None) -> None:
         first = tasks[members[0]]
-        ctx = first.model.ctx
+        ctx, trunk = first.model.ctx, first.model.trunk
         slots = tuple(sorted({tasks[i].model.slot for i in members}))
         index = torch.tensor([slots.index(tasks[i].model.slot) for i in members], device=x.device)
+        whole = members == list(range(len(x)))  # no copy of the batch when the group is all of it
         ctx.slot_order, ctx.sample_slots = slots, index
         try:
-            feats = first.model.trunk(x[members])
+            if prefix is not None and prefix.trunk is trunk:
+                feats = run_suffix(trunk, prefix.tokens if whole else prefix.tokens[members], prefix.start)
+            else:
+                feats = trunk(x if whole else x[members])
         finally:
             ctx.sample_slots = None
         rows: dict[int, list[int]] = {}  # one head call per task, over its samples
@@ -267,14 +291,18 @@ class Predictor:
             tasks: the candidate tasks (``task`` or ``task@N``); default: every registered task's default version.
             router: the routing classifier: ``lda`` (default), ``qda``, ``ridge`` or ``ncm``.
         """
-        routes, batches = self._route(images, tasks, router)
+        routes, batches, prefixes = self._route(images, tasks, router)
         out: list[RoutedPrediction | None] = [None] * len(routes)
         by_host: dict[int, list[int]] = {}
         for i, r in enumerate(routes):
             by_host.setdefault(id(r.task.host), []).append(i)
         for members in by_host.values():
-            x = batches[id(routes[members[0]].task.host)][members]
-            logits = self.logits_mixed(x, [routes[i].task.ref for i in members])
+            key = id(routes[members[0]].task.host)
+            x, prefix = batches[key], prefixes[key]
+            if len(members) < len(x):  # the images routed to another backbone leave
+                x = x[members]
+                prefix = prefix and FrozenPrefix(prefix.trunk, prefix.start, prefix.tokens[members])
+            logits = self.logits_mixed(x, [routes[i].task.ref for i in members], prefix)
             for i, row in zip(members, logits, strict=True):
                 r = routes[i]
                 out[i] = RoutedPrediction(r.task.ref, r.confidence, r.runner_up.ref if r.runner_up else None,
@@ -285,12 +313,13 @@ class Predictor:
         """Which task each image belongs to, with the routing posterior and the runner-up (see predict_auto)."""
         return self._route(images, tasks, router)[0]
 
-    def _route(self, images: list[ImageLike], tasks: list[str] | None,
-               router: str) -> tuple[list[Route], dict[int, torch.Tensor]]:
+    def _route(self, images: list[ImageLike], tasks: list[str] | None, router: str
+               ) -> tuple[list[Route], dict[int, torch.Tensor], dict[int, FrozenPrefix | None]]:
         hosts = self.by_backbone(self._candidates(tasks))
         batches = {key: self.preprocess(images, members[0]) for key, members in hosts.items()}
-        feats = {key: self.frozen_features(batches[key], members[0]) for key, members in hosts.items()}
-        return self.pick(hosts, feats, router), batches
+        passes = {key: self.frozen_prefix(batches[key], members) for key, members in hosts.items()}
+        feats = {key: f for key, (f, _) in passes.items()}
+        return self.pick(hosts, feats, router), batches, {key: p for key, (_, p) in passes.items()}
 
     @staticmethod
     def by_backbone(tasks: list[LoadedTask]) -> dict[int, list[LoadedTask]]:
@@ -304,6 +333,21 @@ class Predictor:
         """The bare backbone's (B, d) features of a preprocessed batch, whatever tasks are attached to it."""
         with torch.inference_mode(), self._autocast(), frozen(task.host.backbone.model) as trunk:
             return trunk(x).float()
+
+    def frozen_prefix(self, x: torch.Tensor, tasks: list[LoadedTask]) -> tuple[torch.Tensor, FrozenPrefix | None]:
+        """The bare backbone's (B, d) features of a batch, and its tokens at the first block any of ``tasks`` (all
+        on one backbone) changes, for their own pass to start from (None when one of them changes something
+        before the first block)."""
+        trunk = tasks[0].host.backbone.model
+        depth = len(getattr(trunk, "blocks", ()))
+        starts = [first_changed_block(t.model.parts, depth) for t in tasks if t.model.trunk is trunk]
+        if not starts or None in starts or not splittable(trunk):
+            return self.frozen_features(x, tasks[0]), None
+        start = min(starts)  # type: ignore[type-var]
+        with torch.inference_mode(), self._autocast(), frozen(trunk):
+            tokens = run_prefix(trunk, x, start)
+            feats = run_suffix(trunk, tokens, start).float()
+        return feats, FrozenPrefix(trunk, start, tokens)
 
     def pick(self, hosts: dict[int, list[LoadedTask]], feats: dict[int, torch.Tensor], router: str) -> list[Route]:
         """Route each image: within a backbone by the router's task posterior; across backbones to the one whose

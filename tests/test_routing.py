@@ -88,6 +88,38 @@ def test_routed_mixed_pass_equals_each_image_alone(two_tasks, test_images):
         assert [p.prob for p in r.predictions] == pytest.approx([p.prob for p in alone], abs=1e-5)
 
 
+@pytest.mark.parametrize("method, config, start", [
+    ("adapter", {"rank": 4, "blocks": 2}, 4),  # 6 blocks: the shared pass stops at block 4
+    ("linear", None, 6),  # the head reads the routing pass's pooled features: no second pass at all
+    ("ssf", None, None),  # SSF scales the patch embedding: its pass starts at the image
+])
+def test_routed_pass_starts_where_the_frozen_pass_can_hand_over(two_tasks, test_images, tmp_path, method, config,
+                                                                start):
+    reg = _copy(two_tasks, tmp_path)
+    train("digits", task="late", backbone=PACKAGED_BACKBONE, method=method, method_config=config, config=CONFIG,
+          registry=reg, download=False)
+    predictor = Predictor(reg, device="cpu")
+    tasks = [predictor.load(t) for t in ("late", "photos")]
+    images = [x for x, _ in test_images[10:30]]
+    x = torch.stack(images)
+    feats, prefix = predictor.frozen_prefix(x, tasks)
+    assert torch.equal(feats, predictor.frozen_features(x, tasks[0]))  # the split pass is the same pass
+    assert (None if prefix is None else prefix.start) == (None if start is None else 0)  # photos: every block
+    _, prefix = predictor.frozen_prefix(x, tasks[:1])
+    assert (None if prefix is None else prefix.start) == start
+    results = predictor.predict_auto(images, topk=3, tasks=["late"])
+    for img, r in zip(images, results, strict=True):
+        alone = predictor.predict([img], r.task, topk=3)[0]
+        assert [p.label for p in r.predictions] == [p.label for p in alone]
+        assert [p.prob for p in r.predictions] == pytest.approx([p.prob for p in alone], abs=1e-5)
+    mixed = predictor.predict_auto(images, topk=3, tasks=["late", "photos"])
+    assert len({r.task for r in mixed}) == 2
+    for img, r in zip(images, mixed, strict=True):
+        alone = predictor.predict([img], r.task, topk=3)[0]
+        assert [p.label for p in r.predictions] == [p.label for p in alone]
+        assert [p.prob for p in r.predictions] == pytest.approx([p.prob for p in alone], abs=1e-5)
+
+
 def test_a_single_task_routes_to_itself(two_tasks, test_images):
     results = Predictor(two_tasks, device="cpu").predict_auto([x for x, _ in test_images], tasks=["photos"])
     assert {r.task for r in results} == {"photos@1"}

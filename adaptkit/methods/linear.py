@@ -7,11 +7,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from adaptkit.methods.base import Method, TaskContext, private_trunk
+from adaptkit.trunk import AFTER_BLOCKS  # the norms after the last block train with the last blocks
 
 __all__ = ["LinearConfig", "LinearMethod", "FullConfig", "FullMethod"]
-
-_AFTER_BLOCKS = ("norm", "fc_norm")  # the trunk's layers after its last block: they train with the last blocks
-
 
 @dataclass
 class LinearConfig:
@@ -50,7 +48,7 @@ class FullMethod(Method):
             return own, {"backbone": own}, {}
         own.requires_grad_(False)
         parts: dict[str, nn.Module] = {f"blocks.{i}": own.blocks[i] for i in self.block_indices(own)}
-        for name in _AFTER_BLOCKS:
+        for name in AFTER_BLOCKS:
             layer = getattr(own, name, None)
             if layer is not None and any(True for _ in layer.parameters()):
                 parts[name] = layer

@@ -1,0 +1,61 @@
+"""A ViT trunk split at a block: the part before it, which no task changes, and the rest.
+
+Two jobs run the frozen part once and hand its output on: training on cached features (:mod:`adaptkit.feature_cache`)
+and routed prediction (:meth:`adaptkit.predict.Predictor.predict_auto`), whose routing pass is a frozen pass anyway.
+``run_suffix(trunk, run_prefix(trunk, x, k), k)`` is ``trunk(x)``, op for op, for every ``k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+__all__ = ["AFTER_BLOCKS", "first_changed_block", "splittable", "run_prefix", "run_suffix"]
+
+AFTER_BLOCKS = ("norm", "fc_norm")  # the trunk's layers after its last block
+
+
+def first_changed_block(part_names: Iterable[str], depth: int) -> int | None:
+    """The first block a task's parts (named by their path in the trunk) change.
+
+    Returns:
+        ``depth`` when nothing before the trunk's output changes (the head alone, or the final norm); None when a
+        part sits before the first block or somewhere this function does not know, so no prefix can be shared.
+    """
+    first = depth
+    for name in part_names:
+        root, _, rest = name.partition(".")
+        index = rest.split(".", 1)[0]
+        if root == "blocks" and index.isdigit():
+            first = min(first, int(index))
+        elif name not in AFTER_BLOCKS:
+            return None
+    return first
+
+
+def splittable(trunk: nn.Module) -> bool:
+    """True when the trunk runs timm's own ``VisionTransformer.forward_features``, which the split reproduces."""
+    return isinstance(trunk, VisionTransformer) and type(trunk).forward_features is VisionTransformer.forward_features
+
+
+def run_prefix(trunk: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
+    """The trunk up to block ``start``: tokens (B, N, d), or pooled features (B, d) when ``start`` is its depth."""
+    if start == len(trunk.blocks):
+        return trunk(x)
+    x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(x))))
+    for block in trunk.blocks[:start]:
+        x = block(x)
+    return x
+
+
+def run_suffix(trunk: nn.Module, h: torch.Tensor, start: int) -> torch.Tensor:
+    """The rest of the trunk from block ``start`` on (as timm's ``forward_features`` and ``forward_head``)."""
+    if start == len(trunk.blocks):
+        return h
+    blocks = trunk.blocks[start:]
+    h = checkpoint_seq(blocks, h) if getattr(trunk, "grad_checkpointing", False) else blocks(h)
+    return trunk.forward_head(trunk.norm(h), pre_logits=True)
