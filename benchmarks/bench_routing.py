@@ -23,7 +23,7 @@ from adaptkit.routing import RoutingStats
 
 
 def register_routed(reg: Registry, backbone: Backbone, refs: list[str], num_classes: int, rank: int,
-                    x: torch.Tensor) -> None:
+                    x: torch.Tensor, blocks: int | None = None) -> None:
     """Random adapter tasks with routing statistics whose class means sit near the features of images b = i mod K,
     so that the batch ``x`` spreads over every task."""
     d = backbone.embed_dim
@@ -31,7 +31,7 @@ def register_routed(reg: Registry, backbone: Backbone, refs: list[str], num_clas
         feats = backbone.model(x).float().cpu()
     for i, ref in enumerate(refs):
         torch.manual_seed(i)
-        model = get_method("adapter", {"rank": rank}).attach(backbone.model, num_classes)
+        model = get_method("adapter", {"rank": rank, "blocks": blocks}).attach(backbone.model, num_classes)
         randomize(model)
         means = feats[i % len(feats)] + 0.01 * torch.randn(num_classes, d) * feats.std()
         stats = RoutingStats(means=means, counts=torch.full((num_classes,), 100),
@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--backbone", nargs="+", help="timm names [default: ViT-Ti/16 (and ViT-B/16 unless --quick)]")
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--blocks", type=int, nargs="*", default=[],
+                        help="also tasks with adapters in the last K blocks only (the routed pass then starts at "
+                             "the frozen pass's tokens of block depth-K), e.g. --blocks 6")
     args = parse(parser)
     names = args.backbone or (["vit_tiny_patch16_224"] if args.quick else ["vit_tiny_patch16_224",
                                                                           "vit_base_patch16_224"])
@@ -68,21 +71,23 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 5)
     rows = []
     for name in names:
-        with tempfile.TemporaryDirectory() as tmp:
-            reg = Registry(Path(tmp) / "reg.db")
-            backbone = create_backbone(name, pretrained=False)
-            refs = [f"t{i}" for i in range(args.tasks)]
-            x = torch.randn(batch, *backbone.data_config["input_size"])
-            register_routed(reg, backbone, refs, 10, args.rank, x)
-            predictor = Predictor(reg, device=args.device)
-            x = list(x.to(args.device))
-            spread = len({r.task for r in predictor.predict_auto(x)})
-            times = round_robin(cases(predictor, refs, x), repeats)
-        single = times["one task (`predict`)"]
-        rows += [[name, batch, label, f"{t * 1e3:.0f}", ratio(t, single)] for label, t in times.items()]
-        rows[-2][2] += f", batch spread over {spread} tasks"
+        for blocks in [None, *args.blocks]:
+            with tempfile.TemporaryDirectory() as tmp:
+                reg = Registry(Path(tmp) / "reg.db")
+                backbone = create_backbone(name, pretrained=False)
+                refs = [f"t{i}" for i in range(args.tasks)]
+                x = torch.randn(batch, *backbone.data_config["input_size"])
+                register_routed(reg, backbone, refs, 10, args.rank, x, blocks)
+                predictor = Predictor(reg, device=args.device)
+                x = list(x.to(args.device))
+                spread = len({r.task for r in predictor.predict_auto(x)})
+                times = round_robin(cases(predictor, refs, x), repeats)
+            single = times["one task (`predict`)"]
+            where = "every block" if blocks is None else f"last {blocks} blocks"
+            rows += [[name, where, batch, label, f"{t * 1e3:.0f}", ratio(t, single)] for label, t in times.items()]
+            rows[-2][3] += f", batch spread over {spread} tasks"
     print(f"# routed prediction, adapter r{args.rank}, median of {repeats} rounds; {machine_line()}")
-    print_table(["backbone", "batch", "how", "ms", "vs one task"], rows)
+    print_table(["backbone", "adapters in", "batch", "how", "ms", "vs one task"], rows)
 
 
 if __name__ == "__main__":
