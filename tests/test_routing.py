@@ -77,15 +77,20 @@ def test_routing_picks_the_task_of_each_data_set(two_tasks, test_images):
     assert all(abs(r.confidence + r.runner_up_confidence - 1) < 1e-4 for r in results)  # two tasks share it all
 
 
+def _assert_each_as_alone(predictor, images, results):
+    """Each routed answer equals the image run alone through the task it was routed to."""
+    for img, r in zip(images, results, strict=True):
+        alone = predictor.predict([img], r.task, topk=3)[0]
+        assert [p.label for p in r.predictions] == [p.label for p in alone]
+        assert [p.prob for p in r.predictions] == pytest.approx([p.prob for p in alone], abs=1e-5)
+
+
 def test_routed_mixed_pass_equals_each_image_alone(two_tasks, test_images):
     predictor = Predictor(two_tasks, device="cpu")
     images = [x for x, _ in test_images[15:25]]  # both tasks in one batch
     results = predictor.predict_auto(images, topk=3)
     assert len({r.task for r in results}) == 2
-    for img, r in zip(images, results, strict=True):
-        alone = predictor.predict([img], r.task, topk=3)[0]
-        assert [p.label for p in r.predictions] == [p.label for p in alone]
-        assert [p.prob for p in r.predictions] == pytest.approx([p.prob for p in alone], abs=1e-5)
+    _assert_each_as_alone(predictor, images, results)
 
 
 @pytest.mark.parametrize("method, config, start", [
@@ -108,16 +113,10 @@ def test_routed_pass_starts_where_the_frozen_pass_can_hand_over(two_tasks, test_
     _, prefix = predictor.frozen_prefix(x, tasks[:1])
     assert (None if prefix is None else prefix.start) == start
     results = predictor.predict_auto(images, topk=3, tasks=["late"])
-    for img, r in zip(images, results, strict=True):
-        alone = predictor.predict([img], r.task, topk=3)[0]
-        assert [p.label for p in r.predictions] == [p.label for p in alone]
-        assert [p.prob for p in r.predictions] == pytest.approx([p.prob for p in alone], abs=1e-5)
+    _assert_each_as_alone(predictor, images, results)
     mixed = predictor.predict_auto(images, topk=3, tasks=["late", "photos"])
     assert len({r.task for r in mixed}) == 2
-    for img, r in zip(images, mixed, strict=True):
-        alone = predictor.predict([img], r.task, topk=3)[0]
-        assert [p.label for p in r.predictions] == [p.label for p in alone]
-        assert [p.prob for p in r.predictions] == pytest.approx([p.prob for p in alone], abs=1e-5)
+    _assert_each_as_alone(predictor, images, mixed)
 
 
 def test_a_single_task_routes_to_itself(two_tasks, test_images):
