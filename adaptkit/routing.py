@@ -257,7 +257,6 @@ def task_stats_from_features(data: TaskData, features: torch.Tensor, labels: tor
     indices = [*data.train.indices, *data.val.indices]
     if len(indices) != len(features) or len(features) != len(labels):
         raise ConfigError(f"{len(features)} features and {len(labels)} labels for {len(indices)} training images")
-    order = sorted(range(len(indices)), key=indices.__getitem__)
-    feats, labs = features[order], labels[order]
-    return accumulate_stats(((feats[i:i + batch_size], labs[i:i + batch_size])
-                             for i in range(0, len(feats), batch_size)), len(data.classes))
+    order = torch.tensor(sorted(range(len(indices)), key=indices.__getitem__))
+    batches = (order[i:i + batch_size] for i in range(0, len(order), batch_size))
+    return accumulate_stats(((features[rows], labels[rows]) for rows in batches), len(data.classes))
