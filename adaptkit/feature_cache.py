@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from adaptkit.methods import TaskModel
 from adaptkit.trunk import first_changed_block, run_prefix, run_suffix, splittable
 
-__all__ = ["FeatureSet", "CachedTask", "first_trainable_block", "cache_start", "run_prefix", "run_suffix", "prepare"]
+__all__ = ["FeatureSet", "CachedTask", "first_trainable_block", "cache_start", "run_prefix", "run_suffix", "prepare",
+           "frozen_pooled"]
 
 _log = logging.getLogger(__name__)
 MEMORY_SHARE = 0.25  # features larger than this share of the machine's memory go to a temporary file
@@ -150,3 +151,17 @@ def prepare(task: TaskModel, data: Any, *, batch_size: int, workers: int, device
               for name in ("train", "val", "test")}
     _log.info("cached the frozen blocks 0-%d for %d images", start - 1, sum(len(s) for s in splits.values()))
     return dataclasses.replace(data, **splits), CachedTask(task, start)
+
+
+def frozen_pooled(data: Any, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (features, labels) of the train then val split when they are the bare backbone's pooled features.
+
+    That is when ``net`` runs only the head on them (a task with nothing in the trunk: the linear probe); then
+    routing statistics need no second pass over the images. None otherwise.
+    """
+    if not isinstance(net, CachedTask) or net.start != len(net.task.trunk.blocks) or net.task.parts:
+        return None
+    splits = (data.train, data.val)
+    feats = [torch.from_numpy(np.asarray(s.features)) if isinstance(s.features, np.ndarray) else s.features
+             for s in splits]
+    return torch.cat(feats), torch.cat([s.labels for s in splits])

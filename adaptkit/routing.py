@@ -33,7 +33,7 @@ from adaptkit.errors import ConfigError
 from adaptkit.methods import task_context
 
 __all__ = ["ROUTING_PREFIX", "ROUTERS", "RoutingStats", "Router", "Routes", "split_state", "frozen",
-           "collect_stats", "collect_task_stats"]
+           "collect_stats", "accumulate_stats", "collect_task_stats", "task_stats_from_features"]
 
 ROUTERS = ("lda", "qda", "ridge", "ncm")
 DEFAULT_SHRINKAGE = 0.1  # share of the (scaled) identity mixed into the pooled covariance
@@ -109,18 +109,23 @@ def collect_stats(trunk: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
         num_classes: the task's number of classes.
         device: where to run.
     """
-    sums = counts = second = None
     with frozen(trunk):
         trunk.eval()
-        for x, y in batches:
-            f = trunk(x.to(device)).double().cpu()
-            if sums is None:
-                d = f.shape[1]
-                sums, counts = torch.zeros(num_classes, d, dtype=torch.float64), torch.zeros(num_classes)
-                second = torch.zeros(d, d, dtype=torch.float64)
-            sums.index_add_(0, y.long(), f)
-            counts.index_add_(0, y.long(), torch.ones(len(y)))
-            second += f.T @ f
+        return accumulate_stats(((trunk(x.to(device)), y) for x, y in batches), num_classes)
+
+
+def accumulate_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> RoutingStats:
+    """(frozen features (B, d), labels) batches -> :class:`RoutingStats`, summed in float64 in the batches' order."""
+    sums = counts = second = None
+    for f, y in batches:
+        f = f.double().cpu()
+        if sums is None:
+            d = f.shape[1]
+            sums, counts = torch.zeros(num_classes, d, dtype=torch.float64), torch.zeros(num_classes)
+            second = torch.zeros(d, d, dtype=torch.float64)
+        sums.index_add_(0, y.long(), f)
+        counts.index_add_(0, y.long(), torch.ones(len(y)))
+        second += f.T @ f
     if sums is None:
         raise ConfigError("no images to collect routing statistics from")
     means = sums / counts.clamp(min=1)[:, None].double()
@@ -225,10 +230,33 @@ class Router:
         return Routes(task_probs=task_probs, class_probs=class_probs, typicality=(maha - d) / (2 * d) ** 0.5)
 
 
+def _training_images(data: TaskData) -> list[int]:
+    """A task's training images (train and validation) as sorted source indices: the order statistics are summed in."""
+    return sorted([*data.train.indices, *data.val.indices])
+
+
 def collect_task_stats(trunk: nn.Module, data: TaskData, device: torch.device | str = "cpu",
                        batch_size: int = 128) -> RoutingStats:
     """A task's :class:`RoutingStats` from all its training images (train and validation) in the eval transform."""
-    images = TransformedSubset(data.val.source, sorted([*data.train.indices, *data.val.indices]),
-                               data.val.transform)
+    images = TransformedSubset(data.val.source, _training_images(data), data.val.transform)
     loader = DataLoader(images, batch_size=batch_size, shuffle=False)
     return collect_stats(trunk, loader, len(data.classes), device)
+
+
+def task_stats_from_features(data: TaskData, features: torch.Tensor, labels: torch.Tensor,
+                             batch_size: int = 128) -> RoutingStats:
+    """:func:`collect_task_stats` from frozen features already computed, with no pass over the images.
+
+    Args:
+        data: the task's image splits (their indices say which image each feature belongs to).
+        features: (N, d) the bare backbone's pooled features of ``data.train`` then ``data.val``, in their order,
+            in the eval transform.
+        labels: (N,) their labels.
+        batch_size: as for :func:`collect_task_stats`: the same images summed in the same order and batches.
+    """
+    indices = [*data.train.indices, *data.val.indices]
+    if len(indices) != len(features) or len(features) != len(labels):
+        raise ConfigError(f"{len(features)} features and {len(labels)} labels for {len(indices)} training images")
+    order = torch.tensor(sorted(range(len(indices)), key=indices.__getitem__))
+    batches = (order[i:i + batch_size] for i in range(0, len(order), batch_size))
+    return accumulate_stats(((features[rows], labels[rows]) for rows in batches), len(data.classes))

@@ -33,7 +33,7 @@ from adaptkit.errors import ConfigError
 from adaptkit.lr_search import LR_FACTORS, LrSearch, search_budget, search_lr
 from adaptkit.methods import TaskModel, get_method
 from adaptkit.registry import TASK_NAME, Registry, VersionRow
-from adaptkit.routing import collect_task_stats
+from adaptkit.routing import RoutingStats, collect_task_stats, task_stats_from_features
 from adaptkit.threads import default_threads
 from adaptkit.train_checks import DivergenceGuard, check_config, check_train_args, fit_batch
 
@@ -205,9 +205,22 @@ def _loader(data: Dataset, batch: int, shuffle: bool, cfg: TrainConfig, world: i
                       persistent_workers=workers > 0, drop_last=False)
 
 
+def _reduced_precision(device: torch.device, precision: str = "auto") -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _autocast(device: torch.device, precision: str = "auto"):
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_reduced_precision(device, precision))
+
+
+def _routing_stats(backbone: Backbone, data: Any, feats: Any, net: nn.Module, cfg: TrainConfig,
+                   device: torch.device) -> RoutingStats:
+    """The task's routing statistics: from the cached features when they are the frozen pooled features of the
+    training images in full precision (the same numbers), else from one frozen pass over the images."""
+    cached = feature_cache.frozen_pooled(feats, net) if not _reduced_precision(device, cfg.precision) else None
+    if cached is not None:
+        return task_stats_from_features(data, *cached, batch_size=cfg.batch_size * 2)
+    return collect_task_stats(backbone.model, data, device, cfg.batch_size * 2)
 
 
 @torch.no_grad()
@@ -328,7 +341,7 @@ def train(
                                backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
                                backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
                                data_config=backbone.data_config, dataset=dataset, metrics=metrics, recipe=recipe)
-            stats = collect_task_stats(backbone.model, data, device, cfg.batch_size * 2)  # images, not features
+            stats = _routing_stats(backbone, data, feats, net, cfg, device)
             subset = {"classes": classes if isinstance(classes, str) else ",".join(classes)} if classes else {}
             warm_info = {"init_from": warm.record()} if warm is not None else {}
             version = registry.add_version(meta, {**model.state(), **stats.to_tensors()},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from adaptkit.feature_cache import CachedTask, first_trainable_block, prepare, r
 from adaptkit.methods import get_method
 from adaptkit.methods.base import TaskSite
 from adaptkit.predict import Predictor
+from adaptkit.routing import split_state
 from adaptkit.train import TrainConfig, train
 
 NO_AUG = TrainConfig(epochs=2, batch_size=16, limit_train=48, limit_eval=24, augment=False)
@@ -168,3 +171,21 @@ def test_vtab_table_stops_at_once_offline_and_says_why():
     message = str(info.value)
     assert "cannot run here: it needs a CUDA GPU" in message
     assert "benchmarks/method_table.py is the table that runs" in message
+
+
+def test_routing_statistics_are_read_from_cached_frozen_features(pico, registry, monkeypatch):
+    """A linear probe's cache holds the frozen pooled features of its training images: its routing statistics come
+    from there, with no second pass, and equal (bit for bit) those of the pass; an adapter's cache does not."""
+    train_module = importlib.import_module("adaptkit.train")  # the package exports train(), the function
+    passes = []
+    real = train_module.collect_task_stats
+    monkeypatch.setattr(train_module, "collect_task_stats", lambda *a, **k: passes.append(1) or real(*a, **k))
+    runs = [train("digits", task=f"t{i}", backbone=pico, method=method, registry=registry,
+                  config=TrainConfig(**{**vars(NO_AUG), "feature_cache": cached}))
+            for i, (method, cached) in enumerate((("linear", True), ("linear", False), ("adapter", True)))]
+    assert len(passes) == 2  # the uncached probe and the adapter (its cache holds tokens before its blocks)
+    cached, plain, adapter = (split_state(registry.load_version(r.version)[0])[1].to_tensors() for r in runs)
+    assert cached.keys() == plain.keys()
+    for k in plain:
+        assert torch.equal(cached[k], plain[k]), k
+        assert torch.equal(adapter[k], plain[k]), k  # the frozen backbone's statistics whatever the method
