@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -144,3 +145,25 @@ def test_a_missing_bucket_is_one_line_and_leaves_no_row(pico, bucket, tmp_path):
     with pytest.raises(RegistryError, match="no-such-bucket-adaptkit.*cannot write") as info:
         reg.add_version(_meta(pico), _state())
     assert "\n" not in str(info.value) and reg.tasks() == []
+
+
+def test_the_cli_trains_lists_predicts_and_removes_with_an_s3_store(bucket, tmp_path, cifar_mini):
+    from adaptkit.cli import app
+
+    def run(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    here = ["--registry", tmp_path / "r.db", "--adapters", bucket]
+    run("train", "--dataset", f"folder:{cifar_mini}", "--task", "t", "--backbone", PICO, "--no-pretrained",
+        "--method", "linear", "--epochs", "1", "--limit-train", "32", "--limit-eval", "20", *here)
+    reg = Registry(tmp_path / "r.db", adapter_dir=bucket)
+    v = reg.get_version("t")
+    assert _objects(reg) == {v.file: v.bytes} and not (tmp_path / "adapters").exists()
+    assert "t " in run("list", *here)
+    assert bucket in run("show", "t", *here)
+    image = cifar_mini / "test" / "cat" / "0000.jpg"
+    assert json.loads(run("predict", "--task", "t", image, "--json", *here))[0]["task"] == "t@1"
+    assert "removed t@1" in run("remove", "t", "--yes", *here)
+    assert _objects(reg) == {} and reg.tasks() == []
