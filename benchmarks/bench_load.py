@@ -103,14 +103,19 @@ def client_loop(client: Any, tasks: list[str], images: list[str], requests: int,
         out.append((time.perf_counter() - tick, ok, size, float(took.group(1)) / size if took else 0.0))
 
 
-def run(url: str, server_pid: int, tasks: list[str], images: list[str], clients: int, requests: int,
-        seconds: float) -> dict:
-    """``clients`` clients (connected one by one first), each sending up to ``requests`` requests within ``seconds``;
-    with the CPU time the server and the clients (this process) used per request, and the model's share of it."""
+def connect(url: str, clients: int) -> list[Any]:
+    """``clients`` clients, connected one by one: one Gradio session each, kept for every round."""
     from gradio_client import Client
 
-    conns = [Client(url, verbose=False, ssl_verify=SSL_CONTEXT, httpx_kwargs={"timeout": CLIENT_TIMEOUT_S})
-             for _ in range(clients)]
+    return [Client(url, verbose=False, ssl_verify=SSL_CONTEXT, httpx_kwargs={"timeout": CLIENT_TIMEOUT_S})
+            for _ in range(clients)]
+
+
+def run(conns: list[Any], server_pid: int, tasks: list[str], images: list[str], requests: int,
+        seconds: float) -> dict:
+    """Every client sends up to ``requests`` requests within ``seconds``; with the CPU time the server and the
+    clients (this process) used per request, and the model's share of it."""
+    clients = len(conns)
     results: list[tuple[float, bool, int, float]] = []
     start = threading.Barrier(clients + 1)
     threads = [threading.Thread(target=client_loop, args=(c, tasks, images, requests, seconds, i, results, start))
@@ -172,9 +177,10 @@ def main() -> None:
             proc, url = start_server(db, max_batch, args.threads or 1)
             try:
                 # load the backbone and every adapter, and reach the memory a full batch needs
-                warm = run(url, proc.pid, names, images, args.clients, 2, 60)
+                conns = connect(url, args.clients)
+                warm = run(conns, proc.pid, names, images, 2, 60)
                 before = rss_mb(proc.pid)
-                r = run(url, proc.pid, names, images, args.clients, args.requests, args.seconds)
+                r = run(conns, proc.pid, names, images, args.requests, args.seconds)
                 after = rss_mb(proc.pid)
             finally:
                 proc.terminate()
