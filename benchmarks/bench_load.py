@@ -137,9 +137,10 @@ def run(conns: list[Any], server_pid: int, tasks: list[str], images: list[str], 
             "server_ms": server_cpu / n * 1000, "client_ms": client_cpu / n * 1000}
 
 
-def model_ceiling(db: Path, tasks: list[str], images: list[str], batch: int, repeats: int = 5) -> tuple[float, float]:
-    """Milliseconds per image of ``predict_mixed`` alone, one image at a time and ``batch`` at once: the most that
-    batching can win on this machine, before any HTTP or queue cost."""
+def model_ceiling(db: Path, tasks: list[str], images: list[str], batch: int, repeats: int = 15) -> tuple[float, float]:
+    """Milliseconds per image of ``predict_mixed`` alone, one image at a time and ``batch`` at once (medians, the two
+    taken in turn so that a change of load hits both): the most that batching can win on this machine, before any
+    HTTP or queue cost."""
     from adaptkit.data import open_image
     from adaptkit.predict import Predictor
 
@@ -147,9 +148,12 @@ def model_ceiling(db: Path, tasks: list[str], images: list[str], batch: int, rep
     imgs = [open_image(images[i % len(images)]) for i in range(batch)]
     refs = [tasks[i % len(tasks)] for i in range(batch)]
     predictor.predict_mixed(imgs, refs)  # load everything
-    one = median_time(lambda: [predictor.predict_mixed([im], [r]) for im, r in zip(imgs, refs, strict=True)], repeats)
-    many = median_time(lambda: predictor.predict_mixed(imgs, refs), repeats)
-    return one / batch * 1000, many / batch * 1000
+    one, many = [], []
+    for _ in range(repeats):
+        one.append(median_time(lambda: [predictor.predict_mixed([im], [r]) for im, r in zip(imgs, refs, strict=True)],
+                               1, warmup=0))
+        many.append(median_time(lambda: predictor.predict_mixed(imgs, refs), 1, warmup=0))
+    return statistics.median(one) / batch * 1000, statistics.median(many) / batch * 1000
 
 
 def main() -> None:
@@ -160,6 +164,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="and at most this long per mode")
     parser.add_argument("--backbone", default="vit_cifar_tiny_patch4_32")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1, help="measured rounds per mode, with the same clients: "
+                        "the table shows the first, the server's memory is printed after each")
     args = parse(parser)
     if args.quick:
         args.clients, args.requests, args.seconds = 8, 10, 20.0
@@ -172,16 +178,21 @@ def main() -> None:
         register_tasks(Registry(db), args.backbone, [(n, "adapter", {"rank": 16}, 10) for n in names])
         torch.set_num_threads(args.threads or 1)  # as the server runs
         alone, together = model_ceiling(db, names, images, args.max_batch)
-        rows, figures = [], {}
+        rows, figures, memory = [], {}, []
         for label, max_batch in (("unbatched", 1), (f"batched (max {args.max_batch})", args.max_batch)):
             proc, url = start_server(db, max_batch, args.threads or 1)
             try:
                 # load the backbone and every adapter, and reach the memory a full batch needs
                 conns = connect(url, args.clients)
                 warm = run(conns, proc.pid, names, images, 2, 60)
-                before = rss_mb(proc.pid)
-                r = run(conns, proc.pid, names, images, args.requests, args.seconds)
-                after = rss_mb(proc.pid)
+                r = None
+                rss = [rss_mb(proc.pid)]
+                for _ in range(args.rounds):
+                    result = run(conns, proc.pid, names, images, args.requests, args.seconds)
+                    r = r or result
+                    rss.append(rss_mb(proc.pid))
+                before, after = rss[0], rss[1]
+                memory.append(f"{label}: " + " -> ".join(f"{m:.0f}" for m in rss))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -193,6 +204,8 @@ def main() -> None:
               f"requests each or {args.seconds:.0f} s; server with {args.threads or 1} torch thread(s)")
         print_table(["mode", "requests", "req/s", "p50 ms", "p95 ms", "errors", "mean batch", "server CPU ms/req",
                      "model ms/req", "client CPU ms/req", "server RSS MB"], rows)
+        if args.rounds > 1:
+            print(f"server RSS MB after the warm-up and each of {args.rounds} rounds:", "; ".join(memory))
         unb, bat = figures.values()
         print(f"\nbatched/unbatched: {bat['rps'] / unb['rps']:.2f}x requests/s, p50 {bat['p50'] / unb['p50']:.2f}x")
         cpu = [r["server_ms"] + r["client_ms"] for r in (unb, bat)]
