@@ -193,10 +193,12 @@ def _files(registry: Registry, repair: bool, min_age_s: float | None) -> list[Fi
 
 def _uploads(registry: Registry, repair: bool, alone: bool, min_age_s: float | None) -> list[Finding]:
     """Unfinished uploads of adapter files (a writer killed mid-write): the store keeps their parts out of sight."""
+    uploads = [u for u in registry.storage.uploads() if is_own_file(u.rel)]
+    if uploads and not registry.owns_store():
+        return [Finding("upload", u.rel, f"unfinished; the adapter store is shared with another registry (its "
+                                         f"{OWNER_FILE} file names it): left alone", repairable=False) for u in uploads]
     found, stale = [], {u.id for u in registry.stale_uploads(alone, min_age_s)}
-    for u in registry.storage.uploads():
-        if not is_own_file(u.rel):
-            continue
+    for u in uploads:
         if u.id not in stale:
             found.append(Finding("upload", u.rel, f"unfinished, {u.age_s:.0f} s old: a write may be in flight, left "
                                                   "alone (pass a smaller minimum age to repair it)", repairable=False))
