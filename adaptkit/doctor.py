@@ -1,12 +1,12 @@
 """Check a registry's rows against its files, and repair what is inconsistent (``adaptkit doctor``).
 
 What it finds: rows that cannot be read (tampered or damaged fields, unsafe file names), versions whose file is
-missing or no longer matches its sha256, tasks with no version or no single default, temporary files and adapter
-files no row refers to (crash leftovers), and files in the adapter folder that adaptkit did not make. With
-``repair``: a bad row whose file is intact is rewritten from the file's own metadata (the file is the record; the
-row only indexes it); versions that still cannot be used are removed (their rows; their files when nothing else
-refers to them), defaults are set again, empty tasks go, leftovers are deleted (see :meth:`Registry.leftovers`
-for when a file counts as one), and files adaptkit did not make are left alone.
+missing or no longer matches its sha256, tasks with no version or no single default, temporary files, adapter files
+no row refers to and unfinished S3 uploads (crash leftovers), and files in the adapter folder that adaptkit did not
+make. With ``repair``: a bad row whose file is intact is rewritten from the file's own metadata (the file is the
+record; the row only indexes it); versions that still cannot be used are removed (their rows; their files when
+nothing else refers to them), defaults are set again, empty tasks go, leftovers are deleted or aborted (see
+:meth:`Registry.leftovers` for when a file counts as one), and files adaptkit did not make are left alone.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ __all__ = ["Finding", "diagnose"]
 class Finding:
     """One inconsistency: its kind, what it concerns (a ref or a file), why, and whether it was repaired."""
 
-    kind: str  # bad row | missing file | hash mismatch | no default | empty task | temporary | orphan | foreign
+    # bad row | missing file | hash mismatch | no default | empty task | temporary | orphan | upload | foreign
+    kind: str
     what: str
     detail: str
     repaired: bool = False
@@ -186,4 +187,25 @@ def _files(registry: Registry, repair: bool, min_age_s: float | None) -> list[Fi
                 registry.storage.delete(f.rel)
                 finding.repaired = True
             found.append(finding)
+        found += _uploads(registry, repair, alone, min_age_s)
+    return found
+
+
+def _uploads(registry: Registry, repair: bool, alone: bool, min_age_s: float | None) -> list[Finding]:
+    """Unfinished uploads of adapter files (a writer killed mid-write): the store keeps their parts out of sight."""
+    uploads = [u for u in registry.storage.uploads() if is_own_file(u.rel)]
+    if uploads and not registry.owns_store():
+        return [Finding("upload", u.rel, f"unfinished; the adapter store is shared with another registry (its "
+                                         f"{OWNER_FILE} file names it): left alone", repairable=False) for u in uploads]
+    found, stale = [], {u.id for u in registry.stale_uploads(alone, min_age_s)}
+    for u in uploads:
+        if u.id not in stale:
+            found.append(Finding("upload", u.rel, f"unfinished, {u.age_s:.0f} s old: a write may be in flight, left "
+                                                  "alone (pass a smaller minimum age to repair it)", repairable=False))
+            continue
+        finding = Finding("upload", u.rel, "unfinished: its writer stopped before the object was complete")
+        if repair:
+            registry.storage.discard(u)
+            finding.repaired = True
+        found.append(finding)
     return found

@@ -37,7 +37,7 @@ from adaptkit.errors import ArtifactError, ConfigError, NotFoundError, RegistryE
 from adaptkit.rows import TolerantDateTime as DateTime
 from adaptkit.rows import TolerantJSON as JSON
 from adaptkit.rows import task_problem, version_problem
-from adaptkit.storage import Storage, StoredFile, is_own_file, is_temp, open_storage
+from adaptkit.storage import Storage, StoredFile, Upload, is_own_file, is_temp, open_storage
 from adaptkit.suggest import did_you_mean
 
 __all__ = ["Base", "BackboneRow", "TaskRow", "VersionRow", "Registry", "default_url", "parse_ref", "TASK_NAME",
@@ -566,6 +566,13 @@ class Registry:
         return [f for f in self.storage.files()
                 if f.rel not in referenced and is_own_file(f.rel) and (owner or is_temp(f.rel)) and f.age_s >= age]
 
+    def stale_uploads(self, alone: bool, min_age_s: float | None = None) -> list[Upload]:
+        """The unfinished writes a crash left in an object store (S3 multipart uploads), by the same age rule as
+        :meth:`leftovers`; none unless this registry owns the store."""
+        age = 0.0 if alone else (self.storage.in_flight_s if min_age_s is None else min_age_s)
+        uploads = [u for u in self.storage.uploads() if is_own_file(u.rel)]
+        return [u for u in uploads if u.age_s >= age] if uploads and self.owns_store() else []
+
     def owns_store(self) -> bool:
         """Whether the adapter store is this registry's (the first registry to write into a store claims it).
 
@@ -597,7 +604,7 @@ class Registry:
                                 f"before it moved, delete {OWNER_FILE}")
 
     def sweep(self) -> list[str]:
-        """Delete this registry's crash leftovers: temporary files, and files no row refers to.
+        """Delete this registry's crash leftovers: temporary files, files no row refers to, unfinished uploads.
 
         Only when no write can be in flight (see :mod:`adaptkit.storage`); returns what was deleted. Never raises
         for a file it cannot delete: a sweep is housekeeping, the next one tries again.
@@ -611,6 +618,12 @@ class Registry:
                         deleted.append(f.rel)
                     except (OSError, RegistryError) as exc:
                         _log.warning("could not delete leftover %s: %s", f.rel, exc)
+                for u in self.stale_uploads(alone):
+                    try:
+                        self.storage.discard(u)
+                        deleted.append(f"{u.rel} (unfinished upload)")
+                    except RegistryError as exc:
+                        _log.warning("could not abort the upload of %s: %s", u.rel, exc)
         except RegistryError as exc:
             _log.warning("no sweep: %s", exc)
         if deleted:

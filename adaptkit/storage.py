@@ -4,6 +4,9 @@ The registry names files by their sha256 and only through :class:`Storage`, so i
 Both kinds keep the same promise: a file appears under its final name only when it is complete (local: a temporary
 file, then a rename; object stores: one PUT, which is atomic), and every name is proven inside the store's root.
 
+A crash in the middle of a large write to S3 leaves no object, but an unfinished multipart upload: parts the store
+keeps (and bills) out of sight. :meth:`Storage.uploads` lists them and :meth:`Storage.discard` aborts one.
+
 Leftovers of a crash are told apart from a write in flight by locks where the file system has them (local: writers
 hold a shared ``flock`` on the folder from the first byte to the row's commit; a sweep needs the exclusive lock, which
 a killed process no longer blocks) and by age where it has not (object stores: see :attr:`Storage.in_flight_s`).
@@ -29,8 +32,8 @@ try:
 except ImportError:  # no flock (Windows): every sweep then waits for leftovers to age, as on an object store
     fcntl = None
 
-__all__ = ["Storage", "LocalStorage", "FsspecStorage", "StoredFile", "open_storage", "check_rel", "is_own_file",
-           "is_temp"]
+__all__ = ["Storage", "LocalStorage", "FsspecStorage", "StoredFile", "Upload", "open_storage", "check_rel",
+           "is_own_file", "is_temp"]
 
 _PART = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 # ".<name>.<random>.tmp": write_atomic's temporary files (and mkstemp's, in older releases)
@@ -44,6 +47,15 @@ class StoredFile:
 
     rel: str
     size: int
+    age_s: float
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A write begun and never finished that the store keeps out of sight: its file's name, id and age in seconds."""
+
+    rel: str
+    id: str
     age_s: float
 
 
@@ -96,6 +108,14 @@ class Storage(ABC):
     @abstractmethod
     def files(self) -> list[StoredFile]:
         """Every file under the root, temporary ones included."""
+
+    def uploads(self) -> list[Upload]:
+        """Unfinished writes the store keeps apart from its files (S3's multipart uploads); none elsewhere."""
+        return []
+
+    def discard(self, upload: Upload) -> None:
+        """Abort an unfinished write, freeing what it stored."""
+        raise RegistryError(f"adapter store {self.url} keeps no unfinished writes: nothing to abort")
 
     def location(self, rel: str) -> str:
         """Where ``rel`` is, for people to read."""
@@ -277,6 +297,52 @@ class FsspecStorage(Storage):
             age = now - (stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or now))
             out.append(StoredFile(rel, int(info.get("size") or 0), age))
         return out
+
+
+    def _bucket(self) -> tuple[str, str] | None:
+        """(bucket, key prefix) of an S3 store; None for other file systems."""
+        if "s3" not in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+            return None
+        bucket, _, prefix = self.root.lstrip("/").partition("/")
+        return bucket, f"{prefix}/" if prefix else ""
+
+    def uploads(self) -> list[Upload]:
+        where = self._bucket()
+        if where is None:
+            return []
+        bucket, prefix = where
+        now, out, more = time.time(), [], {}
+        while True:
+            try:
+                with self._remote("list unfinished uploads"):
+                    page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **more)
+            except FileNotFoundError:  # no bucket: nothing was ever uploaded
+                return out
+            for u in page.get("Uploads", []):
+                with contextlib.suppress(FileNotFoundError):  # completed or aborted meanwhile
+                    stamp = max(u["Initiated"], *self._part_times(bucket, u["Key"], u["UploadId"]))
+                    out.append(Upload(u["Key"][len(prefix):], u["UploadId"], now - stamp.timestamp()))
+            if not page.get("IsTruncated"):
+                return out
+            more = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def _part_times(self, bucket: str, key: str, upload_id: str) -> list:
+        """When each part of an upload arrived: a long upload still sending parts is alive, however old."""
+        times, more = [], {}
+        while True:
+            with self._remote(f"list the parts of {key}"):
+                page = self.fs.call_s3("list_parts", Bucket=bucket, Key=key, UploadId=upload_id, **more)
+            times += [p["LastModified"] for p in page.get("Parts", [])]
+            if not page.get("IsTruncated"):
+                return times
+            more = {"PartNumberMarker": page["NextPartNumberMarker"]}
+
+    def discard(self, upload: Upload) -> None:
+        where = self._bucket()
+        if where is not None:
+            with self._remote(f"abort the upload of {upload.rel}", missing=False):
+                self.fs.call_s3("abort_multipart_upload", Bucket=where[0], Key=where[1] + check_rel(upload.rel),
+                                UploadId=upload.id)
 
 
 def open_storage(location: str | os.PathLike) -> Storage:

@@ -145,14 +145,18 @@ class Handlers:
 
     Args:
         registry: a registry path or URL; None means ``$ADAPTKIT_REGISTRY`` or ``./registry.db``.
+        adapters: its adapter store, a folder or ``s3://bucket/prefix``; None means ``$ADAPTKIT_ADAPTERS`` or
+            ``adapters/`` beside the registry.
         device: the Predictor's device (default: CUDA when available).
         data_roots: the folders "Add a task" may train from (default: :func:`default_data_roots`).
         sync_s: how often (seconds) predictions check the registry for tasks changed by other processes.
     """
 
     def __init__(self, registry: str | None = None, device: str | None = None,
-                 data_roots: Sequence[str | Path] | None = None, sync_s: float = 2.0) -> None:
+                 data_roots: Sequence[str | Path] | None = None, sync_s: float = 2.0,
+                 adapters: str | None = None) -> None:
         self.url = registry
+        self.adapters = adapters
         self.device = device
         self.data_roots = resolve_roots(default_data_roots() if data_roots is None else data_roots)
         self.sync_s = sync_s
@@ -166,7 +170,7 @@ class Handlers:
     def registry(self) -> Registry:
         with self._lock:
             if self._registry is None:
-                self._registry = Registry(self.url)
+                self._registry = Registry(self.url, adapter_dir=self.adapters)
             return self._registry
 
     @property

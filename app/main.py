@@ -64,15 +64,17 @@ def _uploaded_path(image: gr.Image, payload: Any) -> str | None:
 
 
 def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | None = None,
-              max_batch_size: int = MAX_BATCH) -> gr.Blocks:
+              max_batch_size: int = MAX_BATCH, adapters: str | None = None) -> gr.Blocks:
     """The page over the registry at ``registry`` (a path or URL; default ``$ADAPTKIT_REGISTRY`` or ./registry.db).
 
     Args:
         registry: the registry's path or URL.
+        adapters: its adapter store, a folder or ``s3://bucket/prefix`` (default: ``$ADAPTKIT_ADAPTERS`` or
+            ``adapters/`` beside the registry).
         data_roots: the folders "Add a task" may train from (default: adaptkit's data folder, if any).
         max_batch_size: how many concurrent prediction requests go through the backbone together (1: one at a time).
     """
-    h = Handlers(registry, data_roots=data_roots)
+    h = Handlers(registry, data_roots=data_roots, adapters=adapters)
     roots = ", ".join(f"`{r}`" for r in h.data_roots) or "none (start the page with `--data-root PATH`)"
     with gr.Blocks(title="adaptkit") as demo:
         gr.Markdown(INTRO)
@@ -197,10 +199,11 @@ def _fewer_malloc_arenas(arenas: int = 2) -> None:
 
 
 def launch(registry: str | None = None, host: str = "127.0.0.1", port: int | None = None,
-           data_roots: Sequence[str | Path] | None = None, max_batch_size: int = MAX_BATCH, **kw: Any) -> gr.Blocks:
+           data_roots: Sequence[str | Path] | None = None, max_batch_size: int = MAX_BATCH,
+           adapters: str | None = None, **kw: Any) -> gr.Blocks:
     """Build the page and serve it; returns the running Blocks (``prevent_thread_lock=True`` returns at once)."""
     _fewer_malloc_arenas()
-    app = build_app(registry, data_roots=data_roots, max_batch_size=max_batch_size)
+    app = build_app(registry, data_roots=data_roots, max_batch_size=max_batch_size, adapters=adapters)
     kw.setdefault("css", CSS)
     kw.setdefault("js", JS)
     kw.setdefault("run_history", False)  # visitors' images are theirs: the server keeps no history of runs
@@ -211,6 +214,8 @@ def launch(registry: str | None = None, host: str = "127.0.0.1", port: int | Non
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python app/main.py", description=__doc__.splitlines()[0])
     parser.add_argument("--registry", help="registry path or URL (default: $ADAPTKIT_REGISTRY or ./registry.db)")
+    parser.add_argument("--adapters", help="adapter store: a folder or s3://bucket/prefix (default: "
+                        "$ADAPTKIT_ADAPTERS or adapters/ beside the registry)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--data-root", action="append", default=None, help="a folder the page may train from "
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="prediction requests per backbone pass")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    launch(args.registry, host=args.host, port=args.port, data_roots=args.data_root, max_batch_size=args.max_batch)
+    launch(args.registry, host=args.host, port=args.port, data_roots=args.data_root, max_batch_size=args.max_batch,
+           adapters=args.adapters)
 
 
 demo = build_app()

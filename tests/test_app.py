@@ -298,3 +298,13 @@ def test_adaptkit_ui_with_a_missing_data_root_says_so_in_one_line(tmp_path):
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [f"error: data root {tmp_path / 'nope'} is not a folder: create it or "
                                                "pass another --data-root"]
+
+
+def test_the_page_reads_adapters_from_the_store_it_is_given(registry_db, tmp_path, cat):
+    shutil.copytree(registry_db.parent, tmp_path / "db")  # the database with its WAL file
+    (tmp_path / "db" / "adapters").rename(tmp_path / "store")
+    (labels,), _ = Handlers(str(tmp_path / "db" / "registry.db"), adapters=str(tmp_path / "store")).predict(
+        [cat], ["lo"], [3])
+    assert set(labels) <= set(CLASSES) and len(labels) == 3
+    (labels,), (note,) = Handlers(str(tmp_path / "db" / "registry.db")).predict([cat], ["lo"], [3])
+    assert labels is None and "missing" in note  # the default store, adapters/ beside the database, has no file

@@ -175,3 +175,36 @@ def test_train_new_methods_records_their_settings(tmp_path, cifar_mini, extra, c
     assert (v.method, v.config) == (extra[1], config)
     own = {k: t for k, t in load_file(Registry(reg).path_of(v)).items() if not k.startswith("routing.")}
     assert sum(t.numel() for t in own.values()) == v.trainable_params  # routing statistics are not trained
+
+
+def test_every_command_with_a_registry_takes_an_adapter_store():
+    import typer.main
+
+    def commands(group, prefix=""):
+        for name, cmd in group.commands.items():
+            yield from commands(cmd, f"{prefix}{name} ") if hasattr(cmd, "commands") else [(prefix + name, cmd)]
+
+    with_registry = {}
+    for name, cmd in commands(typer.main.get_command(app)):
+        opts = {o for p in cmd.params for o in p.opts}
+        if "--registry" in opts:
+            with_registry[name] = "--adapters" in opts
+    assert set(with_registry) >= {"train", "list", "show", "eval", "predict", "compare", "remove", "default", "export",
+                                  "import", "routing fit", "continual", "doctor", "ui"}
+    assert all(with_registry.values()), [name for name, has in with_registry.items() if not has]
+    assert "s3://bucket/prefix" in run("list", "--help").output
+
+
+def test_train_list_predict_remove_use_the_adapter_store_given(tmp_path, cifar_mini):
+    reg, store = tmp_path / "db" / "r.db", tmp_path / "store"
+    reg.parent.mkdir()
+    here = ["--registry", reg, "--adapters", store]
+    assert "trained t@1" in run("train", "--dataset", f"folder:{cifar_mini}", "--task", "t", *QUICK, *here).output
+    v = Registry(reg, adapter_dir=store).get_version("t")
+    assert (store / v.file).stat().st_size == v.bytes and not (reg.parent / "adapters" / v.file).exists()
+    assert "t " in run("list", *here).output
+    image = cifar_mini / "test" / "cat" / "0000.jpg"
+    assert json.loads(run("predict", "--task", "t", image, "--json", *here).output)[0]["task"] == "t@1"
+    fails("predict", "--task", "t", image, "--registry", reg, message="is missing")  # the default store has no file
+    assert "removed t@1" in run("remove", "t", "--yes", *here).output
+    assert not (store / v.file).exists() and Registry(reg).tasks() == []

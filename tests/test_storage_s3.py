@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -144,3 +145,120 @@ def test_a_missing_bucket_is_one_line_and_leaves_no_row(pico, bucket, tmp_path):
     with pytest.raises(RegistryError, match="no-such-bucket-adaptkit.*cannot write") as info:
         reg.add_version(_meta(pico), _state())
     assert "\n" not in str(info.value) and reg.tasks() == []
+
+
+def test_the_cli_trains_lists_predicts_and_removes_with_an_s3_store(bucket, tmp_path, cifar_mini):
+    from adaptkit.cli import app
+
+    def run(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    here = ["--registry", tmp_path / "r.db", "--adapters", bucket]
+    run("train", "--dataset", f"folder:{cifar_mini}", "--task", "t", "--backbone", PICO, "--no-pretrained",
+        "--method", "linear", "--epochs", "1", "--limit-train", "32", "--limit-eval", "20", *here)
+    reg = Registry(tmp_path / "r.db", adapter_dir=bucket)
+    v = reg.get_version("t")
+    assert _objects(reg) == {v.file: v.bytes} and not (tmp_path / "adapters").exists()
+    assert "t " in run("list", *here)
+    assert bucket in run("show", "t", *here)
+    image = cifar_mini / "test" / "cat" / "0000.jpg"
+    assert json.loads(run("predict", "--task", "t", image, "--json", *here))[0]["task"] == "t@1"
+    assert "removed t@1" in run("remove", "t", "--yes", *here)
+    assert _objects(reg) == {} and reg.tasks() == []
+
+
+# -- a writer killed with kill -9 (as tests/test_integrity.py does on a local disk) ----------------------------------
+
+# A writer that pauses at one point of a save, so that the test can kill it there. "mid-write": a file too large for
+# one PUT goes up as a multipart upload (s3fs does so past 100 MB, e.g. a fully fine-tuned ViT-B; here with 5 MB
+# parts); the writer stops with its parts on the server and the upload not completed.
+WRITER = """
+import functools, sys, time, torch
+from adaptkit.artifacts import AdapterMeta
+from adaptkit.registry import Registry
+
+def pause(*args, **kwargs):
+    print("READY", flush=True)
+    time.sleep(300)
+
+reg = Registry(sys.argv[1], adapter_dir=sys.argv[2])
+point = sys.argv[3]
+state = {{"head.weight": torch.ones(2, 64), "head.bias": torch.zeros(2)}}
+if point == "mid-write":
+    state["big"] = torch.ones(3_000_000)  # 12 MB: three parts
+    fs = reg.storage.fs
+    fs.pipe_file = functools.partial(fs.pipe_file, chunksize=5 * 2**20)
+    call = fs._call_s3
+
+    async def stop_before_completing(method, *args, **kwargs):
+        if method == "complete_multipart_upload":
+            pause()
+        return await call(method, *args, **kwargs)
+
+    fs._call_s3 = stop_before_completing
+elif point == "uploaded, row not committed":
+    reg._insert = pause
+elif point == "row committed":
+    reg.sweep = pause
+reg.add_version(AdapterMeta(**{meta!r}), state)
+"""
+POINTS = ["mid-write", "uploaded, row not committed", "row committed"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_registry_url(request, tmp_path):
+    """A function that gives the URL of a new empty registry on SQLite or on the test's PostgreSQL server."""
+    if request.param == "sqlite":
+        return lambda name: f"sqlite:///{tmp_path / name}.db"
+    server = request.getfixturevalue("pg_server")
+    return lambda name: server.url(server.create_database())
+
+
+def _consistent(reg: Registry) -> None:
+    """Every row's object present and matching its sha256; no object no row refers to; no unfinished upload."""
+    rows = {v.file: v.sha256 for t in reg.tasks() for v in t.versions}
+    assert set(_objects(reg)) == set(rows) and reg.storage.uploads() == []
+    assert all(hashlib.sha256(reg.storage.get(rel)).hexdigest() == sha for rel, sha in rows.items())
+
+
+def test_kill_9_during_a_write_to_s3_then_doctor_leaves_a_clean_registry(pico, bucket, new_registry_url):
+    from dataclasses import asdict
+
+    from adaptkit.doctor import diagnose
+
+    script = WRITER.format(meta=asdict(_meta(pico, "crash")))
+    urls = {point: (new_registry_url(f"r{i}"), f"{bucket}/p{i}") for i, point in enumerate(POINTS)}
+    procs = {}
+    for point, (url, store) in urls.items():
+        Registry(url, adapter_dir=store).add_version(_meta(pico, "before"), _state(1))
+        procs[point] = subprocess.Popen([sys.executable, "-c", script, url, store, point], stdout=subprocess.PIPE,
+                                        text=True)
+    try:
+        for point, proc in procs.items():
+            assert proc.stdout.readline().strip() == "READY", point
+            reg = Registry(*urls[point])
+            objects, uploads = _objects(reg), [(u.rel, u.id) for u in reg.storage.uploads()]
+            assert len(objects) == (1 if point == "mid-write" else 2), point
+            assert [rel.split("/")[0] for rel, _ in uploads] == (["crash"] if point == "mid-write" else [])
+            assert {t.name for t in reg.tasks()} == {"before"} | ({"crash"} if point == "row committed" else set())
+            assert reg.sweep() == [] and not any(f.repaired for f in diagnose(reg, repair=True))  # maybe in flight
+            assert (_objects(reg), [(u.rel, u.id) for u in reg.storage.uploads()]) == (objects, uploads)
+    finally:
+        for proc in procs.values():
+            proc.kill()  # SIGKILL
+            proc.wait(timeout=30)
+    for point in POINTS:
+        reg = Registry(*urls[point])
+        for v in (v for t in reg.tasks() for v in t.versions):  # no row points at a missing or half object
+            assert hashlib.sha256(reg.storage.get(v.file)).hexdigest() == v.sha256, point
+        findings = diagnose(reg, repair=True, min_age_s=0)
+        kinds = {"mid-write": ["upload"], "uploaded, row not committed": ["orphan"], "row committed": []}[point]
+        assert [f.kind for f in findings] == kinds and all(f.repaired for f in findings), (point, findings)
+        _consistent(reg)
+        assert diagnose(reg) == []
+        reg.add_version(_meta(pico, "after"), _state(2))  # the next writer
+        _consistent(reg)
+        crashed = {"crash"} if point == "row committed" else set()
+        assert {t.name for t in reg.tasks()} == {"before", "after"} | crashed, point

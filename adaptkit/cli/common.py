@@ -1,4 +1,5 @@
-"""What every command shares: the Typer app, the consoles, the registry option and the error boundary.
+"""What every command shares: the Typer app, the consoles, the registry and adapter-store options and the error
+boundary.
 
 Every :class:`~adaptkit.errors.AdaptkitError` becomes a one-line message on stderr and exit status 1.
 """
@@ -92,6 +93,9 @@ _log = logging.getLogger("adaptkit.cli")
 RegistryOpt = Annotated[str | None, typer.Option("--registry", "-r", metavar="PATH|URL",
                                                  help="Registry file or SQLAlchemy URL "
                                                  "[default: $ADAPTKIT_REGISTRY or ./registry.db]")]
+AdaptersOpt = Annotated[str | None, typer.Option("--adapters", metavar="PATH|URL",
+                                                 help="Adapter store: a local folder or s3://bucket/prefix "
+                                                 "[default: $ADAPTKIT_ADAPTERS or adapters/ beside the registry]")]
 RefArg = Annotated[str, typer.Argument(metavar="TASK[@N]", help="A task (its default version) or TASK@N",
                                        show_default=False)]
 DeviceOpt = Annotated[str | None, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:N or mps "
@@ -146,10 +150,11 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def registry_of(url: str | None):
+def registry_of(url: str | None, adapters: str | None = None):
+    """The registry of ``--registry`` with its adapter store from ``--adapters`` (None: their defaults)."""
     from adaptkit.registry import Registry
 
-    return Registry(url)
+    return Registry(url, adapter_dir=adapters)
 
 
 def count(n: int) -> str:

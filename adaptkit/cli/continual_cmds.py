@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from adaptkit.cli.common import RegistryOpt, app, err, friendly, out, registry_of
+from adaptkit.cli.common import AdaptersOpt, RegistryOpt, app, err, friendly, out, registry_of
 
 routing_app = typer.Typer(help="Routing statistics: what `predict` with no task needs of every task.",
                           no_args_is_help=True)
@@ -26,12 +26,13 @@ def routing_fit(
     device: str | None = None,
     data_dir: Annotated[Path | None, typer.Option()] = None,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Compute routing statistics for versions that lack them (trained before routing existed, or imported)."""
     from adaptkit.continual import fit_routing
 
-    done = fit_routing(tasks or None, registry=registry_of(registry), force=force, dataset=dataset, device=device,
-                       data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
+    done = fit_routing(tasks or None, registry=registry_of(registry, adapters), force=force, dataset=dataset,
+                       device=device, data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
                        on_task=lambda ref, what: err.print(f"{ref}: {what}", soft_wrap=True))
     out.print(f"wrote routing statistics for {len(done)} version(s)" + (f": {', '.join(done)}" if done else ""))
 
@@ -49,13 +50,14 @@ def continual(
     device: str | None = None,
     data_dir: Annotated[Path | None, typer.Option()] = None,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Evaluate the tasks as a class-incremental sequence: accuracy with no task name after each addition."""
     from rich.table import Table
 
     from adaptkit.continual import evaluate_continual
 
-    r = evaluate_continual(tasks or None, registry=registry_of(registry), router=router, limit=limit,
+    r = evaluate_continual(tasks or None, registry=registry_of(registry, adapters), router=router, limit=limit,
                            device=device, data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
                            refine=refine)
     if as_json:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from adaptkit.cli.common import RegistryOpt, app, friendly, out
+from adaptkit.cli.common import AdaptersOpt, RegistryOpt, app, friendly, out, registry_of
 
 
 @app.command()
@@ -17,19 +17,15 @@ def doctor(
     min_age: Annotated[float | None, typer.Option("--min-age", min=0, help="Seconds: a file no row refers to "
                                                   "counts as a leftover only when older, while a write may be "
                                                   "in flight (default 3600)")] = None,
-    adapters: Annotated[str | None, typer.Option("--adapters", help="Adapter folder or URL (s3://bucket/prefix) "
-                                                 "(default: $ADAPTKIT_ADAPTERS or adapters/ beside the "
-                                                 "registry)")] = None,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Check every version's row and file; report (and with --repair fix) what is inconsistent.
 
     Exit status 1 when something is left to repair.
     """
     from adaptkit.doctor import diagnose
-    from adaptkit.registry import Registry
-
-    reg = Registry(registry, adapter_dir=adapters)
+    reg = registry_of(registry, adapters)
     findings = diagnose(reg, repair=repair, min_age_s=min_age)
     for f in findings:
         state = "repaired" if f.repaired else ("left alone" if not f.repairable else "to repair")

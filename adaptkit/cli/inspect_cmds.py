@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from adaptkit.cli.common import RefArg, RegistryOpt, app, count, echo, friendly, out, registry_of
+from adaptkit.cli.common import AdaptersOpt, RefArg, RegistryOpt, app, count, echo, friendly, out, registry_of
 from adaptkit.cli.tables import Col, print_table
 from adaptkit.compare import format_bytes, format_percent
 from adaptkit.recipe import describe_recipe
@@ -27,9 +27,9 @@ def _config_text(config: dict[str, Any]) -> str:
 
 @app.command("list")
 @friendly
-def list_tasks(registry: RegistryOpt = None) -> None:
+def list_tasks(registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> None:
     """List the registered tasks and their default versions."""
-    reg = registry_of(registry)
+    reg = registry_of(registry, adapters)
     tasks = reg.tasks()
     if not tasks:
         where = f"tasks in {reg.location}" if reg.exists else f"registry at {reg.location}"
@@ -56,9 +56,9 @@ def list_tasks(registry: RegistryOpt = None) -> None:
 
 @app.command()
 @friendly
-def show(ref: RefArg, registry: RegistryOpt = None) -> None:
+def show(ref: RefArg, registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> None:
     """Show a task's versions and the details of one version."""
-    reg = registry_of(registry)
+    reg = registry_of(registry, adapters)
     v = reg.get_version(ref)
     t = next(t for t in reg.tasks() if t.name == v.task.name)
     echo(f"[bold]{escape(t.name)}[/bold]: {len(t.classes)} classes from {escape(t.dataset)}: "
@@ -82,6 +82,7 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV")] = False,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Costs of every task against full fine-tuning.
 
@@ -89,7 +90,7 @@ def compare(
     """
     from adaptkit.compare import compare as costs
 
-    report = costs(registry_of(registry))
+    report = costs(registry_of(registry, adapters))
     if as_json:
         out.print_json(data=report.to_dict())
         return

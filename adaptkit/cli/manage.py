@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from adaptkit.cli.common import RefArg, RegistryOpt, app, echo, friendly, registry_of
+from adaptkit.cli.common import AdaptersOpt, RefArg, RegistryOpt, app, echo, friendly, registry_of
 from adaptkit.errors import ConfigError
 
 
@@ -19,9 +19,10 @@ def remove(
                                        show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Remove a task or one of its versions, with its adapter file."""
-    reg = registry_of(registry)
+    reg = registry_of(registry, adapters)
     reg.get_version(ref, allow_broken=True)  # a broken version can always be removed
     if not yes:
         if not sys.stdin.isatty():
@@ -34,9 +35,10 @@ def remove(
 @app.command()
 @friendly
 def default(ref: Annotated[str, typer.Argument(metavar="TASK@N", help="The version to make the default",
-                                              show_default=False)], registry: RegistryOpt = None) -> None:
+                                              show_default=False)], registry: RegistryOpt = None,
+            adapters: AdaptersOpt = None) -> None:
     """Make a version its task's default."""
-    v = registry_of(registry).set_default(ref)
+    v = registry_of(registry, adapters).set_default(ref)
     echo(f"{v.ref} is now the default of {v.task.name}")
 
 
@@ -48,12 +50,13 @@ def export(
                                          show_default=False)],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Write a version's adapter file, to import elsewhere.
 
     The file describes itself (task, classes, method, backbone), so `adaptkit import` needs nothing else.
     """
-    dest = registry_of(registry).export(ref, file, overwrite=force)
+    dest = registry_of(registry, adapters).export(ref, file, overwrite=force)
     echo(f"exported {ref} to {dest}")
 
 
@@ -65,7 +68,8 @@ def import_file(
     task: Annotated[str | None, typer.Option(metavar="NAME", help="Register under this task name [default: the "
                                              "file's]")] = None,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Add an exported adapter file to this registry as a new version."""
-    v = registry_of(registry).import_file(file, task=task)
+    v = registry_of(registry, adapters).import_file(file, task=task)
     echo(f"imported {file} as {v.ref}")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from adaptkit.cli.common import DeviceOpt, RefArg, RegistryOpt, app, echo, friendly, out, registry_of
+from adaptkit.cli.common import AdaptersOpt, DeviceOpt, RefArg, RegistryOpt, app, echo, friendly, out, registry_of
 from adaptkit.compare import format_percent
 
 
@@ -25,11 +25,12 @@ def eval_task(
     device: DeviceOpt = None,
     data_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where torchvision data sets live")] = None,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Measure a version's accuracy on its data set's test split."""
     from adaptkit.train import evaluate
 
-    m = evaluate(ref, registry=registry_of(registry), dataset=dataset, split=split, batch_size=batch_size,
+    m = evaluate(ref, registry=registry_of(registry, adapters), dataset=dataset, split=split, batch_size=batch_size,
                  device=device, data_dir=str(data_dir) if data_dir else None, limit=limit)
     echo(f"{ref}: top-1 {format_percent(m['top1'])}, top-5 {format_percent(m['top5'])}, loss {m['loss']:.4f} "
          f"on {m['images']} {split} images")
@@ -47,11 +48,12 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     device: DeviceOpt = None,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Predict the top-k labels of images: routed to the task they belong to, or with --task."""
     from adaptkit.predict import Predictor
 
-    reg = registry_of(registry)
+    reg = registry_of(registry, adapters)
     task, images = _task_and_images(reg, task, args)
     predictor = Predictor(reg, device=device)
     if task is not None:

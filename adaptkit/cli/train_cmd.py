@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from adaptkit.cli.common import DeviceOpt, RegistryOpt, app, count, echo, err, friendly, plain, registry_of
+from adaptkit.cli.common import AdaptersOpt, DeviceOpt, RegistryOpt, app, count, echo, err, friendly, plain, registry_of
 from adaptkit.cli.progress import train_progress
 from adaptkit.compare import format_bytes, format_percent
 from adaptkit.errors import ConfigError
@@ -77,6 +77,7 @@ def train(
     download: Annotated[bool, typer.Option("--download/--no-download", help="Download a missing "
                                            "torchvision set")] = True,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
 ) -> None:
     """Train a task and register it as a new version.
 
@@ -97,8 +98,8 @@ def train(
     with train_progress(err, plain()) as on_event:
         result = run(dataset, task=task, backbone=backbone, weights=str(weights) if weights else None,
                      pretrained=pretrained, method=method, method_config=method_config, config=config,
-                     registry=registry_of(registry), data_dir=str(data_dir) if data_dir else None, download=download,
-                     on_event=on_event, classes=classes, init_from=init_from)
+                     registry=registry_of(registry, adapters), data_dir=str(data_dir) if data_dir else None,
+                     download=download, on_event=on_event, classes=classes, init_from=init_from)
     v, m = result.version, result.metrics
     if v is None:  # a worker process under torchrun: rank 0 records and reports
         return

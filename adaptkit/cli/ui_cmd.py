@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from adaptkit.cli.common import RegistryOpt, app, friendly
+from adaptkit.cli.common import AdaptersOpt, RegistryOpt, app, friendly
 
 
 @app.command()
@@ -16,6 +16,7 @@ def ui(
     host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(metavar="PORT", help="Port [default: Gradio's, 7860]")] = None,
     registry: RegistryOpt = None,
+    adapters: AdaptersOpt = None,
     data_root: Annotated[list[Path] | None, typer.Option(
         "--data-root", metavar="PATH", help="A folder whose sub-folders the page may train from (repeatable) "
         "[default: adaptkit's data folder]")] = None,
@@ -32,7 +33,7 @@ def ui(
     roots = resolve_roots(data_root) if data_root is not None else None
     from adaptkit_app.main import launch
 
-    page = launch(registry=registry, host=host, port=port, data_roots=roots, max_batch_size=max_batch,
-                  quiet=True, prevent_thread_lock=True)
+    page = launch(registry=registry, adapters=adapters, host=host, port=port, data_roots=roots,
+                  max_batch_size=max_batch, quiet=True, prevent_thread_lock=True)
     typer.echo(f"adaptkit page on {page.local_url} (Ctrl+C to stop)")
     page.block_thread()
