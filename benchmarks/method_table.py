@@ -37,10 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "method_table.json"
 HALF = "half"  # a ``blocks`` value resolved to half the backbone's depth
 # Settings per method; a method not named here runs once with its defaults.
 CONFIGS: dict[str, list[dict[str, Any]]] = {
-    "adapter": [{"rank": 32}, {"rank": 32, "blocks": HALF}],
-    "lora": [{"rank": 8}],
-    "linear": [{}],
-    "full": [{}],
+    "adapter": [{}, {"blocks": HALF}, {"placement": "adapterplus"}],
 }
 BUDGET: dict[str, Any] = {}  # TrainConfig's defaults: every method trains with the recipe a user gets
 
@@ -77,6 +74,18 @@ def run_row(job: tuple[str, str, str, dict[str, Any], int]) -> tuple[str, dict[s
         "recipe": {k: v.train["recipe"].get(k) for k in ("lr", "epochs", "batch_size", "augment", "warmup_epochs")}}
 
 
+def reuse(log: Path, rows: dict[str, Any]) -> None:
+    """Take the rows that ``recipe_table.py`` already trained (a method at its defaults, at this budget's recipe)."""
+    cfg = TrainConfig(**BUDGET)
+    for line in (json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")):
+        same = (line.get("lr_given"), line.get("augment"), line.get("epochs"), line.get("limit_train")) == \
+            (None, cfg.augment, cfg.epochs, cfg.limit_train)
+        key = row_key(line["dataset"], line["method"], {})
+        if same and "trainable_params" in line and key not in rows:
+            rows[key] = {"test_top1": line["test_top1"] / 100, "wall_s": line["seconds"], "reused_from": log.name,
+                         **{k: line[k] for k in ("trainable_params", "bytes", "train_time_s", "device")}}
+
+
 def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -107,6 +116,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the JSON file of finished rows")
     parser.add_argument("--fresh", action="store_true", help="recompute every row")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="recipe_table.py's --resume log: its runs of a method at its defaults become rows")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at once, each in its own process")
     parser.add_argument("--print", action="store_true", help="print the table of the saved rows, train nothing")
     args = parser.parse_args()
@@ -119,11 +130,17 @@ def main() -> None:
     data = {k: v for k, v in specs().items() if args.datasets is None or k in args.datasets}
     methods = [m for m in METHODS if args.only is None or m in args.only]
     plan = [(name, m, resolve(c, depth)) for name in data for m in methods for c in CONFIGS.get(m, [{}])]
+    per_set = len(plan) // max(1, len(data))
     rows = {} if args.fresh else load(args.results)
+    if args.reuse and args.reuse.is_file():
+        reuse(args.reuse, rows)
     if args.print:
         plan = [p for p in plan if row_key(*p) in rows]
-    todo = [(name, data[name], method, config, args.threads) for name, method, config in plan
-            if row_key(name, method, config) not in rows]
+    # trained method by method (a stable sort on the row's place within its data set), so a stopped run has whole
+    # methods on every data set
+    place = {row_key(*row): i % per_set for i, row in enumerate(plan)}
+    todo = sorted(((name, data[name], method, config, args.threads) for name, method, config in plan
+                   if row_key(name, method, config) not in rows), key=lambda job: place[row_key(*job[:1], *job[2:4])])
     with get_context("spawn").Pool(args.jobs) as pool:  # one process per row: a row's threads are its own
         for key, row in pool.imap_unordered(run_row, todo):
             rows[key] = row

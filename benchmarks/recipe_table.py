@@ -46,6 +46,8 @@ def run(job: tuple[str, str, str, float | str | None, dict]) -> dict:
     recipe = result.version.train["recipe"]
     return {"dataset": dataset, "method": method, "lr_given": lr, "lr": recipe["lr"], "recipe": recipe,
             "augment": recipe["augment"], "epochs": recipe["epochs"], "limit_train": recipe["limit_train"],
+            "trainable_params": result.version.trainable_params, "bytes": result.version.bytes,
+            "train_time_s": result.version.train_time_s, "device": result.version.device,
             "test_top1": 100 * result.metrics["test_top1"], "seconds": time.perf_counter() - started}
 
 
