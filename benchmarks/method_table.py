@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -78,8 +79,9 @@ def reuse(log: Path, rows: dict[str, Any]) -> None:
     """Take the rows that ``recipe_table.py`` already trained (a method at its defaults, at this budget's recipe)."""
     cfg = TrainConfig(**BUDGET)
     for line in (json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")):
-        same = (line.get("lr_given"), line.get("augment"), line.get("epochs"), line.get("limit_train")) == \
-            (None, cfg.augment, cfg.epochs, cfg.limit_train)
+        default = line.get("lr_given") != "auto" and math.isclose(line["lr"], cfg.resolved(line["method"]).lr)
+        same = default and (line.get("augment"), line.get("epochs"), line.get("limit_train")) == \
+            (cfg.augment, cfg.epochs, cfg.limit_train)
         key = row_key(line["dataset"], line["method"], {})
         if same and "trainable_params" in line and key not in rows:
             rows[key] = {"test_top1": line["test_top1"] / 100, "wall_s": line["seconds"], "reused_from": log.name,

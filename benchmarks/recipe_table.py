@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -52,9 +53,13 @@ def run(job: tuple[str, str, str, float | str | None, dict]) -> dict:
 
 
 def _same_run(line: dict, job: tuple, cfg) -> bool:
-    """Whether a logged run is this job at this recipe (older logs lack the recipe fields: never the same)."""
+    """Whether a logged run trained as this job would: same data set, method, learning rate as used (a default
+    that moved to a rate already run by hand is that run) and recipe; older logs lack the recipe fields."""
     dataset, _, method, lr, _ = job
-    return (line.get("dataset"), line.get("method"), line.get("lr_given")) == (dataset, method, lr) and \
+    if lr == "auto" or line.get("lr_given") == "auto":
+        return False
+    used = lr if lr is not None else cfg.resolved(method).lr
+    return (line.get("dataset"), line.get("method")) == (dataset, method) and math.isclose(line["lr"], used) and \
         (line.get("augment"), line.get("epochs"), line.get("limit_train")) == (cfg.augment, cfg.epochs,
                                                                              cfg.limit_train)
 
@@ -124,7 +129,7 @@ def main() -> None:
         for job in jobs(chosen, args.factors, args.auto, extra):
             done = next((line for line in logged if _same_run(line, job, cfg)), None)
             if done:
-                results.append(done)
+                results.append({**done, "lr_given": job[3]})  # as this job names it (None: the default)
             else:
                 todo.append(job)
         with get_context("spawn").Pool(args.jobs) as pool:
