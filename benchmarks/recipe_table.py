@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--auto", action="store_true", help="also train the adapter with --lr auto")
     parser.add_argument("--epochs", type=int, default=None, help="override the default epochs (say so in the table)")
     parser.add_argument("--limit-train", type=int, default=None, help="use only N training images (say so)")
+    parser.add_argument("--augment", default=None, help="override the default augmentation level (say so)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one CPU thread each")
     parser.add_argument("--from-log", type=Path, default=None,
                         help="print the table from the JSON lines of an earlier (possibly stopped) run's stderr")
@@ -116,7 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     from adaptkit.train import TrainConfig
 
-    extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train)) if v is not None}
+    extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train), ("augment", args.augment))
+             if v is not None}
     if args.from_log:
         results = [json.loads(line) for line in args.from_log.read_text().splitlines() if line.startswith("{")]
         names = [n for n in args.datasets if any(r["dataset"] == n for r in results)]
