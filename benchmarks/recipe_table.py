@@ -12,13 +12,15 @@ Usage (runs take minutes each on one CPU thread; ``--jobs`` runs several at once
     python benchmarks/recipe_table.py --datasets digits --factors 0.25 0.5 1 2 4 --auto   # a finer grid, --lr auto
 
 Runs go defaults first, data set by data set, so a stopped run still has the rows that matter most; every finished
-run is printed to stderr as a JSON line.
+run is printed to stderr as a JSON line, and appended to ``--resume FILE``, whose runs at the same recipe are not
+trained again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -44,7 +46,22 @@ def run(job: tuple[str, str, str, float | str | None, dict]) -> dict:
                        config=TrainConfig(lr=lr, threads=1, **extra))
     recipe = result.version.train["recipe"]
     return {"dataset": dataset, "method": method, "lr_given": lr, "lr": recipe["lr"], "recipe": recipe,
+            "augment": recipe["augment"], "epochs": recipe["epochs"], "limit_train": recipe["limit_train"],
+            "trainable_params": result.version.trainable_params, "bytes": result.version.bytes,
+            "train_time_s": result.version.train_time_s, "device": result.version.device,
             "test_top1": 100 * result.metrics["test_top1"], "seconds": time.perf_counter() - started}
+
+
+def _same_run(line: dict, job: tuple, cfg) -> bool:
+    """Whether a logged run trained as this job would: same data set, method, learning rate as used (a default
+    that moved to a rate already run by hand is that run) and recipe; older logs lack the recipe fields."""
+    dataset, _, method, lr, _ = job
+    if lr == "auto" or line.get("lr_given") == "auto":
+        return False
+    used = lr if lr is not None else cfg.resolved(method).lr
+    return (line.get("dataset"), line.get("method")) == (dataset, method) and math.isclose(line["lr"], used) and \
+        (line.get("augment"), line.get("epochs"), line.get("limit_train")) == (cfg.augment, cfg.epochs,
+                                                                             cfg.limit_train)
 
 
 def jobs(datasets: dict[str, str], factors: list[float], auto: bool, extra: dict) -> list[tuple]:
@@ -91,23 +108,40 @@ def main() -> None:
     parser.add_argument("--auto", action="store_true", help="also train the adapter with --lr auto")
     parser.add_argument("--epochs", type=int, default=None, help="override the default epochs (say so in the table)")
     parser.add_argument("--limit-train", type=int, default=None, help="use only N training images (say so)")
+    parser.add_argument("--augment", default=None, help="override the default augmentation level (say so)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one CPU thread each")
     parser.add_argument("--from-log", type=Path, default=None,
                         help="print the table from the JSON lines of an earlier (possibly stopped) run's stderr")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="a JSON-lines log: runs already in it (same recipe) are reused, new ones appended")
     args = parser.parse_args()
     from adaptkit.train import TrainConfig
 
-    extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train)) if v is not None}
+    extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train), ("augment", args.augment))
+             if v is not None}
     if args.from_log:
         results = [json.loads(line) for line in args.from_log.read_text().splitlines() if line.startswith("{")]
         names = [n for n in args.datasets if any(r["dataset"] == n for r in results)]
     else:
         chosen = {k: v for k, v in specs().items() if k in args.datasets}
-        names, results = list(chosen), []
+        names, cfg = list(chosen), TrainConfig(**extra)
+        logged = [json.loads(x) for x in args.resume.read_text().splitlines() if x.startswith("{")] \
+            if args.resume and args.resume.is_file() else []
+        todo, results = [], []
+        for job in jobs(chosen, args.factors, args.auto, extra):
+            done = next((line for line in logged if _same_run(line, job, cfg)), None)
+            if done:
+                results.append({**done, "lr_given": job[3]})  # as this job names it (None: the default)
+            else:
+                todo.append(job)
         with get_context("spawn").Pool(args.jobs) as pool:
-            for r in pool.imap_unordered(run, jobs(chosen, args.factors, args.auto, extra)):
+            for r in pool.imap_unordered(run, todo):
                 results.append(r)
-                print(json.dumps({k: v for k, v in r.items() if k != "recipe"}), file=sys.stderr, flush=True)
+                line = json.dumps({k: v for k, v in r.items() if k != "recipe"})
+                print(line, file=sys.stderr, flush=True)
+                if args.resume:
+                    with args.resume.open("a") as log:
+                        log.write(line + "\n")
     cfg = TrainConfig(**extra)
     print(f"{BACKBONE}; test top-1 (%); {cfg.epochs} epochs, batch {cfg.batch_size}, augment {cfg.augment}, "
           f"seed {cfg.seed}, one CPU thread per run"

@@ -44,7 +44,7 @@ def split_digits(root: Path) -> tuple[str, str]:
 
 def split_glyphs(root: Path, glyphs: Path) -> tuple[str, str]:
     """glyphs as two folders of links: letters A-E and F-J."""
-    out = [root / "glyphs-A-E", root / "glyphs-F-J"]
+    out = [root / f"{glyphs.name}-A-E", root / f"{glyphs.name}-F-J"]  # named after the source: a new one, new links
     for part in ("train", "test"):
         for letter_dir in sorted((glyphs / part).iterdir()):
             dest = out["ABCDE".find(letter_dir.name) < 0] / part / letter_dir.name
