@@ -47,6 +47,7 @@ def run(job: tuple[str, str, str, float | str | None, dict]) -> dict:
     recipe = result.version.train["recipe"]
     return {"dataset": dataset, "method": method, "lr_given": lr, "lr": recipe["lr"], "recipe": recipe,
             "augment": recipe["augment"], "epochs": recipe["epochs"], "limit_train": recipe["limit_train"],
+            "seed": recipe["seed"],
             "trainable_params": result.version.trainable_params, "bytes": result.version.bytes,
             "train_time_s": result.version.train_time_s, "device": result.version.device,
             "test_top1": 100 * result.metrics["test_top1"], "seconds": time.perf_counter() - started}
@@ -60,18 +61,21 @@ def _same_run(line: dict, job: tuple, cfg) -> bool:
         return False
     used = lr if lr is not None else cfg.resolved(method).lr
     return (line.get("dataset"), line.get("method")) == (dataset, method) and math.isclose(line["lr"], used) and \
-        (line.get("augment"), line.get("epochs"), line.get("limit_train")) == (cfg.augment, cfg.epochs,
-                                                                             cfg.limit_train)
+        (line.get("augment"), line.get("epochs"), line.get("limit_train"), line.get("seed", 0)) == (
+            cfg.augment, cfg.epochs, cfg.limit_train, cfg.seed)
 
 
-def jobs(datasets: dict[str, str], factors: list[float], auto: bool, extra: dict) -> list[tuple]:
-    """Every (data set, method, lr) to train: the three defaults, the adapter sweep, and --lr auto if asked."""
+def jobs(datasets: dict[str, str], factors: list[float], auto: bool, extra: dict,
+         methods: tuple[str, ...] = ("linear", "adapter", "lora")) -> list[tuple]:
+    """Every (data set, method, lr) to train: the defaults of ``methods``, the adapter sweep, and --lr auto if
+    asked."""
     from adaptkit.train import TrainConfig
 
     default = TrainConfig(**extra).resolved("adapter").lr
     runs = [("linear", None), ("adapter", None), *(("adapter", default * f) for f in factors if f != 1.0),
             ("lora", None), *([("adapter", "auto")] if auto else [])]
-    return [(name, spec, method, lr, extra) for method, lr in runs for name, spec in datasets.items()]
+    return [(name, spec, method, lr, extra) for method, lr in runs for name, spec in datasets.items()
+            if method in methods]
 
 
 def _cell(value: float | None, sign: str = "") -> str:
@@ -109,6 +113,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the default epochs (say so in the table)")
     parser.add_argument("--limit-train", type=int, default=None, help="use only N training images (say so)")
     parser.add_argument("--augment", default=None, help="override the default augmentation level (say so)")
+    parser.add_argument("--seed", type=int, default=None, help="another seed than the default 0 (say so)")
+    parser.add_argument("--methods", nargs="+", default=["linear", "adapter", "lora"],
+                        help="train only these of the defaults (the sweep is the adapter's)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one CPU thread each")
     parser.add_argument("--from-log", type=Path, default=None,
                         help="print the table from the JSON lines of an earlier (possibly stopped) run's stderr")
@@ -117,8 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     from adaptkit.train import TrainConfig
 
-    extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train), ("augment", args.augment))
-             if v is not None}
+    extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train), ("augment", args.augment),
+                               ("seed", args.seed)) if v is not None}
     if args.from_log:
         results = [json.loads(line) for line in args.from_log.read_text().splitlines() if line.startswith("{")]
         names = [n for n in args.datasets if any(r["dataset"] == n for r in results)]
@@ -128,7 +135,7 @@ def main() -> None:
         logged = [json.loads(x) for x in args.resume.read_text().splitlines() if x.startswith("{")] \
             if args.resume and args.resume.is_file() else []
         todo, results = [], []
-        for job in jobs(chosen, args.factors, args.auto, extra):
+        for job in jobs(chosen, args.factors, args.auto, extra, tuple(args.methods)):
             done = next((line for line in logged if _same_run(line, job, cfg)), None)
             if done:
                 results.append({**done, "lr_given": job[3]})  # as this job names it (None: the default)
