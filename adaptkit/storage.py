@@ -298,7 +298,6 @@ class FsspecStorage(Storage):
             out.append(StoredFile(rel, int(info.get("size") or 0), age))
         return out
 
-
     def _bucket(self) -> tuple[str, str] | None:
         """(bucket, key prefix) of an S3 store; None for other file systems."""
         if "s3" not in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
