@@ -1,4 +1,4 @@
-"""Three real offline data sets of different kinds, as image folders, for the accuracy tables.
+"""Real offline data sets of different kinds, as image folders, for the accuracy tables.
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (adaptkit's own ``digits`` spec; nothing to make).
 - ``glyphs``: the letters A-J rendered from the fonts installed on the machine (Debian's DejaVu and Liberation),
@@ -8,13 +8,18 @@
 - ``cifar5``: five CIFAR-10 classes (airplane, automobile, bird, cat, ship), 200 train and 100 test images each,
   unpacked from ``../shared/data/cifar10.tar.gz``: natural images (the packaged backbone was pretrained on CIFAR-10,
   so this is the in-domain case).
+- ``emoji``: which Unicode group an emoji belongs to (smileys, people, animals and nature, food, travel and places,
+  activities, objects, symbols: 8 classes, from Debian's ``unicode-data``), the emoji drawn from Debian's Noto Color
+  Emoji font at a random size, offset, rotation, background, noise and blur; 300 training and 100 test images a
+  group, the test images of emoji never seen in training: pictures of things, drawn, not photographed. Needs
+  ``apt-get install fonts-noto-color-emoji unicode-data``.
 
 Usage::
 
-    python benchmarks/datasets.py            # makes ~/.cache/adaptkit/bench/{glyphs-v2,cifar5}, prints the specs
+    python benchmarks/datasets.py            # makes ~/.cache/adaptkit/bench/{glyphs-v2,cifar5,emoji}, prints the specs
     adaptkit train --dataset folder:$HOME/.cache/adaptkit/bench/glyphs-v2 ...
 
-The folders are made once and are deterministic (seed 0); :func:`specs` returns the three ``--dataset`` strings.
+The folders are made once and are deterministic (seed 0); :func:`specs` returns the ``--dataset`` strings.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ ROOT = Path.home() / ".cache" / "adaptkit" / "bench"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FONT_DIRS = [Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype/liberation")]
 LETTERS = "ABCDEFGHIJ"
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
 CIFAR5 = ("airplane", "automobile", "bird", "cat", "ship")
 
 
@@ -76,7 +83,12 @@ def _glyph(letter: str, font: Path, rng: random.Random, size: int = 32) -> Image
     x = (big - (x1 - x0)) // 2 - x0 + rng.randint(-jitter, jitter)
     y = (big - (y1 - y0)) // 2 - y0 + rng.randint(-jitter, jitter)
     draw.text((x, y), letter, font=face, fill=fg)
-    img = img.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR, fillcolor=bg).resize((size, size), Image.LANCZOS)
+    return _shrink(img.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR, fillcolor=bg), rng, size)
+
+
+def _shrink(img: Image.Image, rng: random.Random, size: int) -> Image.Image:
+    """A large rendering down to ``size`` pixels, with random sensor noise and blur."""
+    img = img.resize((size, size), Image.LANCZOS)
     noise = np.random.default_rng(rng.randint(0, 2**31)).normal(0, rng.uniform(0, 12), (size, size, 3))
     arr = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
     img = Image.fromarray(arr)
@@ -105,6 +117,66 @@ def make_glyphs(root: Path = ROOT, train: int = 100, test: int = 100, seed: int 
     return out
 
 
+def _emoji_groups() -> dict[str, list[str]]:
+    """Unicode's emoji groups (emoji-test.txt), each with its single-code-point emoji (Flags and skin-tone
+    components left out: too few, or not pictures)."""
+    if not EMOJI_TEST.is_file() or not EMOJI_FONT.is_file():
+        raise SystemExit("emoji needs Debian's emoji font and Unicode data: apt-get install fonts-noto-color-emoji "
+                         "unicode-data")
+    groups: dict[str, list[str]] = {}
+    group = ""
+    for line in EMOJI_TEST.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+        elif "; fully-qualified" in line and group not in ("Flags", "Component"):
+            points = line.split(";")[0].split()
+            if len(points) == 1 or (len(points) == 2 and points[1] == "FE0F"):
+                groups.setdefault(group, []).append("".join(chr(int(p, 16)) for p in points))
+    return groups
+
+
+def _emoji(char: str, face: ImageFont.FreeTypeFont, rng: random.Random, size: int = 32) -> Image.Image:
+    big = size * 4
+    bg = tuple(rng.randint(0, 255) for _ in range(3))
+    drawn = Image.new("RGBA", (136, 136), (0, 0, 0, 0))
+    ImageDraw.Draw(drawn).text((0, 0), char, font=face, embedded_color=True)
+    drawn = drawn.crop(drawn.getbbox() or (0, 0, 136, 136))
+    scale = rng.uniform(0.5, 0.9) * big / max(drawn.size)
+    drawn = drawn.resize((max(1, round(drawn.width * scale)), max(1, round(drawn.height * scale))), Image.LANCZOS)
+    drawn = drawn.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR, expand=True)
+    img = Image.new("RGB", (big, big), bg)
+    jitter = big // 8
+    x = (big - drawn.width) // 2 + rng.randint(-jitter, jitter)
+    y = (big - drawn.height) // 2 + rng.randint(-jitter, jitter)
+    img.paste(drawn, (x, y), drawn)
+    return _shrink(img, rng, size)
+
+
+def make_emoji(root: Path = ROOT, train: int = 300, test: int = 100, seed: int = 0) -> Path:
+    """Render ``train`` + ``test`` images per Unicode emoji group into ``root/emoji/{train,test}/<group>/``.
+
+    A quarter of each group's emoji (seeded) are kept for the test images, so the test measures recognising the
+    kind of thing an emoji never seen before shows.
+    """
+    out = root / "emoji"
+    groups = _emoji_groups()
+    names = {g: g.lower().replace(" & ", "-and-").replace(" ", "-") for g in groups}
+    if all((out / "test" / n).is_dir() for n in names.values()):
+        return out
+    face = ImageFont.truetype(str(EMOJI_FONT), 109)  # a bitmap font: 109 px is its only size
+    rng = random.Random(seed)
+    for group, chars in groups.items():
+        chars = chars[:]
+        rng.shuffle(chars)
+        split = {"test": chars[: len(chars) // 4], "train": chars[len(chars) // 4:]}
+        for part, n in (("train", train), ("test", test)):
+            folder = out / part / names[group]
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _emoji(rng.choice(split[part]), face, rng).save(folder / f"{i:04d}.png")
+    return out
+
+
 def make_cifar5(root: Path = ROOT, train: int = 200, test: int = 100) -> Path:
     """Unpack the first ``train``/``test`` images of five CIFAR-10 classes from the shared archive."""
     out = root / "cifar5"
@@ -130,13 +202,19 @@ def make_cifar5(root: Path = ROOT, train: int = 200, test: int = 100) -> Path:
     return out
 
 
-def specs(root: Path = ROOT) -> dict[str, str]:
-    """The three data sets as ``--dataset`` specs, made first if needed."""
-    return {"digits": "digits", "glyphs": f"folder:{make_glyphs(root)}", "cifar5": f"folder:{make_cifar5(root)}"}
+def specs(root: Path = ROOT, emoji: bool = False) -> dict[str, str]:
+    """The data sets as ``--dataset`` specs, made first if needed (``emoji`` only when asked: it needs two Debian
+    packages)."""
+    out = {"digits": "digits", "glyphs": f"folder:{make_glyphs(root)}", "cifar5": f"folder:{make_cifar5(root)}"}
+    if emoji:
+        out["emoji"] = f"folder:{make_emoji(root)}"
+    return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=ROOT)
-    for name, spec in specs(parser.parse_args().root).items():
+    parser.add_argument("--no-emoji", action="store_true", help="skip the emoji set (it needs Debian packages)")
+    args = parser.parse_args()
+    for name, spec in specs(args.root, emoji=not args.no_emoji).items():
         print(f"{name}\t{spec}")
