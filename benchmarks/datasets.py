@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tarfile
 from pathlib import Path
 
@@ -216,5 +217,8 @@ if __name__ == "__main__":
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--no-emoji", action="store_true", help="skip the emoji set (it needs Debian packages)")
     args = parser.parse_args()
-    for name, spec in specs(args.root, emoji=not args.no_emoji).items():
+    emoji = not args.no_emoji and EMOJI_FONT.is_file() and EMOJI_TEST.is_file()
+    if not emoji and not args.no_emoji:
+        print("emoji skipped: it needs apt-get install fonts-noto-color-emoji unicode-data", file=sys.stderr)
+    for name, spec in specs(args.root, emoji=emoji).items():
         print(f"{name}\t{spec}")

@@ -54,10 +54,13 @@ def run(job: tuple[str, str, str, float | str | None, dict]) -> dict:
             "test_top1": 100 * result.metrics["test_top1"], "seconds": time.perf_counter() - started}
 
 
-def _same_run(line: dict, job: tuple, cfg) -> bool:
+def _same_run(line: dict, job: tuple) -> bool:
     """Whether a logged run trained as this job would: same data set, method, learning rate as used (a default
     that moved to a rate already run by hand is that run) and recipe; older logs lack the recipe fields."""
-    dataset, _, method, lr, _ = job
+    from adaptkit.train import TrainConfig
+
+    dataset, _, method, lr, extra = job
+    cfg = TrainConfig(**extra)
     if lr == "auto" or line.get("lr_given") == "auto":
         return False
     used = lr if lr is not None else cfg.resolved(method).lr
@@ -87,8 +90,17 @@ def _minus(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
+def _mean(results: list[dict]) -> list[dict]:
+    """One row per (data set, method, rate as given), its test top-1 the mean over the seeds run."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["dataset"], r["method"], r["lr_given"], round(r["lr"], 12)), []).append(r)
+    return [{**runs[0], "test_top1": sum(r["test_top1"] for r in runs) / len(runs)} for runs in groups.values()]
+
+
 def table(results: list[dict], datasets: list[str]) -> None:
-    rows = []
+    """The Markdown table; with several seeds run, every cell is their mean."""
+    rows, results = [], _mean(results)
     for name in datasets:
         mine = [r for r in results if r["dataset"] == name]
         linear, adapter, lora, auto = (next((r["test_top1"] for r in mine if r["method"] == m and r["lr_given"] == lr),
@@ -114,7 +126,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the default epochs (say so in the table)")
     parser.add_argument("--limit-train", type=int, default=None, help="use only N training images (say so)")
     parser.add_argument("--augment", default=None, help="override the default augmentation level (say so)")
-    parser.add_argument("--seed", type=int, default=None, help="another seed than the default 0 (say so)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="train every run at each of these seeds (default: the default seed, 0) and print means")
     parser.add_argument("--methods", nargs="+", default=["linear", "adapter", "lora"],
                         help="train only these of the defaults (the sweep is the adapter's)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one CPU thread each")
@@ -125,19 +138,22 @@ def main() -> None:
     args = parser.parse_args()
     from adaptkit.train import TrainConfig
 
-    extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train), ("augment", args.augment),
-                               ("seed", args.seed)) if v is not None}
+    extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train), ("augment", args.augment))
+             if v is not None}
+    seeds = args.seeds or [TrainConfig().seed]
     if args.from_log:
         results = [json.loads(line) for line in args.from_log.read_text().splitlines() if line.startswith("{")]
         names = [n for n in args.datasets if any(r["dataset"] == n for r in results)]
     else:
         chosen = {k: v for k, v in specs(emoji="emoji" in args.datasets).items() if k in args.datasets}
-        names, cfg = list(chosen), TrainConfig(**extra)
+        names = list(chosen)
         logged = [json.loads(x) for x in args.resume.read_text().splitlines() if x.startswith("{")] \
             if args.resume and args.resume.is_file() else []
         todo, results = [], []
-        for job in jobs(chosen, args.factors, args.auto, extra, tuple(args.methods)):
-            done = next((line for line in logged if _same_run(line, job, cfg)), None)
+        every = [job for seed in seeds for job in jobs(chosen, args.factors, args.auto, {**extra, "seed": seed},
+                                                        tuple(args.methods))]
+        for job in every:
+            done = next((line for line in logged if _same_run(line, job)), None)
             if done:
                 results.append({**done, "lr_given": job[3]})  # as this job names it (None: the default)
             else:
@@ -152,7 +168,8 @@ def main() -> None:
                         log.write(line + "\n")
     cfg = TrainConfig(**extra)
     print(f"{BACKBONE}; test top-1 (%); {cfg.epochs} epochs, batch {cfg.batch_size}, augment {cfg.augment}, "
-          f"seed {cfg.seed}, one CPU thread per run"
+          + (f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of seeds {', '.join(map(str, seeds))}")
+          + ", one CPU thread per run"
           + (f"; only {args.limit_train} training images" if args.limit_train else "") + "\n")
     table(results, names)
 

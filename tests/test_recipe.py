@@ -134,3 +134,33 @@ def test_cli_options_and_show(tmp_path, cifar_mini):
     shown = runner.invoke(app, ["show", "cifar10-mini", "--registry", str(reg)]).output
     assert "recipe lr 0.002, 1 epoch, batch 16, warm-up 1.0, weight decay 0.0001, augment none, seed 0, cpu, " \
            "1 thread" in " ".join(shown.split())
+
+
+def _recipe_table():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("recipe_table")
+
+
+def test_recipe_table_reuses_a_logged_run_only_at_its_seed_and_averages_seeds(capsys):
+    table = _recipe_table()
+    default = TrainConfig().resolved("adapter").lr
+    line = {"dataset": "d", "method": "adapter", "lr": default, "augment": "light", "epochs": 10, "limit_train": None}
+    job = ("d", "folder:x", "adapter", None, {"seed": 1})
+    assert table._same_run({**line, "seed": 1}, job)
+    assert not table._same_run({**line, "seed": 0}, job)  # another seed is another run
+    assert not table._same_run({**line, "seed": 1, "epochs": 5}, job)
+    assert table._same_run({**line, "seed": 1}, ("d", "folder:x", "adapter", default, {"seed": 1}))  # the rate by hand
+
+    runs = [{"dataset": "d", "method": "linear", "lr_given": None, "lr": 0.01, "test_top1": t} for t in (30.0, 40.0)]
+    runs += [{"dataset": "d", "method": "adapter", "lr_given": None, "lr": default, "test_top1": t} for t in (50, 52)]
+    runs += [{"dataset": "d", "method": "adapter", "lr_given": 3 * default, "lr": 3 * default, "test_top1": t}
+             for t in (54, 49)]
+    table.table(runs, ["d"])
+    row = capsys.readouterr().out.splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["d", "35.0", "51.0"]  # the means of the two seeds
+    assert cells[5:7] == ["+16.0", "-0.5"]  # against the probe; against the best rate (3x: 51.5)
