@@ -215,6 +215,8 @@ def test_an_error_stays_until_dismissed(page):
     page.wait_for_timeout(11_000)  # Gradio's toasts go after 10 s; this one must stay
     expect(toast).to_be_visible()
     shoot(page, "error")
+    page.get_by_test_id("toast-close").first.click()  # dismissed, it goes
+    expect(toast).to_be_hidden()
 
 
 def _refresh_compare(page) -> None:
@@ -235,10 +237,12 @@ def test_auto_routes_and_all_tasks_marks_the_choice(page):
     expect(page.locator("#timing")).to_contain_text("Routed to")
     expect(page.locator("#timing")).to_contain_text("% sure")
     assert page.locator("#labels [data-testid=label-output-value]").inner_text() in CLASSES
+    expect(page.get_by_role("option", name="Auto: which task?")).to_be_hidden()  # the list closed
     page.screenshot(path=str(ARTIFACTS / "app-auto.png"), full_page=True)
     page.get_by_role("tab", name="All tasks").click()
     page.locator("#image-all input[type=file]").set_input_files(str(CIFAR_MINI / "test" / "ship" / "0001.jpg"))
     expect(page.locator("text=router's choice >> visible=true").first).to_be_visible()
+    expect(page.locator("#table-all [data-testid=status-tracker]").first).to_have_class(re.compile(r"\bhide\b"))
     page.screenshot(path=str(ARTIFACTS / "app-all-tasks-routed.png"), full_page=True)
 
 
