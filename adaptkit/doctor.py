@@ -163,7 +163,7 @@ def _tasks(registry: Registry, repair: bool) -> list[Finding]:
 def _files(registry: Registry, repair: bool, min_age_s: float | None) -> list[Finding]:
     found = []
     with registry.storage.sweeping() as alone:
-        leftovers = {f.rel for f in registry.leftovers(alone, min_age_s)}
+        age = registry.leftover_age(alone, min_age_s)
         with registry.session() as s:
             referenced = set(s.scalars(select(VersionRow.file)))
         owner = registry.owns_store()
@@ -178,7 +178,7 @@ def _files(registry: Registry, repair: bool, min_age_s: float | None) -> list[Fi
                 found.append(Finding(kind, f.rel, "the adapter store is shared with another registry (its "
                                                   f"{OWNER_FILE} file names it): left alone", repairable=False))
                 continue
-            if f.rel not in leftovers:
+            if f.age_s < age:  # else a leftover, as Registry.leftovers counts them
                 found.append(Finding(kind, f.rel, f"{f.age_s:.0f} s old: a write may be in flight, left alone "
                                                   "(pass a smaller minimum age to repair it)", repairable=False))
                 continue
@@ -187,19 +187,19 @@ def _files(registry: Registry, repair: bool, min_age_s: float | None) -> list[Fi
                 registry.storage.delete(f.rel)
                 finding.repaired = True
             found.append(finding)
-        found += _uploads(registry, repair, alone, min_age_s)
+        found += _uploads(registry, repair, age)
     return found
 
 
-def _uploads(registry: Registry, repair: bool, alone: bool, min_age_s: float | None) -> list[Finding]:
+def _uploads(registry: Registry, repair: bool, age: float) -> list[Finding]:
     """Unfinished uploads of adapter files (a writer killed mid-write): the store keeps their parts out of sight."""
-    uploads = [u for u in registry.storage.uploads() if is_own_file(u.rel)]
+    uploads = registry.own_uploads()
     if uploads and not registry.owns_store():
         return [Finding("upload", u.rel, f"unfinished; the adapter store is shared with another registry (its "
                                          f"{OWNER_FILE} file names it): left alone", repairable=False) for u in uploads]
-    found, stale = [], {u.id for u in registry.stale_uploads(alone, min_age_s)}
+    found = []
     for u in uploads:
-        if u.id not in stale:
+        if u.age_s < age:  # else stale, as Registry.stale_uploads counts them
             found.append(Finding("upload", u.rel, f"unfinished, {u.age_s:.0f} s old: a write may be in flight, left "
                                                   "alone (pass a smaller minimum age to repair it)", repairable=False))
             continue

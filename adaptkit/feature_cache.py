@@ -162,6 +162,4 @@ def frozen_pooled(data: Any, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor
     if not isinstance(net, CachedTask) or net.start != len(net.task.trunk.blocks) or net.task.parts:
         return None
     splits = (data.train, data.val)
-    feats = [torch.from_numpy(np.asarray(s.features)) if isinstance(s.features, np.ndarray) else s.features
-             for s in splits]
-    return torch.cat(feats), torch.cat([s.labels for s in splits])
+    return torch.cat([torch.as_tensor(s.features) for s in splits]), torch.cat([s.labels for s in splits])

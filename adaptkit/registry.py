@@ -561,16 +561,24 @@ class Registry:
         """
         with self.session() as s:
             referenced = set(s.scalars(select(VersionRow.file)))
-        age = 0.0 if alone else (self.storage.in_flight_s if min_age_s is None else min_age_s)
+        age = self.leftover_age(alone, min_age_s)
         owner = self.owns_store()
         return [f for f in self.storage.files()
                 if f.rel not in referenced and is_own_file(f.rel) and (owner or is_temp(f.rel)) and f.age_s >= age]
 
+    def leftover_age(self, alone: bool, min_age_s: float | None = None) -> float:
+        """How old (seconds) a file or upload no row refers to must be to count as a leftover: any age when
+        ``alone``, else ``min_age_s`` (default: the storage's in-flight time)."""
+        return 0.0 if alone else (self.storage.in_flight_s if min_age_s is None else min_age_s)
+
+    def own_uploads(self) -> list[Upload]:
+        """The unfinished writes of adapter files in an object store (S3 multipart uploads), whoever left them."""
+        return [u for u in self.storage.uploads() if is_own_file(u.rel)]
+
     def stale_uploads(self, alone: bool, min_age_s: float | None = None) -> list[Upload]:
-        """The unfinished writes a crash left in an object store (S3 multipart uploads), by the same age rule as
-        :meth:`leftovers`; none unless this registry owns the store."""
-        age = 0.0 if alone else (self.storage.in_flight_s if min_age_s is None else min_age_s)
-        uploads = [u for u in self.storage.uploads() if is_own_file(u.rel)]
+        """The unfinished writes a crash left, by the same age rule as :meth:`leftovers`; none unless this
+        registry owns the store."""
+        uploads, age = self.own_uploads(), self.leftover_age(alone, min_age_s)
         return [u for u in uploads if u.age_s >= age] if uploads and self.owns_store() else []
 
     def owns_store(self) -> bool:

@@ -11,6 +11,7 @@ from adaptkit.trunk import AFTER_BLOCKS  # the norms after the last block train 
 
 __all__ = ["LinearConfig", "LinearMethod", "FullConfig", "FullMethod"]
 
+
 @dataclass
 class LinearConfig:
     """The linear probe has no settings."""
