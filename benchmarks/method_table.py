@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -77,11 +76,10 @@ def run_row(job: tuple[str, str, str, dict[str, Any], int]) -> tuple[str, dict[s
 
 def reuse(log: Path, rows: dict[str, Any]) -> None:
     """Take the rows that ``recipe_table.py`` already trained (a method at its defaults, at this budget's recipe)."""
-    cfg = TrainConfig(**BUDGET)
+    from recipe_table import same_run  # benchmarks/ is on the path (see main)
+
     for line in (json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")):
-        default = line.get("lr_given") != "auto" and math.isclose(line["lr"], cfg.resolved(line["method"]).lr)
-        same = default and (line.get("augment"), line.get("epochs"), line.get("limit_train")) == \
-            (cfg.augment, cfg.epochs, cfg.limit_train)
+        same = same_run(line, (line["dataset"], "", line["method"], None, BUDGET))
         key = row_key(line["dataset"], line["method"], {})
         if same and "trainable_params" in line and key not in rows:
             rows[key] = {"test_top1": line["test_top1"] / 100, "wall_s": line["seconds"], "reused_from": log.name,

@@ -54,7 +54,7 @@ def run(job: tuple[str, str, str, float | str | None, dict]) -> dict:
             "test_top1": 100 * result.metrics["test_top1"], "seconds": time.perf_counter() - started}
 
 
-def _same_run(line: dict, job: tuple) -> bool:
+def same_run(line: dict, job: tuple) -> bool:
     """Whether a logged run trained as this job would: same data set, method, learning rate as used (a default
     that moved to a rate already run by hand is that run) and recipe; older logs lack the recipe fields."""
     from adaptkit.train import TrainConfig
@@ -153,7 +153,7 @@ def main() -> None:
         every = [job for seed in seeds for job in jobs(chosen, args.factors, args.auto, {**extra, "seed": seed},
                                                         tuple(args.methods))]
         for job in every:
-            done = next((line for line in logged if _same_run(line, job)), None)
+            done = next((line for line in logged if same_run(line, job)), None)
             if done:
                 results.append({**done, "lr_given": job[3]})  # as this job names it (None: the default)
             else:

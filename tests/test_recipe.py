@@ -150,10 +150,10 @@ def test_recipe_table_reuses_a_logged_run_only_at_its_seed_and_averages_seeds(ca
     default = TrainConfig().resolved("adapter").lr
     line = {"dataset": "d", "method": "adapter", "lr": default, "augment": "light", "epochs": 10, "limit_train": None}
     job = ("d", "folder:x", "adapter", None, {"seed": 1})
-    assert table._same_run({**line, "seed": 1}, job)
-    assert not table._same_run({**line, "seed": 0}, job)  # another seed is another run
-    assert not table._same_run({**line, "seed": 1, "epochs": 5}, job)
-    assert table._same_run({**line, "seed": 1}, ("d", "folder:x", "adapter", default, {"seed": 1}))  # the rate by hand
+    assert table.same_run({**line, "seed": 1}, job)
+    assert not table.same_run({**line, "seed": 0}, job)  # another seed is another run
+    assert not table.same_run({**line, "seed": 1, "epochs": 5}, job)
+    assert table.same_run({**line, "seed": 1}, ("d", "folder:x", "adapter", default, {"seed": 1}))  # the rate by hand
 
     runs = [{"dataset": "d", "method": "linear", "lr_given": None, "lr": 0.01, "test_top1": t} for t in (30.0, 40.0)]
     runs += [{"dataset": "d", "method": "adapter", "lr_given": None, "lr": default, "test_top1": t} for t in (50, 52)]
