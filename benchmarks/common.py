@@ -20,9 +20,10 @@ from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.methods import TaskModel, get_method, unwrap
 from adaptkit.registry import Registry
+from adaptkit.trunk import run_prefix
 
 __all__ = ["METHOD_SPECS", "randomize", "register_task", "register_tasks", "median_time", "ratio", "print_table",
-           "machine_line", "base_parser", "parse", "sync"]
+           "machine_line", "base_parser", "parse", "sync", "block_features"]
 
 # name -> (method, config): the configurations the benchmarks compare
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -72,6 +73,18 @@ def register_tasks(reg: Registry, backbone_name: str,
     for i, (task, method, config, num_classes) in enumerate(specs):
         register_task(reg, backbone, task, method, config, num_classes, seed=i)
     return backbone
+
+
+def block_features(trunk: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A ViT's features of a batch: ``final`` (B, d) its pooled output (what a linear probe and the router read),
+    ``cls`` and ``avg`` (B, depth, d) the class token and the mean patch token after each block."""
+    h, cls, avg = run_prefix(trunk, x, 0), [], []
+    for block in trunk.blocks:
+        h = block(h)
+        cls.append(h[:, 0])
+        avg.append(h[:, 1:].mean(1))
+    return {"final": trunk.forward_head(trunk.norm(h), pre_logits=True), "cls": torch.stack(cls, 1),
+            "avg": torch.stack(avg, 1)}
 
 
 def sync() -> None:

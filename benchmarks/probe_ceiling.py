@@ -25,7 +25,7 @@ from adaptkit.data import load_task_data
 from adaptkit.models import PACKAGED_BACKBONE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table  # noqa: E402
+from common import block_features, print_table  # noqa: E402
 from datasets import specs  # noqa: E402
 
 
@@ -34,12 +34,10 @@ def features(model: torch.nn.Module, data) -> tuple[dict[str, np.ndarray], np.nd
     """Pooled pre-logits features, every block's (class token, mean patch token), grey pixels; and the labels."""
     x = torch.stack([data[i][0] for i in range(len(data))])  # (N, 3, H, W), the eval transform
     labels = np.array([data[i][1] for i in range(len(data))])
-    h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
-    out = {}
-    for b, block in enumerate(model.blocks):
-        h = block(h)
-        out[f"block {b + 1}"] = torch.cat([h[:, 0], h[:, 1:].mean(1)], 1).numpy()
-    out["pooled (what the linear probe sees)"] = model.forward_head(model.norm(h), pre_logits=True).numpy()
+    feats = block_features(model, x)
+    out = {f"block {b + 1}": torch.cat([feats["cls"][:, b], feats["avg"][:, b]], 1).numpy()
+           for b in range(len(model.blocks))}
+    out["pooled (what the linear probe sees)"] = feats["final"].numpy()
     grey = x.mean(1).flatten(1)
     out["grey pixels"] = ((grey - grey.mean(1, keepdim=True)) / (grey.std(1, keepdim=True) + 1e-6)).numpy()
     return out, labels

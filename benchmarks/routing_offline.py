@@ -19,30 +19,19 @@ import math
 from pathlib import Path
 
 import torch
+from common import block_features
 from torch.nn.functional import normalize, one_hot
 
 from adaptkit.continual import task_order
 from adaptkit.data import TransformedSubset, load_task_data
 from adaptkit.predict import Predictor
 from adaptkit.registry import Registry
-from adaptkit.routing import frozen
+from adaptkit.routing import DEFAULT_SHRINKAGE, Router, accumulate_stats, frozen
 
 
 def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [ds[i] for i in range(len(ds))]
     return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
-
-
-def _blocks(trunk, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Frozen features of a batch: the pooled output, and the class token / mean patch token after each block."""
-    h = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(x))))
-    cls, avg = [], []
-    for block in trunk.blocks:
-        h = block(h)
-        cls.append(h[:, 0])
-        avg.append(h[:, 1:].mean(1))
-    return {"final": trunk.forward_head(trunk.norm(h), pre_logits=True), "cls": torch.stack(cls, 1),
-            "avg": torch.stack(avg, 1)}
 
 
 def _batched(fn, x: torch.Tensor, size: int = 256) -> dict[str, torch.Tensor] | torch.Tensor:
@@ -71,8 +60,8 @@ def dump(registry: str, limit_eval: int | None) -> dict:
     for t, (xtr, ytr, xte, yte) in zip(tasks, images, strict=True):
         entry = {"ytr": ytr, "yte": yte, "head_w": t.model.head.weight.clone(), "head_b": t.model.head.bias.clone()}
         with frozen(trunk):
-            entry.update({f"{k}_tr": v for k, v in _batched(lambda x: _blocks(trunk, x), xtr).items()})
-            entry.update({f"{k}_te": v for k, v in _batched(lambda x: _blocks(trunk, x), xte).items()})
+            entry.update({f"{k}_tr": v for k, v in _batched(lambda x: block_features(trunk, x), xtr).items()})
+            entry.update({f"{k}_te": v for k, v in _batched(lambda x: block_features(trunk, x), xte).items()})
             entry["flip_te"] = _batched(lambda x: trunk(x.flip(3)), xte)
         t.model.ctx.active = t.model.slot
         entry["adapted_tr"], entry["adapted_te"] = _batched(trunk, xtr), _batched(trunk, every_test)
@@ -113,18 +102,18 @@ class Bench:
         logp = class_scores.log_softmax(1)
         return torch.stack([logp[:, self.task_of_class == t].logsumexp(1) for t in range(self.n)], 1)
 
-    def lda(self, xtr: torch.Tensor, xte: torch.Tensor, shrinkage: float = 0.1) -> torch.Tensor:
-        """As ``Router(kind="lda")``: class means, one pooled covariance shrunk towards the identity."""
-        means = torch.stack([xtr[self.ytr == c].mean(0) for c in range(self.C)])
-        diff = xtr - means[self.ytr]
-        cov = diff.T @ diff / (len(xtr) - self.C)
-        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(xtr.shape[1]).double()
-        weight = torch.linalg.solve(cov, means.T)
-        return xte @ weight - 0.5 * (means * weight.T).sum(1)
+    def router(self, kind: str, xtr: torch.Tensor, xte: torch.Tensor, shrinkage: float = DEFAULT_SHRINKAGE
+               ) -> torch.Tensor:
+        """(N, C) class scores of adaptkit's own :class:`Router` (``lda``, ``ncm``) over every class, on any
+        features: the statistics of all the training images as one task's."""
+        stats = accumulate_stats([(xtr, self.ytr)], self.C)
+        return Router([stats], kind, shrinkage).scores(xte).double()
+
+    def lda(self, xtr: torch.Tensor, xte: torch.Tensor, shrinkage: float = DEFAULT_SHRINKAGE) -> torch.Tensor:
+        return self.router("lda", xtr, xte, shrinkage)
 
     def ncm(self, xtr: torch.Tensor, xte: torch.Tensor) -> torch.Tensor:
-        means = torch.stack([xtr[self.ytr == c].mean(0) for c in range(self.C)])
-        return normalize(xte, dim=1) @ normalize(means, dim=1).T / 0.05
+        return self.router("ncm", xtr, xte)
 
     def ranpac(self, xtr: torch.Tensor, xte: torch.Tensor, m: int, lam: float) -> torch.Tensor:
         """RanPAC: a seeded random projection to ``m`` dims + ReLU, ridge onto one-hot targets (lambda relative to
