@@ -4,7 +4,8 @@ Weights come from one of three places, and where they came from is recorded with
 
 * ``"hub"``: timm's pretrained weights (downloaded from the hub once, then read from its cache);
 * ``"file:<path>"``: a local ``.safetensors`` file or torch checkpoint (read with ``weights_only=True``);
-* ``"random"``: timm's initialisation under a fixed seed, only when asked for explicitly.
+* ``"random"``: seeded random weights, only when asked for explicitly; the same bits on every machine
+  (:mod:`adaptkit.random_weights`), so a registry trained on them keeps working after a move.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from adaptkit.devices import resolve_device
 from adaptkit.errors import BackboneError, OfflineError
 from adaptkit.hashing import tensors_sha256
 from adaptkit.models import PACKAGED_BACKBONE
+from adaptkit.random_weights import legacy_cache_file, recover_legacy, seeded_init
 from adaptkit.suggest import closest
 
 __all__ = ["DEFAULT_BACKBONE", "Backbone", "create_backbone", "fingerprint", "resolve_weights"]
@@ -95,6 +97,7 @@ def create_backbone(
     weights: str | os.PathLike | None = None,
     pretrained: bool = True,
     device: str | torch.device = "cpu",
+    expect: str | None = None,
 ) -> Backbone:
     """Build a frozen timm ViT by name.
 
@@ -103,6 +106,8 @@ def create_backbone(
         weights: a local weights file, or a source string from the registry (``hub``, ``random``, ``file:...``).
         pretrained: with no ``weights``, True loads timm's pretrained weights, False gives seeded random weights.
         device: where to put the model.
+        expect: the fingerprint the weights must have (a registry's record); random weights of an older adaptkit
+            are rebuilt to match it, any other mismatch is a :class:`BackboneError`.
 
     Returns:
         The backbone in eval mode with every parameter frozen.
@@ -115,7 +120,7 @@ def create_backbone(
     if source == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
-            model = _create(name, pretrained=False)
+            model = seeded_init(_create(name, pretrained=False), RANDOM_SEED)  # timm's draws only shape it
     elif source == "hub":
         source = _hub_or_package(name)
         model = _create(name, pretrained=True)
@@ -125,10 +130,29 @@ def create_backbone(
     if not hasattr(model, "blocks") or not hasattr(model, "forward_features"):
         raise BackboneError(f"{name} is not a Vision Transformer with `blocks`; pick a timm ViT such as "
                             "vit_base_patch16_224")
+    found = fingerprint(model)
+    if expect is not None and found != expect:
+        _match(model, name, source, found, expect)
     model.requires_grad_(False).eval().to(device)
     data_config = timm.data.resolve_data_config({}, model=model)
-    return Backbone(name=name, model=model, weights=source, fingerprint=fingerprint(model), data_config=data_config,
+    return Backbone(name=name, model=model, weights=source, fingerprint=expect or found, data_config=data_config,
                     num_params=sum(p.numel() for p in model.parameters()))
+
+
+def _match(model: nn.Module, name: str, source: str, found: str, expect: str) -> None:
+    """Load the legacy random weights that hash to ``expect`` into ``model``, or say in one line why they differ."""
+    if source == "random":
+        state = recover_legacy(name, RANDOM_SEED, expect)
+        if state is not None:
+            model.load_state_dict(state)
+            return
+        cached = legacy_cache_file(expect)
+        raise BackboneError(f"backbone {name} (random weights) rebuilds here as {found[:12]}, but its tasks were "
+                            f"trained on {expect[:12]}, which no CPU path of this machine gives (adaptkit 0.1 hashed "
+                            f"timm's initialisation): predict once on the machine that trained them and copy {cached} "
+                            "here, or retrain the tasks")
+    raise BackboneError(f"backbone {name} ({describe_weights(source)}) has fingerprint {found[:12]}, but its tasks "
+                        f"were trained on {expect[:12]}: restore the original weights file")
 
 
 def _check_known(name: str) -> None:

@@ -22,7 +22,7 @@ from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.checks import check_int
 from adaptkit.devices import resolve_device
-from adaptkit.errors import AdaptkitError, ArtifactError, ConfigError, RoutingError
+from adaptkit.errors import ArtifactError, ConfigError, RoutingError
 from adaptkit.methods import TaskModel, get_method, merge_lora
 from adaptkit.registry import Registry, VersionRow
 from adaptkit.routing import Router, RoutingStats, frozen, split_state
@@ -173,11 +173,7 @@ class Predictor:
             for k in [k for k, v in self._refs.items() if v.host is old]:
                 del self._refs[k]
             _log.info("dropped backbone %s from memory", old.backbone.name)
-        backbone = create_backbone(row.backbone.name, weights=row.backbone.weights, device=self.device)
-        if backbone.fingerprint != fp:
-            raise AdaptkitError(f"backbone {row.backbone.name} ({row.backbone.weights}) now has fingerprint "
-                                f"{backbone.fingerprint[:12]}, but its tasks were trained on {fp[:12]}: restore the "
-                                "original weights file")
+        backbone = create_backbone(row.backbone.name, weights=row.backbone.weights, device=self.device, expect=fp)
         from adaptkit.data import build_transform
 
         host = _Host(backbone=backbone, transform=build_transform(backbone.data_config, train=False))

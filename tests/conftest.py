@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a test never downloads
 os.environ.pop("ADAPTKIT_REGISTRY", None)
+os.environ["ADAPTKIT_CACHE"] = tempfile.mkdtemp(prefix="adaptkit-cache-")  # legacy random weights rebuilt by tests
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
