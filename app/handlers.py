@@ -25,7 +25,7 @@ import gradio as gr
 import pandas as pd
 
 from adaptkit.compare import compare, format_bytes, format_percent
-from adaptkit.data import default_data_dir, list_datasets, open_image
+from adaptkit.data import BUILTIN, builtin_name, default_data_dir, list_datasets, open_image
 from adaptkit.data.roots import folder_in_roots, resolve_roots
 from adaptkit.errors import AdaptkitError
 from adaptkit.predict import Predictor
@@ -389,6 +389,11 @@ class Handlers:
             return f"folder:{folder_in_roots(folder, self.data_roots)}"
         if not dataset:
             raise gr.Error("Pick a data set.", print_exception=False)
+        if name := builtin_name(dataset):  # a name from the list is that set, never a folder where the page runs
+            return f"{BUILTIN}{name}"
+        if ":" not in dataset:
+            raise gr.Error(f"{dataset!r} is not a data set adaptkit knows: pick one from the list, or pick folder "
+                           "and enter the path of your images.", print_exception=False)
         return dataset
 
 

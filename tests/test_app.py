@@ -308,3 +308,17 @@ def test_the_page_reads_adapters_from_the_store_it_is_given(registry_db, tmp_pat
     assert set(labels) <= set(CLASSES) and len(labels) == 3
     (labels,), (note,) = Handlers(str(tmp_path / "db" / "registry.db")).predict([cat], ["lo"], [3])
     assert labels is None and "missing" in note  # the default store, adapters/ beside the database, has no file
+
+
+def test_the_pages_data_set_choices_are_never_read_against_its_working_directory(tmp_path, monkeypatch):
+    for look_alike in ("digits", "cifar10", "mnist"):
+        (tmp_path / look_alike / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    h = Handlers(str(tmp_path / "registry.db"))
+    assert h._dataset_spec("digits", "") == "builtin:digits"
+    assert h._dataset_spec("CIFAR10", "") == "builtin:cifar10"
+    with pytest.raises(gr.Error, match="is not a data set adaptkit knows"):
+        h._dataset_spec("pets", "")
+    train("builtin:digits", backbone="vit_pico_patch4_32", pretrained=False, method="linear",
+          config=TrainConfig(epochs=1, limit_train=64, limit_eval=32), registry=tmp_path / "registry.db")
+    assert [t.name for t in Registry(tmp_path / "registry.db").tasks()] == ["digits"]

@@ -13,12 +13,11 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import PICO
 
 from adaptkit.backbone import create_backbone
 from adaptkit.errors import BackboneError
 from adaptkit.random_weights import recover_legacy, seeded_values
-
-from conftest import PICO
 
 # what `--no-pretrained` vit_pico_patch4_32 means, on every machine: pinned so that a change shows here first
 PICO_RANDOM = "e5f8c2052795f2977912bfdd417a6e63a2138964aab8817de291b03d587acbb1"

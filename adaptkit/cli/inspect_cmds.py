@@ -129,7 +129,8 @@ def compare(
 @friendly
 def datasets() -> None:
     """List the data sets `train --dataset` accepts."""
-    from adaptkit.data import list_datasets
+    from adaptkit.data import SPEC_RULE, list_datasets
 
     rows = [[d.name, d.kind, str(d.num_classes or "-"), d.description] for d in list_datasets()]
     print_table(out, [Col("name", whole=True), Col("kind", drop=1), Col("classes", True), Col("description")], rows)
+    echo(SPEC_RULE)

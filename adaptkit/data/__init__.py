@@ -3,17 +3,21 @@
 
 from adaptkit.data.images import IMG_EXTENSIONS, MAX_SIDE, open_image, to_rgb
 from adaptkit.data.sources import (
+    BUILTIN,
+    SPEC_RULE,
     TORCHVISION_SETS,
     DatasetInfo,
     ImageFiles,
     TaskData,
     TransformedSubset,
+    builtin_name,
     default_data_dir,
     list_datasets,
     load_task_data,
 )
 from adaptkit.data.transforms import AUGMENT_LEVELS, ImageTransform, augment_level, build_transform
 
-__all__ = ["AUGMENT_LEVELS", "IMG_EXTENSIONS", "MAX_SIDE", "TORCHVISION_SETS", "DatasetInfo", "ImageFiles",
-           "ImageTransform", "TaskData", "TransformedSubset", "augment_level", "build_transform", "default_data_dir",
+__all__ = ["AUGMENT_LEVELS", "BUILTIN", "IMG_EXTENSIONS", "MAX_SIDE", "SPEC_RULE", "TORCHVISION_SETS", "DatasetInfo",
+           "ImageFiles", "ImageTransform", "TaskData", "TransformedSubset", "augment_level", "build_transform",
+           "builtin_name", "default_data_dir",
            "list_datasets", "load_task_data", "open_image", "to_rgb"]

@@ -92,6 +92,19 @@ TORCHVISION_SETS: dict[str, _TorchvisionSet] = {
 }
 
 
+BUILTIN = "builtin:"
+#: how a spec is read, for `adaptkit datasets` and the page
+SPEC_RULE = ("A bare name is the built-in set even where a folder of that name exists; builtin:NAME says so "
+             "explicitly, folder:PATH names your own images.")
+
+
+def builtin_name(spec: str) -> str | None:
+    """The built-in set a spec names (``digits``, ``builtin:CIFAR-10`` -> ``cifar10``), or None."""
+    name = spec.strip().lower().replace("-", "_")
+    name = name[len(BUILTIN):].strip() if name.startswith(BUILTIN) else name
+    return name if name == "digits" or name in TORCHVISION_SETS else None
+
+
 def list_datasets() -> list[DatasetInfo]:
     """Every data set spec adaptkit understands, torchvision sets first."""
     rows = [DatasetInfo(n, "torchvision", s.num_classes, s.description) for n, s in TORCHVISION_SETS.items()]
@@ -275,6 +288,8 @@ def _unknown_dataset(spec: str) -> str:
     """Name the closest known data sets for a typo, and ``folder:`` for a path given without it."""
     if Path(spec).expanduser().is_dir():
         return f"{spec} is a folder: write folder:{spec} to train on its class folders"
+    if spec.strip().lower().startswith(BUILTIN):
+        spec = spec.strip()[len(BUILTIN):].strip()
     hint = did_you_mean(spec, [*TORCHVISION_SETS, "digits"])
     known = ", ".join([*TORCHVISION_SETS, "digits"])
     return (f"unknown data set '{spec}': {hint + ' ' if hint else ''}use one of {known}, or folder:PATH for your "
@@ -289,7 +304,8 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
     """Load a data set by spec and split it into train / val / test with timm transforms.
 
     Args:
-        spec: a torchvision set name (see `list_datasets`), `folder:PATH` or `digits`.
+        spec: a built-in set (``digits``, a torchvision name; see `list_datasets`), ``builtin:NAME`` or
+            ``folder:PATH``. A bare name is always the built-in set, whatever folders the working directory holds.
         data_config: the backbone's timm data config; sets input size and normalisation.
         data_dir: root of torchvision sets (each in `data_dir/<name>`); default `default_data_dir()`.
         download: let torchvision download a missing set.
@@ -314,9 +330,11 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         raise DatasetError(f"a data set spec must be a name such as digits or folder:PATH, got {spec!r}")
     selection = classes  # `classes` names the data set's classes from here on
     key = spec.strip()
-    name = key.lower().replace("-", "_")
+    name = builtin_name(key) or key.lower()
     if name.startswith("folder:"):
         classes, train_src, train_idx, test_src, test_idx = _load_folder(key[len("folder:"):].strip())
+    elif name.startswith(BUILTIN):
+        raise DatasetError(_unknown_dataset(spec))
     elif name == "digits":
         classes, train_src, train_idx, test_src, test_idx = _load_digits()
     elif name in TORCHVISION_SETS:
