@@ -118,9 +118,8 @@ def create_backbone(
         source = "hub"  # a packaged model's pretrained weights are a file timm already knows about
     _check_known(name)
     if source == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_SEED)
-            model = seeded_init(_create(name, pretrained=False), RANDOM_SEED)  # timm's draws only shape it
+        with torch.random.fork_rng(devices=[]):  # timm's draws, overwritten below, leave the caller's RNG as it was
+            model = seeded_init(_create(name, pretrained=False), RANDOM_SEED)
     elif source == "hub":
         source = _hub_or_package(name)
         model = _create(name, pretrained=True)

@@ -27,7 +27,7 @@ from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
 from adaptkit.checkpointing import activation_checkpointing
 from adaptkit.checks import check_int
-from adaptkit.data import BUILTIN, augment_level, load_task_data
+from adaptkit.data import augment_level, load_task_data, without_builtin
 from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError
 from adaptkit.lr_search import LR_FACTORS, LrSearch, search_budget, search_lr
@@ -476,8 +476,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def _task_name(spec: str, classes: str | list[str] | None = None) -> str:
-    name = os.path.basename(os.path.normpath(spec[7:])) or "folder" if spec.startswith("folder:") else spec
-    name = name[len(BUILTIN):].strip() if name.startswith(BUILTIN) else name
+    name = os.path.basename(os.path.normpath(spec[7:])) or "folder" if spec.startswith("folder:") else \
+        without_builtin(spec)
     if classes:  # e.g. cifar10-0-4 or cifar10-cat_dog
         name += "-" + "_".join(c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes))
     return name

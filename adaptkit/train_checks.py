@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from adaptkit.checks import check_choice, check_float, check_int
-from adaptkit.data import builtin_name
+from adaptkit.data import BUILTIN, builtin_name
 from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError, DatasetError, DivergedError
 
@@ -64,7 +64,7 @@ def check_train_args(dataset: Any, task: Any, config: Any, config_class: type) -
     """The arguments of ``train`` that are not part of the recipe: types a caller can get wrong."""
     if not isinstance(dataset, str) or not dataset.strip():
         raise ConfigError(f"dataset must be a spec such as digits, cifar10 or folder:PATH, got {dataset!r}")
-    if not dataset.startswith(("folder:", "builtin:")) and builtin_name(dataset) is None and \
+    if not dataset.startswith(("folder:", BUILTIN)) and builtin_name(dataset) is None and \
             Path(dataset).expanduser().is_dir():
         raise DatasetError(f"{dataset} is a folder: write folder:{dataset} to train on its class folders")
     if dataset.startswith("folder:") and not dataset[len("folder:"):].strip():

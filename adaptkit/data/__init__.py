@@ -14,10 +14,11 @@ from adaptkit.data.sources import (
     default_data_dir,
     list_datasets,
     load_task_data,
+    without_builtin,
 )
 from adaptkit.data.transforms import AUGMENT_LEVELS, ImageTransform, augment_level, build_transform
 
 __all__ = ["AUGMENT_LEVELS", "BUILTIN", "IMG_EXTENSIONS", "MAX_SIDE", "SPEC_RULE", "TORCHVISION_SETS", "DatasetInfo",
            "ImageFiles", "ImageTransform", "TaskData", "TransformedSubset", "augment_level", "build_transform",
            "builtin_name", "default_data_dir",
-           "list_datasets", "load_task_data", "open_image", "to_rgb"]
+           "list_datasets", "load_task_data", "open_image", "to_rgb", "without_builtin"]

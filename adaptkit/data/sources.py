@@ -98,10 +98,15 @@ SPEC_RULE = ("A bare name is the built-in set even where a folder of that name e
              "explicitly, folder:PATH names your own images.")
 
 
+def without_builtin(spec: str) -> str:
+    """``spec`` without its ``builtin:`` prefix, if it has one (any case), stripped."""
+    spec = spec.strip()
+    return spec[len(BUILTIN):].strip() if spec.lower().startswith(BUILTIN) else spec
+
+
 def builtin_name(spec: str) -> str | None:
-    """The built-in set a spec names (``digits``, ``builtin:CIFAR-10`` -> ``cifar10``), or None."""
-    name = spec.strip().lower().replace("-", "_")
-    name = name[len(BUILTIN):].strip() if name.startswith(BUILTIN) else name
+    """The built-in set a spec names (``digits``, ``builtin:Fashion-MNIST`` -> ``fashion_mnist``), or None."""
+    name = without_builtin(spec).lower().replace("-", "_")
     return name if name == "digits" or name in TORCHVISION_SETS else None
 
 
@@ -288,8 +293,7 @@ def _unknown_dataset(spec: str) -> str:
     """Name the closest known data sets for a typo, and ``folder:`` for a path given without it."""
     if Path(spec).expanduser().is_dir():
         return f"{spec} is a folder: write folder:{spec} to train on its class folders"
-    if spec.strip().lower().startswith(BUILTIN):
-        spec = spec.strip()[len(BUILTIN):].strip()
+    spec = without_builtin(spec)
     hint = did_you_mean(spec, [*TORCHVISION_SETS, "digits"])
     known = ", ".join([*TORCHVISION_SETS, "digits"])
     return (f"unknown data set '{spec}': {hint + ' ' if hint else ''}use one of {known}, or folder:PATH for your "
