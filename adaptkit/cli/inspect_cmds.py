@@ -56,10 +56,19 @@ def list_tasks(registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> No
 
 @app.command()
 @friendly
-def show(ref: RefArg, registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> None:
+def show(ref: RefArg, recipe: Annotated[bool, typer.Option("--recipe", help="Print only a YAML recipe that "
+                                                           "trains this version again (`adaptkit train "
+                                                           "--config FILE`)")] = False,
+         registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> None:
     """Show a task's versions and the details of one version."""
     reg = registry_of(registry, adapters)
     v = reg.get_version(ref)
+    if recipe:
+        from adaptkit.cli.config_file import recipe_yaml
+        from adaptkit.cli.train_cmd import METHOD_OPTIONS
+
+        out.file.write(recipe_yaml(v, METHOD_OPTIONS))
+        return
     t = next(t for t in reg.tasks() if t.name == v.task.name)
     echo(f"[bold]{escape(t.name)}[/bold]: {len(t.classes)} classes from {escape(t.dataset)}: "
          f"{escape(', '.join(t.classes[:10]))}{' ...' if len(t.classes) > 10 else ''}")

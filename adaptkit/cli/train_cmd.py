@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from adaptkit.cli.common import AdaptersOpt, DeviceOpt, RegistryOpt, app, count, echo, err, friendly, plain, registry_of
+from adaptkit.cli.config_file import load_config
 from adaptkit.cli.progress import train_progress
 from adaptkit.compare import format_bytes, format_percent
 from adaptkit.errors import ConfigError
@@ -62,8 +63,8 @@ def train(
     augment: Annotated[str, typer.Option(metavar="LEVEL", help="none, light (random crops of 60-100%) or strong "
                                          "(8-100% and colour jitter)")] = "light",
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Same as --augment none")] = False,
-    flip: Annotated[bool, typer.Option("--flip", help="Random horizontal flips (wrong for text, digits "
-                                       "...)")] = False,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (wrong for text, "
+                                       "digits ...)")] = False,
     threads: Annotated[int | None, typer.Option(metavar="N", help="CPU threads [default: the idle cores, "
                                                 "1-4]")] = None,
     seed: Annotated[int, typer.Option(metavar="N", help="Seeds the split, the order and the initialisation")] = 0,
@@ -76,6 +77,10 @@ def train(
                                                   "live")] = None,
     download: Annotated[bool, typer.Option("--download/--no-download", help="Download a missing "
                                            "torchvision set")] = True,
+    config_file: Annotated[Path | None, typer.Option("--config", metavar="FILE", is_eager=True,
+                                                     callback=load_config, help="A YAML recipe: train's options "
+                                                     "as keys (`adaptkit show TASK --recipe` writes one); "
+                                                     "options given here win")] = None,
     registry: RegistryOpt = None,
     adapters: AdaptersOpt = None,
 ) -> None:

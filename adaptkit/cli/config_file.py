@@ -1,0 +1,159 @@
+"""Recipe files for `adaptkit train --config FILE` and `adaptkit show TASK --recipe`.
+
+A recipe file is YAML (or JSON, which YAML reads too): a mapping whose keys are `adaptkit train`'s options, spelt
+as on the command line without the dashes (``batch-size`` or ``batch_size``). Its values become the options'
+defaults (click's ``default_map``), so an option given on the command line always wins. ``show --recipe`` writes
+the file that trains the same version again: the data, the backbone, the method's settings and the recipe as it
+ran (the learning rate the version used, also when ``--lr auto`` chose it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from adaptkit.suggest import did_you_mean
+
+__all__ = ["load_config", "recipe_options", "recipe_yaml"]
+
+NOT_IN_FILES = {"config", "config_file", "registry", "adapters"}  # where a run goes is the caller's to choose
+MAX_BYTES = 1 << 20
+
+
+def load_config(ctx: typer.Context, param: Any, value: Path | None) -> Path | None:
+    """The eager ``--config`` callback: check the file and make its values the other options' defaults."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    values = _read(Path(value))
+    options = {p.name: p for p in ctx.command.params if p.name and p.name not in NOT_IN_FILES}
+    given: dict[str, Any] = {}
+    for raw, item in values.items():
+        key = str(raw).strip().replace("-", "_")
+        if key not in options:
+            known = [n.replace("_", "-") for n in options]
+            hint = did_you_mean(str(raw).replace("_", "-"), known)
+            where = "is chosen on the command line" if key in NOT_IN_FILES else "is not an option of `train`"
+            raise typer.BadParameter(f"{value}: key {raw!r} {where}{': ' + hint if hint else ''}")
+        if key in given:
+            raise typer.BadParameter(f"{value}: {key.replace('_', '-')} is given twice")
+        if item is not None:
+            if isinstance(item, (dict, list)) and not getattr(options[key], "multiple", False):
+                raise typer.BadParameter(f"{value}: {raw} takes one value, got {type(item).__name__} {item!r}")
+            _check_type(options[key], ctx, item, f"{value}: {raw}")
+            given[key] = item
+    ctx.default_map = {**(ctx.default_map or {}), **given}
+    return value
+
+
+def _check_type(param: Any, ctx: typer.Context, item: Any, where: str) -> None:
+    """Convert a value as the option would, so that a wrong type is an error naming the file and the key."""
+    if isinstance(item, bool) and getattr(param, "is_flag", False):
+        return
+    if isinstance(item, bool) != (getattr(getattr(param, "type_descriptor", None), "annotation", None) is bool):
+        wanted = "number or name" if isinstance(item, bool) else "yes/no"
+        raise typer.BadParameter(f"{where}: {item!r} is not a {wanted} value for this option")
+    runtime = getattr(param, "get_runtime_param", None)  # Typer's own conversion (Typer >= 0.2x)
+    if runtime is None:
+        return  # older Typer: click converts it when the option is read
+    try:
+        runtime().coerce(item, param=param, ctx=ctx)
+    except typer.TyperException as exc:
+        raise typer.BadParameter(f"{where}: {exc.format_message()}") from None
+
+
+def _read(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise typer.BadParameter(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
+    if path.stat().st_size > MAX_BYTES:
+        raise typer.BadParameter(f"{path} is over {MAX_BYTES >> 20} MiB: a recipe file is a few lines of YAML")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"{path} must hold a mapping of option: value, got a {type(data).__name__}")
+    return data
+
+
+# -- show --recipe -------------------------------------------------------------------------------------------------
+
+# TrainConfig fields that `adaptkit train` takes as options of the same name
+_RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "augment",
+                   "flip", "seed", "threads", "precision", "limit_train", "limit_eval", "checkpointing",
+                   "feature_cache")
+_API_ONLY = {"min_lr_ratio": 0.01, "grad_clip": 1.0, "crop_scale": None, "val_fraction": 0.1}  # and defaults
+
+
+def recipe_options(version: Any, method_options: dict[str, dict[str, str]]) -> tuple[dict[str, Any], list[str]]:
+    """The `train` options that reproduce a registered version, and notes on what options cannot say.
+
+    Args:
+        version: a registry ``VersionRow``.
+        method_options: per method, CLI option -> the method's setting (``train_cmd.METHOD_OPTIONS``).
+    """
+    train = version.train or {}
+    recipe = train.get("recipe") or {}
+    notes: list[str] = []
+    opts: dict[str, Any] = {"dataset": version.task.dataset, "task": version.task.name}
+    if train.get("classes"):
+        opts["classes"] = train["classes"]
+    weights = version.backbone.weights
+    opts["backbone"] = version.backbone.name
+    if weights.startswith("file:"):
+        opts["weights"] = weights[len("file:"):]
+    opts["pretrained"] = weights != "random"
+    opts["method"] = version.method
+    by_setting = {setting: option for option, setting in method_options.get(version.method, {}).items()}
+    by_setting["blocks"] = "blocks"
+    defaults = _method_defaults(version.method)
+    for setting, value in (version.config or {}).items():
+        if setting in by_setting:
+            if value is not None:
+                opts[by_setting[setting]] = ",".join(value) if isinstance(value, list) else value
+        elif defaults.get(setting, object()) != value:
+            notes.append(f"{version.method} {setting}={value!r} is set through the Python API only")
+    if (train.get("init_from") or {}).get("ref"):
+        opts["init_from"] = train["init_from"]["ref"]
+    if not recipe:
+        notes.append("this version has no recorded recipe (imported or trained before recipes were kept): "
+                     "the options below are train's defaults")
+    for name in _RECIPE_OPTIONS:
+        if name in recipe:
+            opts[name] = recipe[name]
+    if recipe.get("lr_given") == "auto":
+        notes.append(f"lr {recipe.get('lr')} was chosen by --lr auto; write lr: auto to search again")
+    for name, default in _API_ONLY.items():
+        if recipe.get(name, default) != default:
+            notes.append(f"{name}={recipe[name]!r} is set through the Python API (TrainConfig) only")
+    if recipe.get("device"):
+        notes.append(f"trained on {recipe['device']}; add device: ... to choose the device")
+    for key in ("image_column", "label_column"):
+        if train.get(key):
+            opts[key] = train[key]
+    return opts, notes
+
+
+def _method_defaults(method: str) -> dict[str, Any]:
+    from adaptkit.errors import AdaptkitError
+    from adaptkit.methods import get_method
+
+    try:
+        return get_method(method).config_dict()
+    except AdaptkitError:  # a method this adaptkit does not know: every setting is worth a note
+        return {}
+
+
+def recipe_yaml(version: Any, method_options: dict[str, dict[str, str]]) -> str:
+    """A recipe file for ``adaptkit train --config``: comments first, then one ``option: value`` per line."""
+    import yaml
+
+    opts, notes = recipe_options(version, method_options)
+    head = [f"# adaptkit train --config FILE: trains {version.ref} again", *(f"# note: {n}" for n in notes)]
+    body = yaml.safe_dump({k.replace("_", "-"): v for k, v in opts.items()}, sort_keys=False, allow_unicode=True)
+    return "\n".join(head) + "\n" + body
