@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from adaptkit.cli.common import AdaptersOpt, RefArg, RegistryOpt, app, echo, friendly, registry_of
+from adaptkit.cli.common import AdaptersOpt, RegistryOpt, app, echo, friendly, registry_of
 from adaptkit.errors import ConfigError
 
 
@@ -42,22 +42,58 @@ def default(ref: Annotated[str, typer.Argument(metavar="TASK@N", help="The versi
     echo(f"{v.ref} is now the default of {v.task.name}")
 
 
+FORMATS = ("adaptkit", "peft", "onnx")
+
+
 @app.command()
 @friendly
 def export(
-    ref: RefArg,
-    file: Annotated[Path, typer.Argument(metavar="DEST", help="Destination .safetensors file or folder",
-                                         show_default=False)],
+    ref: Annotated[str, typer.Argument(metavar="TASK[@N]", help="A task (its default version) or TASK@N; for "
+                                       "--format onnx, several joined by commas make one graph", show_default=False)],
+    file: Annotated[Path, typer.Argument(metavar="DEST", help="Destination file or folder", show_default=False)],
+    fmt: Annotated[str | None, typer.Option("--format", "-f", metavar="FORMAT",
+                                            help="adaptkit (a .safetensors adapter file), peft (a PEFT adapter "
+                                            "folder) or onnx (one graph: image -> logits) [default: onnx for a "
+                                            ".onnx DEST, else adaptkit]", show_default=False)] = None,
+    opset: Annotated[int | None, typer.Option(metavar="N", help="ONNX opset [default: the exporter's]",
+                                              show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file")] = False,
     registry: RegistryOpt = None,
     adapters: AdaptersOpt = None,
 ) -> None:
-    """Write a version's adapter file, to import elsewhere.
+    """Write a version as a file to use elsewhere: adaptkit's own, PEFT's or ONNX.
 
-    The file describes itself (task, classes, method, backbone), so `adaptkit import` needs nothing else.
+    adaptkit's file describes itself (task, classes, method, backbone), so `adaptkit import` needs nothing else. A PEFT
+    folder loads with PeftModel.from_pretrained on the timm backbone; an ONNX graph runs in onnxruntime, its classes
+    and data config in its metadata.
     """
-    dest = registry_of(registry, adapters).export(ref, file, overwrite=force)
-    echo(f"exported {ref} to {dest}")
+    fmt = (fmt or ("onnx" if file.suffix.lower() == ".onnx" else "adaptkit")).strip().lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if opset is not None and fmt != "onnx":
+        raise ConfigError("--opset is for --format onnx only")
+    refs = [r.strip() for r in ref.split(",")]
+    if len(refs) > 1 and fmt != "onnx":
+        raise ConfigError(f"several tasks make one file only with --format onnx: export {refs[0]} alone, or pass "
+                          "--format onnx")
+    if any(not r for r in refs):
+        raise ConfigError(f"empty task name in {ref!r}: separate task names by single commas")
+    reg = registry_of(registry, adapters)
+    if fmt == "adaptkit":
+        dest = reg.export(ref, file, overwrite=force)
+    elif fmt == "peft":
+        from adaptkit.interop.peft import export_peft
+
+        dest = export_peft(reg, ref, file, overwrite=force)
+    elif len(refs) > 1:
+        from adaptkit.interop.onnx import export_onnx_registry
+
+        dest = export_onnx_registry(reg, file, refs, overwrite=force, opset=opset)
+    else:
+        from adaptkit.interop.onnx import export_onnx
+
+        dest = export_onnx(reg, ref, file, overwrite=force, opset=opset)
+    echo(f"exported {ref} to {dest} ({fmt})")
 
 
 @app.command("import")
