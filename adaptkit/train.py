@@ -11,9 +11,11 @@ import math
 import os
 import random
 import resource
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,7 @@ from adaptkit.methods import TaskModel, get_method
 from adaptkit.registry import TASK_NAME, Registry, VersionRow
 from adaptkit.routing import RoutingStats, collect_task_stats, task_stats_from_features
 from adaptkit.threads import default_threads
+from adaptkit.tracking import Trackers, check_trackers, open_trackers
 from adaptkit.train_checks import DivergenceGuard, check_config, check_train_args, fit_batch
 
 __all__ = ["TrainConfig", "TrainEvent", "TrainResult", "METHOD_DEFAULTS", "train", "evaluate", "seed_everything"]
@@ -140,7 +143,8 @@ class TrainEvent:
     loss: float | None = None
     accuracy: float | None = None
     images_per_s: float | None = None
-    lr: float | None = None  # "search": the trial's learning rate; "lr": the one the search chose
+    lr: float | None = None  # "train": the step's; "search": the trial's; "lr": the one the search chose
+    step_loss: float | None = None  # "train": this step's loss (``loss`` is the epoch's running mean)
 
 
 @dataclass
@@ -269,6 +273,8 @@ def train(
     on_event: Callable[[TrainEvent], None] | None = None,
     classes: str | list[str] | None = None,
     init_from: str | None = None,
+    log_to: str | Sequence[str] | None = None,
+    log_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train one task on a frozen backbone and register it as the task's next version.
 
@@ -285,6 +291,9 @@ def train(
         classes: train on these classes of the data set only (``0-9``, ``cat,dog`` or a list of names).
         init_from: start from a registered version's adapter (``TASK``, ``TASK@N``) or the closest task
             (``auto``); see :mod:`adaptkit.warmstart`.
+        log_to: experiment trackers to log the run to, ``tensorboard`` and/or ``mlflow`` (see
+            :mod:`adaptkit.tracking`); the version's ``train_info["tracking"]`` records each run.
+        log_dir: where the trackers write (default: TensorBoard ``runs/``, MLflow its own default).
     """
     check_train_args(dataset, task, config, TrainConfig)
     task = task or _task_name(dataset, classes)
@@ -292,6 +301,7 @@ def train(
         raise ConfigError(f"bad task name {task!r}: use letters, digits, '_', '-', '.', up to 64 characters "
                           "(pass --task NAME)")
     chosen = get_method(method, method_config)  # validates the method's settings before anything slow
+    check_trackers(log_to)
     given = config or TrainConfig()
     cfg = given.resolved(chosen.name)
     rank, world = _distributed()
@@ -309,6 +319,11 @@ def train(
     warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
                             data=data) if init_from else None
 
+    trackers = open_trackers(log_to if rank == 0 else None, run_name=task, log_dir=log_dir)
+    if trackers:
+        trackers.params({"task": task, "dataset": dataset, "backbone": backbone.name, "method": chosen.name,
+                         "method_config": chosen.config_dict(), **asdict(cfg)})
+        on_event = _both(on_event, trackers.event)
     threads = cfg.threads or default_threads()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -346,15 +361,40 @@ def train(
             stats = _routing_stats(backbone, data, feats, net, cfg, device)
             subset = {"classes": classes if isinstance(classes, str) else ",".join(classes)} if classes else {}
             warm_info = {"init_from": warm.record()} if warm is not None else {}
+            tracked = {"tracking": trackers.record()} if trackers else {}
             version = registry.add_version(meta, {**model.state(), **stats.to_tensors()},
                                            train_info={**timing, "recipe": recipe, "world_size": world,
-                                                       "train_images": len(data.train), **subset, **warm_info})
+                                                       "train_images": len(data.train), **subset, **warm_info,
+                                                       **tracked})
+            if trackers:
+                _finish_tracking(trackers, registry, version, recipe, metrics)
         return TrainResult(version=version, metrics=metrics, history=history, model=model,
                            init_from=warm.record() if warm is not None else None)
+    except BaseException:
+        trackers.fail()
+        raise
     finally:
         torch.set_num_threads(threads_before)
         if chosen.name != "full":
             model.detach_from_trunk()  # the shared backbone leaves exactly as it came
+
+
+def _both(first: Callable[[TrainEvent], None] | None,
+          second: Callable[[TrainEvent], None]) -> Callable[[TrainEvent], None]:
+    def emit(event: TrainEvent) -> None:
+        if first is not None:
+            first(event)
+        second(event)
+
+    return emit
+
+
+def _finish_tracking(trackers: Trackers, registry: Registry, version: VersionRow, recipe: dict,
+                     metrics: dict) -> None:
+    """The final metrics and the registered adapter file (from the store, as saved) to every tracker."""
+    with tempfile.TemporaryDirectory(prefix="adaptkit-track-") as tmp:
+        path = registry.export(version.ref, Path(tmp))
+        trackers.finish(recipe, {**metrics, "ref": version.ref}, path)
 
 
 def _search_lr(model: TaskModel, data: Any, cfg: TrainConfig, method: str, device: torch.device, world: int,
@@ -447,12 +487,15 @@ def _fit(model: TaskModel, data: Any, cfg: TrainConfig, device: torch.device, wo
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            used_lr = schedule.get_last_lr()[0]
             schedule.step()
             seen += y.numel()
-            loss_sum += guard.loss(loss.item(), epoch, step) * y.numel()
+            step_loss = guard.loss(loss.item(), epoch, step)
+            loss_sum += step_loss * y.numel()
             correct += (logits.argmax(1) == y).sum().item()
             rate = seen * world / max(time.perf_counter() - tick, 1e-9)
-            emit(TrainEvent("train", epoch, cfg.epochs, step, steps_per_epoch, loss_sum / seen, correct / seen, rate))
+            emit(TrainEvent("train", epoch, cfg.epochs, step, steps_per_epoch, loss_sum / seen, correct / seen, rate,
+                            lr=used_lr, step_loss=step_loss))
         busy += time.perf_counter() - tick
         images += seen * world
         val = run_eval(net, val_loader, device,

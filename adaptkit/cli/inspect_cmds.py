@@ -83,6 +83,10 @@ def show(ref: RefArg, recipe: Annotated[bool, typer.Option("--recipe", help="Pri
                  f"file {reg.location_of(v)} sha256 {v.sha256[:16]}", f"metrics {json.dumps(v.metrics)}"):
         echo(escape(line))
     echo(escape(f"recipe {describe_recipe(v.train)}"))
+    from adaptkit.cli.train_cmd import tracking_lines
+
+    for line in tracking_lines(v.train.get("tracking") or {}):
+        echo(escape(line.strip()))
 
 
 @app.command()

@@ -77,6 +77,12 @@ def train(
                                                   "live")] = None,
     download: Annotated[bool, typer.Option("--download/--no-download", help="Download a missing "
                                            "torchvision set")] = True,
+    log_to: Annotated[list[str] | None, typer.Option("--log-to", metavar="TRACKER", help="Log the run to "
+                                                     "tensorboard or mlflow (repeat for both; needs "
+                                                     "adaptkit[tracking])", show_default=False)] = None,
+    log_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where the trackers write [default: "
+                                                 "runs/ for TensorBoard, $MLFLOW_TRACKING_URI or MLflow's "
+                                                 "default]")] = None,
     config_file: Annotated[Path | None, typer.Option("--config", metavar="FILE", is_eager=True,
                                                      callback=load_config, help="A YAML recipe: train's options "
                                                      "as keys (`adaptkit show TASK --recipe` writes one); "
@@ -104,7 +110,8 @@ def train(
         result = run(dataset, task=task, backbone=backbone, weights=str(weights) if weights else None,
                      pretrained=pretrained, method=method, method_config=method_config, config=config,
                      registry=registry_of(registry, adapters), data_dir=str(data_dir) if data_dir else None,
-                     download=download, on_event=on_event, classes=classes, init_from=init_from)
+                     download=download, on_event=on_event, classes=classes, init_from=init_from,
+                     log_to=log_to or None, log_dir=log_dir)
     v, m = result.version, result.metrics
     if v is None:  # a worker process under torchrun: rank 0 records and reports
         return
@@ -113,6 +120,19 @@ def train(
     echo(f"  {v.method}, {count(v.trainable_params)} trainable parameters, {format_bytes(v.bytes)} file")
     if result.init_from:
         echo(escape(_warm_line(result.init_from)))
+    for line in tracking_lines(v.train.get("tracking") or {}):
+        echo(escape(line))
+
+
+def tracking_lines(tracking: dict[str, Any]) -> list[str]:
+    """Where a version's training was logged: one line per tracker."""
+    lines = []
+    if "tensorboard" in tracking:
+        lines.append(f"  tensorboard: {tracking['tensorboard']['log_dir']}")
+    if "mlflow" in tracking:
+        run = tracking["mlflow"]
+        lines.append(f"  mlflow: run {run['run_id']} in experiment {run['experiment']} at {run['tracking_uri']}")
+    return lines
 
 
 # method -> {CLI option (parameter name): the method's setting}
