@@ -275,6 +275,8 @@ def train(
     init_from: str | None = None,
     log_to: str | Sequence[str] | None = None,
     log_dir: str | os.PathLike | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> TrainResult:
     """Train one task on a frozen backbone and register it as the task's next version.
 
@@ -294,6 +296,8 @@ def train(
         log_to: experiment trackers to log the run to, ``tensorboard`` and/or ``mlflow`` (see
             :mod:`adaptkit.tracking`); the version's ``train_info["tracking"]`` records each run.
         log_dir: where the trackers write (default: TensorBoard ``runs/``, MLflow its own default).
+        image_column, label_column: the columns of a Hugging Face data set (``hf:``, ``hf-disk:``, ``hf-files:``)
+            where they cannot be found from its features; recorded with the version.
     """
     check_train_args(dataset, task, config, TrainConfig)
     task = task or _task_name(dataset, classes)
@@ -313,7 +317,7 @@ def train(
     data = load_task_data(dataset, backbone.data_config, data_dir=data_dir, download=download and rank == 0,
                           val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
                           limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale,
-                          flip=cfg.flip, classes=classes)
+                          flip=cfg.flip, classes=classes, image_column=image_column, label_column=label_column)
     registry.check_classes(task, data.classes)
     cfg = fit_batch(cfg, len(data.train))
     warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
@@ -360,6 +364,7 @@ def train(
                                data_config=backbone.data_config, dataset=dataset, metrics=metrics, recipe=recipe)
             stats = _routing_stats(backbone, data, feats, net, cfg, device)
             subset = {"classes": classes if isinstance(classes, str) else ",".join(classes)} if classes else {}
+            subset.update({k: v for k, v in (("image_column", image_column), ("label_column", label_column)) if v})
             warm_info = {"init_from": warm.record()} if warm is not None else {}
             tracked = {"tracking": trackers.record()} if trackers else {}
             version = registry.add_version(meta, {**model.state(), **stats.to_tensors()},

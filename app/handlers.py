@@ -123,7 +123,8 @@ def picker_choices(tasks: Sequence[TaskRow]) -> list[tuple[str, str]]:
 
 
 def dataset_choices() -> list[tuple[str, str]]:
-    return [(f"{d.name} — {d.description}", d.name) for d in list_datasets()]
+    """The page's list: built-in sets and ``folder`` (Hugging Face sets are typed, as ``hf-disk:PATH``)."""
+    return [(f"{d.name} — {d.description}", d.name) for d in list_datasets() if d.kind != "huggingface"]
 
 
 def default_data_roots() -> list[Path]:
@@ -391,10 +392,20 @@ class Handlers:
             raise gr.Error("Pick a data set.", print_exception=False)
         if name := builtin_name(dataset):  # a name from the list is that set, never a folder where the page runs
             return f"{BUILTIN}{name}"
-        if ":" not in dataset:
-            raise gr.Error(f"{dataset!r} is not a data set adaptkit knows: pick one from the list, or pick folder "
-                           "and enter the path of your images.", print_exception=False)
-        return dataset
+        kind, _, path = dataset.partition(":")
+        if kind.strip().lower() in ("hf-disk", "hf-files"):  # a path on the server: the folder's roots apply
+            if not path.strip():
+                raise gr.Error(f"Enter the path after {kind.strip()}: (a data set saved inside the data roots).",
+                               print_exception=False)
+            where = folder_in_roots(path, self.data_roots, files=kind.strip().lower() == "hf-files")
+            return f"{kind.strip().lower()}:{where}"
+        if kind.strip().lower() == "hf":
+            raise gr.Error("This page does not download from the Hugging Face hub: train hub data sets from the "
+                           "command line (adaptkit train --dataset hf:NAME), or save one inside the data roots and "
+                           "enter hf-disk:PATH.", print_exception=False)
+        raise gr.Error(f"{dataset[:80]!r} is not a data set adaptkit knows: pick one from the list, pick folder and "
+                       "enter the path of your images, or enter hf-disk:PATH or hf-files:PATH.",
+                       print_exception=False)
 
 
 def _progress_reporter(progress: gr.Progress) -> Callable[[TrainEvent], None]:

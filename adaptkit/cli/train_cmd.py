@@ -21,6 +21,10 @@ def train(
     dataset: Annotated[str, typer.Option("--dataset", "-d", metavar="SPEC", help="digits, cifar100, folder:PATH ... "
                                          "(see `adaptkit datasets`)")],
     task: Annotated[str | None, typer.Option(metavar="NAME", help="Task name [default: the data set's name]")] = None,
+    image_column: Annotated[str | None, typer.Option(metavar="NAME", help="Hugging Face data sets: the image "
+                                                     "column [default: its one Image feature]")] = None,
+    label_column: Annotated[str | None, typer.Option(metavar="NAME", help="Hugging Face data sets: the label "
+                                                     "column [default: its one ClassLabel feature]")] = None,
     classes: Annotated[str | None, typer.Option(metavar="LIST", help="Only these classes: index ranges (0-9, "
                                                 "0-4,7) or names (cat,dog)")] = None,
     backbone: Annotated[str, typer.Option(metavar="NAME", help="timm ViT name")] = "vit_base_patch16_224.augreg_in21k",
@@ -111,7 +115,8 @@ def train(
                      pretrained=pretrained, method=method, method_config=method_config, config=config,
                      registry=registry_of(registry, adapters), data_dir=str(data_dir) if data_dir else None,
                      download=download, on_event=on_event, classes=classes, init_from=init_from,
-                     log_to=log_to or None, log_dir=log_dir)
+                     log_to=log_to or None, log_dir=log_dir, image_column=image_column,
+                     label_column=label_column)
     v, m = result.version, result.metrics
     if v is None:  # a worker process under torchrun: rank 0 records and reports
         return

@@ -31,8 +31,10 @@ def resolve_roots(roots: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def folder_in_roots(folder: str, roots: Sequence[Path]) -> Path:
+def folder_in_roots(folder: str, roots: Sequence[Path], *, files: bool = False) -> Path:
     """The folder named by ``folder`` (absolute, or relative to the first root) if it lies inside a root.
+
+    ``files``: a regular file (a ``.parquet`` file) inside a root is accepted too.
 
     Raises:
         DatasetError: no roots are configured, or the folder is outside every root or does not exist.
@@ -47,7 +49,7 @@ def folder_in_roots(folder: str, roots: Sequence[Path]) -> Path:
     if not any(path == r or path.is_relative_to(r) for r in roots):
         raise DatasetError(f"folder {text!r} is outside the data roots of this page ({allowed}): give a folder "
                            "inside one of them (whoever runs the page can add roots with adaptkit ui --data-root)")
-    if not path.is_dir():
+    if not path.is_dir() and not (files and path.is_file()):
         raise DatasetError(f"folder {text!r} does not exist under the data roots ({allowed}): give a folder with "
                            "one sub-folder of images per class")
     return path

@@ -32,7 +32,7 @@ TEST_FRACTION = 0.2  # held out as test where a data set has no test split of it
 SPLIT_SEED = 0  # fixed, so the test split never depends on the training seed
 DOWNLOAD_TIMEOUT_S = 30.0
 _log = logging.getLogger(__name__)
-# classes, train source and indices, test source and indices
+# classes, train source and indices, test source and indices; an hf: source also returns its own val indices
 _Splits = tuple[list[str], Dataset, list[int], Dataset, list[int]]
 
 
@@ -115,6 +115,9 @@ def list_datasets() -> list[DatasetInfo]:
     rows = [DatasetInfo(n, "torchvision", s.num_classes, s.description) for n, s in TORCHVISION_SETS.items()]
     rows.append(DatasetInfo("folder", "folder", None, "folder:PATH, a folder per class, or train/ + test/"))
     rows.append(DatasetInfo("digits", "bundled", 10, "scikit-learn 8x8 digits, 1797 images, works offline"))
+    rows.append(DatasetInfo("hf", "huggingface", None, "hf:NAME[:CONFIG], a Hugging Face hub data set (cached)"))
+    rows.append(DatasetInfo("hf-disk", "huggingface", None, "hf-disk:PATH, a datasets save_to_disk folder"))
+    rows.append(DatasetInfo("hf-files", "huggingface", None, "hf-files:PATH, parquet files or an imagefolder tree"))
     return rows
 
 
@@ -290,30 +293,41 @@ def _carve_val(train_idx: list[int], val_fraction: float, seed: int) -> tuple[li
 
 
 def _unknown_dataset(spec: str) -> str:
-    """Name the closest known data sets for a typo, and ``folder:`` for a path given without it."""
-    if Path(spec).expanduser().is_dir():
+    """Name the closest known data sets for a typo, and ``folder:`` / ``hf-disk:`` / ``hf-files:`` for a bare path."""
+    path = Path(spec).expanduser()
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return f"{spec} is a Hugging Face save_to_disk folder: write hf-disk:{spec}"
+    if path.is_dir():
         return f"{spec} is a folder: write folder:{spec} to train on its class folders"
+    if path.suffix.lower() == ".parquet" and path.is_file():
+        return f"{spec} is a parquet file: write hf-files:{spec}"
     spec = without_builtin(spec)
     hint = did_you_mean(spec, [*TORCHVISION_SETS, "digits"])
     known = ", ".join([*TORCHVISION_SETS, "digits"])
     return (f"unknown data set '{spec}': {hint + ' ' if hint else ''}use one of {known}, or folder:PATH for your "
-            "own images (one sub-folder per class)")
+            "own images (one sub-folder per class), or a Hugging Face data set: hf:NAME[:CONFIG] from the hub, "
+            "hf-disk:PATH (a save_to_disk folder) or hf-files:PATH (parquet files or an imagefolder tree)")
 
 
 def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None = None, download: bool = True,
                    val_fraction: float = 0.1, seed: int = 0, augment: str | bool = "light",
                    limit_train: int | None = None, limit_eval: int | None = None,
                    crop_scale: tuple[float, float] | None = None, flip: bool = False,
-                   classes: str | Sequence[str] | None = None) -> TaskData:
+                   classes: str | Sequence[str] | None = None, image_column: str | None = None,
+                   label_column: str | None = None) -> TaskData:
     """Load a data set by spec and split it into train / val / test with timm transforms.
 
     Args:
-        spec: a built-in set (``digits``, a torchvision name; see `list_datasets`), ``builtin:NAME`` or
-            ``folder:PATH``. A bare name is always the built-in set, whatever folders the working directory holds.
+        spec: a built-in set (``digits``, a torchvision name; see `list_datasets`), ``builtin:NAME``,
+            ``folder:PATH`` or a Hugging Face data set: ``hf:NAME[:CONFIG]`` (the hub, cached by datasets),
+            ``hf-disk:PATH`` (a save_to_disk folder) or ``hf-files:PATH`` (a .parquet file, a folder of them or an
+            imagefolder tree; see `adaptkit.data.hf`). A bare name is always the built-in set, whatever folders the
+            working directory holds.
         data_config: the backbone's timm data config; sets input size and normalisation.
         data_dir: root of torchvision sets (each in `data_dir/<name>`); default `default_data_dir()`.
         download: let torchvision download a missing set.
-        val_fraction: share of train carved out (seeded) as the validation split, in [0, 1).
+        val_fraction: share of train carved out (seeded) as the validation split, in [0, 1); not used where an hf
+            data set has a validation split (``validation``, ``valid`` or ``val``) of its own.
         seed: seeds the validation split and the `limit_*` subsets.
         augment: the training augmentation, ``none``, ``light`` or ``strong`` (see `build_transform`).
         limit_train: keep only this many (seeded random) training images.
@@ -321,6 +335,9 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         crop_scale: area range of the training random resized crop (default: the level's).
         flip: random horizontal flips while training.
         classes: keep only these classes (`0-9`, `cat,dog` or a list of names; see `subsets.parse_classes`).
+        image_column: the image column of an hf data set; default its one ``datasets.Image`` column.
+        label_column: the label column of an hf data set; default its one ``ClassLabel`` column, else its one int or
+            string column (class names then are the sorted distinct values).
 
     Returns:
         TaskData with class names and the three splits, each yielding (tensor C x H x W, int label).
@@ -332,10 +349,18 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
             raise DatasetError(f"{label} must be at least 1 (or None for no limit), got {n}")
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetError(f"a data set spec must be a name such as digits or folder:PATH, got {spec!r}")
+    from adaptkit.data.hf import HF_SPECS, load_hf  # cheap: datasets itself is imported only for an hf spec
+
     selection = classes  # `classes` names the data set's classes from here on
     key = spec.strip()
     name = builtin_name(key) or key.lower()
-    if name.startswith("folder:"):
+    own_val: list[int] | None = None  # indices into the train source of the data set's own validation split
+    if (image_column is not None or label_column is not None) and not name.startswith(HF_SPECS):
+        raise DatasetError(f"image_column and label_column apply to hf:, hf-disk: and hf-files: data sets, not {spec}")
+    if name.startswith(HF_SPECS):
+        (classes, train_src, train_idx, test_src, test_idx), own_val = load_hf(
+            key, image_column=image_column, label_column=label_column)
+    elif name.startswith("folder:"):
         classes, train_src, train_idx, test_src, test_idx = _load_folder(key[len("folder:"):].strip())
     elif name.startswith(BUILTIN):
         raise DatasetError(_unknown_dataset(spec))
@@ -347,12 +372,18 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
     else:
         raise DatasetError(_unknown_dataset(spec))
     if selection is not None:
-        classes, train_src, train_idx, test_src, test_idx = select_classes(selection, classes, train_src, train_idx,
-                                                                           test_src, test_idx)
+        own = set(own_val or ())  # filtered with train (the same source), then taken apart again
+        classes, train_src, kept, test_src, test_idx = select_classes(selection, classes, train_src,
+                                                                      train_idx + (own_val or []), test_src, test_idx)
+        train_idx = [i for i in kept if i not in own]
+        own_val = None if own_val is None else [i for i in kept if i in own]
     if len(classes) < 2:
         raise DatasetError(f"{spec} has one class ({classes[0] if classes else 'none'}): a classifier needs two or "
                            "more, so add a folder of images for each other class")
-    fit_idx, val_idx = _carve_val(train_idx, val_fraction, seed)
+    if own_val is None:
+        fit_idx, val_idx = _carve_val(train_idx, val_fraction, seed)
+    else:  # shuffled as _carve_val's are, so the limits below keep seeded random subsets
+        fit_idx, val_idx = _shuffled(train_idx, seed), _shuffled(own_val, seed)
     if limit_eval is not None and limit_eval < len(test_idx):
         test_idx = sorted(_shuffled(test_idx, seed)[:limit_eval])
     fit_idx, val_idx = fit_idx[:limit_train], val_idx[:limit_eval]  # a slice [:None] keeps all
