@@ -522,16 +522,20 @@ class Registry:
             meta.task = task
         check_adapter(state, meta, str(path))
         self._check_weights_source(meta, path)
-        sha = hashlib.sha256(adapter_bytes(state, meta)).hexdigest()
         info = {"imported_from": str(path.resolve()), **({"recipe": meta.recipe} if meta.recipe else {})}
+        self.check_new(meta, state, str(path))
+        return self.add_version(meta, state, train_info=info)
+
+    def check_new(self, meta: AdapterMeta, state: dict, where: str) -> None:
+        """Refuse an import whose adapter is identical to a version its task has already."""
         if not self.exists:
-            return self.add_version(meta, state, train_info=info)
+            return
+        sha = hashlib.sha256(adapter_bytes(state, meta)).hexdigest()
         with self.session() as s:
             same = s.scalar(select(VersionRow).join(TaskRow).where(TaskRow.name == meta.task, VersionRow.sha256 == sha))
             if same is not None:
-                raise ConfigError(f"{path} is identical to {meta.task}@{same.version} already in this registry: "
+                raise ConfigError(f"{where} is identical to {meta.task}@{same.version} already in this registry: "
                                   "nothing to import")
-        return self.add_version(meta, state, train_info=info)
 
     def _check_weights_source(self, meta: AdapterMeta, path: Path) -> None:
         """A ``file:`` backbone source from a file is a path on someone else's disk: never read it on trust.

@@ -99,13 +99,43 @@ def export(
 @app.command("import")
 @friendly
 def import_file(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="An exported adapter .safetensors file",
-                                         show_default=False)],
+    file: Annotated[Path, typer.Argument(metavar="PATH", help="An exported adapter .safetensors file, or a PEFT "
+                                         "LoRA adapter folder (adapter_config.json)", show_default=False)],
     task: Annotated[str | None, typer.Option(metavar="NAME", help="Register under this task name [default: the "
-                                             "file's]")] = None,
+                                             "file's, or the PEFT folder's name]")] = None,
+    classes: Annotated[str | None, typer.Option(metavar="LIST", help="PEFT folders: the class names, "
+                                                "comma-separated, in the head's order")] = None,
+    labels_file: Annotated[Path | None, typer.Option(metavar="FILE", help="PEFT folders: the class names, one "
+                                                     "per line")] = None,
+    backbone: Annotated[str | None, typer.Option(metavar="NAME", help="PEFT folders: the timm ViT it was "
+                                                 "trained on [default: adaptkit.json's, or the adapter's "
+                                                 "base_model_name_or_path]")] = None,
+    weights: Annotated[Path | None, typer.Option(metavar="FILE", help="PEFT folders: local weights of that "
+                                                 "backbone instead of the hub")] = None,
     registry: RegistryOpt = None,
     adapters: AdaptersOpt = None,
 ) -> None:
-    """Add an exported adapter file to this registry as a new version."""
-    v = registry_of(registry, adapters).import_file(file, task=task)
+    """Add an exported adapter file, or a PEFT LoRA folder trained on a timm ViT, to this registry as a new
+    version."""
+    reg = registry_of(registry, adapters)
+    if file.is_dir():
+        from adaptkit.interop.peft import import_peft
+
+        if weights is not None and backbone is None:
+            raise ConfigError("--weights needs --backbone NAME: the timm ViT those weights are for")
+        if weights is not None:
+            from adaptkit.backbone import create_backbone
+
+            chosen: object = create_backbone(backbone, weights=str(weights), device="cpu")
+        else:
+            chosen = backbone
+        v = import_peft(reg, file, task=task, classes=classes, labels_file=labels_file, backbone=chosen)
+        echo(f"imported PEFT adapter {file} as {v.ref}")
+        return
+    extra = [name for name, value in (("--classes", classes), ("--labels-file", labels_file),
+                                      ("--backbone", backbone), ("--weights", weights)) if value is not None]
+    if extra:
+        raise ConfigError(f"{', '.join(extra)} apply to PEFT adapter folders; {file} is a file, which names its "
+                          "own classes and backbone")
+    v = reg.import_file(file, task=task)
     echo(f"imported {file} as {v.ref}")
