@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from adaptkit.checks import check_choice, check_float, check_int
+from adaptkit.checks import MAX_BATCH, MAX_EPOCHS, check_choice, check_float, check_int
 from adaptkit.data import BUILTIN, builtin_name
 from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError, DatasetError, DivergedError
@@ -28,15 +28,15 @@ def check_config(cfg: Any) -> None:
     Raises:
         ConfigError: naming the first bad setting, its value and its range.
     """
-    check_int("epochs", cfg.epochs, 1)
-    check_int("batch_size", cfg.batch_size, 1)
+    check_int("epochs", cfg.epochs, 1, MAX_EPOCHS)
+    check_int("batch_size", cfg.batch_size, 1, MAX_BATCH)
     if isinstance(cfg.lr, str) and cfg.lr != "auto":
         raise ConfigError(f"lr must be a number greater than 0, 'auto' or None, got {cfg.lr!r}")
     if cfg.lr != "auto":
         check_float("lr", cfg.lr, 0, low_open=True, optional=True)
     check_int("threads", getattr(cfg, "threads", None), 1, 1024, optional=True)
     check_float("weight_decay", cfg.weight_decay, 0, optional=True)
-    check_float("warmup_epochs", cfg.warmup_epochs, 0)
+    check_float("warmup_epochs", cfg.warmup_epochs, 0, MAX_EPOCHS)
     check_float("min_lr_ratio", cfg.min_lr_ratio, 0, 1)
     check_float("label_smoothing", cfg.label_smoothing, 0, 1, high_open=True)
     check_float("grad_clip", cfg.grad_clip, 0, low_open=True, optional=True)

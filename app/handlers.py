@@ -24,6 +24,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from adaptkit.checks import MAX_BATCH, MAX_EPOCHS, MAX_RANK
 from adaptkit.compare import compare, format_bytes, format_percent
 from adaptkit.data import BUILTIN, builtin_name, default_data_dir, list_datasets, open_image
 from adaptkit.data.roots import folder_in_roots, resolve_roots
@@ -31,7 +32,8 @@ from adaptkit.errors import AdaptkitError
 from adaptkit.predict import Predictor
 from adaptkit.registry import Registry, TaskRow
 from adaptkit.train import TrainConfig, TrainEvent, train
-from adaptkit_app import tables
+from adaptkit_app import inputs, tables
+from adaptkit_app.inputs import PageInputError
 
 __all__ = ["Handlers", "user_errors", "page_terms", "dataset_choices", "default_data_roots", "METHOD_CHOICES",
            "RANKED_METHODS", "UPLOAD_HINT", "AUTO", "AUTO_LABEL"]
@@ -42,6 +44,7 @@ METHOD_CHOICES = ["adapter", "lora", "ssf", "bitfit", "vpt", "linear", "full"]
 AUTO = "*auto*"  # the picker's routed entry: not a valid task name, so it never shadows a task
 AUTO_LABEL = "Auto: which task?"
 RANKED_METHODS = ("adapter", "lora")  # the methods that take a rank
+MAX_TOPK = 1000  # labels shown per image: more than any task's classes is cut to the task's count
 UPLOAD_HINT = "Upload, paste or take a picture to see its labels."
 EMPTY_NOTE = """### No tasks yet
 The registry `{url}` has no tasks. Train one here in **Add a task** (for a quick offline try: data set `digits`,
@@ -60,6 +63,7 @@ _PAGE_TERMS = [
     (re.compile(r"--weights FILE( \([^)]*\))?(,| or) "), ""),
     (re.compile(r"--no-pretrained"), 'untick "Pretrained weights"'),
     (re.compile(r"(pick )?another --task name"), 'type another "Task name"'),
+    (re.compile(r"\(pass --task NAME\)"), '(type another "Task name")'),
     (re.compile(r"train it with `adaptkit train --task (\S+) \.\.\.`"), r'train it in **Add a task** as "\1"'),
 ]
 
@@ -222,18 +226,25 @@ class Handlers:
         Returns:
             the labels of each request (None where it failed) and a line saying how long it took or what went wrong.
         """
+        if not all(isinstance(x, (list, tuple)) for x in (images, tasks, topks)) or \
+                not len(images) == len(tasks) == len(topks):
+            raise PageInputError("images, tasks and top-k need one entry per request each.")
         labels: list[dict | None] = [None] * len(images)
         notes: list[str | dict] = [gr.skip()] * len(images)  # no image: leave the line as it is (it may be an error)
         ready: list[tuple[int, Any, str]] = []
-        for i, (image, task) in enumerate(zip(images, tasks, strict=True)):
-            if not task:
-                notes[i] = "Pick a task first (none is registered yet? see **Add a task**)."
-            elif image is not None:
-                try:
+        ks = [5] * len(images)
+        for i, (image, task, k) in enumerate(zip(images, tasks, topks, strict=True)):
+            try:  # each request's fields are its own: a bad one fails that request only
+                task, image = inputs.text("Task", task, max_len=200), inputs.upload(image)
+                ks[i] = inputs.whole("Top-k labels", k, 1, MAX_TOPK, default=5)
+                if not task:
+                    notes[i] = "Pick a task first (none is registered yet? see **Add a task**)."
+                elif image is not None:
                     ready.append((i, open_upload(image), task))
-                except AdaptkitError as exc:
-                    notes[i] = f"**Could not predict:** {page_terms(str(exc))}"
-        ks = [int(k or 5) for k in topks]
+            except inputs.PageInputError as exc:
+                notes[i] = f"**Could not predict:** {exc.message}"
+            except AdaptkitError as exc:
+                notes[i] = f"**Could not predict:** {page_terms(str(exc))}"
         if any(task != AUTO for _, _, task in ready):
             self._predict_ready([r for r in ready if r[2] != AUTO], ks, labels, notes)
         if any(task == AUTO for _, _, task in ready):
@@ -285,6 +296,7 @@ class Handlers:
     @user_errors
     def predict_all(self, image: str | None) -> tuple[pd.DataFrame, str]:
         """One image through every task: one row each with its top label and probability, and a note."""
+        image = inputs.upload(image)
         if image is None:
             return tables.empty_all_tasks(), ""
         img = open_upload(image)
@@ -345,8 +357,8 @@ class Handlers:
         """``adaptkit continual``: accuracy with no task name after each task is added, and its summary."""
         from adaptkit.continual import evaluate_continual
 
-        r = evaluate_continual(registry=self.registry, limit=int(limit) if limit else None,
-                               device=self.device)
+        limit = inputs.whole("Test images per task", limit, 1, 1_000_000, default=None, empty_below=1)
+        r = evaluate_continual(registry=self.registry, limit=limit, device=self.device)
         rows = [[f"{k + 1}. {ref}", *(round(100 * v[k], 1) for v in (r.task_id, r.cil, r.til, r.simplecil))]
                 for k, ref in enumerate(r.tasks)]
         table = pd.DataFrame(rows, columns=["after adding", "task-id %", "no task given %", "task given %",
@@ -362,15 +374,23 @@ class Handlers:
               lr: float | None, rank: float | None, backbone: str, pretrained: bool, limit_train: float | None,
               limit_eval: float | None, progress: gr.Progress = gr.Progress()) -> tuple[str, dict, dict]:
         """Train a task, register it, and return a status line with the refreshed picker."""
-        spec = self._dataset_spec(dataset, folder)
-        config = TrainConfig(epochs=int(epochs or 1), batch_size=int(batch_size or 64), lr=lr or None,
-                             limit_train=int(limit_train) if limit_train else None,
-                             limit_eval=int(limit_eval) if limit_eval else None)
-        method_config = {"rank": int(rank)} if method in RANKED_METHODS and rank else None
+        spec = self._dataset_spec(inputs.text("Data set", dataset), inputs.text("Folder", folder))
+        method = inputs.text("Method", method) or "adapter"
+        if method not in METHOD_CHOICES:
+            raise inputs.PageInputError(f"Method must be one of {', '.join(METHOD_CHOICES)}, got {method[:40]!r}.")
+        config = TrainConfig(epochs=inputs.whole("Epochs", epochs, 1, MAX_EPOCHS, default=1),
+                             batch_size=inputs.whole("Batch size", batch_size, 1, MAX_BATCH, default=64),
+                             lr=inputs.number("Learning rate", lr, 0, 10) or None,  # 0: the method's default
+                             limit_train=inputs.whole("Training images", limit_train, 1, 10**9, empty_below=1),
+                             limit_eval=inputs.whole("Validation and test images", limit_eval, 1, 10**9, empty_below=1))
+        rank = inputs.whole("Rank", rank, 1, MAX_RANK, empty_below=1) if method in RANKED_METHODS else None
+        method_config = {"rank": rank} if rank else None
+        name, backbone = inputs.text("Task name", task, max_len=200), inputs.text("Backbone", backbone, max_len=200)
+        pretrained = inputs.flag("Pretrained weights", pretrained)
         progress(0, desc="Building the backbone and loading the data")
-        result = train(spec, task=(task or "").strip() or None, backbone=(backbone or "").strip(),
-                       pretrained=bool(pretrained), method=method, method_config=method_config, config=config,
-                       registry=self.registry, on_event=_progress_reporter(progress))
+        result = train(spec, task=name or None, backbone=backbone, pretrained=pretrained, method=method,
+                       method_config=method_config, config=config, registry=self.registry,
+                       on_event=_progress_reporter(progress))
         v = result.version
         tasks = self._sync(force=True)
         status = (f"Trained **{v.task.name}** version {v.version}: {v.method} on {v.backbone.name}, "
