@@ -174,6 +174,8 @@ class Registry:
     """
 
     def __init__(self, url: str | os.PathLike | None = None, adapter_dir: str | os.PathLike | None = None) -> None:
+        if url is not None and not isinstance(url, (str, os.PathLike)):
+            raise RegistryError(f"a registry is a path or a URL, got {url!r}")
         self.url = db.normalise_url(url if url is not None else default_url())
         self.engine = db.make_engine(self.url)
         self._writer = self.engine.execution_options(adaptkit_write=True)  # SQLite: BEGIN IMMEDIATE
@@ -198,6 +200,9 @@ class Registry:
     def _open(self, create: bool) -> bool:
         """Check the schema (one query), migrate it if it is behind, create it if ``create``; True when usable."""
         if not self._ready:
+            if self._file is not None and self._file.is_dir():
+                raise RegistryError(f"registry {self._file} is a folder: give the registry's file, e.g. "
+                                    f"--registry {self._file / 'registry.db'}")
             if self._file is not None and not self._file.is_file():  # connecting would create an empty file
                 if not create:
                     return False

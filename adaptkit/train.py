@@ -31,7 +31,7 @@ from adaptkit.checkpointing import activation_checkpointing
 from adaptkit.checks import check_int
 from adaptkit.data import augment_level, load_task_data, without_builtin
 from adaptkit.devices import resolve_device
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, DatasetError
 from adaptkit.lr_search import LR_FACTORS, LrSearch, search_budget, search_lr
 from adaptkit.methods import TaskModel, get_method
 from adaptkit.registry import TASK_NAME, Registry, VersionRow
@@ -299,7 +299,8 @@ def train(
         image_column, label_column: the columns of a Hugging Face data set (``hf:``, ``hf-disk:``, ``hf-files:``)
             where they cannot be found from its features; recorded with the version.
     """
-    check_train_args(dataset, task, config, TrainConfig)
+    check_train_args(dataset, task, config, TrainConfig, pretrained=pretrained, classes=classes,
+                     init_from=init_from)
     task = task or _task_name(dataset, classes)
     if not TASK_NAME.match(task):
         raise ConfigError(f"bad task name {task!r}: use letters, digits, '_', '-', '.', up to 64 characters "
@@ -318,6 +319,9 @@ def train(
                           val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
                           limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale,
                           flip=cfg.flip, classes=classes, image_column=image_column, label_column=label_column)
+    if len(data.train) < len(data.classes):
+        raise DatasetError(f"{len(data.train)} training image(s) for {len(data.classes)} classes: every class needs "
+                           "some, so raise --limit-train (or leave it out) or train on fewer --classes")
     registry.check_classes(task, data.classes)
     cfg = fit_batch(cfg, len(data.train))
     warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,

@@ -60,8 +60,17 @@ def _pair(name: str, value: Any) -> tuple[Any, Any]:
     return value[0], value[1]
 
 
-def check_train_args(dataset: Any, task: Any, config: Any, config_class: type) -> None:
+def check_train_args(dataset: Any, task: Any, config: Any, config_class: type, *, pretrained: Any = True,
+                     classes: Any = None, init_from: Any = None) -> None:
     """The arguments of ``train`` that are not part of the recipe: types a caller can get wrong."""
+    if not isinstance(pretrained, bool):  # bool("false") is True: a string would fetch hub weights by mistake
+        raise ConfigError(f"pretrained must be True or False, got {pretrained!r}")
+    if classes is not None and not (isinstance(classes, str) or (isinstance(classes, (list, tuple)) and
+                                                                 all(isinstance(c, str) for c in classes))):
+        raise ConfigError(f"classes must be a string such as '0-4' or 'cat,dog', or a list of class names, got "
+                          f"{classes!r}")
+    if init_from is not None and (not isinstance(init_from, str) or not init_from.strip()):
+        raise ConfigError(f"init_from must be TASK, TASK@N or 'auto', got {init_from!r}")
     if not isinstance(dataset, str) or not dataset.strip():
         raise ConfigError(f"dataset must be a spec such as digits, cifar10 or folder:PATH, got {dataset!r}")
     if not dataset.startswith(("folder:", BUILTIN)) and builtin_name(dataset) is None and \

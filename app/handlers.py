@@ -64,6 +64,8 @@ _PAGE_TERMS = [
     (re.compile(r"--no-pretrained"), 'untick "Pretrained weights"'),
     (re.compile(r"(pick )?another --task name"), 'type another "Task name"'),
     (re.compile(r"\(pass --task NAME\)"), '(type another "Task name")'),
+    (re.compile(r"raise --limit-train \(or leave it out\) or train on fewer --classes"),
+     'raise "Training images" (0: all)'),
     (re.compile(r"train it with `adaptkit train --task (\S+) \.\.\.`"), r'train it in **Add a task** as "\1"'),
 ]
 

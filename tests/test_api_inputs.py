@@ -18,9 +18,9 @@ from adaptkit.errors import AdaptkitError, ConfigError, DatasetError, DivergedEr
 from adaptkit.methods import get_method
 
 CONFIG_CASES = [
-    ({"epochs": 1.5}, "epochs must be a whole number at least 1, got 1.5"),
+    ({"epochs": 1.5}, "epochs must be a whole number in [1, 10000], got 1.5"),
     ({"epochs": True}, "epochs must be a whole number"),
-    ({"batch_size": 2.5}, "batch_size must be a whole number at least 1, got 2.5"),
+    ({"batch_size": 2.5}, "batch_size must be a whole number in [1, 65536], got 2.5"),
     ({"lr": float("inf")}, "lr must be a finite number greater than 0"),
     ({"lr": "fast"}, "lr must be a number greater than 0, 'auto' or None"),
     ({"seed": -1}, "seed must be a whole number in [0, 4294967295]"),
@@ -70,6 +70,10 @@ def test_method_names_are_case_insensitive_and_targets_may_be_a_string():
     ({"dataset": "digits", "backbone": 123}, "backbone must be a timm model name"),
     ({"dataset": "digits", "task": 7}, "task must be a name"),
     ({"dataset": "digits", "config": {"epochs": 1}}, "config must be a TrainConfig, got dict"),
+    ({"dataset": "digits", "pretrained": "false"}, "pretrained must be True or False, got 'false'"),
+    ({"dataset": "digits", "classes": 3}, "classes must be a string such as '0-4' or 'cat,dog'"),
+    ({"dataset": "digits", "classes": [0, 1]}, "classes must be a string such as '0-4' or 'cat,dog'"),
+    ({"dataset": "digits", "init_from": 5}, "init_from must be TASK, TASK@N or 'auto', got 5"),
     ({"dataset": "digits", "method": "lora", "config": TrainConfig(device="cuda:7")}, "cuda:7"),
 ])
 def test_train_refuses_bad_arguments_before_anything_slow(tmp_path, kwargs, message):
@@ -222,3 +226,11 @@ def test_backbone_compare_and_registry_check_their_arguments(tmp_path):
     with pytest.raises(ConfigError, match="a version is named by a string"):
         Registry(tmp_path / "r.db").get_version(3)
     assert compare(str(tmp_path / "r.db")).tasks == 0  # a path works as well as a Registry
+
+
+def test_a_registry_named_by_a_number_is_refused():
+    from adaptkit.errors import RegistryError
+    from adaptkit.registry import Registry
+
+    with pytest.raises(RegistryError, match="a registry is a path or a URL, got 5"):
+        Registry(5)

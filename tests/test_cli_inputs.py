@@ -25,10 +25,13 @@ NO_GPU = not torch.cuda.is_available()
 TEST_CASES: list[tuple[list[str], int, str]] = [
     # train: every numeric option checked (finite, in range) before anything slow
     (["train", "-d", "digits", "--seed", "-1"], 1, "seed must be a whole number in [0, 4294967295], got -1"),
+    (["train", "-d", "digits", "--epochs", "1000000000000"], 1, "epochs must be a whole number in [1, 10000]"),
+    (["train", "-d", "digits", "--backbone", PICO, "--no-pretrained", "--limit-train", "5"], 1,
+     "5 training image(s) for 10 classes: every class needs some"),
     (["train", "-d", "digits", "--device", "bogus"], 1, "unknown device 'bogus': use cpu, cuda, cuda:N or mps"),
-    (["train", "-d", "digits", "--epochs", "0"], 1, "epochs must be a whole number at least 1"),
+    (["train", "-d", "digits", "--epochs", "0"], 1, "epochs must be a whole number in [1, 10000]"),
     (["train", "-d", "digits", "--epochs", "1.5"], 2, "Invalid value for '--epochs'"),
-    (["train", "-d", "digits", "--batch-size", "0"], 1, "batch_size must be a whole number at least 1"),
+    (["train", "-d", "digits", "--batch-size", "0"], 1, "batch_size must be a whole number in [1, 65536]"),
     (["train", "-d", "digits", "--lr", "inf"], 1, "lr must be a finite number greater than 0"),
     (["train", "-d", "digits", "--lr", "nan"], 1, "lr must be a finite number greater than 0"),
     (["train", "-d", "digits", "--lr", "-0.1"], 1, "lr must be a finite number greater than 0"),
@@ -163,3 +166,11 @@ def test_bad_input_is_one_line(files, argv, code, fragment):
 @pytest.mark.parametrize(("argv", "code", "fragment"), NEEDS_NO_GPU, ids=[" ".join(c[0]) for c in NEEDS_NO_GPU])
 def test_missing_gpu_is_one_line(files, argv, code, fragment):
     _check(argv, code, fragment, files)
+
+
+def test_a_folder_given_as_the_registry_is_refused(tmp_path):
+    result = runner.invoke(app, ["list", "--registry", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"registry {tmp_path} is a folder: give the registry's file, e.g. --registry {tmp_path / 'registry.db'}" \
+        in " ".join(result.output.split())
+    assert list(tmp_path.iterdir()) == []
