@@ -7,6 +7,7 @@ Under ``torchrun`` or ``accelerate launch`` it runs data-parallel (DDP) with no 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -39,6 +40,8 @@ from adaptkit.routing import RoutingStats, collect_task_stats, task_stats_from_f
 from adaptkit.threads import default_threads
 from adaptkit.tracking import Trackers, check_trackers, open_trackers
 from adaptkit.train_checks import DivergenceGuard, check_config, check_train_args, fit_batch
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["TrainConfig", "TrainEvent", "TrainResult", "METHOD_DEFAULTS", "train", "evaluate", "seed_everything"]
 
@@ -401,9 +404,12 @@ def _both(first: Callable[[TrainEvent], None] | None,
 def _finish_tracking(trackers: Trackers, registry: Registry, version: VersionRow, recipe: dict,
                      metrics: dict) -> None:
     """The final metrics and the registered adapter file (from the store, as saved) to every tracker."""
-    with tempfile.TemporaryDirectory(prefix="adaptkit-track-") as tmp:
-        path = registry.export(version.ref, Path(tmp))
-        trackers.finish(recipe, {**metrics, "ref": version.ref}, path)
+    try:
+        with tempfile.TemporaryDirectory(prefix="adaptkit-track-") as tmp:
+            path = registry.export(version.ref, Path(tmp))
+            trackers.finish(recipe, {**metrics, "ref": version.ref}, path)
+    except Exception as exc:  # noqa: BLE001  (the version is registered: a tracker's failure must not hide that)
+        _log.warning("%s is registered, but the trackers could not finish their runs: %s", version.ref, exc)
 
 
 def _search_lr(model: TaskModel, data: Any, cfg: TrainConfig, method: str, device: torch.device, world: int,
