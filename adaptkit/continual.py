@@ -36,7 +36,8 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
                 dataset: str | None = None, device: str | None = None, data_dir: str | None = None,
                 download: bool = True, batch_size: int = 128,
                 on_task: Callable[[str, str], None] | None = None) -> list[str]:
-    """Compute routing statistics for registered versions that lack them; returns the refs that got new files.
+    """Compute routing statistics for registered versions that lack them, or lack the rejection percentiles (see
+    :mod:`adaptkit.routing`); returns the refs that got new files.
 
     Args:
         tasks: ``task`` or ``task@N`` refs (default: every task's default version).
@@ -56,7 +57,7 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
         row = registry.get_version(ref)
         state, meta = registry.load_version(row)
         own, stats = split_state(state)
-        if stats is not None and not force:
+        if stats is not None and stats.calibrated and not force:
             (on_task or (lambda *a: None))(row.ref, "has routing statistics already")
             continue
         host = predictor.load(row.ref).host

@@ -25,7 +25,7 @@ from adaptkit.devices import resolve_device
 from adaptkit.errors import ArtifactError, ConfigError, RoutingError
 from adaptkit.methods import TaskModel, get_method, merge_lora
 from adaptkit.registry import Registry, VersionRow
-from adaptkit.routing import Router, RoutingStats, frozen, split_state
+from adaptkit.routing import DEFAULT_REJECT_RATE, Router, RoutingStats, check_reject_rate, frozen, split_state
 from adaptkit.trunk import first_changed_block, run_prefix, run_suffix, splittable
 
 __all__ = ["Prediction", "RoutedPrediction", "Route", "Predictor", "LoadedTask", "default_device"]
@@ -47,13 +47,19 @@ class Prediction:
 
 @dataclass(frozen=True)
 class RoutedPrediction:
-    """An image's answer with no task given: the task the router chose, how sure it was, and the labels."""
+    """An image's answer with no task given: the task the router chose, how sure it was, and the labels.
 
-    task: str  # task@N
+    ``rejected``: the image fits none of the tasks: it is less typical of the chosen (nearest) task than all but
+    the rejection rate of the task's own images (``task`` and ``predictions`` are still the nearest task's).
+    """
+
+    task: str  # task@N; when rejected, the nearest task
     confidence: float  # the routing posterior of ``task``
     runner_up: str | None  # the next most likely task (None when only one task was asked)
     runner_up_confidence: float
     predictions: list[Prediction]
+    rejected: bool = False  # no task fits the image (never with accept_all, or for versions without percentiles)
+    fit: float | None = None  # share of ``task``'s own images less typical than this one; None: not calibrated
 
 
 @dataclass
@@ -64,6 +70,8 @@ class Route:
     confidence: float
     runner_up: LoadedTask | None
     runner_up_confidence: float
+    fit: float | None = None  # share of the task's own images less typical than this one (None: not calibrated)
+    rejected: bool = False  # fit below the rejection rate: the image belongs to none of the tasks
 
 
 @dataclass
@@ -266,6 +274,7 @@ class Predictor:
 
     def predict_mixed(self, images: list[ImageLike], refs: list[str], topk: int = 5) -> list[list[Prediction]]:
         """Top-k predictions for images that each name their own task, in one backbone pass per backbone."""
+        check_int("topk", topk, 1)
         tasks = [self._task(r) for r in refs]
         if len(images) != len(tasks):
             raise ConfigError(f"{len(images)} images but {len(tasks)} task names: give one task per image")
@@ -275,7 +284,8 @@ class Predictor:
     # -- predicting with no task name ---------------------------------------------------------------------------
 
     def predict_auto(self, images: list[ImageLike], topk: int = 5, tasks: list[str] | None = None,
-                     router: str = "lda") -> list[RoutedPrediction]:
+                     router: str = "lda", accept_all: bool = False,
+                     reject_rate: float = DEFAULT_REJECT_RATE) -> list[RoutedPrediction]:
         """Top-k labels of images with no task given: route each image to a task, then run it through that task.
 
         One frozen pass per backbone scores every class of every task (see :mod:`adaptkit.routing`); one mixed pass
@@ -286,8 +296,12 @@ class Predictor:
             topk: labels per image.
             tasks: the candidate tasks (``task`` or ``task@N``); default: every registered task's default version.
             router: the routing classifier: ``lda`` (default), ``qda``, ``ridge`` or ``ncm``.
+            accept_all: never reject an image (``rejected`` is then always false).
+            reject_rate: the share of a task's own images that would be rejected (calibrated per task at
+                training time on held-out images; see :mod:`adaptkit.routing`).
         """
-        routes, batches, prefixes = self._route(images, tasks, router)
+        check_int("topk", topk, 1)
+        routes, batches, prefixes = self._route(images, tasks, router, None if accept_all else reject_rate)
         out: list[RoutedPrediction | None] = [None] * len(routes)
         by_host: dict[int, list[int]] = {}
         for i, r in enumerate(routes):
@@ -302,20 +316,24 @@ class Predictor:
             for i, row in zip(members, logits, strict=True):
                 r = routes[i]
                 out[i] = RoutedPrediction(r.task.ref, r.confidence, r.runner_up.ref if r.runner_up else None,
-                                          r.runner_up_confidence, self._topk(row, r.task, topk))
+                                          r.runner_up_confidence, self._topk(row, r.task, topk), r.rejected, r.fit)
         return out  # type: ignore[return-value]
 
-    def route(self, images: list[ImageLike], tasks: list[str] | None = None, router: str = "lda") -> list[Route]:
-        """Which task each image belongs to, with the routing posterior and the runner-up (see predict_auto)."""
-        return self._route(images, tasks, router)[0]
+    def route(self, images: list[ImageLike], tasks: list[str] | None = None, router: str = "lda",
+              accept_all: bool = False, reject_rate: float = DEFAULT_REJECT_RATE) -> list[Route]:
+        """Which task each image belongs to, with the routing posterior, the runner-up and whether no task fits it
+        (see predict_auto)."""
+        return self._route(images, tasks, router, None if accept_all else reject_rate)[0]
 
-    def _route(self, images: list[ImageLike], tasks: list[str] | None, router: str
+    def _route(self, images: list[ImageLike], tasks: list[str] | None, router: str, reject_rate: float | None = None
                ) -> tuple[list[Route], dict[int, torch.Tensor], dict[int, FrozenPrefix | None]]:
+        if reject_rate is not None:
+            check_reject_rate(reject_rate)
         hosts = self.by_backbone(self._candidates(tasks))
         batches = {key: self.preprocess(images, members[0]) for key, members in hosts.items()}
         passes = {key: self.frozen_prefix(batches[key], members) for key, members in hosts.items()}
         feats = {key: f for key, (f, _) in passes.items()}
-        return self.pick(hosts, feats, router), batches, {key: p for key, (_, p) in passes.items()}
+        return self.pick(hosts, feats, router, reject_rate), batches, {key: p for key, (_, p) in passes.items()}
 
     @staticmethod
     def by_backbone(tasks: list[LoadedTask]) -> dict[int, list[LoadedTask]]:
@@ -345,16 +363,22 @@ class Predictor:
             feats = run_suffix(trunk, tokens, start).float()
         return feats, FrozenPrefix(trunk, start, tokens)
 
-    def pick(self, hosts: dict[int, list[LoadedTask]], feats: dict[int, torch.Tensor], router: str) -> list[Route]:
+    def pick(self, hosts: dict[int, list[LoadedTask]], feats: dict[int, torch.Tensor], router: str,
+             reject_rate: float | None = None) -> list[Route]:
         """Route each image: within a backbone by the router's task posterior; across backbones to the one whose
-        classes the image is most typical of (smallest standardised Mahalanobis distance)."""
+        classes the image is most typical of (smallest standardised Mahalanobis distance). With ``reject_rate``
+        an image whose chosen task fits it less than that (see :class:`Route`) is marked rejected."""
         best: list[tuple[float, Route]] = []
         for key, members in hosts.items():
             routes = self._router(members, router).route(feats[key])
             (values, indices), typical = routes.ranked(), routes.typicality.tolist()
+            fits = routes.fit.tolist() if routes.fit is not None else None
             for b, (v, i) in enumerate(zip(values.tolist(), indices.tolist(), strict=True)):
                 runner = members[i[1]] if len(members) > 1 else None
-                route = Route(members[i[0]], v[0], runner, v[1] if runner else 0.0)
+                fit = fits[b][i[0]] if fits is not None else None
+                fit = None if fit is None or fit != fit else fit  # NaN: the version has no percentiles
+                rejected = reject_rate is not None and fit is not None and fit < reject_rate
+                route = Route(members[i[0]], v[0], runner, v[1] if runner else 0.0, fit, rejected)
                 if b == len(best):
                     best.append((typical[b], route))
                 elif typical[b] < best[b][0]:

@@ -7,7 +7,10 @@ changes another's, and a router over any set of tasks is rebuilt from them exact
 
 - ``lda`` (default): linear discriminant analysis with one covariance pooled over every class of every task, shrunk
   towards a multiple of the identity (a shared-covariance Gaussian classifier; what RanPAC's ridge solves in a random
-  feature space, here in the backbone's own space);
+  feature space, here in the backbone's own space). The pooled covariance is the mean of the tasks' own (each task
+  weighs the same, whatever its number of images), its shrinkage is chosen from it by the oracle approximating
+  shrinkage estimator (OAS, Chen et al. 2010: no data set tunes it), and every task has the same prior, shared
+  equally by its classes (so a 20-class task does not outweigh a 2-class one);
 - ``qda``: the same, but each task's classes under the task's own covariance (shrunk towards the pooled one);
 - ``ridge``: a ridge regression onto one-hot targets from the same second-order statistics (RanPAC without the
   random projection);
@@ -15,6 +18,14 @@ changes another's, and a router over any set of tasks is rebuilt from them exact
 
 A task's routing score is the posterior mass of its classes. Tasks on different backbones are compared by how
 typical the image is of each backbone's classes (its Mahalanobis distance to the nearest class mean, standardised).
+
+"None of these tasks": a version also keeps how far its own images lie from their nearest class mean, under the
+task's own within-class covariance (shrunk 1 % towards the identity): the percentiles (0, 1, ..., 100) of that
+distance over its training images, each scored by statistics of the other images only (5-fold cross-fitting, at
+most :data:`CALIBRATION_IMAGES` images scored). An image's *fit* to a task is the share of the task's own images
+that lie farther out; routed prediction rejects an image whose chosen task fits it less than a stated false-rejection
+rate (default 5 %: beyond the 95th percentile). The statistics are the task's alone, so the threshold never changes
+when tasks are added; versions without the percentiles (trained before they existed) are never rejected.
 """
 
 from __future__ import annotations
@@ -33,11 +44,22 @@ from adaptkit.errors import ConfigError
 from adaptkit.methods import task_context
 
 __all__ = ["ROUTING_PREFIX", "ROUTERS", "RoutingStats", "Router", "Routes", "split_state", "frozen",
-           "collect_stats", "accumulate_stats", "collect_task_stats", "task_stats_from_features"]
+           "collect_stats", "accumulate_stats", "collect_task_stats", "task_stats_from_features", "Calibration",
+           "DEFAULT_REJECT_RATE", "OOD_SHRINKAGE", "CALIBRATION_IMAGES", "Whitener", "check_reject_rate",
+           "oas_shrinkage"]
 
 ROUTERS = ("lda", "qda", "ridge", "ncm")
-DEFAULT_SHRINKAGE = 0.1  # share of the (scaled) identity mixed into the pooled covariance
+DEFAULT_SHRINKAGE = None  # share of the (scaled) identity in the pooled covariance; None: chosen from it (OAS)
+_FIXED_SHRINKAGE = 0.1  # ridge's lambda and qda's share of the pooled covariance when none is given
 _NCM_TEMPERATURE = 0.05  # cosine similarities -> probabilities
+DEFAULT_REJECT_RATE = 0.05  # routed prediction rejects an image less typical of its task than 95 % of the task's own
+OOD_SHRINKAGE = 0.01  # share of the identity in a task's own covariance for its rejection score
+CALIBRATION_IMAGES = 10_000  # at most this many training images are scored (seeded) for the percentiles
+CALIBRATION_FOLDS = 5
+MIN_CALIBRATION = 20  # fewer training images than this: no percentiles, the version is never rejected
+PERCENTILES = 101  # 0, 1, ..., 100
+UNCALIBRATED_FIT = 0.5  # routing weighs a version without percentiles as an image of median fit
+FIT_FLOOR = 1e-3  # beyond every held-out image: the fit the routing weight does not go below
 
 
 @dataclass
@@ -48,11 +70,36 @@ class RoutingStats:
         means: (C, d) mean feature per class.
         counts: (C,) images per class.
         scatter: (d, d) within-class scatter sum_c sum_i (x_i - mu_c)(x_i - mu_c)^T.
+        ood_quantiles: (101,) percentiles 0..100 of the rejection score (:class:`Whitener`) of the task's own
+            training images, each scored by the statistics of the other folds; None: never reject (older files).
+        ood_shrinkage: the share of the identity in the covariance of that score.
     """
 
     means: torch.Tensor
     counts: torch.Tensor
     scatter: torch.Tensor
+    ood_quantiles: torch.Tensor | None = None
+    ood_shrinkage: float = OOD_SHRINKAGE
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether images can be rejected: the version has the percentiles of its own images' scores."""
+        return self.ood_quantiles is not None
+
+    def threshold(self, reject_rate: float = DEFAULT_REJECT_RATE) -> float | None:
+        """The score beyond which a share ``reject_rate`` of the task's own images lie (None: never reject)."""
+        if self.ood_quantiles is None:
+            return None
+        q = self.ood_quantiles.double()
+        return float(_interp(torch.tensor([100 * (1 - reject_rate)]).double(),
+                             torch.linspace(0, 100, len(q)).double(), q)[0])
+
+    def fit(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """(B,) rejection scores -> (B,) the share of the task's own images that score higher (lie farther out)."""
+        if self.ood_quantiles is None:
+            return None
+        q = self.ood_quantiles.double()
+        return 1 - _interp(scores.double().cpu(), q, torch.linspace(0, 1, len(q)).double())
 
     @property
     def dim(self) -> int:
@@ -61,9 +108,13 @@ class RoutingStats:
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors written to the adapter file (the scatter as its packed upper triangle: half the bytes)."""
         rows, cols = torch.triu_indices(self.dim, self.dim)
-        return {f"{ROUTING_PREFIX}means": self.means.float().contiguous(),
-                f"{ROUTING_PREFIX}counts": self.counts.long().contiguous(),
-                f"{ROUTING_PREFIX}scatter": self.scatter[rows, cols].float().contiguous()}
+        out = {f"{ROUTING_PREFIX}means": self.means.float().contiguous(),
+               f"{ROUTING_PREFIX}counts": self.counts.long().contiguous(),
+               f"{ROUTING_PREFIX}scatter": self.scatter[rows, cols].float().contiguous()}
+        if self.ood_quantiles is not None:
+            out[f"{ROUTING_PREFIX}ood_quantiles"] = self.ood_quantiles.float().contiguous()
+            out[f"{ROUTING_PREFIX}ood_shrinkage"] = torch.tensor([float(self.ood_shrinkage)], dtype=torch.float64)
+        return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> RoutingStats:
@@ -76,7 +127,16 @@ class RoutingStats:
         scatter = torch.zeros(d, d, dtype=packed.dtype, device=packed.device)
         scatter[rows, cols] = packed
         scatter[cols, rows] = packed
-        return cls(means=means, counts=counts, scatter=scatter)
+        quantiles = tensors.get(f"{ROUTING_PREFIX}ood_quantiles")
+        shrinkage = tensors.get(f"{ROUTING_PREFIX}ood_shrinkage")
+        if quantiles is not None:
+            quantiles = quantiles.float().flatten().cpu()
+            if len(quantiles) < 2 or bool((quantiles.diff() < 0).any()) or shrinkage is None \
+                    or shrinkage.numel() != 1 or not 0 < float(shrinkage) <= 1:
+                raise ConfigError("routing statistics have bad rejection percentiles: refit them with "
+                                  "`adaptkit routing fit --force`")
+        return cls(means=means, counts=counts, scatter=scatter, ood_quantiles=quantiles,
+                   ood_shrinkage=float(shrinkage) if shrinkage is not None else OOD_SHRINKAGE)
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], RoutingStats | None]:
@@ -100,7 +160,7 @@ def frozen(trunk: nn.Module) -> Iterator[nn.Module]:
 
 @torch.inference_mode()
 def collect_stats(trunk: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-                  device: torch.device | str = "cpu") -> RoutingStats:
+                  device: torch.device | str = "cpu", calibration: Calibration | None = None) -> RoutingStats:
     """One frozen pass over labelled batches -> the task's :class:`RoutingStats` (sums in float64).
 
     Args:
@@ -108,14 +168,17 @@ def collect_stats(trunk: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
         batches: (images, labels) in the eval transform, e.g. a DataLoader over the training images.
         num_classes: the task's number of classes.
         device: where to run.
+        calibration: also compute the rejection percentiles (see :class:`Calibration`).
     """
     with frozen(trunk):
         trunk.eval()
-        return accumulate_stats(((trunk(x.to(device)), y) for x, y in batches), num_classes)
+        return accumulate_stats(((trunk(x.to(device)), y) for x, y in batches), num_classes, calibration)
 
 
-def accumulate_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> RoutingStats:
-    """(frozen features (B, d), labels) batches -> :class:`RoutingStats`, summed in float64 in the batches' order."""
+def accumulate_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                     calibration: Calibration | None = None) -> RoutingStats:
+    """(frozen features (B, d), labels) batches -> :class:`RoutingStats`, summed in float64 in the batches' order;
+    with ``calibration`` (built for as many images as the batches hold) the rejection percentiles too."""
     sums = counts = second = None
     for f, y in batches:
         f = f.double().cpu()
@@ -126,11 +189,139 @@ def accumulate_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_c
         sums.index_add_(0, y.long(), f)
         counts.index_add_(0, y.long(), torch.ones(len(y)))
         second += f.T @ f
+        if calibration is not None:
+            calibration.add(f, y.long().cpu())
     if sums is None:
         raise ConfigError("no images to collect routing statistics from")
     means = sums / counts.clamp(min=1)[:, None].double()
     scatter = second - (means.T * counts.double()) @ means  # sum x x^T - sum_c n_c mu_c mu_c^T
-    return RoutingStats(means=means.float(), counts=counts.long(), scatter=scatter.float())
+    stats = RoutingStats(means=means.float(), counts=counts.long(), scatter=scatter.float())
+    if calibration is not None:
+        stats.ood_quantiles, stats.ood_shrinkage = calibration.quantiles(), calibration.shrinkage
+    return stats
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of ``x`` on the increasing ``xp`` -> ``fp``, constant beyond the ends."""
+    i = torch.searchsorted(xp.contiguous(), x.contiguous(), right=True).clamp(1, len(xp) - 1)
+    x0, x1, y0, y1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
+    t = ((x - x0) / (x1 - x0).clamp(min=1e-300)).clamp(0, 1)
+    return y0 + t * (y1 - y0)
+
+
+def check_reject_rate(rate: float) -> float:
+    """The false-rejection rate of routed prediction: a share in (0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate < 1:
+        raise ConfigError(f"the rejection rate is the share of a task's own images it may reject, in (0, 1): got "
+                          f"{rate!r}")
+    return float(rate)
+
+
+@dataclass
+class Whitener:
+    """A task's rejection score from its own statistics: the squared Mahalanobis distance of a frozen feature to
+    the task's nearest class mean, under its within-class covariance shrunk towards the identity (``shrinkage`` of
+    the mean variance), computed as a Euclidean distance after whitening (stable in float32)."""
+
+    center: torch.Tensor  # (d,) the task's mean feature
+    weight: torch.Tensor  # (d, d): (x - center) @ weight is whitened
+    means: torch.Tensor  # (C', d) whitened class means (classes with images only)
+
+    @classmethod
+    def of(cls, means: torch.Tensor, counts: torch.Tensor, scatter: torch.Tensor,
+           shrinkage: float = OOD_SHRINKAGE) -> Whitener | None:
+        """From a task's class means, counts and within-class scatter; None when there are too few images."""
+        counts = counts.double()
+        keep = counts > 0
+        n, c = counts.sum().item(), int(keep.sum())
+        if n - c < 1:
+            return None
+        means = means.double()
+        cov = scatter.double() / (n - c)
+        d = cov.shape[0]
+        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean().clamp(min=1e-12) * torch.eye(d).double()
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if info.item():
+            return None
+        weight = torch.linalg.solve_triangular(chol, torch.eye(d).double(), upper=False).T  # L^-T
+        center = (means[keep] * counts[keep, None]).sum(0) / n
+        return cls(center=center.float(), weight=weight.float(), means=((means[keep] - center) @ weight).float())
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, d) frozen features -> (B,) squared Mahalanobis distance to the nearest class mean."""
+        dt = self.weight.dtype
+        z = (feats.to(self.weight.device, dt) - self.center) @ self.weight
+        dist = torch.cdist(z, self.means, compute_mode="donot_use_mm_for_euclid_dist")
+        return dist.min(dim=1).values.pow(2)
+
+    def double(self) -> Whitener:
+        return Whitener(self.center.double(), self.weight.double(), self.means.double())
+
+
+class Calibration:
+    """The rejection percentiles of a task, gathered beside its routing statistics in the same pass.
+
+    Every image is given one of 5 folds (a seeded permutation of the images' order); the sums of each fold are
+    kept, so each image is scored by the statistics of the other four folds: held out, as a new image would be.
+    At most ``keep`` images (seeded) are scored; their scores' percentiles 0..100 are what the file stores.
+
+    Args:
+        total: how many images the batches will hold.
+        num_classes: the task's number of classes.
+    """
+
+    def __init__(self, total: int, num_classes: int, *, folds: int = CALIBRATION_FOLDS,
+                 keep: int = CALIBRATION_IMAGES, shrinkage: float = OOD_SHRINKAGE, seed: int = 0) -> None:
+        perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+        self.total, self.num_classes, self.folds, self.shrinkage = total, num_classes, folds, shrinkage
+        self.fold_of, self.kept = perm % folds, perm < keep
+        self.seen = 0
+        self.sums = self.counts = self.second = None
+        self.feats: list[torch.Tensor] = []
+        self.feat_folds: list[torch.Tensor] = []
+
+    def add(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        """The next batch: (B, d) float64 features and (B,) labels, in the order of the statistics."""
+        if self.seen + len(f) > self.total:
+            raise ConfigError(f"calibration expected {self.total} images, got more")
+        if self.sums is None:
+            d = f.shape[1]
+            self.sums = torch.zeros(self.folds, self.num_classes, d, dtype=torch.float64)
+            self.counts = torch.zeros(self.folds, self.num_classes, dtype=torch.float64)
+            self.second = torch.zeros(self.folds, d, d, dtype=torch.float64)
+        fold = self.fold_of[self.seen:self.seen + len(f)]
+        kept = self.kept[self.seen:self.seen + len(f)]
+        self.seen += len(f)
+        for k in fold.unique().tolist():
+            rows = fold == k
+            fk, yk = f[rows], y[rows]
+            self.sums[k].index_add_(0, yk, fk)
+            self.counts[k].index_add_(0, yk, torch.ones(len(yk), dtype=torch.float64))
+            self.second[k] += fk.T @ fk
+        self.feats.append(f[kept].float())
+        self.feat_folds.append(fold[kept])
+
+    def quantiles(self) -> torch.Tensor | None:
+        """(101,) percentiles of the held-out scores; None when too few images (the version is never rejected)."""
+        if self.seen != self.total:
+            raise ConfigError(f"calibration expected {self.total} images, got {self.seen}")
+        if self.sums is None or self.total < MIN_CALIBRATION:
+            return None
+        feats, folds = torch.cat(self.feats), torch.cat(self.feat_folds)
+        sums, counts, second = self.sums.sum(0), self.counts.sum(0), self.second.sum(0)
+        scores = torch.empty(len(feats), dtype=torch.float64)
+        for k in range(self.folds):
+            rows = folds == k
+            if not rows.any():
+                continue
+            n = counts - self.counts[k]
+            means = (sums - self.sums[k]) / n.clamp(min=1)[:, None]
+            scatter = (second - self.second[k]) - (means.T * n) @ means
+            whitener = Whitener.of(means, n, scatter, self.shrinkage)
+            if whitener is None:
+                return None
+            scores[rows] = whitener.double().scores(feats[rows].double())
+        return torch.quantile(scores, torch.linspace(0, 1, PERCENTILES).double()).float()
 
 
 @dataclass
@@ -140,6 +331,7 @@ class Routes:
     task_probs: torch.Tensor  # (B, T) posterior mass of each task's classes
     class_probs: torch.Tensor  # (B, C) posterior over every class of every task
     typicality: torch.Tensor  # (B,) standardised distance to the nearest class mean; lower is more typical
+    fit: torch.Tensor | None = None  # (B, T) share of each task's own images farther out (NaN: not calibrated)
 
     def ranked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the best two tasks, (B, 2); with one task the runner-up is itself at 0."""
@@ -156,39 +348,66 @@ class Router:
     Args:
         stats: one :class:`RoutingStats` per task, in task order.
         kind: ``lda`` (default), ``qda``, ``ridge`` or ``ncm``.
-        shrinkage: for ``lda`` the share of the identity in the covariance (``qda``: also the share of the pooled
-            covariance in each task's); for ``ridge`` lambda relative to the
-            mean eigenvalue of the features' second moment.
+        shrinkage: for ``lda`` the share of the identity in the covariance, default (None) chosen by OAS; for
+            ``qda`` that share and the share of the pooled covariance in each task's (default 0.1); for ``ridge``
+            lambda relative to the mean eigenvalue of the features' second moment (default 0.1).
+        prior: ``task`` (``lda``'s default): every task equally likely a priori, its classes sharing its prior
+            equally; ``class`` (``qda``'s default): every class equally likely (tasks with more classes weigh more).
+            For ``lda`` and ``qda``.
+        pooling: ``task`` (``lda``'s default): the pooled covariance is the mean of the tasks' own; ``images`` (the
+            others' default): every image weighs the same, so a task with more images weighs more.
+        by_fit: weigh each task's posterior by how well the image fits the task's own held-out spread (its ``fit``,
+            see :meth:`fit`; a version without percentiles counts as 0.5) and renormalise: a task whose
+            classifier score is high only because its classes sit nearest, while the image lies beyond almost all
+            its own images, loses to one it fits. (``shrinkage=0.1, prior="class", pooling="images",
+            by_fit=False`` is ``lda`` as it was before issue 23.)
     """
 
-    def __init__(self, stats: list[RoutingStats], kind: str = "lda", shrinkage: float = DEFAULT_SHRINKAGE) -> None:
+    def __init__(self, stats: list[RoutingStats], kind: str = "lda", shrinkage: float | None = DEFAULT_SHRINKAGE,
+                 prior: str | None = None, pooling: str | None = None, by_fit: bool = True) -> None:
         if kind not in ROUTERS:
             raise ConfigError(f"unknown router {kind!r}: use one of {', '.join(ROUTERS)}")
         if not stats:
             raise ConfigError("a router needs at least one task")
         if len({s.dim for s in stats}) > 1:
             raise ConfigError("tasks of one router must share a backbone (their features differ in size)")
-        self.kind = kind
+        prior = prior or ("task" if kind == "lda" else "class")
+        pooling = pooling or ("task" if kind == "lda" else "images")
+        if prior not in ("task", "class") or pooling not in ("task", "images"):
+            raise ConfigError(f"unknown prior {prior!r} or pooling {pooling!r}: use task or class, task or images")
+        self.kind, self.by_fit = kind, by_fit
+        self.stats = stats
+        self.whiteners = [Whitener.of(s.means, s.counts, s.scatter, s.ood_shrinkage) if s.calibrated else None
+                          for s in stats]
         means = torch.cat([s.means for s in stats]).double()  # (C, d)
         counts = torch.cat([s.counts for s in stats]).double()
         self.task_of_class = torch.cat([torch.full((len(s.counts),), t) for t, s in enumerate(stats)])
         self.num_tasks = len(stats)
         d = means.shape[1]
         scatter = sum(s.scatter.double() for s in stats)
-        cov = scatter / max(counts.sum().item() - len(counts), 1.0)
+        cov, dof = _balanced_covariance(stats) if pooling == "task" else (
+            scatter / max(counts.sum().item() - len(counts), 1.0), counts.sum().item() - len(counts))
+        given = shrinkage
+        if shrinkage is None:
+            shrinkage = oas_shrinkage(cov, dof) if kind in ("lda", "ncm") else _FIXED_SHRINKAGE
+        self.shrinkage = shrinkage
         cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean().clamp(min=1e-12) * torch.eye(d).double()
         self.precision = torch.linalg.inv(cov)  # (d, d), for lda and the typicality of every kind
         self.means = means
+        # log prior of each class: uniform over tasks, then over the task's classes (or uniform over classes)
+        self.log_prior = (-torch.cat([torch.full((len(s.counts),), float(len(s.counts))) for s in stats]).log()
+                          if prior == "task" and kind in ("lda", "qda") else torch.zeros(len(counts))).double()
         if kind == "lda":
             self.weight = self.precision @ means.T  # (d, C)
-            self.bias = -0.5 * (means @ self.weight).diagonal()
+            self.bias = -0.5 * (means @ self.weight).diagonal() + self.log_prior
         elif kind == "ridge":
             gram = scatter + (means.T * counts) @ means  # sum x x^T over every image
             lam = max(shrinkage, 1e-6) * gram.diagonal().mean()
             self.weight = torch.linalg.solve(gram + lam * torch.eye(d).double(), means.T * counts)
             self.bias = torch.zeros(len(counts)).double()
         elif kind == "qda":
-            self.task_precisions = [self._task_precision(s, cov, shrinkage) for s in stats]
+            mix = _FIXED_SHRINKAGE if given is None else given
+            self.task_precisions = [self._task_precision(s, cov, mix) for s in stats]
             self.weight, self.bias = torch.zeros(d, 0).double(), torch.zeros(0).double()
         else:
             self.weight = nn.functional.normalize(means, dim=1).T
@@ -212,7 +431,7 @@ class Router:
             for t, (prec, half_logdet) in enumerate(self.task_precisions):
                 diff = f[:, None, :] - self.means[self.task_of_class == t][None]  # (B, C_t, d)
                 out.append(-0.5 * torch.einsum("bcd,de,bce->bc", diff, prec, diff) - half_logdet)
-            return torch.cat(out, dim=1)
+            return torch.cat(out, dim=1) + self.log_prior.float()
         if self.kind == "ncm":
             return nn.functional.normalize(f, dim=1) @ self.weight / _NCM_TEMPERATURE
         return f @ self.weight + self.bias
@@ -221,13 +440,66 @@ class Router:
         """(B, d) frozen features -> the posterior over tasks and classes, and the images' typicality."""
         f = feats.float().to(self.weight.device)
         class_probs = self.scores(f).softmax(dim=1)
+        fit = self.fit(f)
+        if self.by_fit and self.num_tasks > 1 and bool((~fit.isnan()).any()):
+            # posterior x fit: each class weighed by how well the image fits its task's held-out spread
+            weight = fit.nan_to_num(UNCALIBRATED_FIT).clamp(min=FIT_FLOOR)[:, self.task_of_class]
+            class_probs = class_probs * weight
+            class_probs = class_probs / class_probs.sum(1, keepdim=True)
         task_probs = torch.zeros(len(f), self.num_tasks).index_add_(1, self.task_of_class, class_probs)
+        task_probs.clamp_(max=1.0)  # a float sum can come out at 1.0000001
         if self.num_tasks == 1:
             task_probs.fill_(1.0)  # exactly, not a float sum that comes out at 0.9999999
         fp = f @ self.precision
         maha = ((fp * f).sum(1, keepdim=True) - 2 * fp @ self.means.T + self._mu_p_mu).min(dim=1).values
         d = f.shape[1]
-        return Routes(task_probs=task_probs, class_probs=class_probs, typicality=(maha - d) / (2 * d) ** 0.5)
+        return Routes(task_probs=task_probs, class_probs=class_probs, typicality=(maha - d) / (2 * d) ** 0.5,
+                      fit=fit)
+
+    def ood_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, d) frozen features -> (B, T) each task's rejection score (see :class:`Whitener`; NaN: none)."""
+        out = torch.full((len(feats), self.num_tasks), float("nan"))
+        for t, w in enumerate(self.whiteners):
+            if w is not None:
+                out[:, t] = w.scores(feats).cpu()
+        return out
+
+    def fit(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, d) frozen features -> (B, T): the share of each task's own images that lie farther out than the
+        image (1: as typical as any, 0: farther than all); NaN for tasks without rejection percentiles."""
+        scores = self.ood_scores(feats)
+        out = torch.full_like(scores, float("nan"))
+        for t, (s, w) in enumerate(zip(self.stats, self.whiteners, strict=True)):
+            if w is not None:
+                out[:, t] = s.fit(scores[:, t]).float()
+        return out
+
+
+def _balanced_covariance(stats: list[RoutingStats]) -> tuple[torch.Tensor, float]:
+    """The mean of the tasks' own within-class covariances (each task weighs the same), and the degrees of freedom
+    behind it (images less classes, over every task)."""
+    d = stats[0].dim
+    covs, dof = [], 0.0
+    for s in stats:
+        n = s.counts.sum().item() - int((s.counts > 0).sum())
+        if n >= 1:
+            covs.append(s.scatter.double() / n)
+            dof += n
+    if not covs:  # one image per class everywhere: nothing to estimate a spread from
+        return torch.eye(d).double(), 1.0
+    return sum(covs) / len(covs), dof
+
+
+def oas_shrinkage(cov: torch.Tensor, n: float) -> float:
+    """The oracle approximating shrinkage (Chen, Wiesel, Eldar & Hero 2010) of a sample covariance from ``n``
+    degrees of freedom towards a multiple of the identity: the share of the identity, in [0, 1]."""
+    cov = cov.double()
+    d = cov.shape[0]
+    tr, tr2 = cov.trace().item(), (cov * cov).sum().item()
+    den = (n + 1 - 2 / d) * (tr2 - tr * tr / d)
+    if den <= 0:
+        return 1.0  # already a multiple of the identity
+    return float(min(1.0, max(0.0, ((1 - 2 / d) * tr2 + tr * tr) / den)))
 
 
 def _training_images(data: TaskData) -> list[int]:
@@ -236,15 +508,17 @@ def _training_images(data: TaskData) -> list[int]:
 
 
 def collect_task_stats(trunk: nn.Module, data: TaskData, device: torch.device | str = "cpu",
-                       batch_size: int = 128) -> RoutingStats:
-    """A task's :class:`RoutingStats` from all its training images (train and validation) in the eval transform."""
+                       batch_size: int = 128, calibrate: bool = True) -> RoutingStats:
+    """A task's :class:`RoutingStats` from all its training images (train and validation) in the eval transform,
+    with the rejection percentiles unless ``calibrate`` is false."""
     images = TransformedSubset(data.val.source, _training_images(data), data.val.transform)
     loader = DataLoader(images, batch_size=batch_size, shuffle=False)
-    return collect_stats(trunk, loader, len(data.classes), device)
+    calibration = Calibration(len(images), len(data.classes)) if calibrate else None
+    return collect_stats(trunk, loader, len(data.classes), device, calibration)
 
 
 def task_stats_from_features(data: TaskData, features: torch.Tensor, labels: torch.Tensor,
-                             batch_size: int = 128) -> RoutingStats:
+                             batch_size: int = 128, calibrate: bool = True) -> RoutingStats:
     """:func:`collect_task_stats` from frozen features already computed, with no pass over the images.
 
     Args:
@@ -253,10 +527,12 @@ def task_stats_from_features(data: TaskData, features: torch.Tensor, labels: tor
             in the eval transform.
         labels: (N,) their labels.
         batch_size: as for :func:`collect_task_stats`: the same images summed in the same order and batches.
+        calibrate: also compute the rejection percentiles (as :func:`collect_task_stats` does).
     """
     indices = [*data.train.indices, *data.val.indices]
     if len(indices) != len(features) or len(features) != len(labels):
         raise ConfigError(f"{len(features)} features and {len(labels)} labels for {len(indices)} training images")
     order = torch.tensor(sorted(range(len(indices)), key=indices.__getitem__))
     batches = (order[i:i + batch_size] for i in range(0, len(order), batch_size))
-    return accumulate_stats(((features[rows], labels[rows]) for rows in batches), len(data.classes))
+    calibration = Calibration(len(order), len(data.classes)) if calibrate else None
+    return accumulate_stats(((features[rows], labels[rows]) for rows in batches), len(data.classes), calibration)

@@ -99,7 +99,7 @@ def run(args) -> None:
                          "onnxruntime + preprocess": ort_end_to_end}
                 medians = time_round_robin(paths, args.repeats)
                 base = medians["adaptkit logits"]
-                label = f"1" if threads == 1 else f"default ({default_threads}/ort)"
+                label = "1" if threads == 1 else f"default ({default_threads}/ort)"
                 for path_name, t in medians.items():
                     rows.append([name, label, batch, path_name, f"{t * 1e3:.2f}", f"{t * 1e3 / batch:.2f}",
                                  f"{batch / t:.0f}", ratio(t, base)])

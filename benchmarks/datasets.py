@@ -8,6 +8,9 @@
 - ``cifar5``: five CIFAR-10 classes (airplane, automobile, bird, cat, ship), 200 train and 100 test images each,
   unpacked from ``../shared/data/cifar10.tar.gz``: natural images (the packaged backbone was pretrained on CIFAR-10,
   so this is the in-domain case).
+- for the routing benchmarks (:func:`routing_specs`, no archive needed): ``glyphs20`` (letters A-T), ``photos5``
+  and ``grey5`` (five CIFAR-10 classes of ``../shared/data/cifar10-mini`` in colour, the other five in grey),
+  ``photos2`` (airplane, ship) and ``synthetic`` (noise, flat colours, gradients, stripes: images of no data set).
 - ``emoji``: which Unicode group an emoji belongs to (smileys, people, animals and nature, food, travel and places,
   activities, objects, symbols: 8 classes, from Debian's ``unicode-data``), the emoji drawn from Debian's Noto Color
   Emoji font at a random size, offset, rotation, background, noise and blur; 300 training and 100 test images a
@@ -96,13 +99,14 @@ def _shrink(img: Image.Image, rng: random.Random, size: int) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
 
-def make_glyphs(root: Path = ROOT, train: int = 100, test: int = 100, seed: int = 0) -> Path:
-    """Render ``train`` + ``test`` images per letter into ``root/glyphs/{train,test}/<letter>/``.
+def make_glyphs(root: Path = ROOT, train: int = 100, test: int = 100, seed: int = 0, letters: str = LETTERS,
+                name: str = "glyphs-v2") -> Path:
+    """Render ``train`` + ``test`` images per letter into ``root/<name>/{train,test}/<letter>/``.
 
     Train and test use disjoint halves of the fonts, so the test measures reading unseen typefaces.
     """
-    out = root / "glyphs-v2"  # v2: ink and paper differ in brightness (see _ink_and_paper); 100 test images a letter
-    if (out / "test" / LETTERS[-1]).is_dir():
+    out = root / name  # v2: ink and paper differ in brightness (see _ink_and_paper); 100 test images a letter
+    if (out / "test" / letters[-1]).is_dir():
         return out
     fonts = _fonts()
     rng = random.Random(seed)
@@ -110,7 +114,7 @@ def make_glyphs(root: Path = ROOT, train: int = 100, test: int = 100, seed: int 
     rng.shuffle(shuffled)
     split = {"train": shuffled[: len(fonts) * 2 // 3], "test": shuffled[len(fonts) * 2 // 3:]}
     for part, n in (("train", train), ("test", test)):
-        for letter in LETTERS:
+        for letter in letters:
             folder = out / part / letter
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
@@ -201,6 +205,81 @@ def make_cifar5(root: Path = ROOT, train: int = 200, test: int = 100) -> Path:
             dest.write_bytes(tar.extractfile(member).read())
             taken[key] = taken.get(key, 0) + 1
     return out
+
+
+def make_photos(root: Path = ROOT, classes: tuple[str, ...] = CIFAR5, grey: bool = False, name: str = "") -> Path:
+    """Copy some classes of ``../shared/data/cifar10-mini`` (50 train and 20 test images a class), in colour or
+    converted to grey (the same grey in all three channels), into ``root/<name>/{train,test}/<class>/``."""
+    out = root / (name or f"photos-{'grey' if grey else 'colour'}-{len(classes)}")
+    if (out / "test" / classes[-1]).is_dir():
+        return out
+    src = SHARED / "cifar10-mini"
+    if not src.is_dir():
+        raise SystemExit(f"{src} is missing: clone the repository beside shared/")
+    for part in ("train", "test"):
+        for c in classes:
+            folder = out / part / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for f in sorted((src / part / c).iterdir()):
+                img = Image.open(f).convert("RGB")
+                (img.convert("L").convert("RGB") if grey else img).save(folder / f"{f.stem}.png")
+    return out
+
+
+SYNTHETIC = ("noise", "flat", "gradient", "stripes")
+
+
+def _synthetic(kind: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """One made-up image that belongs to no real data set: uniform noise, a flat colour, a linear colour gradient or
+    stripes of two random colours at a random angle and period."""
+    if kind == "noise":
+        return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    if kind == "flat":
+        return Image.fromarray(np.broadcast_to(a, (size, size, 3)).astype(np.uint8))
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    angle = rng.uniform(0, np.pi)
+    t = np.cos(angle) * xx + np.sin(angle) * yy
+    if kind == "gradient":
+        t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+    else:
+        t = (np.sin(2 * np.pi * t * rng.uniform(2, 8)) > 0).astype(np.float64)
+    return Image.fromarray((a * (1 - t[..., None]) + b * t[..., None]).astype(np.uint8))
+
+
+def make_synthetic(root: Path = ROOT, train: int = 50, test: int = 100, seed: int = 0) -> Path:
+    """``train`` + ``test`` images of each kind of :data:`SYNTHETIC` into ``root/synthetic/{train,test}/<kind>/``:
+    images of no real data set, to be told apart from every task's."""
+    out = root / "synthetic"
+    if (out / "test" / SYNTHETIC[-1]).is_dir():
+        return out
+    rng = np.random.default_rng(seed)
+    for part, n in (("train", train), ("test", test)):
+        for kind in SYNTHETIC:
+            folder = out / part / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _synthetic(kind, rng).save(folder / f"{i:04d}.png")
+    return out
+
+
+OTHER5 = ("deer", "dog", "frog", "horse", "truck")  # the CIFAR-10 classes cifar5 lacks
+LETTERS20 = "ABCDEFGHIJKLMNOPQRST"
+
+
+def routing_specs(root: Path = ROOT) -> dict[str, str]:
+    """Data sets of different kinds for the routing benchmarks (``routing_ood.py``), all made offline, with no
+    archive: ``digits``; ``glyphs`` (A-J) and ``glyphs20`` (A-T, 50 + 50 images a letter); ``photos5``
+    (:data:`CIFAR5` from cifar10-mini, in colour) and ``grey5`` (the other five classes, :data:`OTHER5`, in grey:
+    photos that differ from ``photos5`` in colour statistics as well as classes); ``photos2`` (airplane and ship
+    only: a 2-class task to pair with the 20 of ``glyphs20``); ``synthetic`` (noise, flat colours, gradients,
+    stripes; as held-out images)."""
+    return {"digits": "digits", "glyphs": f"folder:{make_glyphs(root)}",
+            "glyphs20": f"folder:{make_glyphs(root, 50, 50, letters=LETTERS20, name='glyphs20')}",
+            "photos5": f"folder:{make_photos(root, CIFAR5)}",
+            "grey5": f"folder:{make_photos(root, OTHER5, grey=True)}",
+            "photos2": f"folder:{make_photos(root, ('airplane', 'ship'), name='photos-colour-2')}",
+            "synthetic": f"folder:{make_synthetic(root)}"}
 
 
 def specs(root: Path = ROOT, emoji: bool = False) -> dict[str, str]:

@@ -1,20 +1,34 @@
-"""Can the routing statistics tell an image that belongs to no task? A measurement, not a feature.
+"""Does routed prediction tell an image that belongs to no task, and does routing hold across data sets of
+different kinds? Measured on frozen features of the packaged backbone, with adaptkit's own code.
 
-The router's confidence is the posterior over the candidate tasks, so an image unlike all of them still goes to the
-likeliest one. This checks whether the statistics each version stores (class means, counts, within-class scatter)
-can flag such an image. For every task t the Mahalanobis distance (under the router's pooled, shrunk precision P) of
-an image of t to its class mean has, for Gaussian features, mean tr(P S_t) and variance 2 tr((P S_t)^2), S_t the
-task's within-class covariance; an image's z-score is its distance to the nearest class of t so standardised,
-minimised over tasks. Frozen features of the packaged backbone on the four data sets of ``datasets.py`` (one task
-each, all training images), each data set held out in turn, and as photos of no task the CIFAR-10 test images of
-``../shared/data/cifar10-mini`` whose classes ``cifar5`` lacks; it prints the median z and the share above 3 for
-every test set.
+Every data set of ``datasets.routing_specs()`` (digits, glyphs A-J, glyphs20 A-T, photos5 and grey5 from
+cifar10-mini in colour and in grey, photos2 with two classes, synthetic noise / flat / gradient / stripe images) is
+one task: its routing statistics and rejection percentiles come from its training images (train + validation, the
+split training makes: 10 %, seed 0) exactly as ``adaptkit train`` computes them (:class:`adaptkit.routing.Calibration`);
+its test images are never seen.
 
-    OMP_NUM_THREADS=1 python benchmarks/routing_ood.py      # about a minute; emoji needs its Debian packages
+1. Each task alone: the share of its own test images rejected at the default 5 % rate (the false rejections), and
+   for every other data set the AUROC of the rejection score (own test images against the other set's) and the
+   share rejected. Pairs that share classes (glyphs A-J inside glyphs20; photos2's airplane and ship inside
+   photos5) are marked: rejecting them would be wrong.
+2. Routed, as ``predict_auto`` does: over digits, glyphs, photos5 and grey5, then over all but one of them, the
+   share of each test set rejected (the held-out set, and synthetic images, belong to no task).
+3. Other scores, for comparison: the energy and max-softmax of a linear head trained on the task's frozen features
+   (what the task's own head would offer), and the z-score of the distance under the covariance pooled over every
+   task (the warning measured before, which depends on the other tasks); mean AUROC over the pairs that share no
+   class.
+4. Task identification (issue 23, part 1): the share of each test set routed to its own task, for the LDA router
+   as it was (shrinkage 0.1, covariance pooled over images, a uniform prior over classes), with the covariance
+   averaged over tasks, OAS shrinkage and a uniform prior over tasks, then as it is now: that posterior weighed by
+   each task's held-out fit (``Router(by_fit=True)``); and QDA.
+
+    python benchmarks/datasets.py --no-emoji      # optional: the folders are made on first use anyway
+    OMP_NUM_THREADS=2 python benchmarks/routing_ood.py     # about a minute the first time, seconds from the cache
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,63 +37,187 @@ import torch
 from adaptkit.backbone import create_backbone
 from adaptkit.data import load_task_data
 from adaptkit.models import PACKAGED_BACKBONE
-from adaptkit.routing import Router, RoutingStats, accumulate_stats
+from adaptkit.routing import DEFAULT_REJECT_RATE, Calibration, Router, RoutingStats, Whitener, accumulate_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
-from datasets import CIFAR5, SHARED, specs  # noqa: E402
+from datasets import ROOT, routing_specs  # noqa: E402
 
-THRESHOLD = 3.0
+REGISTERED = ("digits", "glyphs", "photos5", "grey5")
+OVERLAP = {frozenset(("glyphs", "glyphs20")), frozenset(("photos2", "photos5"))}  # pairs that share classes
+TASK_ID_SETS = [("digits", "glyphs", "photos5"), ("photos5", "grey5"), ("photos2", "glyphs20"),
+                ("digits", "glyphs", "photos5", "grey5"), ("digits", "glyphs20", "photos2", "grey5"),
+                ("digits", "photos2", "grey5", "synthetic")]
 
 
 @torch.inference_mode()
-def features(model: torch.nn.Module, data) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, d) pooled frozen features of a split in the eval transform, and its (N,) labels."""
+def _features(model: torch.nn.Module, data) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.stack([data[i][0] for i in range(len(data))])
-    return torch.cat([model(x[k:k + 256]) for k in range(0, len(x), 256)]), torch.tensor([data[i][1]
-                                                                                      for i in range(len(data))])
+    y = torch.tensor([data[i][1] for i in range(len(data))])
+    return torch.cat([model(x[k:k + 256]) for k in range(0, len(x), 256)]), y
 
 
-def calibration(router: Router, stats: list[RoutingStats]) -> list[tuple[float, float]]:
-    """(mean, standard deviation) of a task's own images' distance to their class mean, in closed form."""
-    precision, out = router.precision.double(), []
-    for s in stats:
-        a = precision @ (s.scatter.double() / max(s.counts.sum().item() - len(s.counts), 1))
-        out.append((torch.trace(a).item(), (2 * torch.trace(a @ a)).sqrt().item()))
+def dump(path: Path) -> dict:
+    """Frozen pooled features (eval transform) of every split of every data set, cached in ``path``."""
+    if path.is_file():
+        return torch.load(path)
+    backbone = create_backbone(PACKAGED_BACKBONE)
+    model = backbone.model.eval()
+    out = {}
+    for name, spec in routing_specs().items():
+        data = load_task_data(spec, backbone.data_config, val_fraction=0.1, seed=0, augment="none")
+        out[name] = {s: _features(model, getattr(data, s)) for s in ("train", "val", "test")}
+        out[name]["classes"] = data.classes
+    torch.save(out, path)
     return out
 
 
-def zscores(router: Router, cal: list[tuple[float, float]], f: torch.Tensor) -> torch.Tensor:
-    """(B,) the most typical task's z-score of each image."""
-    fp = f.float() @ router.precision
-    maha = (fp * f).sum(1, keepdim=True) - 2 * fp @ router.means.T + router._mu_p_mu  # (B, C)
-    return torch.stack([(maha[:, router.task_of_class == t].min(1).values - m) / s
-                        for t, (m, s) in enumerate(cal)], 1).min(1).values
+def task_stats(entry: dict) -> RoutingStats:
+    """The task's statistics and rejection percentiles from its training images (train + validation)."""
+    x = torch.cat([entry["train"][0], entry["val"][0]])
+    y = torch.cat([entry["train"][1], entry["val"][1]])
+    c = len(entry["classes"])
+    batches = [(x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)]
+    return accumulate_stats(batches, c, Calibration(len(x), c))
+
+
+def auroc(own: torch.Tensor, other: torch.Tensor) -> float:
+    """P(an image of the other set scores higher than one of the task's own), ties counted half."""
+    ranks = torch.cat([own, other]).double().argsort().argsort().double() + 1
+    above = ranks[len(own):].sum() - len(other) * (len(other) + 1) / 2
+    return (above / (len(own) * len(other))).item()
+
+
+def _pct(x: torch.Tensor) -> str:
+    return f"{100 * x.double().mean().item():.0f}"
+
+
+def table_alone(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
+    names = list(feats)
+    rows = []
+    for t in names:
+        w = Whitener.of(stats[t].means, stats[t].counts, stats[t].scatter, stats[t].ood_shrinkage)
+        own = w.scores(feats[t]["test"][0])
+        row = [t, _pct(stats[t].fit(own) < DEFAULT_REJECT_RATE)]
+        for u in names:
+            if u == t:
+                row.append("")
+                continue
+            other = w.scores(feats[u]["test"][0])
+            mark = "*" if frozenset((t, u)) in OVERLAP else ""
+            row.append(f"{auroc(own, other):.2f} / {_pct(stats[t].fit(other) < DEFAULT_REJECT_RATE)}{mark}")
+        rows.append(row)
+    return ["task", "own test rejected %", *(f"{u}: AUROC / rejected %" for u in names)], rows
+
+
+def table_routed(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
+    tests = [*REGISTERED, "synthetic"]
+    rows = []
+    for held in [None, *REGISTERED]:
+        tasks = [t for t in REGISTERED if t != held]
+        router = Router([stats[t] for t in tasks])
+        row = ["all four" if held is None else f"all but {held}"]
+        for name in tests:
+            routes = router.route(feats[name]["test"][0])
+            chosen = routes.task_probs.argmax(1)
+            rejected = routes.fit.gather(1, chosen[:, None])[:, 0] < DEFAULT_REJECT_RATE
+            if name in tasks:
+                home = chosen == tasks.index(name)
+                row.append(f"{_pct(rejected)} (home {_pct(home)}, home and kept {_pct(home & ~rejected)})")
+            else:
+                row.append(f"**{_pct(rejected)}**")
+        rows.append(row)
+    return ["tasks routed over", *(f"{n} test images rejected %" for n in tests)], rows
+
+
+def _probe(x: torch.Tensor, y: torch.Tensor, classes: int):
+    """A linear head trained by L-BFGS on standardised frozen features: (N, d) -> (N, C) logits."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+    xs = (x - mu) / sd
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(xs), y) + 1e-3 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lambda z: lin((z - mu) / sd).detach()
+
+
+def table_scores(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
+    names = list(feats)
+    sums: dict[str, list[float]] = {}
+    # the warning measured before: distance under the covariance pooled over every task, standardised per task
+    old = Router([stats[t] for t in names], shrinkage=0.1, prior="class", pooling="images")
+    for t in names:
+        entry = feats[t]
+        head = _probe(torch.cat([entry["train"][0], entry["val"][0]]), torch.cat([entry["train"][1],
+                                                                                 entry["val"][1]]),
+                      len(entry["classes"]))
+        w = Whitener.of(stats[t].means, stats[t].counts, stats[t].scatter, stats[t].ood_shrinkage)
+        j = names.index(t)
+        s = stats[t]
+        a = old.precision.double() @ (s.scatter.double() / max(s.counts.sum().item() - len(s.counts), 1))
+        mean, sd = torch.trace(a).item(), (2 * torch.trace(a @ a)).sqrt().item()
+
+        def pooled_z(f: torch.Tensor, j: int = j, mean: float = mean, sd: float = sd) -> torch.Tensor:
+            fp = f.float() @ old.precision
+            maha = (fp * f).sum(1, keepdim=True) - 2 * fp @ old.means.T + old._mu_p_mu
+            return (maha[:, old.task_of_class == j].min(1).values - mean) / sd
+
+        scores = {"Mahalanobis, the task's own covariance (used)": w.scores,
+                  "energy of a linear head (-logsumexp)": lambda f, h=head: -h(f).logsumexp(1),
+                  "max softmax of a linear head": lambda f, h=head: -h(f).softmax(1).max(1).values,
+                  "z of the distance under the covariance pooled over all 7 tasks (before)": pooled_z}
+        for label, fn in scores.items():
+            own = fn(entry["test"][0])
+            for u in names:
+                if u != t and frozenset((t, u)) not in OVERLAP:
+                    sums.setdefault(label, []).append(auroc(own, fn(feats[u]["test"][0])))
+    return ["score", "mean AUROC", "worst pair"], [[k, f"{sum(v) / len(v):.3f}", f"{min(v):.3f}"]
+                                                   for k, v in sums.items()]
+
+
+def table_task_id(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
+    routers = {"lda before (0.1, images, class prior)": {"shrinkage": 0.1, "prior": "class", "pooling": "images",
+                                                         "by_fit": False},
+               "lda (OAS, tasks, task prior), no fit": {"by_fit": False},
+               "**lda now** (x fit)": {}, "qda (x fit)": {"kind": "qda"}}
+    rows = []
+    for tasks in TASK_ID_SETS:
+        for label, kw in routers.items():
+            router = Router([stats[t] for t in tasks], **kw)
+            per = [100 * (router.route(feats[t]["test"][0]).task_probs.argmax(1) == j).double().mean().item()
+                   for j, t in enumerate(tasks)]
+            total = sum(p * len(feats[t]["test"][1]) for p, t in zip(per, tasks, strict=True)) / sum(
+                len(feats[t]["test"][1]) for t in tasks)
+            rows.append([" + ".join(tasks), label, f"{sum(per) / len(per):.1f}", f"{total:.1f}",
+                         ", ".join(f"{t} {p:.0f}" for t, p in zip(tasks, per, strict=True))])
+    return ["tasks", "router", "mean over tasks %", "over images %", "each task's test images routed home %"], rows
 
 
 def main() -> None:
-    backbone = create_backbone(PACKAGED_BACKBONE)
-    model = backbone.model.eval()
-    train, test = {}, {}
-    for name, spec in specs(emoji=True).items():
-        data = load_task_data(spec, backbone.data_config, val_fraction=0.0, seed=0, augment="none")
-        test[name] = features(model, data.test)[0]
-        train[name] = accumulate_stats([features(model, data.train)], len(data.classes))
-    photos = load_task_data(f"folder:{SHARED / 'cifar10-mini'}", backbone.data_config, val_fraction=0.0, seed=0,
-                            augment="none")
-    f, y = features(model, photos.test)
-    test["other CIFAR-10 photos"] = f[torch.tensor([photos.classes[i] not in CIFAR5 for i in y.tolist()])]
-    rows = []
-    for held in [None, *train]:
-        tasks = [n for n in train if n != held]
-        router = Router([train[n] for n in tasks])
-        cal = calibration(router, [train[n] for n in tasks])
-        for name, f in test.items():
-            z = zscores(router, cal, f)
-            rows.append([f"all but {held}" if held else "all four", name, "task" if name in tasks else "no task",
-                         f"{z.median():.1f}", f"{100 * (z > THRESHOLD).float().mean():.0f} %"])
-    print(f"{PACKAGED_BACKBONE}, frozen pooled features; LDA router (shrinkage 0.1); z of the most typical task\n")
-    print_table(["tasks routed over", "test images", "theirs", "median z", f"z > {THRESHOLD:g}"], rows)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", type=Path, default=ROOT / "routing-features.pt",
+                        help="the cached frozen features (made if missing)")
+    args = parser.parse_args()
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    feats = dump(args.features)
+    stats = {t: task_stats(e) for t, e in feats.items()}
+    sizes = ", ".join(f"{t} {len(e['train'][1]) + len(e['val'][1])}/{len(e['test'][1])}" for t, e in feats.items())
+    print(f"{PACKAGED_BACKBONE}, frozen pooled features; training/test images: {sizes}\n")
+    print(f"1. Each task alone: rejection at {DEFAULT_REJECT_RATE:.0%} (* = the two sets share classes)\n")
+    print_table(*table_alone(feats, stats))
+    print("\n2. Routed (default lda), rejected by the chosen task; bold: the set belongs to no task routed over\n")
+    print_table(*table_routed(feats, stats))
+    print("\n3. Scores compared: AUROC over the pairs that share no class\n")
+    print_table(*table_scores(feats, stats))
+    print("\n4. Task identification\n")
+    print_table(*table_task_id(feats, stats))
 
 
 if __name__ == "__main__":

@@ -135,6 +135,12 @@ def test_predict_refuses_bad_task_and_topk(trained):
         predictor.predict([np.zeros((8, 8), np.uint8)], 3)
     with pytest.raises(ConfigError, match="topk must be a whole number at least 1"):
         predictor.predict([np.zeros((8, 8), np.uint8)], "pets", topk=0)
+    image = np.zeros((8, 8), np.uint8)
+    for call in (lambda k: predictor.predict_auto([image], topk=k),
+                 lambda k: predictor.predict_mixed([image], ["pets"], topk=k)):
+        for bad in (float("nan"), 2.5, "3", True, 0):
+            with pytest.raises(ConfigError, match="topk must be a whole number at least 1"):
+                call(bad)
 
 
 def test_a_named_pipe_is_refused_without_opening_it(tmp_path):

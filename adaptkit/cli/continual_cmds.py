@@ -28,7 +28,8 @@ def routing_fit(
     registry: RegistryOpt = None,
     adapters: AdaptersOpt = None,
 ) -> None:
-    """Compute routing statistics for versions that lack them (trained before routing existed, or imported)."""
+    """Compute routing statistics for versions that lack them (trained before routing existed, or imported), or
+    lack the thresholds that tell an image of no task (trained before those existed)."""
     from adaptkit.continual import fit_routing
 
     done = fit_routing(tasks or None, registry=registry_of(registry, adapters), force=force, dataset=dataset,

@@ -45,6 +45,11 @@ def predict(
     task: Annotated[str | None, typer.Option("--task", "-t", metavar="TASK[@N]", help="Use this task, no "
                                              "routing")] = None,
     topk: Annotated[int, typer.Option(metavar="K", help="How many labels to show per image")] = 5,
+    accept_all: Annotated[bool, typer.Option("--accept-all", help="Routed: always answer with the nearest task, "
+                                             "never 'no task fits'")] = False,
+    reject_rate: Annotated[float, typer.Option(metavar="RATE", help="Routed: the share of a task's own images "
+                                               "that would be rejected as fitting no task (calibrated per task "
+                                               "at training time)")] = 0.05,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     device: DeviceOpt = None,
     registry: RegistryOpt = None,
@@ -60,16 +65,27 @@ def predict(
         rows = [{"image": str(p), "task": predictor.load(task).ref, "predictions": [asdict(x) for x in r]}
                 for p, r in zip(images, predictor.predict(list(images), task, topk=topk), strict=True)]
     else:
+        routed = predictor.predict_auto(list(images), topk=topk, accept_all=accept_all, reject_rate=reject_rate)
         rows = [{"image": str(p), "task": r.task, "confidence": r.confidence, "runner_up": r.runner_up,
-                 "runner_up_confidence": r.runner_up_confidence, "predictions": [asdict(x) for x in r.predictions]}
-                for p, r in zip(images, predictor.predict_auto(list(images), topk=topk), strict=True)]
+                 "runner_up_confidence": r.runner_up_confidence, "rejected": r.rejected, "fit": r.fit,
+                 "predictions": [asdict(x) for x in r.predictions]}
+                for p, r in zip(images, routed, strict=True)]
     if as_json:
         out.print_json(data=rows)
         return
     for row in rows:
+        if row.get("rejected"):
+            echo(escape(f"{row['image']}: no task fits (nearest: {row['task']}, less typical than "
+                        f"{_share(1 - row['fit'])} of its own images)"))
+            continue
         sure = f" ({100 * row['confidence']:.1f}% sure)" if "confidence" in row else ""
         labels = ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in row["predictions"])
         echo(escape(f"{row['image']}: {row['task']}{sure}: {labels}"))
+
+
+def _share(x: float) -> str:
+    """0.996 -> '99.6%', 1.0 -> 'all'."""
+    return "all" if x >= 1 else f"{100 * x:.1f}%"
 
 
 def _task_and_images(reg, task: str | None, args: list[str]) -> tuple[str | None, list[Path]]:
