@@ -294,6 +294,10 @@ class Handlers:
             labels[i] = {p.label: p.prob for p in r.predictions[:max(topks[i], 1)]}
             notes[i] = (f"Routed to **`{r.task}`** ({r.confidence:.1%} sure{runner}), predicted in "
                         f"**{took * 1000:.1f} ms** on {self.predictor.device.type}.")
+            if r.rejected:
+                notes[i] = (f"**No task fits this image**: it is less typical of the nearest task, `{r.task}`, "
+                            f"than {1 - r.fit:.1%} of that task's own images. The labels are that task's guesses. "
+                            + notes[i])
 
     @user_errors
     def predict_all(self, image: str | None) -> tuple[pd.DataFrame, str]:

@@ -2,8 +2,10 @@
 evaluation on Compare; served on localhost and called through gradio_client."""
 
 
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from PIL import Image
 from ports import free_port
 
 from adaptkit.artifacts import load_adapter
@@ -59,6 +61,14 @@ def test_auto_shows_the_chosen_task_and_how_sure(client, cat, registry_db):
     classes = {"animals@1": {"cat", "dog", "horse"}, "vehicles@1": {"airplane", "automobile", "ship", "truck"}}
     assert {c["label"] for c in labels["confidences"]} <= classes[chosen] and len(labels["confidences"]) == 3
     assert "Routed to" in timing and "% sure; runner-up" in timing
+
+
+def test_auto_says_when_no_task_fits(client, tmp_path):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(noise)
+    labels, timing = client.predict(handle_file(str(noise)), AUTO, 2, api_name="/predict")
+    assert timing.startswith("**No task fits this image**: it is less typical of the nearest task, `")
+    assert "Routed to" in timing and len(labels["confidences"]) == 2  # still the nearest task's guesses
 
 
 def test_all_tasks_marks_the_routers_choice(client, cat):

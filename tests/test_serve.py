@@ -98,6 +98,7 @@ def test_routed_predict_picks_the_predictors_task(served):
     body = r.json()
     assert body["task"] == want.task and body["confidence"] == pytest.approx(want.confidence, abs=1e-5)
     assert matches(body, want.predictions)
+    assert body["rejected"] == want.rejected and body["fit"] == pytest.approx(want.fit, abs=1e-5)
 
 
 def test_tasks_health_and_openapi(served):

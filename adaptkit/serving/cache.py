@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from adaptkit.artifacts import AdapterMeta
@@ -333,8 +333,7 @@ class AdapterCache:
             preds = self._isolated(lambda idx: self.predictor.predict_auto(
                 [images[i] for i in idx], topk=max(ks[i] for i in idx), tasks=keys, router=router),
                 list(range(len(images))))
-        return [p if isinstance(p, Exception) else RoutedPrediction(p.task, p.confidence, p.runner_up,
-                                                                    p.runner_up_confidence, p.predictions[:k])
+        return [p if isinstance(p, Exception) else replace(p, predictions=p.predictions[:k])
                 for p, k in zip(preds, ks, strict=True)]
 
     def _candidates(self) -> list:
