@@ -345,8 +345,43 @@ class Registry:
         self._check_store()
         with self._storing(rel, data):
             row = self._retry(lambda: self._insert(meta, Path(rel), sha, size, trainable, info, make_default))
+        self._ensure_stored(rel, data)
         self.sweep()
         return row
+
+    def _ensure_stored(self, rel: str, data: bytes) -> None:
+        """After a commit, on a store without locks: put the file back if a remover of a version with the same
+        content deleted it between this writer's put and its commit (see :meth:`_drop_unreferenced`)."""
+        if not self.storage.locks and not self.storage.exists(rel):
+            _log.warning("%s was deleted while its row committed: writing it again", rel)
+            self.storage.put(rel, data)
+
+    def _drop_unreferenced(self, rel: str) -> None:
+        """Delete the stored file ``rel`` (of a row just removed or moved) if no row refers to it.
+
+        Files are named by content, so a writer may be storing the same file for a new row that has not committed
+        yet. With locks, the file goes only when no writer is in flight (else the writer's own sweep takes it if it
+        is still a leftover); without, it is read first and put back if a row refers to it after the delete.
+        """
+        try:
+            with self.storage.sweeping() as alone:
+                if self.referenced(rel):
+                    return
+                if alone:
+                    self.storage.delete(rel)
+                    return
+                if self.storage.locks:
+                    _log.info("left %r for the sweep: a write is in flight", rel)
+                    return
+                try:
+                    data = self.storage.get(rel)
+                except FileNotFoundError:
+                    return
+                self.storage.delete(rel)
+                if self.referenced(rel):
+                    self.storage.put(rel, data)
+        except (OSError, RegistryError) as exc:  # the row has moved on; the file is a leftover for the sweep
+            _log.warning("did not delete %r: %s", rel, exc)
 
     @contextmanager
     def _storing(self, rel: str, data: bytes) -> Iterator[None]:
@@ -421,11 +456,8 @@ class Registry:
 
         with self._storing(rel, data):
             self._retry(_swap)
-        try:
-            if not self.referenced(version.file):
-                self.storage.delete(version.file)
-        except (OSError, RegistryError) as exc:  # the row has moved on; the old file is a leftover for the sweep
-            _log.warning("did not delete %r: %s", version.file, exc)
+        self._ensure_stored(rel, data)
+        self._drop_unreferenced(version.file)
         return self.get_version(version.ref)
 
     def remove(self, ref: str) -> list[str]:
@@ -458,11 +490,7 @@ class Registry:
 
         self._retry(_delete)
         for rel in files:
-            try:
-                if not self.referenced(rel):
-                    self.storage.delete(rel)
-            except (RegistryError, OSError) as exc:  # the row is gone; a stray or unsafe name is doctor's business
-                _log.warning("did not delete %r: %s", rel, exc)
+            self._drop_unreferenced(rel)
         return removed
 
     def set_default(self, ref: str) -> VersionRow:

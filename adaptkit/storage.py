@@ -89,6 +89,8 @@ class Storage(ABC):
     url: str
     #: a file younger than this may belong to a write in flight, when no lock proves that none is
     in_flight_s: float = 3600.0
+    #: whether :meth:`writing` and :meth:`sweeping` lock out each other (a folder on a system with ``flock``)
+    locks: bool = False
 
     @abstractmethod
     def put(self, rel: str, data: bytes) -> None:
@@ -142,6 +144,8 @@ class Storage(ABC):
 
 class LocalStorage(Storage):
     """A local folder; the default, ``adapters/`` beside a SQLite registry."""
+
+    locks = fcntl is not None
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).expanduser().resolve()

@@ -133,6 +133,48 @@ def test_processes_adding_at_once_lose_nothing(registry_url, tmp_path):
     assert tasks["race"].default.version == 12
 
 
+@pytest.mark.parametrize("store", ["folder", "memory"])
+def test_a_remove_during_an_add_of_the_same_content_keeps_the_new_versions_file(registry_url, tmp_path, store):
+    """Files are named by content: removing the only version that has one, while another writer is storing the same
+    file for a row that has not committed yet, must not delete the file under the new row."""
+    import threading
+    import uuid
+
+    adapters = tmp_path / "adapters" if store == "folder" else f"memory://race-{uuid.uuid4().hex}"
+    reg = Registry(registry_url, adapter_dir=adapters)
+    reg.add_version(_meta(), _state(1))
+    reg.add_version(_meta(), _state(2))
+    stored, commit = threading.Event(), threading.Event()
+    writer = Registry(registry_url, adapter_dir=adapters)
+    insert = writer._insert
+
+    def paused(*args, **kwargs):  # the file is stored; the row is not committed yet
+        stored.set()
+        assert commit.wait(30)
+        return insert(*args, **kwargs)
+
+    writer._insert = paused
+    errors = []
+    thread = threading.Thread(target=lambda: _call(errors, writer.add_version, _meta(), _state(1)))
+    thread.start()
+    assert stored.wait(30)
+    assert Registry(registry_url, adapter_dir=adapters).remove("demo@1") == ["demo@1"]
+    commit.set()
+    thread.join(60)
+    assert not errors
+    new = reg.get_version("demo@3")
+    assert reg.storage.exists(new.file) and reg.load_version(new)[0]["head.weight"].equal(_state(1)["head.weight"])
+    reg.remove("demo@2")  # no writer in flight: its file goes at once
+    assert {f.rel for f in reg.storage.files() if f.rel.endswith(".safetensors")} == {new.file}
+
+
+def _call(errors: list, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        errors.append(exc)
+
+
 def test_export_import_round_trip(registry, tmp_path):
     v = registry.add_version(_meta(), _state(3))
     dest = registry.export("demo", tmp_path / "out.safetensors")
