@@ -246,3 +246,52 @@ def test_one_pass_over_every_method_equals_each_sample_alone(pico):
             ctx.active = tasks[i].slot
             torch.testing.assert_close(mixed[b], pico.model(x[b : b + 1])[0], atol=1e-5, rtol=1e-5,
                                        msg=f"sample {b} ({cases[i]})")
+
+
+def test_concurrent_calls_on_one_backbone_each_apply_their_own_task(pico):
+    """The active task and a mixed batch's slots belong to the calling thread: threads running different tasks (and
+    mixes) on one trunk at once give exactly the answers each gives alone."""
+    import threading
+
+    torch.manual_seed(0)
+    tasks = []
+    for method, config in [("adapter", {}), ("lora", {}), ("ssf", {}), ("vpt", {"tokens": 3})]:
+        task = get_method(method, config).attach(pico.model, num_classes=3)
+        for p in task.trainable_parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        tasks.append(task.eval())
+    x = torch.randn(6, 3, 32, 32)
+    mixes = [(0, 1, 2, 3, 0, 1), (3, 3, 2, 2, 1, 0), (1, 0, 1, 0, 1, 0)]
+    ctx = tasks[0].ctx
+
+    def mixed(owner: tuple[int, ...]) -> torch.Tensor:
+        with ctx.using(slot_order=tuple(t.slot for t in tasks), sample_slots=torch.tensor(owner)):
+            return pico.model(x)
+
+    with torch.no_grad():
+        alone = [task(x) for task in tasks]
+        alone_mixed = [mixed(m) for m in mixes]
+    results: dict[tuple[str, int], list[torch.Tensor]] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(tasks) + len(mixes))
+
+    def run(key: tuple[str, int], fn) -> None:
+        try:
+            start.wait()
+            with torch.no_grad():
+                results[key] = [fn() for _ in range(15)]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(("task", i), lambda t=t: t(x))) for i, t in enumerate(tasks)]
+    threads += [threading.Thread(target=run, args=(("mix", i), lambda m=m: mixed(m))) for i, m in enumerate(mixes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for (kind, i), outs in results.items():
+        want = alone[i] if kind == "task" else alone_mixed[i]
+        for out in outs:
+            assert torch.equal(out, want), (kind, i)
+    assert ctx.active == tasks[-1].slot and ctx.sample_slots is None  # this thread's choice, untouched by the others

@@ -9,8 +9,10 @@ carries one slot index per sample and each site applies every sample's own task 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -24,21 +26,87 @@ __all__ = ["TaskContext", "TaskSite", "TaskModel", "Method", "find_site", "plain
            "unwrap"]
 
 
+@dataclasses.dataclass(frozen=True)
+class _CallState:
+    """What one call applies: the active slot, or a mixed batch's slot order and per-sample slots (with the rows
+    each presence pattern selects, cached for that batch only)."""
+
+    active: str | None = None
+    slot_order: tuple[str, ...] = ()
+    sample_slots: torch.Tensor | None = None
+    rows: dict = dataclasses.field(default_factory=dict, compare=False)
+
+
+_IDLE = _CallState()
+
+
 class TaskContext:
-    """Which task the sites of one backbone apply: ``active`` (one slot) or ``sample_slots`` (a mixed batch)."""
+    """Which task the sites of one backbone apply: ``active`` (one slot) or ``sample_slots`` (a mixed batch).
+
+    That choice belongs to the calling thread (and asyncio task): it is kept in a :class:`contextvars.ContextVar`,
+    so concurrent calls on one backbone, each with its own task or mix, never see each other's. Set it for a block
+    with :meth:`using`; the attributes can be assigned too (they change the calling thread's choice only).
+    """
 
     def __init__(self) -> None:
-        self.active: str | None = None
-        self.slot_order: tuple[str, ...] = ()  # the slots a mixed batch indexes into
-        self.sample_slots: torch.Tensor | None = None  # (B,) int64 indices into slot_order
+        self._state: contextvars.ContextVar[_CallState] = contextvars.ContextVar("adaptkit_task_context",
+                                                                                 default=_IDLE)
         self.generation = 0  # bumped when a slot is added or removed, so cached banks are rebuilt
         self._next = 0
-        self._rows: tuple[torch.Tensor | None, dict[tuple[bool, ...], torch.Tensor | None]] = (None, {})
+        self._slot_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles take the copying thread's choice (a ContextVar itself cannot be copied)."""
+        return {"state": self._state.get(), "generation": self.generation, "next": self._next}
+
+    def __setstate__(self, saved: dict) -> None:
+        self.__init__()
+        self.generation, self._next = saved["generation"], saved["next"]
+        state = saved["state"]
+        self._state.set(dataclasses.replace(state, rows={}))
+
+    @property
+    def active(self) -> str | None:
+        return self._state.get().active
+
+    @active.setter
+    def active(self, slot: str | None) -> None:
+        self._state.set(dataclasses.replace(self._state.get(), active=slot))
+
+    @property
+    def slot_order(self) -> tuple[str, ...]:
+        """The slots a mixed batch indexes into."""
+        return self._state.get().slot_order
+
+    @slot_order.setter
+    def slot_order(self, slots: tuple[str, ...]) -> None:
+        self._state.set(dataclasses.replace(self._state.get(), slot_order=tuple(slots), rows={}))
+
+    @property
+    def sample_slots(self) -> torch.Tensor | None:
+        """(B,) int64 indices into ``slot_order``, one per sample of a mixed batch; None outside one."""
+        return self._state.get().sample_slots
+
+    @sample_slots.setter
+    def sample_slots(self, index: torch.Tensor | None) -> None:
+        self._state.set(dataclasses.replace(self._state.get(), sample_slots=index, rows={}))
+
+    @contextlib.contextmanager
+    def using(self, active: str | None = None, slot_order: tuple[str, ...] = (),
+              sample_slots: torch.Tensor | None = None) -> Iterator[None]:
+        """Apply ``active`` (or the mixed batch ``slot_order`` / ``sample_slots``) inside the block, in this thread
+        only; the previous choice comes back after it."""
+        token = self._state.set(_CallState(active, tuple(slot_order), sample_slots, {}))
+        try:
+            yield
+        finally:
+            self._state.reset(token)
 
     def new_slot(self) -> str:
         """A slot name not used before on this backbone (ModuleDict keys: no dots)."""
-        self._next += 1
-        return f"s{self._next}"
+        with self._slot_lock:
+            self._next += 1
+            return f"s{self._next}"
 
     def rows(self, present: tuple[bool, ...]) -> torch.Tensor | None:
         """The samples of the mixed batch whose slot has a module at a site (``present``: one flag per slot of
@@ -46,12 +114,11 @@ class TaskContext:
 
         Sites with the same pattern share one answer per batch (one look-up, one device sync, per pattern).
         """
-        idx = self.sample_slots
+        state = self._state.get()
+        idx = state.sample_slots
         if all(present) or idx is None:
             return None
-        if self._rows[0] is not idx:
-            self._rows = (idx, {})
-        cache = self._rows[1]
+        cache = state.rows
         if present not in cache:
             rows = torch.tensor(present, device=idx.device)[idx].nonzero().squeeze(1)
             cache[present] = None if rows.numel() == idx.numel() else rows
@@ -108,11 +175,14 @@ class TaskSite(nn.Module):
         return self.forward_task(x, module, *args, **kwargs)
 
     def bank(self) -> Any:
-        """This site's tensors stacked over ``ctx.slot_order`` (zeros where a slot has no module), cached."""
+        """This site's tensors stacked over ``ctx.slot_order`` (zeros where a slot has no module), cached (one
+        entry, read and replaced whole, so concurrent batches of other mixes rebuild it but never mix it up)."""
         key = (self.ctx.slot_order, self.ctx.generation)
-        if self._bank is None or self._bank[0] != key:
-            self._bank = (key, self.build_bank([self.tasks[s] if s in self.tasks else None for s in key[0]]))
-        return self._bank[1]
+        bank = self._bank
+        if bank is None or bank[0] != key:
+            bank = (key, self.build_bank([self.tasks[s] if s in self.tasks else None for s in key[0]]))
+            self._bank = bank
+        return bank[1]
 
     @abstractmethod
     def forward_task(self, x: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> torch.Tensor:
