@@ -1,14 +1,15 @@
 """Draw the docs' chart of accuracy against trainable parameters, per method and data set, as an SVG.
 
-The figures are the method table of ``docs/measured.md`` (made by ``benchmarks/method_table.py``); this only draws
-them, with no plotting library: ``python benchmarks/plot_costs.py`` writes ``docs/assets/cost-accuracy.svg``.
+The figures are the rows ``benchmarks/method_table.py`` measured (``benchmarks/results/method_table.json``, the
+method table of ``docs/measured.md``); this only draws them, with no plotting library: ``python
+benchmarks/plot_costs.py`` writes ``docs/assets/cost-accuracy.svg``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,15 +20,18 @@ BELOW = {"ssf", "lora"}  # labels put under their point, clear of a neighbour's
 
 
 def method_table(path: Path) -> list[tuple[str, str, float, int]]:
-    """(data set, method, top-1 %, trainable parameters) rows of the first table with those columns."""
+    """(data set, method, top-1 %, trainable parameters) of every row ``method_table.py`` finished."""
     rows = []
-    for line in path.read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 6 and cells[2].endswith("%") and re.fullmatch(r"[\d,]+", cells[3]):
-            method = re.sub(r"\s*\(.*\)", "", cells[1]).replace(", last 3 of 6 blocks", " --blocks 3")
-            rows.append((cells[0], method, float(cells[2][:-1]), int(cells[3].replace(",", ""))))
+    for key, row in sorted(json.loads(path.read_text()).items()):
+        data, method, config = key.split("|", 2)
+        config = json.loads(config)
+        if config.get("placement") == "adapterplus":
+            method = "Adapter+"
+        elif "blocks" in config:
+            method += f" --blocks {config['blocks']}"
+        rows.append((data, method, 100 * row["test_top1"], row["trainable_params"]))
     if not rows:
-        raise SystemExit(f"no method table in {path}")
+        raise SystemExit(f"no finished rows in {path}: run benchmarks/method_table.py first")
     return rows
 
 
@@ -66,11 +70,11 @@ def svg(rows: list[tuple[str, str, float, int]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", type=Path, default=ROOT / "docs" / "measured.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "method_table.json")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "assets" / "cost-accuracy.svg")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(svg(method_table(args.table)))
+    args.out.write_text(svg(method_table(args.results)))
     print(f"wrote {args.out}")
 
 
