@@ -107,7 +107,7 @@ def _is_number(x: Any) -> bool:
 
 def meta_problem(v: dict[str, Any]) -> str | None:
     """What is wrong with metadata values (as read back from JSON), or None. Types and values only; whether the
-    method and backbone exist is :mod:`adaptkit.validate`'s business."""
+    method and backbone exist is :mod:`adaptkit.registry.validate`'s business."""
     classes = v.get("classes")
     checks = [
         (isinstance(v.get("task"), str) and TASK_NAME.fullmatch(v["task"]) is not None,

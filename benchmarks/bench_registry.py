@@ -28,8 +28,8 @@ from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from adaptkit.artifacts import AdapterMeta
-from adaptkit.db import describe, normalise_url
 from adaptkit.registry import Registry, TaskRow
+from adaptkit.registry.db import describe, normalise_url
 
 
 def _writer(url: str, adapters: str, task: str, adds: int, start: float) -> None:

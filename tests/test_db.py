@@ -11,9 +11,9 @@ from conftest import PICO
 from typer.testing import CliRunner
 
 from adaptkit.cli import app
-from adaptkit.db import normalise_url
 from adaptkit.errors import NotFoundError, RegistryError
 from adaptkit.registry import Registry
+from adaptkit.registry.db import normalise_url
 
 runner = CliRunner()
 

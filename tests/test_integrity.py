@@ -145,7 +145,7 @@ def test_a_good_file_imports_once_then_is_a_duplicate(pico, registry, tmp_path):
 
 
 def test_absurd_settings_are_refused_without_allocating(pico):
-    from adaptkit.validate import expected_shapes
+    from adaptkit.registry.validate import expected_shapes
 
     with pytest.raises(ArtifactError, match=r"whole number in \[1, 4096\], got 10000000"):
         expected_shapes(PICO, "lora", json.dumps({"rank": 10**7}), 2)

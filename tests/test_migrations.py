@@ -15,10 +15,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 
-from adaptkit import db
 from adaptkit.errors import RegistryError
 from adaptkit.predict import Predictor
-from adaptkit.registry import Base, Registry
+from adaptkit.registry import Base, Registry, db
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

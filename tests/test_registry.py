@@ -198,9 +198,9 @@ def test_a_version_with_other_classes_is_refused(registry):
 
 
 def test_a_writer_kept_waiting_gives_up_clearly_and_leaves_no_file(registry_url, tmp_path, monkeypatch):
-    import adaptkit.db
+    import adaptkit.registry.db
 
-    monkeypatch.setattr(adaptkit.db, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(adaptkit.registry.db, "LOCK_TIMEOUT_S", 0.2)
     registry = Registry(registry_url, adapter_dir=tmp_path / "adapters")
     registry.add_version(_meta(), _state(1))
     holder = Registry(registry_url, adapter_dir=tmp_path / "adapters")

@@ -226,7 +226,7 @@ def _consistent(reg: Registry) -> None:
 def test_kill_9_during_a_write_to_s3_then_doctor_leaves_a_clean_registry(pico, bucket, new_registry_url):
     from dataclasses import asdict
 
-    from adaptkit.doctor import diagnose
+    from adaptkit.registry.doctor import diagnose
 
     script = WRITER.format(meta=asdict(_meta(pico, "crash")))
     urls = {point: (new_registry_url(f"r{i}"), f"{bucket}/p{i}") for i, point in enumerate(POINTS)}

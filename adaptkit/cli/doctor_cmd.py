@@ -24,7 +24,7 @@ def doctor(
 
     Exit status 1 when something is left to repair.
     """
-    from adaptkit.doctor import diagnose
+    from adaptkit.registry.doctor import diagnose
     reg = registry_of(registry, adapters)
     findings = diagnose(reg, repair=repair, min_age_s=min_age)
     for f in findings:

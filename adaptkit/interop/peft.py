@@ -158,7 +158,7 @@ def import_peft(registry: Registry | str | None, src_dir: str | os.PathLike, *, 
                        backbone_fingerprint=backbone.fingerprint, backbone_params=backbone.num_params,
                        backbone_dim=backbone.embed_dim, data_config=backbone.data_config,
                        dataset=str(side.get("dataset", "")))
-    from adaptkit.validate import check_adapter
+    from adaptkit.registry.validate import check_adapter
 
     check_adapter({**state, **head}, meta, str(src))
     registry.check_new(meta, {**state, **head}, str(src))

@@ -19,8 +19,8 @@ from sqlalchemy import select
 from adaptkit.artifacts import parse_adapter
 from adaptkit.errors import AdaptkitError, RegistryError
 from adaptkit.registry import OWNER_FILE, Registry, TaskRow, VersionRow
-from adaptkit.rows import task_problem
-from adaptkit.storage import is_own_file, is_temp
+from adaptkit.registry.rows import task_problem
+from adaptkit.registry.storage import is_own_file, is_temp
 
 __all__ = ["Finding", "diagnose"]
 

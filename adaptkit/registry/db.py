@@ -5,8 +5,8 @@ One writer at a time per registry, readers never blocked: SQLite runs in WAL mod
 other writers and lets plain ``SELECT`` through. Writes are a few rows after minutes of training, so serialising them
 costs nothing and makes "the next version number" and "the one default" simple facts rather than races.
 
-The schema is versioned by Alembic (``adaptkit/migrations``). Opening a registry reads ``alembic_version`` with one
-query and imports Alembic only when the registry is behind (or new), so reads stay fast.
+The schema is versioned by Alembic (``adaptkit/registry/migrations``). Opening a registry reads ``alembic_version``
+with one query and imports Alembic only when the registry is behind (or new), so reads stay fast.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from sqlalchemy import Connection, MetaData, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError, OperationalError
 
-from adaptkit.dberrors import advice
 from adaptkit.errors import RegistryError
+from adaptkit.registry.dberrors import advice
 
 __all__ = ["SCHEMA_HEAD", "identity", "normalise_url", "sqlite_file", "make_engine", "write_lock", "retryable",
            "schema_revision", "ensure_schema", "migrate", "describe"]
 
-SCHEMA_HEAD = "0002"  # the newest revision in adaptkit/migrations/versions; a test checks they agree
+SCHEMA_HEAD = "0002"  # the newest revision in registry/migrations/versions; a test checks they agree
 MIGRATIONS = Path(__file__).parent / "migrations"
 CONNECT_TIMEOUT_S = 5
 LOCK_TIMEOUT_S = 30  # how long a writer waits for another writer's lock before a retry

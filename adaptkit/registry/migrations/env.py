@@ -1,7 +1,7 @@
 """Alembic's entry point for adaptkit's registry migrations.
 
-adaptkit runs these itself when it opens a registry (see adaptkit/db.py), on a connection that already holds the
-registry's write lock and an open transaction; there is no alembic.ini and no offline (SQL script) mode.
+adaptkit runs these itself when it opens a registry (see adaptkit/registry/db.py), on a connection that already holds
+the registry's write lock and an open transaction; there is no alembic.ini and no offline (SQL script) mode.
 """
 
 from alembic import context

@@ -18,7 +18,7 @@ from sqlalchemy.types import TypeDecorator
 
 from adaptkit.artifacts import TASK_NAME, meta_problem
 from adaptkit.errors import RegistryError
-from adaptkit.storage import check_rel
+from adaptkit.registry.storage import check_rel
 
 __all__ = ["TolerantJSON", "TolerantDateTime", "task_problem", "version_problem"]
 
