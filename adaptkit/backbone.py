@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from adaptkit.devices import resolve_device
-from adaptkit.errors import BackboneError, OfflineError
+from adaptkit.errors import BackboneError, OfflineError, param
 from adaptkit.hashing import tensors_sha256
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.random_weights import legacy_cache_file, recover_legacy, seeded_init
@@ -192,7 +192,8 @@ def _hub_or_package(name: str) -> str:
     except RuntimeError:
         cfg = None
     if cfg is None or not (cfg.file or cfg.state_dict or cfg.hf_hub_id or cfg.url):
-        raise BackboneError(f"{name} has no pretrained weights in timm: pass --weights FILE or --no-pretrained")
+        raise BackboneError(f"{name} has no pretrained weights in timm: give {param('weights')} or "
+                            f"{param('pretrained', False)}")
     if cfg.file or cfg.state_dict:
         return "package"
     if cfg.hf_hub_id and _hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename):
@@ -234,8 +235,8 @@ def _looks_offline(exc: BaseException) -> bool:
 def _offline_message(name: str) -> str:
     return (
         f"pretrained weights for {name} are not in the local cache and the model hub cannot be reached. "
-        "Offline, use --weights FILE (a .safetensors or .pth checkpoint), a backbone that ships with adaptkit "
-        "(vit_cifar_tiny_patch4_32.adaptkit_c10), or --no-pretrained for random weights."
+        f"Offline, use {param('weights')} (a .safetensors or .pth checkpoint), a backbone that ships with adaptkit "
+        f"(vit_cifar_tiny_patch4_32.adaptkit_c10), or {param('pretrained', False)} for random weights."
     )
 
 
@@ -295,5 +296,5 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     if missing or unexpected:
         raise BackboneError(
             f"{path} does not fit this backbone: missing {missing[:4]}, unexpected {unexpected[:4]}. "
-            "Check --backbone names the architecture the file was saved from."
+            f"Check {param('backbone')} names the architecture the file was saved from."
         )

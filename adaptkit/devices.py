@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, param
 
 __all__ = ["resolve_device"]
 
@@ -36,7 +36,7 @@ def resolve_device(choice: str | torch.device | None, check_available: bool = Tr
         return device
     if not _KINDS[device.type]():
         raise ConfigError(f"device {str(choice)!r} was asked for but this machine has no {device.type.upper()} "
-                          "device that torch can use: pick cpu (--device cpu)")
+                          f"device that torch can use: pick cpu ({param('device', 'cpu')})")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {str(choice)!r} does not exist: this machine has {torch.cuda.device_count()} "
                           "CUDA device(s), cuda:0 to cuda:N-1")

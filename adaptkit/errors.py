@@ -1,11 +1,52 @@
 """Typed errors. The library raises these; the CLI and the app print their message and carry on.
 
-Every message says what went wrong and what to do about it.
+Every message says what went wrong and what to do about it. Where the remedy is a setting, the message names it with
+:func:`param` (``param("weights")``, ``param("pretrained", False)``): ``str(error)`` words it as the Python parameter
+(``weights``, ``pretrained=False``), and each front end words it for its own users with :meth:`AdaptkitError.worded`
+(the command line: ``--weights FILE``, ``--no-pretrained``; the page: its field's label).
 """
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+_MARK = "\x1f"
+_PARAM = re.compile(f"{_MARK}([A-Za-z_][A-Za-z0-9_]*)(?:=([^{_MARK}]*))?{_MARK}")
+
+#: how a front end words a setting: (Python parameter name, the value given or None) -> its words, or None for the
+#: default wording
+Words = Callable[[str, "str | None"], "str | None"]
+
+
+def param(name: str, value: object = None) -> str:
+    """A setting named in an error message, by its Python parameter name (and the value to give it, if any)."""
+    return f"{_MARK}{name}{'' if value is None else '=' + str(value)}{_MARK}"
+
+
+def python_words(name: str, value: str | None) -> str:
+    """The Python API's wording: ``name`` or ``name=value``."""
+    return name if value is None else f"{name}={value}"
+
+
+def render(message: str, words: Words | None = None) -> str:
+    """``message`` with every :func:`param` worded by ``words`` (falling back to the Python wording)."""
+    def word(m: re.Match) -> str:
+        said = words(m[1], m[2]) if words else None
+        return said if said is not None else python_words(m[1], m[2])
+
+    return _PARAM.sub(word, message)
 
 
 class AdaptkitError(Exception):
     """Base class of every error adaptkit raises on purpose."""
+
+    def __str__(self) -> str:
+        return render(super().__str__())
+
+    def worded(self, words: Words) -> str:
+        """The message with its settings named as a front end names them (see :func:`param`)."""
+        return render(super().__str__(), words)
 
 
 class ConfigError(AdaptkitError, ValueError):

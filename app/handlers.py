@@ -58,10 +58,6 @@ Then come back to **Predict**: the new task appears in the picker (or press ↻ 
 
 # The library's messages name CLI options; the page has fields instead.
 _PAGE_TERMS = [
-    (re.compile(r"pass --weights FILE or --no-pretrained"), 'untick "Pretrained weights" for random weights, or pick '
-                                                            "a backbone that has pretrained weights"),
-    (re.compile(r"--weights FILE( \([^)]*\))?(,| or) "), ""),
-    (re.compile(r"--no-pretrained"), 'untick "Pretrained weights"'),
     (re.compile(r"(pick )?another --task name"), 'type another "Task name"'),
     (re.compile(r"\(pass --task NAME\)"), '(type another "Task name")'),
     (re.compile(r"raise --limit-train \(or leave it out\) or train on fewer --classes"),
@@ -70,8 +66,34 @@ _PAGE_TERMS = [
 ]
 
 
-def page_terms(message: str) -> str:
-    """A library message with its CLI options replaced by the page's fields."""
+#: how the page names a setting an error names (see adaptkit.errors.param): its field, or what to do instead
+_PAGE_WORDS = {
+    ("pretrained", "False"): 'untick "Pretrained weights"',
+    ("pretrained", "True"): 'tick "Pretrained weights"',
+    ("weights", None): "a weights file (the command line's --weights FILE; the page has none)",
+    ("backbone", None): '"Backbone"',
+    ("task", None): '"Task name"',
+    ("epochs", None): '"Epochs"',
+    ("batch_size", None): '"Batch size"',
+    ("lr", None): '"Learning rate"',
+    ("rank", None): '"Rank"',
+    ("limit_train", None): '"Training images"',
+    ("limit_eval", None): '"Validation and test images"',
+    ("method", None): '"Method"',
+    ("dataset", None): '"Data set"',
+    ("topk", None): '"Top-k labels"',
+}
+
+
+def page_words(name: str, value: str | None) -> str | None:
+    """A setting as the page names it (None: the library's own wording)."""
+    return _PAGE_WORDS.get((name, value)) or (None if value is None else _PAGE_WORDS.get((name, None)))
+
+
+def page_terms(message: str | AdaptkitError) -> str:
+    """A library error (or its message) in the page's words: its settings named by the page's fields."""
+    if isinstance(message, AdaptkitError):
+        message = message.worded(page_words)
     for pattern, text in _PAGE_TERMS:
         message = pattern.sub(text, message)
     return message
@@ -87,7 +109,7 @@ def user_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except AdaptkitError as exc:
-            raise gr.Error(page_terms(str(exc)), duration=None, print_exception=False) from None
+            raise gr.Error(page_terms(exc), duration=None, print_exception=False) from None
         except Exception as exc:  # noqa: BLE001 - the page must stay up whatever happens
             _log.exception("%s failed", fn.__name__)
             raise gr.Error(f"{fn.__name__.strip('_')} failed unexpectedly ({type(exc).__name__}); the server log "
@@ -246,7 +268,7 @@ class Handlers:
             except inputs.PageInputError as exc:
                 notes[i] = f"**Could not predict:** {exc.message}"
             except AdaptkitError as exc:
-                notes[i] = f"**Could not predict:** {page_terms(str(exc))}"
+                notes[i] = f"**Could not predict:** {page_terms(exc)}"
         if any(task != AUTO for _, _, task in ready):
             self._predict_ready([r for r in ready if r[2] != AUTO], ks, labels, notes)
         if any(task == AUTO for _, _, task in ready):
@@ -262,7 +284,7 @@ class Handlers:
                 try:
                     loaded.append((i, img, self.predictor.load(task).ref))
                 except AdaptkitError as exc:  # a missing or broken task fails its own requests only
-                    notes[i] = f"**Could not predict:** {page_terms(str(exc))}"
+                    notes[i] = f"**Could not predict:** {page_terms(exc)}"
             load_s = time.perf_counter() - tick
             if not loaded:
                 return
@@ -286,7 +308,7 @@ class Handlers:
                 routed = self.predictor.predict_auto([img for _, img, _ in ready], topk=max(topks))
             except AdaptkitError as exc:
                 for i, _, _ in ready:
-                    notes[i] = f"**Could not predict:** {page_terms(str(exc))}"
+                    notes[i] = f"**Could not predict:** {page_terms(exc)}"
                 return
             took = time.perf_counter() - tick
         for (i, _, _), r in zip(ready, routed, strict=True):
@@ -321,7 +343,7 @@ class Handlers:
                     self.predictor.load(t.name)
                     ready.append(t.name)
                 except AdaptkitError as exc:  # one broken task must not hide the others
-                    rows[t.name][4] = page_terms(str(exc))
+                    rows[t.name][4] = page_terms(exc)
             if ready:
                 for name, preds in zip(ready, self.predictor.predict_mixed([img] * len(ready), ready, topk=1),
                                        strict=True):

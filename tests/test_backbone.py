@@ -62,11 +62,17 @@ def test_offline_hub_error_is_fast_and_names_alternatives():
     with pytest.raises(OfflineError) as info:
         create_backbone("vit_base_patch16_224.augreg_in21k")
     assert time.perf_counter() - started < 10
-    assert "--weights FILE" in str(info.value) and "--no-pretrained" in str(info.value)
+    # the Python API names its parameters; the command line and the page word them for their users
+    assert "use weights (a .safetensors" in str(info.value) and "or pretrained=False for random" in str(info.value)
+    from adaptkit.cli.common import cli_words
+    from adaptkit_app.handlers import page_terms
+
+    assert "use --weights FILE (a" in info.value.worded(cli_words) and "--no-pretrained" in info.value.worded(cli_words)
+    assert 'untick "Pretrained weights"' in page_terms(info.value) and "--no-pretrained" not in page_terms(info.value)
 
 
 def test_model_without_pretrained_weights_says_so():
-    with pytest.raises(BackboneError, match="has no pretrained weights.*--no-pretrained"):
+    with pytest.raises(BackboneError, match="has no pretrained weights.*give weights or pretrained=False"):
         create_backbone(PICO)
 
 

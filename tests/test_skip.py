@@ -108,7 +108,7 @@ def test_full_with_blocks_trains_and_saves_only_the_last_blocks(pico, registry, 
 
 
 @pytest.mark.parametrize(("method", "config", "message"), [
-    ("linear", {"blocks": 1}, "--blocks does not apply"), ("adapter", {"blocks": 0}, "positive number"),
+    ("linear", {"blocks": 1}, "nothing in the blocks: blocks does not apply"), ("adapter", {"blocks": 0}, "positive number"),
     ("adapter", {"blocks": 5}, "has 4 blocks: pick 1 to 4"),
 ])
 def test_bad_blocks(pico, method, config, message):

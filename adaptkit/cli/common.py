@@ -122,6 +122,42 @@ def echo(text: str) -> None:
     out.print(text, soft_wrap=plain())
 
 
+def cli_words(name: str, value: str | None) -> str:
+    """A setting named by an error (:func:`adaptkit.errors.param`) as the command line spells it, from the Typer
+    option of that name: ``--weights FILE``, ``--no-pretrained``, ``--device cpu`` (``--name`` where none has it)."""
+    opt = _option(_every_option(), name)
+    longs = [o for o in (opt.opts if opt else []) if o.startswith("--")]
+    flag = longs[0] if longs else "--" + name.replace("_", "-")
+    if value is None:
+        metavar = None if opt is None or opt.is_flag else opt.metavar
+        return f"{flag} {metavar}" if metavar else flag
+    if value in ("True", "False") and (opt is None or opt.is_flag):
+        if value == "True":
+            return flag
+        no = [o for o in (opt.secondary_opts if opt else []) if o.startswith("--")]
+        return no[0] if no else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def _option(params: list, name: str) -> Any:
+    return next((p for p in params if p.name == name and getattr(p, "param_type_name", "") == "option"), None)
+
+
+@functools.cache
+def _every_option() -> list:
+    """Every option of every command (for a setting the running command does not have, or outside a command)."""
+    import typer
+
+    from adaptkit.cli import app
+
+    group = typer.main.get_command(app)
+    out = []
+    for command in group.commands.values():
+        out += command.params
+        out += [p for sub in getattr(command, "commands", {}).values() for p in sub.params]
+    return out
+
+
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn library errors into one line and exit 1; Ctrl-C into exit 130 with nothing saved.
 
@@ -135,7 +171,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except AdaptkitError as exc:
-            fail(str(exc))
+            fail(exc.worded(cli_words))
         except KeyboardInterrupt:
             err.print("interrupted: nothing was written to the registry")
             raise typer.Exit(130) from None

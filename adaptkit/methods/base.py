@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, param
 
 __all__ = ["TaskContext", "TaskSite", "TaskModel", "Method", "find_site", "plain_copy", "put_rows", "task_context",
            "unwrap"]
@@ -323,7 +323,8 @@ class Method(ABC):
         self.config = config if config is not None else self.config_class()
         if blocks is not None:
             if not self.takes_blocks:
-                raise ConfigError(f"{self.name} puts nothing in the blocks: --blocks does not apply to it; drop it")
+                raise ConfigError(f"{self.name} puts nothing in the blocks: {param('blocks')} does not apply to it; "
+                                  "drop it")
             if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
                 raise ConfigError(f"blocks must be a positive number of blocks, got {blocks!r}")
         self.blocks = blocks
