@@ -17,8 +17,8 @@ _WHERE = {
     "DEFAULT_BACKBONE": "adaptkit.backbone", "Backbone": "adaptkit.backbone", "create_backbone": "adaptkit.backbone",
     "fingerprint": "adaptkit.backbone", "compare": "adaptkit.compare", "AdaptkitError": "adaptkit.errors",
     "METHODS": "adaptkit.methods", "get_method": "adaptkit.methods", "Prediction": "adaptkit.predict",
-    "Predictor": "adaptkit.predict", "Registry": "adaptkit.registry", "TrainConfig": "adaptkit.train",
-    "evaluate": "adaptkit.train", "train": "adaptkit.train",
+    "Predictor": "adaptkit.predict", "Registry": "adaptkit.registry", "TrainConfig": "adaptkit.training",
+    "evaluate": "adaptkit.training", "train": "adaptkit.training",
 }
 __all__ = ["DEFAULT_BACKBONE", "METHODS", "AdaptkitError", "Backbone", "Prediction", "Predictor", "Registry",
            "TrainConfig", "compare", "create_backbone", "evaluate", "fingerprint", "get_method", "train"]
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from adaptkit.methods import METHODS, get_method
     from adaptkit.predict import Prediction, Predictor
     from adaptkit.registry import Registry
-    from adaptkit.train import TrainConfig, evaluate, train
+    from adaptkit.training import TrainConfig, evaluate, train
 
 
 class _Package(types.ModuleType):

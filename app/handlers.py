@@ -31,7 +31,7 @@ from adaptkit.data.roots import folder_in_roots, resolve_roots
 from adaptkit.errors import AdaptkitError
 from adaptkit.predict import Predictor
 from adaptkit.registry import Registry, TaskRow
-from adaptkit.train import TrainConfig, TrainEvent, train
+from adaptkit.training import TrainConfig, TrainEvent, train
 from adaptkit_app import inputs, tables
 from adaptkit_app.inputs import PageInputError
 

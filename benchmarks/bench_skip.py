@@ -30,7 +30,7 @@ CASES = {"every block": None, "last half": "half", "last half, cached": "half-ca
 def probe(epochs: int) -> None:
     from adaptkit.models import PACKAGED_BACKBONE
     from adaptkit.registry import Registry
-    from adaptkit.train import TrainConfig, train
+    from adaptkit.training import TrainConfig, train
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,8 +50,8 @@ def probe(epochs: int) -> None:
 def one_case(case: str, backbone_name: str, batch: int, steps: int, device: str) -> dict:
     """In the child: ``steps`` adapter training steps after a warm-up step, and the peak memory."""
     from adaptkit.backbone import create_backbone
-    from adaptkit.feature_cache import CachedTask, run_prefix
     from adaptkit.methods import get_method
+    from adaptkit.training.feature_cache import CachedTask, run_prefix
 
     backbone = create_backbone(backbone_name, pretrained=False, device=device)
     depth = len(backbone.model.blocks)

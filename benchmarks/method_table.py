@@ -31,7 +31,7 @@ from adaptkit.compare import format_bytes, format_percent
 from adaptkit.methods import METHODS
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "method_table.json"
 HALF = "half"  # a ``blocks`` value resolved to half the backbone's depth

@@ -38,7 +38,7 @@ SWEEP = (1 / 3, 1.0, 3.0)  # multiples of the adapter's default learning rate: a
 
 def run(job: tuple[str, str, str, float | str | None, dict]) -> dict:
     """Train one configuration in this (worker) process on one thread; returns its test top-1 and recipe."""
-    from adaptkit.train import TrainConfig, train
+    from adaptkit.training import TrainConfig, train
 
     dataset, spec, method, lr, extra = job
     started = time.perf_counter()
@@ -57,7 +57,7 @@ def run(job: tuple[str, str, str, float | str | None, dict]) -> dict:
 def same_run(line: dict, job: tuple) -> bool:
     """Whether a logged run trained as this job would: same data set, method, learning rate as used (a default
     that moved to a rate already run by hand is that run) and recipe; older logs lack the recipe fields."""
-    from adaptkit.train import TrainConfig
+    from adaptkit.training import TrainConfig
 
     dataset, _, method, lr, extra = job
     cfg = TrainConfig(**extra)
@@ -73,7 +73,7 @@ def jobs(datasets: dict[str, str], factors: list[float], auto: bool, extra: dict
          methods: tuple[str, ...] = ("linear", "adapter", "lora")) -> list[tuple]:
     """Every (data set, method, lr) to train: the defaults of ``methods``, the adapter sweep, and --lr auto if
     asked."""
-    from adaptkit.train import TrainConfig
+    from adaptkit.training import TrainConfig
 
     default = TrainConfig(**extra).resolved("adapter").lr
     runs = [("linear", None), ("adapter", None), *(("adapter", default * f) for f in factors if f != 1.0),
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--resume", type=Path, default=None,
                         help="a JSON-lines log: runs already in it (same recipe) are reused, new ones appended")
     args = parser.parse_args()
-    from adaptkit.train import TrainConfig
+    from adaptkit.training import TrainConfig
 
     extra = {k: v for k, v in (("epochs", args.epochs), ("limit_train", args.limit_train), ("augment", args.augment))
              if v is not None}

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("vtab_table.py cannot run here: " + "; ".join(problems) + ". Run it on a GPU machine with "
                          "network (or the hub cache); offline, benchmarks/method_table.py is the table that runs.")
     from adaptkit.registry import Registry
-    from adaptkit.train import TrainConfig, train
+    from adaptkit.training import TrainConfig, train
 
     depth = 12
     methods = [m for m in METHODS if args.only is None or m in args.only]

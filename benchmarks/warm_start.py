@@ -65,12 +65,11 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from datasets import make_glyphs  # benchmarks/datasets.py
 
-    from adaptkit import warmstart
     from adaptkit.backbone import create_backbone
     from adaptkit.data import load_task_data
     from adaptkit.methods import get_method
     from adaptkit.registry import Registry
-    from adaptkit.train import TrainConfig, train
+    from adaptkit.training import TrainConfig, train, warmstart
 
     pairs = {"digits": split_digits(ROOT), "glyphs": split_glyphs(ROOT, make_glyphs())}
     pairs = {k: v for k, v in pairs.items() if k in args.datasets}

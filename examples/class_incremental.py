@@ -32,7 +32,7 @@ from pathlib import Path
 from adaptkit.continual import compare_routers
 from adaptkit.data import load_task_data
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 
 PUBLISHED = [("SimpleCIL / NCM", 83.4), ("RanPAC", 92.2), ("joint linear probe", 87.9),
              ("joint full fine-tuning", 93.8)]

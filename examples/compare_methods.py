@@ -15,7 +15,7 @@ from pathlib import Path
 from adaptkit.compare import format_bytes, format_percent
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 
 RUNS = [  # (label, method, settings, backbone weights)
     ("adapter r=32 (parallel)", "adapter", {"rank": 32}, True),

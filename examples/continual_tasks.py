@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 
 from adaptkit.predict import Predictor
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 
 
 def write_folder(root: Path, label_of: dict[int, str]) -> str:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from adaptkit.models import _PACKAGED_FILE, PACKAGED_BACKBONE
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, TrainEvent, train
+from adaptkit.training import TrainConfig, TrainEvent, train
 
 ARCH = PACKAGED_BACKBONE.split(".")[0]
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10.tar.gz"

@@ -16,7 +16,7 @@ from ports import free_port
 from adaptkit.data import open_image
 from adaptkit.errors import DatasetError, ImageError
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 from adaptkit_app.handlers import AUTO, Handlers
 from adaptkit_app.main import launch
 

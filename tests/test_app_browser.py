@@ -13,7 +13,7 @@ import pytest
 from ports import free_port
 
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

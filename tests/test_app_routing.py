@@ -11,7 +11,7 @@ from ports import free_port
 from adaptkit.artifacts import load_adapter
 from adaptkit.registry import Registry
 from adaptkit.routing import split_state
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 from adaptkit_app.handlers import AUTO, AUTO_LABEL, Handlers
 from adaptkit_app.main import launch
 from tests.conftest import CIFAR_MINI

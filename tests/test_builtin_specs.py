@@ -6,7 +6,7 @@ import pytest
 
 from adaptkit.data import builtin_name, load_task_data
 from adaptkit.errors import DatasetError
-from adaptkit.train_checks import check_train_args
+from adaptkit.training.checks import check_train_args
 
 CFG = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
        "crop_pct": 1.0}

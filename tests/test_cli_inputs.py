@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from adaptkit.cli import app
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 
 runner = CliRunner()
 QUICK = ["--backbone", PICO, "--no-pretrained", "--epochs", "1", "--limit-train", "16", "--limit-eval", "8"]

@@ -15,7 +15,7 @@ from adaptkit.cli import app
 from adaptkit.cli import common as cli_common
 from adaptkit.cli.tables import Col, render_table
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 
 runner = CliRunner()
 LONG = "handwritten-digits-from-the-archive"

@@ -26,7 +26,7 @@ CLASSES = {"vpt": "0-4"}  # one task with fewer classes: the registry graph pads
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cifar_mini):
     from adaptkit.backbone import create_backbone
-    from adaptkit.train import TrainConfig, train
+    from adaptkit.training import TrainConfig, train
 
     reg = tmp_path_factory.mktemp("onnx") / "r.db"
     pico = create_backbone("vit_pico_patch4_32", pretrained=False)

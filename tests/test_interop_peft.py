@@ -188,7 +188,7 @@ def test_folder_refusals(tmp_path, registry, backbone, base_state):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cifar_mini):
-    from adaptkit.train import TrainConfig, train
+    from adaptkit.training import TrainConfig, train
 
     reg = tmp_path_factory.mktemp("peft") / "r.db"
     pico = create_backbone(PICO, pretrained=False)

@@ -7,7 +7,7 @@ import pytest
 from adaptkit.backbone import create_backbone
 from adaptkit.models import PACKAGED_BACKBONE, PACKAGED_FINGERPRINT
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 
 BUDGET = TrainConfig(epochs=4, batch_size=64, lr=3e-3, augment=False, limit_train=640, seed=0)
 

@@ -16,7 +16,7 @@ from test_app import CIFAR_MINI, client, make_registry, registry_db  # noqa: F40
 from adaptkit.checks import MAX_EPOCHS
 from adaptkit.errors import ConfigError
 from adaptkit.registry import Registry
-from adaptkit.train import TrainConfig
+from adaptkit.training import TrainConfig
 from adaptkit_app import inputs
 from adaptkit_app.handlers import Handlers
 

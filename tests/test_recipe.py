@@ -15,11 +15,11 @@ from adaptkit.artifacts import read_meta
 from adaptkit.cli import app
 from adaptkit.data import build_transform
 from adaptkit.errors import ConfigError
-from adaptkit.lr_search import LR_FACTORS, lr_candidates, search_lr
-from adaptkit.recipe import describe_recipe
 from adaptkit.registry import Registry
 from adaptkit.threads import default_threads
-from adaptkit.train import METHOD_DEFAULTS, TrainConfig, train
+from adaptkit.training import METHOD_DEFAULTS, TrainConfig, train
+from adaptkit.training.lr_search import LR_FACTORS, lr_candidates, search_lr
+from adaptkit.training.recipe import describe_recipe
 
 CFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
        "crop_pct": 1.0}

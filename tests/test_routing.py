@@ -21,7 +21,7 @@ from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.predict import Predictor
 from adaptkit.registry import Registry
 from adaptkit.routing import ROUTING_PREFIX, Router, RoutingStats, split_state
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 
 CONFIG = TrainConfig(epochs=1, batch_size=32, limit_train=160, limit_eval=40, lr=3e-3, num_workers=0)
 

@@ -28,7 +28,7 @@ from adaptkit.routing import (
     accumulate_stats,
     split_state,
 )
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
 from tests.conftest import PICO
 
 CONFIG = TrainConfig(epochs=1, batch_size=64, limit_train=400, limit_eval=100, lr=3e-3, num_workers=0)

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from adaptkit.backbone import fingerprint
-from adaptkit.checkpointing import activation_checkpointing
 from adaptkit.data import load_task_data
 from adaptkit.errors import ConfigError
-from adaptkit.feature_cache import CachedTask, first_trainable_block, prepare, run_prefix, run_suffix
 from adaptkit.methods import get_method
 from adaptkit.methods.base import TaskSite
 from adaptkit.predict import Predictor
 from adaptkit.routing import split_state
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train
+from adaptkit.training.checkpointing import activation_checkpointing
+from adaptkit.training.feature_cache import CachedTask, first_trainable_block, prepare, run_prefix, run_suffix
 
 NO_AUG = TrainConfig(epochs=2, batch_size=16, limit_train=48, limit_eval=24, augment=False)
 
@@ -108,7 +108,8 @@ def test_full_with_blocks_trains_and_saves_only_the_last_blocks(pico, registry, 
 
 
 @pytest.mark.parametrize(("method", "config", "message"), [
-    ("linear", {"blocks": 1}, "nothing in the blocks: blocks does not apply"), ("adapter", {"blocks": 0}, "positive number"),
+    ("linear", {"blocks": 1}, "nothing in the blocks: blocks does not apply"),
+    ("adapter", {"blocks": 0}, "positive number"),
     ("adapter", {"blocks": 5}, "has 4 blocks: pick 1 to 4"),
 ])
 def test_bad_blocks(pico, method, config, message):
@@ -176,7 +177,7 @@ def test_vtab_table_stops_at_once_offline_and_says_why():
 def test_routing_statistics_are_read_from_cached_frozen_features(pico, registry, monkeypatch):
     """A linear probe's cache holds the frozen pooled features of its training images: its routing statistics come
     from there, with no second pass, and equal (bit for bit) those of the pass; an adapter's cache does not."""
-    train_module = importlib.import_module("adaptkit.train")  # the package exports train(), the function
+    train_module = importlib.import_module("adaptkit.training.pipeline")  # where train() collects the statistics
     passes = []
     real = train_module.collect_task_stats
     monkeypatch.setattr(train_module, "collect_task_stats", lambda *a, **k: passes.append(1) or real(*a, **k))

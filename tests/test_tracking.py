@@ -99,7 +99,7 @@ def test_bad_trackers_are_refused_before_training(cifar_mini, tmp_path):
 
 
 def test_a_missing_extra_names_it(monkeypatch, tmp_path):
-    from adaptkit.tracking import open_trackers
+    from adaptkit.training.tracking import open_trackers
 
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(ConfigError) as info:

@@ -9,7 +9,7 @@ import torch
 
 from adaptkit.backbone import fingerprint
 from adaptkit.errors import ConfigError
-from adaptkit.train import METHOD_DEFAULTS, TrainConfig, TrainEvent, evaluate, lr_factor, train
+from adaptkit.training import METHOD_DEFAULTS, TrainConfig, TrainEvent, evaluate, lr_factor, train
 
 QUICK = TrainConfig(epochs=2, batch_size=32, limit_train=64, limit_eval=32)
 

@@ -9,13 +9,12 @@ import torch
 from conftest import PICO
 from typer.testing import CliRunner
 
-from adaptkit import warmstart
 from adaptkit.artifacts import load_adapter
 from adaptkit.cli import app
 from adaptkit.data import load_task_data
 from adaptkit.errors import ConfigError, NotFoundError
 from adaptkit.methods import get_method
-from adaptkit.train import TrainConfig, train
+from adaptkit.training import TrainConfig, train, warmstart
 
 ONE = TrainConfig(epochs=1, batch_size=16, limit_train=32, limit_eval=16, augment=False)
 SMALL = {"rank": 4}

@@ -15,7 +15,7 @@ from rich.markup import escape
 from adaptkit.cli.common import AdaptersOpt, RefArg, RegistryOpt, app, count, echo, friendly, out, registry_of
 from adaptkit.cli.tables import Col, print_table
 from adaptkit.compare import format_bytes, format_percent
-from adaptkit.recipe import describe_recipe
+from adaptkit.training.recipe import describe_recipe
 
 
 def _config_text(config: dict[str, Any]) -> str:

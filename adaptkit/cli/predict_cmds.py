@@ -28,7 +28,7 @@ def eval_task(
     adapters: AdaptersOpt = None,
 ) -> None:
     """Measure a version's accuracy on its data set's test split."""
-    from adaptkit.train import evaluate
+    from adaptkit.training import evaluate
 
     m = evaluate(ref, registry=registry_of(registry, adapters), dataset=dataset, split=split, batch_size=batch_size,
                  device=device, data_dir=str(data_dir) if data_dir else None, limit=limit)

@@ -98,8 +98,8 @@ def train(
 
     Only the adapter and the head train; the backbone stays frozen and shared by every task.
     """
-    from adaptkit.train import TrainConfig
-    from adaptkit.train import train as run
+    from adaptkit.training import TrainConfig
+    from adaptkit.training import train as run
 
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,
                                    targets=targets, tokens=tokens, prompt_mode=prompt_mode, prompt_init=prompt_init,

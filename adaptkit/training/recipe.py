@@ -1,7 +1,7 @@
 """The training recipe recorded with every version, as one line a person reads (``adaptkit show``).
 
-The recipe is the ``recipe`` entry of a version's ``train`` record (see :func:`adaptkit.train.train`): the
-:class:`~adaptkit.train.TrainConfig` as it ran, plus the learning rate as given (None for the method's default,
+The recipe is the ``recipe`` entry of a version's ``train`` record (see :func:`adaptkit.training.train`): the
+:class:`~adaptkit.training.TrainConfig` as it ran, plus the learning rate as given (None for the method's default,
 ``"auto"`` for a sweep, whose trials are kept under ``lr_search``), the device type and the CPU threads.
 """
 

@@ -18,7 +18,7 @@ from adaptkit.errors import ConfigError, DatasetError, DivergedError
 
 __all__ = ["check_config", "check_train_args", "fit_batch", "DivergenceGuard"]
 
-_log = logging.getLogger("adaptkit.train")
+_log = logging.getLogger("adaptkit.training")
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 
 

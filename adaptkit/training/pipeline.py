@@ -1,0 +1,276 @@
+""":func:`train`: one task on a frozen backbone, from its data to a registered version; :func:`evaluate`: a
+registered version on its test split.
+
+Training keeps the epoch with the best validation accuracy (:mod:`adaptkit.training.loop`), reports test top-1/top-5
+at the end and records the version in the registry (one atomic file plus one transaction), so Ctrl-C or a crash
+leaves nothing half-written. Under ``torchrun`` or ``accelerate launch`` it runs data-parallel (DDP) with no change;
+only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from adaptkit.artifacts import AdapterMeta
+from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
+from adaptkit.checks import check_int
+from adaptkit.data import load_task_data, without_builtin
+from adaptkit.devices import resolve_device
+from adaptkit.errors import ConfigError, DatasetError
+from adaptkit.methods import get_method
+from adaptkit.registry import TASK_NAME, Registry, VersionRow
+from adaptkit.routing import RoutingStats, collect_task_stats, task_stats_from_features
+from adaptkit.threads import default_threads
+from adaptkit.training import feature_cache, warmstart
+from adaptkit.training.checkpointing import activation_checkpointing
+from adaptkit.training.checks import check_train_args, fit_batch
+from adaptkit.training.config import TrainConfig, TrainEvent, TrainResult
+from adaptkit.training.loop import (
+    _autocast,
+    _fit,
+    _loader,
+    _reduced_precision,
+    _search_lr,
+    _workers,
+    run_eval,
+    seed_everything,
+)
+from adaptkit.training.lr_search import LrSearch
+from adaptkit.training.tracking import Trackers, check_trackers, open_trackers
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["train", "evaluate"]
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun / accelerate."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _device(choice: str | None, rank: int, world: int) -> torch.device:
+    device = resolve_device(choice)
+    if device.type == "cuda":
+        if world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+            torch.cuda.set_device(device)
+    return device
+
+
+def _routing_stats(backbone: Backbone, data: Any, feats: Any, net: nn.Module, cfg: TrainConfig,
+                   device: torch.device) -> RoutingStats:
+    """The task's routing statistics: from the cached features when they are the frozen pooled features of the
+    training images in full precision (the same numbers), else from one frozen pass over the images."""
+    cached = feature_cache.frozen_pooled(feats, net) if not _reduced_precision(device, cfg.precision) else None
+    if cached is not None:
+        return task_stats_from_features(data, *cached, batch_size=cfg.batch_size * 2)
+    return collect_task_stats(backbone.model, data, device, cfg.batch_size * 2)
+
+
+def train(
+    dataset: str,
+    *,
+    task: str | None = None,
+    backbone: str | Backbone = DEFAULT_BACKBONE,
+    weights: str | None = None,
+    pretrained: bool = True,
+    method: str = "adapter",
+    method_config: dict[str, Any] | None = None,
+    config: TrainConfig | None = None,
+    registry: Registry | str | None = None,
+    data_dir: str | None = None,
+    download: bool = True,
+    on_event: Callable[[TrainEvent], None] | None = None,
+    classes: str | list[str] | None = None,
+    init_from: str | None = None,
+    log_to: str | Sequence[str] | None = None,
+    log_dir: str | os.PathLike | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> TrainResult:
+    """Train one task on a frozen backbone and register it as the task's next version.
+
+    Args:
+        dataset: a data set spec (``cifar100``, ``folder:PATH``, ``digits`` ...; see ``adaptkit datasets``).
+        task: the task's name (default: the data set's name).
+        backbone: a timm model name, or a :class:`Backbone` already built (it is shared, never changed).
+        weights, pretrained: where the backbone's weights come from (see :func:`create_backbone`).
+        method, method_config: the method and its settings (missing settings take their defaults).
+        config: the training recipe.
+        registry: where to record the version (a :class:`Registry` or URL).
+        data_dir, download: where torchvision data sets live, and whether they may be downloaded.
+        on_event: called with a :class:`TrainEvent` after every step and evaluation.
+        classes: train on these classes of the data set only (``0-9``, ``cat,dog`` or a list of names).
+        init_from: start from a registered version's adapter (``TASK``, ``TASK@N``) or the closest task
+            (``auto``); see :mod:`adaptkit.training.warmstart`.
+        log_to: experiment trackers to log the run to, ``tensorboard`` and/or ``mlflow`` (see
+            :mod:`adaptkit.training.tracking`); the version's ``train_info["tracking"]`` records each run.
+        log_dir: where the trackers write (default: TensorBoard ``runs/``, MLflow its own default).
+        image_column, label_column: the columns of a Hugging Face data set (``hf:``, ``hf-disk:``, ``hf-files:``)
+            where they cannot be found from its features; recorded with the version.
+    """
+    check_train_args(dataset, task, config, TrainConfig, pretrained=pretrained, classes=classes,
+                     init_from=init_from)
+    task = task or _task_name(dataset, classes)
+    if not TASK_NAME.match(task):
+        raise ConfigError(f"bad task name {task!r}: use letters, digits, '_', '-', '.', up to 64 characters "
+                          "(pass --task NAME)")
+    chosen = get_method(method, method_config)  # validates the method's settings before anything slow
+    check_trackers(log_to)
+    given = config or TrainConfig()
+    cfg = given.resolved(chosen.name)
+    rank, world = _distributed()
+    device = _device(cfg.device, rank, world)
+    registry = registry if isinstance(registry, Registry) else Registry(registry)
+    if not isinstance(backbone, Backbone):
+        backbone = create_backbone(backbone, weights=weights, pretrained=pretrained, device=device)
+    backbone.model.to(device)
+    data = load_task_data(dataset, backbone.data_config, data_dir=data_dir, download=download and rank == 0,
+                          val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
+                          limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale,
+                          flip=cfg.flip, classes=classes, image_column=image_column, label_column=label_column)
+    if len(data.train) < len(data.classes):
+        raise DatasetError(f"{len(data.train)} training image(s) for {len(data.classes)} classes: every class needs "
+                           "some, so raise --limit-train (or leave it out) or train on fewer --classes")
+    registry.check_classes(task, data.classes)
+    cfg = fit_batch(cfg, len(data.train))
+    warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
+                            data=data) if init_from else None
+
+    trackers = open_trackers(log_to if rank == 0 else None, run_name=task, log_dir=log_dir)
+    if trackers:
+        trackers.params({"task": task, "dataset": dataset, "backbone": backbone.name, "method": chosen.name,
+                         "method_config": chosen.config_dict(), **asdict(cfg)})
+        on_event = _both(on_event, trackers.event)
+    threads = cfg.threads or default_threads()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    seed_everything(cfg.seed)
+    model = chosen.attach(backbone.model, len(data.classes))
+    try:
+        if warm is not None:
+            warmstart.apply(model, warm, data.classes)
+        started = time.perf_counter()
+        feats, net = feature_cache.prepare(model, data, batch_size=cfg.batch_size * 2, workers=_workers(cfg),
+                                          device=device,
+                                          autocast=lambda: _autocast(device, cfg.precision),
+                                          enabled=cfg.feature_cache and world == 1)
+        with activation_checkpointing(model.trunk, cfg.checkpointing):
+            search = _search_lr(model, feats, cfg, chosen.name, device, world, on_event, net) \
+                if cfg.lr == "auto" else None
+            cfg = replace(cfg, lr=search.chosen) if search else cfg
+            best, history, timing = _fit(model, feats, cfg, device, world, on_event, net)
+        timing["train_time_s"] = time.perf_counter() - started  # the cached pass and the search count as training
+        model.load_state(best["state"])
+        emit = on_event or (lambda e: None)
+        test = run_eval(net, _loader(feats.test, cfg.batch_size * 2, False, cfg, 1, device), device,
+                        lambda s, n: emit(TrainEvent("test", cfg.epochs, cfg.epochs, s, n)), cfg.precision)
+        metrics = {"val_top1": best["val_top1"], "best_epoch": best["epoch"], "test_top1": test["top1"],
+                   "test_top5": test["top5"], "test_loss": test["loss"], "test_images": test["images"]}
+        version = None
+        if rank == 0:
+            emit(TrainEvent("save", cfg.epochs, cfg.epochs, 0, 1))
+            recipe = _recipe(given, cfg, device, threads, search)
+            meta = AdapterMeta(task=task, classes=data.classes, method=chosen.name,
+                               method_config=chosen.config_dict(), backbone=backbone.name,
+                               backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
+                               backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
+                               data_config=backbone.data_config, dataset=dataset, metrics=metrics, recipe=recipe)
+            stats = _routing_stats(backbone, data, feats, net, cfg, device)
+            subset = {"classes": classes if isinstance(classes, str) else ",".join(classes)} if classes else {}
+            subset.update({k: v for k, v in (("image_column", image_column), ("label_column", label_column)) if v})
+            warm_info = {"init_from": warm.record()} if warm is not None else {}
+            tracked = {"tracking": trackers.record()} if trackers else {}
+            version = registry.add_version(meta, {**model.state(), **stats.to_tensors()},
+                                           train_info={**timing, "recipe": recipe, "world_size": world,
+                                                       "train_images": len(data.train), **subset, **warm_info,
+                                                       **tracked})
+            if trackers:
+                _finish_tracking(trackers, registry, version, recipe, metrics)
+        return TrainResult(version=version, metrics=metrics, history=history, model=model,
+                           init_from=warm.record() if warm is not None else None)
+    except BaseException:
+        trackers.fail()
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+        if chosen.name != "full":
+            model.detach_from_trunk()  # the shared backbone leaves exactly as it came
+
+
+def _both(first: Callable[[TrainEvent], None] | None,
+          second: Callable[[TrainEvent], None]) -> Callable[[TrainEvent], None]:
+    def emit(event: TrainEvent) -> None:
+        if first is not None:
+            first(event)
+        second(event)
+
+    return emit
+
+
+def _finish_tracking(trackers: Trackers, registry: Registry, version: VersionRow, recipe: dict,
+                     metrics: dict) -> None:
+    """The final metrics and the registered adapter file (from the store, as saved) to every tracker."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="adaptkit-track-") as tmp:
+            path = registry.export(version.ref, Path(tmp))
+            trackers.finish(recipe, {**metrics, "ref": version.ref}, path)
+    except Exception as exc:  # noqa: BLE001  (the version is registered: a tracker's failure must not hide that)
+        _log.warning("%s is registered, but the trackers could not finish their runs: %s", version.ref, exc)
+
+
+def _recipe(given: TrainConfig, used: TrainConfig, device: torch.device, threads: int,
+            search: LrSearch | None) -> dict[str, Any]:
+    """The recipe as it ran, with the learning rate as given (None: the method's default, or "auto")."""
+    recipe = {k: v for k, v in asdict(used).items() if k not in ("device", "num_workers")}
+    recipe.update(lr_given=given.lr, device=device.type, threads=threads)
+    if search is not None:
+        recipe["lr_search"] = search.to_dict()
+    return recipe
+
+
+def _task_name(spec: str, classes: str | list[str] | None = None) -> str:
+    name = os.path.basename(os.path.normpath(spec[7:])) or "folder" if spec.startswith("folder:") else \
+        without_builtin(spec)
+    if classes:  # e.g. cifar10-0-4 or cifar10-cat_dog
+        name += "-" + "_".join(c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes))
+    return name
+
+
+def evaluate(ref: str, *, registry: Registry | str | None = None, dataset: str | None = None,
+             split: str = "test", batch_size: int = 128, device: str | None = None, data_dir: str | None = None,
+             limit: int | None = None, download: bool = True) -> dict[str, float]:
+    """Evaluate a registered version on its data set's test split (or ``dataset``, with the same classes)."""
+    from adaptkit.predict import Predictor
+
+    if split not in ("test", "val"):
+        raise ConfigError(f"split must be test or val, got {split!r}")
+    check_int("batch_size", batch_size, 1)
+    check_int("limit", limit, 1, optional=True)
+    predictor = Predictor(registry, device=device)
+    loaded = predictor.load(ref)
+    spec = dataset or loaded.meta.dataset
+    data = load_task_data(spec, loaded.host.backbone.data_config, data_dir=data_dir, download=download,
+                          limit_eval=limit)
+    if data.classes != loaded.classes:
+        raise ConfigError(f"{spec} has classes {data.classes[:5]}..., but {ref} was trained on "
+                          f"{loaded.classes[:5]}...: evaluate on a data set with the same classes")
+    subset = {"test": data.test, "val": data.val}[split]
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False)
+    predictor.activate(ref)
+    return run_eval(loaded.model, loader, predictor.device)
