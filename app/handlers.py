@@ -70,7 +70,7 @@ _PAGE_TERMS = [
 _PAGE_WORDS = {
     ("pretrained", "False"): 'untick "Pretrained weights"',
     ("pretrained", "True"): 'tick "Pretrained weights"',
-    ("weights", None): "a weights file (the command line's --weights FILE; the page has none)",
+    ("weights", None): "a weights file (on the command line: the page has no field for one)",
     ("backbone", None): '"Backbone"',
     ("task", None): '"Task name"',
     ("epochs", None): '"Epochs"',
