@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 _WHERE = {
     "DEFAULT_BACKBONE": "adaptkit.backbone", "Backbone": "adaptkit.backbone", "create_backbone": "adaptkit.backbone",
     "fingerprint": "adaptkit.backbone", "compare": "adaptkit.compare", "AdaptkitError": "adaptkit.errors",
-    "METHODS": "adaptkit.methods", "get_method": "adaptkit.methods", "Prediction": "adaptkit.predict",
-    "Predictor": "adaptkit.predict", "Registry": "adaptkit.registry", "TrainConfig": "adaptkit.training",
+    "METHODS": "adaptkit.methods", "get_method": "adaptkit.methods", "Prediction": "adaptkit.inference",
+    "Predictor": "adaptkit.inference", "Registry": "adaptkit.registry", "TrainConfig": "adaptkit.training",
     "evaluate": "adaptkit.training", "train": "adaptkit.training",
 }
 __all__ = ["DEFAULT_BACKBONE", "METHODS", "AdaptkitError", "Backbone", "Prediction", "Predictor", "Registry",
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone, fingerprint
     from adaptkit.compare import compare
     from adaptkit.errors import AdaptkitError
+    from adaptkit.inference import Prediction, Predictor
     from adaptkit.methods import METHODS, get_method
-    from adaptkit.predict import Prediction, Predictor
     from adaptkit.registry import Registry
     from adaptkit.training import TrainConfig, evaluate, train
 

@@ -29,7 +29,8 @@ __all__ = ["FORMAT_VERSION", "ROUTING_PREFIX", "TASK_NAME", "AdapterMeta", "adap
 
 FORMAT_VERSION = "1"
 FORMAT_NAME = "adaptkit.adapter"
-ROUTING_PREFIX = "routing."  # tensors under this prefix are routing statistics (adaptkit.routing), not trainable
+# tensors under this prefix are routing statistics (adaptkit.inference.routing_stats), not trainable
+ROUTING_PREFIX = "routing."
 TASK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z, not $: "$" passes a trailing newline
 # Stored as written; half precision is widened exactly on load; anything else (float64, ints) is refused.
 STORED_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")

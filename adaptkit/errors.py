@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 
 _MARK = "\x1f"
-_PARAM = re.compile(f"{_MARK}([A-Za-z_][A-Za-z0-9_]*)(?:=([^{_MARK}]*))?{_MARK}")
+_PARAM = re.compile(f"{_MARK}(!?[A-Za-z_][A-Za-z0-9_]*)(?:=([^{_MARK}]*))?{_MARK}")
 
 #: how a front end words a setting: (Python parameter name, the value given or None) -> its words, or None for the
 #: default wording
@@ -24,8 +24,28 @@ def param(name: str, value: object = None) -> str:
     return f"{_MARK}{name}{'' if value is None else '=' + str(value)}{_MARK}"
 
 
+def step(action: str, target: str | None = None) -> str:
+    """A thing to do named in an error message, e.g. ``step("train", "pets")``: train a task (named ``pets``);
+    ``step("routing_fit", "a b")``: compute those tasks' routing statistics. Front ends word it as their own way of
+    doing it (the CLI: a command; the page: a tab)."""
+    return param(f"!{action}", target)
+
+
+#: the steps messages name, as Python calls: (with no target, with one)
+_PYTHON_STEPS = {
+    "train": ("adaptkit.train.train(...)", "adaptkit.train.train(..., task={name!r})"),
+    "routing_fit": ("adaptkit.inference.fit_routing()", "adaptkit.inference.fit_routing({names!r})"),
+    "routing_refit": ("adaptkit.inference.fit_routing(force=True)",
+                      "adaptkit.inference.fit_routing({names!r}, force=True)"),
+}
+
+
 def python_words(name: str, value: str | None) -> str:
-    """The Python API's wording: ``name`` or ``name=value``."""
+    """The Python API's wording: ``name`` or ``name=value`` (a step: the call that does it)."""
+    if name.startswith("!"):
+        bare, aimed = _PYTHON_STEPS.get(name[1:], (f"{name[1:]}(...)", f"{name[1:]}({{names!r}})"))
+        targets = value.split() if value else []
+        return "`" + (aimed.format(name=targets[0], names=targets) if targets else bare) + "`"
     return name if value is None else f"{name}={value}"
 
 

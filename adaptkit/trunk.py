@@ -1,7 +1,7 @@
 """A ViT trunk split at a block: the part before it, which no task changes, and the rest.
 
 Two jobs run the frozen part once and hand its output on: training on cached features
-(:mod:`adaptkit.training.feature_cache`) and routed prediction (:meth:`adaptkit.predict.Predictor.predict_auto`),
+(:mod:`adaptkit.training.feature_cache`) and routed prediction (:meth:`adaptkit.inference.Predictor.predict_auto`),
 whose routing pass is a frozen pass anyway.
 ``run_suffix(trunk, run_prefix(trunk, x, k), k)`` is ``trunk(x)``, op for op, for every ``k``.
 """

@@ -1,12 +1,12 @@
 """What the web page does: each handler turns page inputs into adaptkit calls and their results into page values.
 
-No ML and no SQL here: :class:`~adaptkit.predict.Predictor`, :class:`~adaptkit.registry.Registry`,
+No ML and no SQL here: :class:`~adaptkit.inference.Predictor`, :class:`~adaptkit.registry.Registry`,
 :func:`~adaptkit.compare.compare` and :func:`~adaptkit.train.train` do the work. Every handler is wrapped by
 :func:`user_errors`, so an :class:`~adaptkit.errors.AdaptkitError` shows its own message on the page (in the page's
 terms, without server paths) and anything else a short one (with the traceback in the server log), never a traceback.
 
 :meth:`Handlers.predict` is a batched Gradio event: concurrent requests, for any mix of tasks, arrive together and go
-through the backbone in one :meth:`~adaptkit.predict.Predictor.predict_mixed` pass; a bad request in a batch gets its
+through the backbone in one :meth:`~adaptkit.inference.Predictor.predict_mixed` pass; a bad request in a batch gets its
 own message and never fails the others.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from adaptkit.compare import compare, format_bytes, format_percent
 from adaptkit.data import BUILTIN, builtin_name, default_data_dir, list_datasets, open_image
 from adaptkit.data.roots import folder_in_roots, resolve_roots
 from adaptkit.errors import AdaptkitError
-from adaptkit.predict import Predictor
+from adaptkit.inference import Predictor
 from adaptkit.registry import Registry, TaskRow
 from adaptkit.training import TrainConfig, TrainEvent, train
 from adaptkit_app import inputs, tables
@@ -57,13 +56,6 @@ adaptkit train --dataset cifar100            # the default ViT-B/16 backbone, fr
 Then come back to **Predict**: the new task appears in the picker (or press ↻ beside it)."""
 
 # The library's messages name CLI options; the page has fields instead.
-_PAGE_TERMS = [
-    (re.compile(r"(pick )?another --task name"), 'type another "Task name"'),
-    (re.compile(r"\(pass --task NAME\)"), '(type another "Task name")'),
-    (re.compile(r"raise --limit-train \(or leave it out\) or train on fewer --classes"),
-     'raise "Training images" (0: all)'),
-    (re.compile(r"train it with `adaptkit train --task (\S+) \.\.\.`"), r'train it in **Add a task** as "\1"'),
-]
 
 
 #: how the page names a setting an error names (see adaptkit.errors.param): its field, or what to do instead
@@ -77,16 +69,23 @@ _PAGE_WORDS = {
     ("batch_size", None): '"Batch size"',
     ("lr", None): '"Learning rate"',
     ("rank", None): '"Rank"',
-    ("limit_train", None): '"Training images"',
+    ("limit_train", None): '"Training images" (0: all)',
+    ("classes", None): "classes (chosen on the command line: the page trains on all)",
     ("limit_eval", None): '"Validation and test images"',
     ("method", None): '"Method"',
     ("dataset", None): '"Data set"',
     ("topk", None): '"Top-k labels"',
+    ("registry", None): "registry (start the page on another)",
 }
 
 
 def page_words(name: str, value: str | None) -> str | None:
-    """A setting as the page names it (None: the library's own wording)."""
+    """A setting as the page names it (None: the library's own wording); a step as the tab that does it."""
+    if name == "!train":
+        return "**Add a task**" + (f' (as "{value}")' if value else "")
+    if name.startswith("!routing_"):  # the page has no such step: whoever runs it has the command line
+        force = " --force" if name == "!routing_refit" else ""
+        return f"`adaptkit routing fit{' ' + value if value else ''}{force}` (on the command line)"
     return _PAGE_WORDS.get((name, value)) or (None if value is None else _PAGE_WORDS.get((name, None)))
 
 
@@ -94,8 +93,6 @@ def page_terms(message: str | AdaptkitError) -> str:
     """A library error (or its message) in the page's words: its settings named by the page's fields."""
     if isinstance(message, AdaptkitError):
         message = message.worded(page_words)
-    for pattern, text in _PAGE_TERMS:
-        message = pattern.sub(text, message)
     return message
 
 
@@ -191,7 +188,7 @@ class Handlers:
         self.sync_s = sync_s
         self._registry: Registry | None = None
         self._predictor: Predictor | None = None
-        self._lock = threading.RLock()  # the Predictor switches one active task at a time
+        self._lock = threading.RLock()  # made once: the registry and the predictor (which needs no lock to predict)
         self._stamp: tuple | None = None
         self._synced_at = float("-inf")
 
@@ -277,21 +274,20 @@ class Handlers:
 
     def _predict_ready(self, ready: list[tuple[int, Any, str]], topks: list[int], labels: list, notes: list) -> None:
         self._sync()
-        with self._lock:
-            tick = time.perf_counter()
-            loaded = []
-            for i, img, task in ready:
-                try:
-                    loaded.append((i, img, self.predictor.load(task).ref))
-                except AdaptkitError as exc:  # a missing or broken task fails its own requests only
-                    notes[i] = f"**Could not predict:** {page_terms(exc)}"
-            load_s = time.perf_counter() - tick
-            if not loaded:
-                return
-            tick = time.perf_counter()
-            preds = self.predictor.predict_mixed([img for _, img, _ in loaded], [ref for _, _, ref in loaded],
-                                                 topk=max(topks))
-            took = time.perf_counter() - tick
+        tick = time.perf_counter()
+        loaded = []
+        for i, img, task in ready:
+            try:
+                loaded.append((i, img, self.predictor.load(task).ref))
+            except AdaptkitError as exc:  # a missing or broken task fails its own requests only
+                notes[i] = f"**Could not predict:** {page_terms(exc)}"
+        load_s = time.perf_counter() - tick
+        if not loaded:
+            return
+        tick = time.perf_counter()
+        preds = self.predictor.predict_mixed([img for _, img, _ in loaded], [ref for _, _, ref in loaded],
+                                             topk=max(topks))
+        took = time.perf_counter() - tick
         device, batch = self.predictor.device.type, f" in a batch of {len(loaded)}" if len(loaded) > 1 else ""
         for (i, _, ref), p in zip(loaded, preds, strict=True):
             labels[i] = {x.label: x.prob for x in p[:max(topks[i], 1)]}
@@ -302,15 +298,14 @@ class Handlers:
                         notes: list) -> None:
         """The "Auto: which task?" requests: each image routed to its task, all in one routed pass."""
         self._sync()
-        with self._lock:
-            tick = time.perf_counter()
-            try:
-                routed = self.predictor.predict_auto([img for _, img, _ in ready], topk=max(topks))
-            except AdaptkitError as exc:
-                for i, _, _ in ready:
-                    notes[i] = f"**Could not predict:** {page_terms(exc)}"
-                return
-            took = time.perf_counter() - tick
+        tick = time.perf_counter()
+        try:
+            routed = self.predictor.predict_auto([img for _, img, _ in ready], topk=max(topks))
+        except AdaptkitError as exc:
+            for i, _, _ in ready:
+                notes[i] = f"**Could not predict:** {page_terms(exc)}"
+            return
+        took = time.perf_counter() - tick
         for (i, _, _), r in zip(ready, routed, strict=True):
             runner = f"; runner-up `{r.runner_up}` {r.runner_up_confidence:.1%}" if r.runner_up else ""
             labels[i] = {p.label: p.prob for p in r.predictions[:max(topks[i], 1)]}
@@ -333,22 +328,21 @@ class Handlers:
             return tables.empty_all_tasks(), "No tasks yet: train one in **Add a task**."
         self._sync()
         rows, ready = {}, []
-        with self._lock:
-            for t in tasks:
-                if t.broken:  # one broken task must not hide the others
-                    rows[t.name] = [t.name, "", "", "", f"broken: {t.broken}"]
-                    continue
-                rows[t.name] = [t.name, t.default.method, "", "", ""]
-                try:
-                    self.predictor.load(t.name)
-                    ready.append(t.name)
-                except AdaptkitError as exc:  # one broken task must not hide the others
-                    rows[t.name][4] = page_terms(exc)
-            if ready:
-                for name, preds in zip(ready, self.predictor.predict_mixed([img] * len(ready), ready, topk=1),
-                                       strict=True):
-                    rows[name][2], rows[name][3] = preds[0].label, format_percent(preds[0].prob)
-                self._mark_routed(img, ready, rows)
+        for t in tasks:
+            if t.broken:  # one broken task must not hide the others
+                rows[t.name] = [t.name, "", "", "", f"broken: {t.broken}"]
+                continue
+            rows[t.name] = [t.name, t.default.method, "", "", ""]
+            try:
+                self.predictor.load(t.name)
+                ready.append(t.name)
+            except AdaptkitError as exc:  # one broken task must not hide the others
+                rows[t.name][4] = page_terms(exc)
+        if ready:
+            for name, preds in zip(ready, self.predictor.predict_mixed([img] * len(ready), ready, topk=1),
+                                   strict=True):
+                rows[name][2], rows[name][3] = preds[0].label, format_percent(preds[0].prob)
+            self._mark_routed(img, ready, rows)
         return pd.DataFrame(list(rows.values()), columns=tables.ALL_TASKS_COLUMNS), f"{len(ready)} of {len(tasks)} " \
             "task(s) answered in one backbone pass."
 
@@ -383,7 +377,7 @@ class Handlers:
     @user_errors
     def continual(self, limit: float | None = 200) -> tuple[str, pd.DataFrame]:
         """``adaptkit continual``: accuracy with no task name after each task is added, and its summary."""
-        from adaptkit.continual import evaluate_continual
+        from adaptkit.inference import evaluate_continual
 
         limit = inputs.whole("Test images per task", limit, 1, 1_000_000, default=None, empty_below=1)
         r = evaluate_continual(registry=self.registry, limit=limit, device=self.device)

@@ -142,7 +142,7 @@ def model_ceiling(db: Path, tasks: list[str], images: list[str], batch: int, rep
     taken in turn so that a change of load hits both): the most that batching can win on this machine, before any
     HTTP or queue cost."""
     from adaptkit.data import open_image
-    from adaptkit.predict import Predictor
+    from adaptkit.inference import Predictor
 
     predictor = Predictor(Registry(db))  # the server's device: CUDA where there is one
     imgs = [open_image(images[i % len(images)]) for i in range(batch)]

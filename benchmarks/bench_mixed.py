@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from common import base_parser, machine_line, parse, print_table, ratio, register_tasks, sync
 
-from adaptkit.predict import Predictor
+from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
 
 # one task of each kind that shares the backbone (full fine-tuning runs its own copy, so it is no part of the pass)

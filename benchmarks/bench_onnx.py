@@ -26,8 +26,8 @@ from common import base_parser, machine_line, print_table, ratio, register_task
 from PIL import Image
 
 from adaptkit.backbone import create_backbone
+from adaptkit.inference import Predictor
 from adaptkit.interop.onnx import export_onnx
-from adaptkit.predict import Predictor
 from adaptkit.registry import Registry
 
 SPECS = {"lora": ("lora", {"rank": 8}), "adapter": ("adapter", {"rank": 64}), "vpt": ("vpt", {"tokens": 10})}

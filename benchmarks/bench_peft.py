@@ -20,7 +20,7 @@ from common import base_parser, machine_line, parse, print_table, ratio, registe
 from peft import LoraConfig, get_peft_model
 
 from adaptkit.backbone import create_backbone
-from adaptkit.predict import Predictor
+from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
 
 

@@ -16,10 +16,9 @@ from common import base_parser, machine_line, parse, print_table, randomize, rat
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone, create_backbone
+from adaptkit.inference import Predictor, RoutingStats
 from adaptkit.methods import get_method, unwrap
-from adaptkit.predict import Predictor
 from adaptkit.registry import Registry
-from adaptkit.routing import RoutingStats
 
 
 def register_routed(reg: Registry, backbone: Backbone, refs: list[str], num_classes: int, rank: int,

@@ -34,7 +34,7 @@ import numpy as np
 from common import base_parser, machine_line, parse, print_table, register_tasks
 from PIL import Image
 
-from adaptkit.predict import Predictor
+from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
 from adaptkit.serving.cache import AdapterCache
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from common import base_parser, machine_line, median_time, parse, print_table, register_tasks
 
 from adaptkit.artifacts import load_adapter
-from adaptkit.predict import Predictor
+from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
 
 RANK = 64

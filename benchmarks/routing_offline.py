@@ -22,11 +22,9 @@ import torch
 from common import block_features
 from torch.nn.functional import normalize, one_hot
 
-from adaptkit.continual import task_order
 from adaptkit.data import TransformedSubset, load_task_data
-from adaptkit.predict import Predictor
+from adaptkit.inference import DEFAULT_SHRINKAGE, Predictor, Router, accumulate_stats, frozen, task_order
 from adaptkit.registry import Registry
-from adaptkit.routing import DEFAULT_SHRINKAGE, Router, accumulate_stats, frozen
 
 
 def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@ different kinds? Measured on frozen features of the packaged backbone, with adap
 Every data set of ``datasets.routing_specs()`` (digits, glyphs A-J, glyphs20 A-T, photos5 and grey5 from
 cifar10-mini in colour and in grey, photos2 with two classes, synthetic noise / flat / gradient / stripe images) is
 one task: its routing statistics and rejection percentiles come from its training images (train + validation, the
-split training makes: 10 %, seed 0) exactly as ``adaptkit train`` computes them (:class:`adaptkit.routing.Calibration`);
+split training makes: 10 %, seed 0) exactly as ``adaptkit train`` computes them
+(:class:`adaptkit.inference.routing_stats.Calibration`);
 its test images are never seen.
 
 1. Each task alone: the share of its own test images rejected at the default 5 % rate (the false rejections), and
@@ -36,8 +37,8 @@ import torch
 
 from adaptkit.backbone import create_backbone
 from adaptkit.data import load_task_data
+from adaptkit.inference import DEFAULT_REJECT_RATE, Calibration, Router, RoutingStats, Whitener, accumulate_stats
 from adaptkit.models import PACKAGED_BACKBONE
-from adaptkit.routing import DEFAULT_REJECT_RATE, Calibration, Router, RoutingStats, Whitener, accumulate_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402

@@ -16,7 +16,7 @@ The standard benchmark, on a GPU (CIFAR-100 in 10 tasks of 10 classes, ViT-B/16 
     python examples/class_incremental.py --dataset cifar100 --tasks 10 --epochs 10 --batch-size 128
 
 Each task is trained alone (``train(..., classes="0-9")``), which also stores its routing statistics; after every
-addition the registered tasks are evaluated with no task name given (:func:`adaptkit.continual.evaluate_continual`),
+addition the registered tasks are evaluated with no task name given (:func:`adaptkit.inference.evaluate_continual`),
 with SimpleCIL (cosine nearest class mean on the frozen features) measured on the same images for comparison.
 Keep the registry (``--registry PATH``) to compare more routers on it offline: ``benchmarks/routing_offline.py``.
 """
@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from adaptkit.continual import compare_routers
 from adaptkit.data import load_task_data
+from adaptkit.inference import compare_routers
 from adaptkit.registry import Registry
 from adaptkit.training import TrainConfig, train
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from adaptkit.predict import Predictor
+from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
 from adaptkit.training import TrainConfig, train
 

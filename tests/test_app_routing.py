@@ -9,8 +9,8 @@ from PIL import Image
 from ports import free_port
 
 from adaptkit.artifacts import load_adapter
+from adaptkit.inference import split_state
 from adaptkit.registry import Registry
-from adaptkit.routing import split_state
 from adaptkit.training import TrainConfig, train
 from adaptkit_app.handlers import AUTO, AUTO_LABEL, Handlers
 from adaptkit_app.main import launch

@@ -149,9 +149,9 @@ def odd_columns(tmp_path) -> Path:
 def test_string_labels_and_named_columns(odd_columns):
     spec = f"hf-disk:{odd_columns}"
     msg = _refused("several image columns", spec, CFG)
-    assert "Photo (full), thumb" in msg and "--image-column" in msg
+    assert "Photo (full), thumb" in msg and "image_column" in msg and "--" not in msg
     msg = _refused("several int or string label columns", spec, CFG, image_column="Photo (full)")
-    assert "kind, code" in msg and "--label-column" in msg
+    assert "kind, code" in msg and "label_column" in msg
     msg = _refused("no column 'photo'", spec, CFG, image_column="photo", label_column="kind")
     assert "Photo (full) (Image), thumb (Image), kind (Value), code (Value)" in msg
     data = load_task_data(spec, CFG, image_column="Photo (full)", label_column="kind", val_fraction=0.0)

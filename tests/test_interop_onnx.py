@@ -15,8 +15,8 @@ pytest.importorskip("onnxruntime")
 import onnxruntime as ort  # noqa: E402
 
 from adaptkit.errors import ConfigError, RegistryError  # noqa: E402
+from adaptkit.inference import Predictor  # noqa: E402
 from adaptkit.interop.onnx import ONNX_EXTRA, export_onnx, export_onnx_registry, read_onnx_metadata  # noqa: E402
-from adaptkit.predict import Predictor  # noqa: E402
 
 TOL = 1e-4  # max abs difference of logits, onnxruntime (CPU) against torch; measured about 3e-7
 METHODS = ["lora", "adapter", "linear", "vpt"]  # merged, a site in every block, the head alone, extra tokens
@@ -133,7 +133,7 @@ def test_refusals_are_one_line(trained, tmp_path):
     existing = tmp_path / "there.onnx"
     existing.write_bytes(b"keep")
     cases = [
-        (dict(ref="lora", dest=existing), ConfigError, "exists already.*--force"),
+        (dict(ref="lora", dest=existing), ConfigError, "exists already.*overwrite=True"),
         (dict(ref="lora", dest=tmp_path / "no" / "such.onnx"), ConfigError, "does not exist"),
         (dict(ref="lora", dest=tmp_path / "a.onnx", opset=3), ConfigError, "opset must be"),
         (dict(ref="nope", dest=tmp_path / "a.onnx"), RegistryError, "no task 'nope'"),

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from adaptkit.backbone import create_backbone  # noqa: E402
 from adaptkit.errors import ArtifactError, ConfigError  # noqa: E402
+from adaptkit.inference import Predictor  # noqa: E402
 from adaptkit.interop.peft import PEFT_EXTRA, export_peft, import_peft  # noqa: E402
-from adaptkit.predict import Predictor  # noqa: E402
 
 PICO = "vit_pico_patch4_32"
 N = 10

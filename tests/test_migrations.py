@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 
 from adaptkit.errors import RegistryError
-from adaptkit.predict import Predictor
+from adaptkit.inference import Predictor
 from adaptkit.registry import Base, Registry, db
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -14,13 +14,20 @@ import torch
 from safetensors import safe_open
 
 from adaptkit.artifacts import load_adapter
-from adaptkit.continual import evaluate_continual, fit_routing
+from adaptkit.cli.common import cli_words
 from adaptkit.data import load_task_data
 from adaptkit.errors import DatasetError, RoutingError
+from adaptkit.inference import (
+    ROUTING_PREFIX,
+    Predictor,
+    Router,
+    RoutingStats,
+    evaluate_continual,
+    fit_routing,
+    split_state,
+)
 from adaptkit.models import PACKAGED_BACKBONE
-from adaptkit.predict import Predictor
 from adaptkit.registry import Registry
-from adaptkit.routing import ROUTING_PREFIX, Router, RoutingStats, split_state
 from adaptkit.training import TrainConfig, train
 
 CONFIG = TrainConfig(epochs=1, batch_size=32, limit_train=160, limit_eval=40, lr=3e-3, num_workers=0)
@@ -153,8 +160,10 @@ def test_versions_without_statistics_name_the_command_that_fills_them_in(two_tas
     with safe_open(str(reg.path_of(reg.get_version("photos"))), "pt") as fh:
         assert not [k for k in fh.keys() if k.startswith(ROUTING_PREFIX)]
     images = [x for x, _ in test_images]
-    with pytest.raises(RoutingError, match=r"photos@1 has no routing statistics .*`adaptkit routing fit photos`"):
+    with pytest.raises(RoutingError, match=r"photos@1 has no routing statistics .*fit_routing\(\['photos'\]\)") as info:
         Predictor(reg, device="cpu").predict_auto(images)
+    assert "run `adaptkit routing fit photos` to compute them, or name the task (--task NAME)" in \
+        info.value.worded(cli_words)
 
     assert fit_routing(registry=reg, device="cpu") == ["photos@1"]
     assert fit_routing(registry=reg, device="cpu") == []  # nothing left to fill in
@@ -169,8 +178,9 @@ def test_versions_without_statistics_name_the_command_that_fills_them_in(two_tas
 
 def test_fit_routing_names_a_missing_data_set(two_tasks, tmp_path):
     reg = _copy(two_tasks, tmp_path)
-    with pytest.raises(DatasetError, match=r"routing fit digits --dataset SPEC"):
+    with pytest.raises(DatasetError, match=r"pass the data set it was trained on as dataset\)") as info:
         fit_routing(["digits"], registry=reg, force=True, dataset="folder:/nowhere", device="cpu")
+    assert info.value.worded(cli_words).endswith("as --dataset SPEC)")
 
 
 def test_continual_evaluation_in_the_order_tasks_were_added(two_tasks):

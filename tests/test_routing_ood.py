@@ -12,22 +12,22 @@ import torch
 from PIL import Image
 
 from adaptkit.artifacts import load_adapter
-from adaptkit.continual import fit_routing
 from adaptkit.data import load_task_data
 from adaptkit.errors import ConfigError
-from adaptkit.predict import Predictor
-from adaptkit.registry import Registry
-from adaptkit.routing import (
+from adaptkit.inference import (
     DEFAULT_REJECT_RATE,
     OOD_SHRINKAGE,
     ROUTING_PREFIX,
     Calibration,
+    Predictor,
     Router,
     RoutingStats,
     Whitener,
     accumulate_stats,
+    fit_routing,
     split_state,
 )
+from adaptkit.registry import Registry
 from adaptkit.training import TrainConfig, train
 from tests.conftest import PICO
 

@@ -19,7 +19,7 @@ from PIL import Image
 from ports import free_port
 
 from adaptkit.backbone import create_backbone
-from adaptkit.predict import Predictor
+from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
 from tests.conftest import PICO
 from tests.test_serve_cache import random_images, register_random

@@ -14,10 +14,9 @@ from PIL import Image
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import create_backbone
 from adaptkit.errors import ArtifactError, ConfigError, NotFoundError
+from adaptkit.inference import Predictor, RoutingStats
 from adaptkit.methods import get_method, unwrap
-from adaptkit.predict import Predictor
 from adaptkit.registry import Registry
-from adaptkit.routing import RoutingStats
 from adaptkit.serving.cache import AdapterCache
 from tests.conftest import PICO
 
@@ -170,7 +169,12 @@ def test_concurrent_batches_from_many_threads_give_the_plain_answers(reg, expect
         t.join()
     assert not errors
     s = cache.stats()
-    assert s.hits + s.misses == 4 * 6 * len(imgs) and s.evictions > 0
+    assert s.hits + s.misses == 4 * 6 * len(imgs)
+    # batches in flight pin their tasks, so the budget may be exceeded while they overlap; the next batch alone
+    # evicts back to it
+    cache.predict_mixed(imgs[:1], ["alpha"])
+    s = cache.stats()
+    assert s.resident == 1 and s.resident_mb <= s.budget_mb and s.evictions == s.misses - 1 > 0
     cache.close()
 
 

@@ -10,10 +10,9 @@ import torch
 from adaptkit.backbone import fingerprint
 from adaptkit.data import load_task_data
 from adaptkit.errors import ConfigError
+from adaptkit.inference import Predictor, split_state
 from adaptkit.methods import get_method
 from adaptkit.methods.base import TaskSite
-from adaptkit.predict import Predictor
-from adaptkit.routing import split_state
 from adaptkit.training import TrainConfig, train
 from adaptkit.training.checkpointing import activation_checkpointing
 from adaptkit.training.feature_cache import CachedTask, first_trainable_block, prepare, run_prefix, run_suffix

@@ -9,9 +9,9 @@ import torch
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import create_backbone
+from adaptkit.inference import Predictor
 from adaptkit.methods import get_method, merge_lora, merge_ssf, unwrap
 from adaptkit.methods.base import TaskSite
-from adaptkit.predict import Predictor
 from adaptkit.registry import Registry
 
 BACKBONE = "vit_tiny_patch16_224"

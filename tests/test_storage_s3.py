@@ -83,7 +83,7 @@ def _objects(reg: Registry) -> dict[str, int]:
 
 
 def test_a_registry_on_s3_predicts_as_a_local_one(pico, bucket, tmp_path, images):
-    from adaptkit.predict import Predictor
+    from adaptkit.inference import Predictor
 
     remote = Registry(tmp_path / "s3.db", adapter_dir=bucket)
     local = Registry(tmp_path / "local.db")

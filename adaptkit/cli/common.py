@@ -125,7 +125,10 @@ def echo(text: str) -> None:
 def cli_words(name: str, value: str | None) -> str:
     """A setting named by an error (:func:`adaptkit.errors.param`) as the command line spells it, from the Typer
     option of that name: ``--weights FILE``, ``--no-pretrained``, ``--device cpu`` (``--name`` where none has it)."""
-    opt = _option(_every_option(), name)
+    if name.startswith("!"):  # a step (adaptkit.errors.step): the command that does it
+        bare, aimed = _CLI_STEPS.get(name[1:], (f"adaptkit {name[1:]}", f"adaptkit {name[1:]} {{}}"))
+        return "`" + (aimed.format(value) if value else bare) + "`"
+    opt = _option(_every_option(), _CLI_NAMES.get(name, name))
     longs = [o for o in (opt.opts if opt else []) if o.startswith("--")]
     flag = longs[0] if longs else "--" + name.replace("_", "-")
     if value is None:
@@ -137,6 +140,15 @@ def cli_words(name: str, value: str | None) -> str:
         no = [o for o in (opt.secondary_opts if opt else []) if o.startswith("--")]
         return no[0] if no else "--no-" + flag[2:]
     return f"{flag} {value}"
+
+
+_CLI_NAMES = {"overwrite": "force"}  # Python parameters whose command-line option is named otherwise
+#: the steps errors name (adaptkit.errors.step) as commands: (with no target, with one)
+_CLI_STEPS = {
+    "train": ("adaptkit train --dataset ...", "adaptkit train --task {} ..."),
+    "routing_fit": ("adaptkit routing fit", "adaptkit routing fit {}"),
+    "routing_refit": ("adaptkit routing fit --force", "adaptkit routing fit {} --force"),
+}
 
 
 def _option(params: list, name: str) -> Any:

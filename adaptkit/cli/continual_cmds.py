@@ -30,7 +30,7 @@ def routing_fit(
 ) -> None:
     """Compute routing statistics for versions that lack them (trained before routing existed, or imported), or
     lack the thresholds that tell an image of no task (trained before those existed)."""
-    from adaptkit.continual import fit_routing
+    from adaptkit.inference import fit_routing
 
     done = fit_routing(tasks or None, registry=registry_of(registry, adapters), force=force, dataset=dataset,
                        device=device, data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
@@ -56,7 +56,7 @@ def continual(
     """Evaluate the tasks as a class-incremental sequence: accuracy with no task name after each addition."""
     from rich.table import Table
 
-    from adaptkit.continual import evaluate_continual
+    from adaptkit.inference import evaluate_continual
 
     r = evaluate_continual(tasks or None, registry=registry_of(registry, adapters), router=router, limit=limit,
                            device=device, data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,

@@ -56,7 +56,7 @@ def predict(
     adapters: AdaptersOpt = None,
 ) -> None:
     """Predict the top-k labels of images: routed to the task they belong to, or with --task."""
-    from adaptkit.predict import Predictor
+    from adaptkit.inference import Predictor
 
     reg = registry_of(registry, adapters)
     task, images = _task_and_images(reg, task, args)

@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from adaptkit.data.images import IMG_EXTENSIONS, MAX_SIDE, to_rgb
 from adaptkit.data.sources import SPLIT_SEED, TEST_FRACTION, _split_by_class, _Splits
-from adaptkit.errors import DatasetError
+from adaptkit.errors import DatasetError, param
 
 __all__ = ["HF_SPECS", "HFImages", "load_hf"]
 
@@ -167,18 +167,19 @@ def _label_names(datasets: Any, table: Any, column: str, spec: str, split: str) 
         return [feature.names[v] if v is not None and v >= 0 else None for v in values]
     if not _is_plain_label(datasets, feature):
         raise DatasetError(f"label column '{column}' of {spec} ({split}) holds {feature}: give a ClassLabel, int or "
-                           "string column with --label-column")
+                           f"string column with {param('label_column')}")
     return values
 
 
 def _columns(datasets: Any, features: dict, image_column: str | None, label_column: str | None,
              spec: str) -> tuple[str, str]:
-    img = _pick(features, image_column, lambda c, f: isinstance(f, datasets.Image), "image", "--image-column", spec)
+    img = _pick(features, image_column, lambda c, f: isinstance(f, datasets.Image), "image", param("image_column"),
+                spec)
     if label_column is not None or any(isinstance(f, datasets.ClassLabel) for f in features.values()):
         return img, _pick(features, label_column, lambda c, f: isinstance(f, datasets.ClassLabel), "ClassLabel",
-                          "--label-column", spec)
+                          param("label_column"), spec)
     return img, _pick(features, None, lambda c, f: c != img and _is_plain_label(datasets, f), "int or string label",
-                      "--label-column", spec)  # no ClassLabel: the one int or string column besides the images
+                      param("label_column"), spec)  # no ClassLabel: the one int or string column besides the images
 
 
 def _with_images(datasets: Any, parts: dict, img_col: str, lab_col: str, spec: str) -> dict:
@@ -195,7 +196,7 @@ def _with_images(datasets: Any, parts: dict, img_col: str, lab_col: str, spec: s
             out[s] = table if decoded else table.cast_column(img_col, datasets.Image())
         except Exception as exc:  # noqa: BLE001 - any failed cast means the column is not images
             raise DatasetError(f"column '{img_col}' of {spec} does not hold images ({feature}): name the image "
-                               "column with --image-column") from exc
+                               f"column with {param('image_column')}") from exc
     return out
 
 

@@ -25,7 +25,7 @@ from torch import nn
 import adaptkit
 from adaptkit.artifacts import check_task_name, write_atomic
 from adaptkit.checks import check_int
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, param, step
 from adaptkit.methods import TaskContext, merge_lora, merge_ssf
 from adaptkit.registry import Registry
 
@@ -66,12 +66,8 @@ class _MixedGraph(nn.Module):
         self.register_buffer("head_bias", bias)
 
     def forward(self, image: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
-        ctx = self.ctx
-        ctx.slot_order, ctx.sample_slots = self.slots, task_index
-        try:
+        with self.ctx.using(slot_order=self.slots, sample_slots=task_index):
             feats = self.trunk(image)
-        finally:
-            ctx.sample_slots = None
         return torch.bmm(self.head_weight[task_index], feats.unsqueeze(-1)).squeeze(-1) + self.head_bias[task_index]
 
 
@@ -97,7 +93,7 @@ def export_onnx(registry: Registry | str | None, ref: str, dest: str | os.PathLi
     """
     onnx = _need_onnx()
     check_int("opset", opset, 7, onnx.defs.onnx_opset_version(), optional=True)
-    from adaptkit.predict import Predictor
+    from adaptkit.inference import Predictor
 
     predictor = Predictor(registry, device="cpu")
     row = predictor.registry.get_version(ref)
@@ -119,7 +115,7 @@ def export_onnx_registry(registry: Registry | str | None, dest: str | os.PathLik
     """Write many tasks of one backbone as one graph: ``image`` (N, 3, H, W) and ``task_index`` (N,) int64 ->
     ``logits`` (N, C_max), sample b through task ``refs[task_index[b]]``; the backbone runs once per batch.
 
-    This is adaptkit's mixed batch (:meth:`~adaptkit.predict.Predictor.logits_mixed`) frozen into the graph: each
+    This is adaptkit's mixed batch (:meth:`~adaptkit.inference.Predictor.logits_mixed`) frozen into the graph: each
     site applies every sample's own task from stacked tensors. Every sample pays for every task's sites (a task
     absent at a site adds exact zeros), and VPT prompts lengthen every sample's sequence, masked out of attention
     where they are not the sample's task's. Logits are padded to the largest class count with ``-inf``; the
@@ -137,12 +133,12 @@ def export_onnx_registry(registry: Registry | str | None, dest: str | os.PathLik
     """
     onnx = _need_onnx()
     check_int("opset", opset, 7, onnx.defs.onnx_opset_version(), optional=True)
-    from adaptkit.predict import Predictor
+    from adaptkit.inference import Predictor
 
     predictor = Predictor(registry, device="cpu")
     refs = [t.name for t in predictor.registry.tasks() if t.versions] if refs is None else list(refs)
     if not refs:
-        raise ConfigError("no tasks to export: train one first (adaptkit train) or name the tasks")
+        raise ConfigError(f"no tasks to export: train one first ({step('train')}) or name the tasks")
     for ref in refs:
         predictor.registry.get_version(ref)  # unknown or broken versions fail before anything is built
     path = _check_dest(dest, "tasks.onnx", overwrite)
@@ -207,7 +203,7 @@ def _check_dest(dest: str | os.PathLike, default_name: str, overwrite: bool) -> 
     if path.exists() and not path.is_file():
         raise ConfigError(f"{path} is not a regular file: pick another path")
     if path.exists() and not overwrite:
-        raise ConfigError(f"{path} exists already: pick another path or pass --force (overwrite=True) to replace it")
+        raise ConfigError(f"{path} exists already: pick another path or pass {param('overwrite', True)} to replace it")
     return path
 
 

@@ -29,7 +29,7 @@ import torch
 import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
 from adaptkit.backbone import Backbone, create_backbone
-from adaptkit.errors import ArtifactError, ConfigError
+from adaptkit.errors import ArtifactError, ConfigError, param
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.methods.lora import TARGETS
 from adaptkit.registry import Registry, VersionRow
@@ -185,7 +185,7 @@ def _check_dest_dir(dest: str | os.PathLike, overwrite: bool) -> Path:
         raise ConfigError(f"cannot export to {path}: folder {path.parent} does not exist: create it first or export "
                           "somewhere else")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ConfigError(f"{path} exists and is not empty: pick another folder or pass --force (overwrite=True) to "
+        raise ConfigError(f"{path} exists and is not empty: pick another folder or pass {param('overwrite', True)} to "
                           "write into it")
     return path
 

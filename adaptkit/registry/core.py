@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from adaptkit.artifacts import ROUTING_PREFIX, AdapterMeta, adapter_bytes, check_task_name, load_adapter, parse_adapter
-from adaptkit.errors import ArtifactError, ConfigError, NotFoundError, RegistryError
+from adaptkit.errors import ArtifactError, ConfigError, NotFoundError, RegistryError, param, step
 from adaptkit.registry import db
 from adaptkit.registry.dberrors import explain_database_errors
 from adaptkit.registry.housekeeping import Housekeeping
@@ -58,14 +58,14 @@ def _no_task(name: str, known: list[str]) -> str:
         return f"no task {name!r} in the registry: {hint} (tasks: {', '.join(known)})"
     if known:
         return f"no task {name!r} in the registry (tasks: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''})"
-    return f"no task {name!r} in the registry, which has no tasks yet: train one with `adaptkit train --dataset ...`"
+    return f"no task {name!r} in the registry, which has no tasks yet: train one with {step('train')}"
 
 
 def _check_classes(row: TaskRow | None, task: str, classes: list[str]) -> None:
     if row is not None and list(row.classes) != list(classes):
         raise ConfigError(f"task {task!r} already has {len(row.classes)} classes from {row.dataset} "
                           f"({', '.join(row.classes[:4])}...); a version with other classes "
-                          f"({', '.join(classes[:4])}...) cannot join it: pick another --task name")
+                          f"({', '.join(classes[:4])}...) cannot join it: pick another {param('task')}")
 
 
 class Registry(Transfers, Housekeeping):
@@ -105,7 +105,7 @@ class Registry(Transfers, Housekeeping):
         if not self._ready:
             if self._file is not None and self._file.is_dir():
                 raise RegistryError(f"registry {self._file} is a folder: give the registry's file, e.g. "
-                                    f"--registry {self._file / 'registry.db'}")
+                                    f"{param('registry', self._file / 'registry.db')}")
             if self._file is not None and not self._file.is_file():  # connecting would create an empty file
                 if not create:
                     return False
@@ -117,13 +117,13 @@ class Registry(Transfers, Housekeeping):
     def _check_creatable(self) -> None:
         if self._file is not None and not self._file.parent.is_dir():
             raise RegistryError(f"registry folder {self._file.parent} does not exist: create it or pass another "
-                                "--registry")
+                                f"{param('registry')}")
 
     def session(self) -> Session:
         """A session for reading; a missing registry is a :class:`NotFoundError` (reads never create one)."""
         if not self._open(create=False):
-            raise NotFoundError(f"no registry at {self.location} yet: train a task first (adaptkit train ...) or "
-                                "pass --registry")
+            raise NotFoundError(f"no registry at {self.location} yet: train a task first ({step('train')}) or "
+                                f"pass {param('registry')}")
         return Session(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -165,7 +165,7 @@ class Registry(Transfers, Housekeeping):
         name, number = parse_ref(ref)
         if not self.exists:
             raise NotFoundError(f"no task {name!r}: there is no registry at {self.location} yet; train it with "
-                                f"`adaptkit train --task {name} ...` or pass --registry")
+                                f"{step('train', name)} or pass {param('registry')}")
         with self.session() as s:
             task = s.scalar(select(TaskRow).where(TaskRow.name == name))
             if task is None:

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, MetaData, create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError, OperationalError
 
-from adaptkit.errors import RegistryError
+from adaptkit.errors import RegistryError, param
 from adaptkit.registry.dberrors import advice
 
 __all__ = ["SCHEMA_HEAD", "identity", "normalise_url", "sqlite_file", "make_engine", "write_lock", "retryable",
@@ -129,7 +129,7 @@ def _connect_error(context: Any) -> None:
     elif target.get_backend_name() == "sqlite":
         what = advice(str(exc).lower())
         msg = f"registry {target.database} {what} ({text_})" if what else \
-            f"cannot open {target.database} as a SQLite registry ({text_}): pass another --registry"
+            f"cannot open {target.database} as a SQLite registry ({text_}): pass another {param('registry')}"
     else:
         msg = f"cannot reach the database server of {url} ({text_}): start it, or fix the host and port in the URL"
     raise RegistryError(msg) from exc
@@ -163,7 +163,7 @@ def schema_revision(conn: Connection) -> str | None:
     if tables:
         raise RegistryError(f"{describe(str(conn.engine.url))} is another program's database, not an adaptkit "
                             f"registry (tables {', '.join(sorted(tables)[:5])}): pass the path of an adaptkit "
-                            "registry, or of a new file, with --registry")
+                            f"registry, or of a new file, with {param('registry')}")
     return None
 
 
@@ -187,7 +187,7 @@ def ensure_schema(engine: Engine, metadata: MetaData, *, create: bool, location:
         raise RegistryError(f"cannot open the registry {location}: {exc.orig}") from exc
     except DatabaseError as exc:  # e.g. SQLite's "file is not a database"
         raise RegistryError(f"{location} is not a readable adaptkit registry ({exc.orig}): pass another "
-                            "--registry") from exc
+                            f"{param('registry')}") from exc
     return True
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from adaptkit.errors import RegistryError
+from adaptkit.errors import RegistryError, param
 
 __all__ = ["advice", "explain_database_errors"]
 
@@ -20,9 +20,10 @@ _WHAT_TO_DO = [
     (("file is not a database", "malformed", "disk i/o error"),
      "is not a SQLite database or is damaged: restore it from a backup, or pass another --registry"),
     (("no such column", "no such table", "has no column"),
-     "was not made by adaptkit (another program's database?): pass another --registry"),
+     "was not made by adaptkit (another program's database?): pass another " + param("registry")),
     (("readonly database", "read-only", "unable to open database"),
-     "cannot be opened for writing (read-only file or folder?): fix its permissions or pass another --registry"),
+     "cannot be opened for writing (read-only file or folder?): fix its permissions or pass another "
+     + param("registry")),
     (("database or disk is full",), "cannot grow: the disk is full; free some space"),
 ]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from adaptkit.artifacts import write_atomic
-from adaptkit.errors import RegistryError
+from adaptkit.errors import RegistryError, param
 
 try:
     import fcntl
@@ -152,7 +152,7 @@ class LocalStorage(Storage):
         self.url = str(self.root)
         if self.root.exists() and not self.root.is_dir():
             raise RegistryError(f"the adapter folder {self.root} is a file: move it away or pass another adapter "
-                                "folder (--adapters or $ADAPTKIT_ADAPTERS)")
+                                f"folder ({param('adapters')} or $ADAPTKIT_ADAPTERS)")
 
     def path(self, rel: str) -> Path:
         """The absolute path of ``rel``, proven inside the root (symbolic links resolved)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from adaptkit.artifacts import AdapterMeta, adapter_bytes, check_task_name, load_adapter, parse_adapter, write_atomic
-from adaptkit.errors import ArtifactError, ConfigError
+from adaptkit.errors import ArtifactError, ConfigError, param
 from adaptkit.registry.tables import BackboneRow, TaskRow, VersionRow
 
 __all__ = ["Transfers"]
@@ -37,7 +37,8 @@ class Transfers:
             raise ConfigError(f"cannot export to {dest}: folder {dest.parent} does not exist: create it first or "
                               "export somewhere else")
         if dest.exists() and not overwrite:
-            raise ConfigError(f"{dest} exists already: pick another path or pass --force to overwrite it")
+            raise ConfigError(f"{dest} exists already: pick another path or pass {param('overwrite', True)} to "
+                              "overwrite it")
         if dest.exists() and not dest.is_file():
             raise ConfigError(f"{dest} is not a regular file: pick another path")
         try:
@@ -101,4 +102,4 @@ class Transfers:
         if known is None:
             raise ArtifactError(f"{path} was trained on {meta.backbone} with weights from a local file "
                                 f"({meta.backbone_weights[5:]}) this registry does not know: train any task here "
-                                "with --weights FILE for that backbone first, then import it")
+                                f"with {param('weights')} for that backbone first, then import it")

@@ -1,4 +1,5 @@
-"""An adapter cache over a :class:`~adaptkit.predict.Predictor`: a byte budget, least-recently-used eviction, prefetch.
+"""An adapter cache over a :class:`~adaptkit.inference.Predictor`: a byte budget, least-recently-used eviction,
+prefetch.
 
 A server with thousands of tasks keeps only the adapters it uses often attached to its backbone. Each batch makes
 its own tasks resident, then evicts the least recently used others until the adapters fit ``cache_mb``; a batch's
@@ -8,8 +9,11 @@ background thread, which resolves them against the registry and reads their file
 while the current batch computes; the next batch then only attaches tensors already read, so a cold task costs a
 file read that overlaps compute instead of stalling the batch (attaching, module construction, stays on the batch).
 
-One lock (:attr:`AdapterCache.lock`) serialises everything that touches the predictor (loading, evicting,
-predicting); the prefetch thread never takes it, so its reads overlap the batch that holds it.
+One lock (:attr:`AdapterCache.lock`) covers the cache's bookkeeping: making a batch's tasks resident and evicting
+others. The forward passes run outside it, so batches from many threads compute at once (the predictor needs no
+lock to predict); each batch pins its tasks until it is done, so no other batch evicts them under it (while batches
+are in flight the resident adapters may exceed the budget by what they pin). The prefetch thread never takes the
+lock, so its reads overlap the batches.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.checks import check_float
-from adaptkit.errors import AdaptkitError, ConfigError
-from adaptkit.predict import Prediction, Predictor, RoutedPrediction
+from adaptkit.errors import AdaptkitError, ConfigError, param, step
+from adaptkit.inference import Prediction, Predictor, RoutedPrediction
 from adaptkit.registry import Registry, VersionRow
 
 __all__ = ["AdapterCache", "CacheStats"]
@@ -76,19 +80,6 @@ class _Staging:
         return self._cache._read_for_batch(version, fingerprint, device)
 
 
-def _detach_own_sites(model: Any) -> None:
-    """Take a task's modules out of its own sites only, so that :meth:`Predictor.unload` does not walk the trunk.
-
-    ``TaskModel.detach_from_trunk`` ends by visiting every module of the trunk, every resident adapter's included, to
-    unwrap sites left empty: O(resident adapters) per eviction (ViT-Ti on a CPU: 1.4 ms with 1 resident, 17 ms with
-    100, 30 ms with 200), which would cost more than the batch at a thousand tasks. On a served backbone the sites
-    are shared by every resident task; one left empty applies its base layer alone, as an unwrapped layer does.
-    """
-    for site in model.sites.values():
-        site.remove(model.slot)
-    model.detach_from_trunk = lambda: None  # done above; the instance's own, so only this task is affected
-
-
 def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -96,8 +87,8 @@ def _nbytes(state: dict) -> int:
 class AdapterCache:
     """Keep at most ``cache_mb`` of adapters attached to the predictor's backbone(s), least recently used out first.
 
-    The cache takes over ``predictor``: from then on use it through the cache (or hold :attr:`lock`), and do not
-    swap its ``registry``.
+    The cache takes over ``predictor``: from then on load and unload through the cache (or hold :attr:`lock`), and
+    do not swap its ``registry``.
 
     Args:
         predictor: the predictor whose backbone the adapters attach to.
@@ -119,7 +110,8 @@ class AdapterCache:
         self.budget = int(cache_mb * _MB)
         self.resolve_ttl_s = resolve_ttl_s
         self.max_staged = max_staged
-        self.lock = threading.RLock()  # held by whoever uses the predictor
+        self.lock = threading.RLock()  # held while tasks are made resident or evicted
+        self._pins: Counter[str] = Counter()  # the tasks of the batches in flight, which evict() keeps
         self._meta = threading.Lock()  # guards the small tables below
         self._rows: dict[str, tuple[float, VersionRow]] = {}  # ref -> (when resolved, row)
         self._resident: OrderedDict[str, tuple[str, int, Any]] = OrderedDict()  # task@N -> (sha256, bytes, task)
@@ -257,7 +249,7 @@ class AdapterCache:
         """Detach least recently used adapters, except ``pinned``, until the resident ones fit the budget."""
         with self.lock:
             while self._bytes > self.budget:
-                victim = next((k for k in self._resident if k not in pinned), None)
+                victim = next((k for k in self._resident if k not in pinned and not self._pins[k]), None)
                 if victim is None:
                     return
                 self._drop(victim)
@@ -268,8 +260,7 @@ class AdapterCache:
         with self._meta:
             _, size, task = self._resident.pop(key)
             self._bytes -= size
-        _detach_own_sites(task.model)
-        self.predictor.unload(key)
+        self.predictor.unload(key, keep_sites=True)  # no walk over the trunk per eviction
 
     def stats(self) -> CacheStats:
         with self._meta:
@@ -296,20 +287,24 @@ class AdapterCache:
         """
         ks = topk if isinstance(topk, list) else [topk] * len(images)
         out: list[Any] = [None] * len(images)
+        keys, pinned = {}, set()
         with self.lock:
-            keys, pinned = {}, set()
             for i, ref in enumerate(refs):
                 try:
                     keys[i] = self.use(ref, pinned)
                 except AdaptkitError as exc:  # a missing, broken or unreadable task fails its own requests only
                     out[i] = exc
+            self._pin(pinned)
             self.evict(pinned)
+        try:
             ready = list(keys)
             if ready:
                 preds = self._isolated(lambda idx: self.predictor.predict_mixed(
                     [images[i] for i in idx], [keys[i] for i in idx], topk=max(ks[i] for i in idx)), ready)
                 for i, p in zip(ready, preds, strict=True):
                     out[i] = p if isinstance(p, Exception) else p[:ks[i]]
+        finally:
+            self._unpin(pinned)
         return out
 
     def predict_auto(self, images: list[Any], topk: int | list[int] = 5, router: str = "lda"
@@ -320,21 +315,37 @@ class AdapterCache:
         loaded is left out of the candidates, with a warning in the log).
         """
         ks = topk if isinstance(topk, list) else [topk] * len(images)
+        keys, pinned = [], set()
         with self.lock:
-            keys, pinned = [], set()
             for t in self._candidates():
                 try:
                     keys.append(self.use(t.name, pinned))
                 except AdaptkitError as exc:
                     _log.warning("routing leaves out %s: %s", t.name, exc)
             if not keys:
-                return [ConfigError("no tasks to route to: train one first (adaptkit train) or name a task")] * len(ks)
+                error = ConfigError(f"no tasks to route to: train one first ({step('train')}) or name a task "
+                                    f"({param('task')})")
+                return [error] * len(ks)
+            self._pin(pinned)
             self.evict(pinned)
+        try:
             preds = self._isolated(lambda idx: self.predictor.predict_auto(
                 [images[i] for i in idx], topk=max(ks[i] for i in idx), tasks=keys, router=router),
                 list(range(len(images))))
+        finally:
+            self._unpin(pinned)
         return [p if isinstance(p, Exception) else replace(p, predictions=p.predictions[:k])
                 for p, k in zip(preds, ks, strict=True)]
+
+    def _pin(self, keys: set[str]) -> None:
+        with self._meta:
+            self._pins.update(keys)
+
+    def _unpin(self, keys: set[str]) -> None:
+        with self._meta:
+            self._pins.subtract(keys)
+            for k in [k for k in keys if self._pins[k] <= 0]:
+                del self._pins[k]
 
     def _candidates(self) -> list:
         """The registered tasks that have a usable default version, reused for ``resolve_ttl_s``."""

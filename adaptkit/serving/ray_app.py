@@ -6,7 +6,8 @@ Start it with ``adaptkit serve``, ``serve run adaptkit.serving.ray_app:build_app
 - ``POST /predict/{task}?topk=5``: the top-k labels of an image under ``task`` or ``task@N``; the image is a
   multipart field (``file``), the raw body, or JSON ``{"image": "<base64>"}``.
 - ``POST /predict?topk=5``: the same with no task named: the router picks it (``Predictor.predict_auto``); the
-  answer says ``rejected: true`` when the image fits none of the tasks (``fit``: see ``adaptkit.routing``).
+  answer says ``rejected: true`` when the image fits none of the tasks (``fit``: see
+  ``adaptkit.inference.routing_stats``).
 - ``GET /tasks``: every task and its default version; ``GET /health``: the device and the adapter cache's counters.
 
 Every request is checked before it joins a batch (its image decoded and bounded, its task resolved against the
@@ -169,7 +170,7 @@ class AdaptkitServer:
     def __init__(self, config: dict[str, Any]) -> None:
         import torch
 
-        from adaptkit.predict import Predictor
+        from adaptkit.inference import Predictor
         from adaptkit.registry import Registry
         from adaptkit.serving.cache import AdapterCache
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, param
 
 __all__ = ["activation_checkpointing"]
 
@@ -29,7 +29,8 @@ def activation_checkpointing(trunk: nn.Module, enabled: bool = True) -> Iterator
         yield
         return
     if not hasattr(trunk, "set_grad_checkpointing"):
-        raise ConfigError(f"{type(trunk).__name__} has no activation checkpointing in timm: drop --checkpointing")
+        raise ConfigError(f"{type(trunk).__name__} has no activation checkpointing in timm: drop "
+                          f"{param('checkpointing')}")
     before = bool(getattr(trunk, "grad_checkpointing", False))
     trunk.set_grad_checkpointing(True)
     try:

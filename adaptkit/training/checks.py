@@ -14,7 +14,7 @@ import torch
 from adaptkit.checks import MAX_BATCH, MAX_EPOCHS, check_choice, check_float, check_int
 from adaptkit.data import BUILTIN, builtin_name
 from adaptkit.devices import resolve_device
-from adaptkit.errors import ConfigError, DatasetError, DivergedError
+from adaptkit.errors import ConfigError, DatasetError, DivergedError, param
 
 __all__ = ["check_config", "check_train_args", "fit_batch", "DivergenceGuard"]
 
@@ -124,5 +124,5 @@ class DivergenceGuard:
 
     def _stop(self, epoch: int, step: int, what: str) -> None:
         raise DivergedError(f"training diverged at epoch {epoch}, step {step}: {what}. Nothing was saved: lower the "
-                            f"learning rate (it was {self.cfg.lr:g}) or check the method's settings (--scale, "
-                            "--alpha)")
+                            f"learning rate (it was {self.cfg.lr:g}) or check the method's settings "
+                            f"({param('scale')}, {param('alpha')})")

@@ -28,10 +28,10 @@ from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
 from adaptkit.checks import check_int
 from adaptkit.data import load_task_data, without_builtin
 from adaptkit.devices import resolve_device
-from adaptkit.errors import ConfigError, DatasetError
+from adaptkit.errors import ConfigError, DatasetError, param
+from adaptkit.inference import RoutingStats, collect_task_stats, task_stats_from_features
 from adaptkit.methods import get_method
 from adaptkit.registry import TASK_NAME, Registry, VersionRow
-from adaptkit.routing import RoutingStats, collect_task_stats, task_stats_from_features
 from adaptkit.threads import default_threads
 from adaptkit.training import feature_cache, warmstart
 from adaptkit.training.checkpointing import activation_checkpointing
@@ -129,7 +129,7 @@ def train(
     task = task or _task_name(dataset, classes)
     if not TASK_NAME.match(task):
         raise ConfigError(f"bad task name {task!r}: use letters, digits, '_', '-', '.', up to 64 characters "
-                          "(pass --task NAME)")
+                          f"(pass {param('task')})")
     chosen = get_method(method, method_config)  # validates the method's settings before anything slow
     check_trackers(log_to)
     given = config or TrainConfig()
@@ -146,7 +146,8 @@ def train(
                           flip=cfg.flip, classes=classes, image_column=image_column, label_column=label_column)
     if len(data.train) < len(data.classes):
         raise DatasetError(f"{len(data.train)} training image(s) for {len(data.classes)} classes: every class needs "
-                           "some, so raise --limit-train (or leave it out) or train on fewer --classes")
+                           f"some, so raise {param('limit_train')} (or leave it out) or train on fewer "
+                           f"{param('classes')}")
     registry.check_classes(task, data.classes)
     cfg = fit_batch(cfg, len(data.train))
     warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
@@ -256,7 +257,7 @@ def evaluate(ref: str, *, registry: Registry | str | None = None, dataset: str |
              split: str = "test", batch_size: int = 128, device: str | None = None, data_dir: str | None = None,
              limit: int | None = None, download: bool = True) -> dict[str, float]:
     """Evaluate a registered version on its data set's test split (or ``dataset``, with the same classes)."""
-    from adaptkit.predict import Predictor
+    from adaptkit.inference import Predictor
 
     if split not in ("test", "val"):
         raise ConfigError(f"split must be test or val, got {split!r}")

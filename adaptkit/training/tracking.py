@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, param
 
 __all__ = ["TRACKERS", "Trackers", "check_trackers", "open_trackers"]
 
@@ -40,7 +40,8 @@ def check_trackers(kinds: str | Iterable[str] | None) -> tuple[str, ...]:
             raise ConfigError(f"log_to must name trackers ({', '.join(TRACKERS)}), got {item!r}")
         for name in (n.strip().lower() for n in item.split(",")):
             if name not in TRACKERS:
-                raise ConfigError(f"unknown tracker {name!r}: use {' or '.join(TRACKERS)} (repeat --log-to for both)")
+                raise ConfigError(f"unknown tracker {name!r}: use {' or '.join(TRACKERS)} (repeat "
+                                  f"{param('log_to')} for both)")
             if name not in names:
                 names.append(name)
     return tuple(names)
@@ -109,7 +110,7 @@ class _MLflow:
             self.run_id = self.client.create_run(exp_id, run_name=run).info.run_id
         except Exception as exc:  # noqa: BLE001  (a store that cannot be reached or written)
             raise ConfigError(f"cannot start an MLflow run at {self.uri}: {str(exc).splitlines()[0][:200]} (set "
-                              "MLFLOW_TRACKING_URI, or pass --log-dir for a local store)") from exc
+                              f"MLFLOW_TRACKING_URI, or pass {param('log_dir')} for a local store)") from exc
         self.experiment = name
 
     def params(self, params: dict[str, Any]) -> None:
@@ -198,7 +199,7 @@ def open_trackers(kinds: Sequence[str] | str | None, *, run_name: str,
     names = check_trackers(kinds)
     root = Path(log_dir).expanduser() if log_dir is not None else None
     if root is not None and root.exists() and not root.is_dir():
-        raise ConfigError(f"--log-dir {root} is a file: give a folder for the runs")
+        raise ConfigError(f"{param('log_dir', root)} is a file: give a folder for the runs")
     runs: dict[str, Any] = {}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from adaptkit.artifacts import ROUTING_PREFIX, AdapterMeta
 from adaptkit.backbone import Backbone
 from adaptkit.data import TransformedSubset, load_task_data
-from adaptkit.errors import AdaptkitError, ConfigError, NotFoundError
+from adaptkit.errors import AdaptkitError, ConfigError, NotFoundError, param
 from adaptkit.methods import Method, TaskModel, task_context
 from adaptkit.registry import Registry, VersionRow
 
@@ -67,7 +67,7 @@ def _check_fits(ref: str, meta: AdapterMeta, backbone: Backbone, method: Method)
     if meta.backbone_fingerprint != backbone.fingerprint:
         raise ConfigError(f"{ref} was trained on backbone {meta.backbone} ({meta.backbone_fingerprint[:12]}), not on "
                           f"{backbone.name} ({backbone.fingerprint[:12]}): train with the backbone and weights it "
-                          "was trained on, or pick another --init-from")
+                          f"was trained on, or pick another {param('init_from')}")
     ours = _plain(method.config_dict())
     if meta.method != method.name or meta.method_config != ours:
         theirs = meta.method_config
@@ -75,8 +75,8 @@ def _check_fits(ref: str, meta: AdapterMeta, backbone: Backbone, method: Method)
         settings = ", ".join(f"{k}={theirs.get(k)!r} (this run: {ours.get(k)!r})" for k in differ)
         raise ConfigError(f"{ref} is a {meta.method} adapter"
                           + (f" with {settings}" if meta.method == method.name else f", this run trains {method.name}")
-                          + f": a warm start needs the same method and settings; pass --method {meta.method} and "
-                          "its settings, or drop --init-from")
+                          + ": a warm start needs the same method and settings; pass "
+                          + f"{param('method', meta.method)} and its settings, or drop {param('init_from')}")
 
 
 def _from_version(registry: Registry, row: VersionRow, backbone: Backbone, method: Method) -> WarmStart:
@@ -98,15 +98,11 @@ def _eval_view(split: Dataset, eval_split: Dataset, n: int) -> Dataset:
 def mean_feature(backbone: Backbone, images: Dataset, batch_size: int = 128) -> torch.Tensor:
     """The mean of the backbone's pooled features over ``images`` with no task applied: shape (d,)."""
     trunk: nn.Module = backbone.model
-    ctx = task_context(trunk)
-    active, ctx.active = ctx.active, None
     total, count = None, 0
-    try:
+    with task_context(trunk).using():  # no task applied
         for x, _ in DataLoader(images, batch_size=batch_size, shuffle=False):
             f = trunk(x.to(backbone.device)).float().sum(0)
             total, count = (f if total is None else total + f), count + len(x)
-    finally:
-        ctx.active = active
     if total is None:
         raise ConfigError("no images to compute a mean feature from: the data set is empty")
     return total.cpu() / count
@@ -172,7 +168,7 @@ def choose(init_from: str, *, registry: Registry, backbone: Backbone, method: Me
     try:
         row = registry.get_version(init_from.strip())
     except NotFoundError as exc:
-        raise NotFoundError(f"--init-from {init_from}: {exc} (`adaptkit list` shows the tasks)") from exc
+        raise NotFoundError(f"{param('init_from', init_from)}: {exc} (`adaptkit list` shows the tasks)") from exc
     return _from_version(registry, row, backbone, method)
 
 
@@ -187,5 +183,5 @@ def apply(task: TaskModel, warm: WarmStart, classes: list[str]) -> None:
     absent = sorted(k for k in own if not k.startswith("head.") and k not in warm.state)
     if absent:  # other tensors in the file (statistics kept for routing) are not the method's and stay behind
         raise ConfigError(f"{warm.ref}'s tensors do not match this task's ({absent[:2]} missing): it cannot be a warm "
-                          "start here; drop --init-from")
+                          f"start here; drop {param('init_from')}")
     task.load_state(merged)

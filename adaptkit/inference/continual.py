@@ -16,10 +16,12 @@ from typing import Any
 import torch
 
 from adaptkit.data import TransformedSubset, load_task_data
-from adaptkit.errors import DatasetError, RoutingError
-from adaptkit.predict import LoadedTask, Predictor
+from adaptkit.errors import DatasetError, RoutingError, param, step
+from adaptkit.inference.predictor import Predictor
+from adaptkit.inference.results import LoadedTask
+from adaptkit.inference.router import Router
+from adaptkit.inference.routing_stats import collect_task_stats, split_state
 from adaptkit.registry import Registry, TaskRow
-from adaptkit.routing import Router, collect_task_stats, split_state
 
 __all__ = ["fit_routing", "evaluate_continual", "compare_routers", "ContinualReport", "task_order"]
 
@@ -50,7 +52,7 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
     registry = registry if isinstance(registry, Registry) else Registry(registry)
     refs = task_order(registry, tasks)
     if dataset and len(refs) != 1:
-        raise DatasetError("--dataset names one task's data set: give exactly one task with it")
+        raise DatasetError(f"{param('dataset')} names one task's data set: give exactly one task with it")
     predictor = Predictor(registry, device=device)
     done = []
     for ref in refs:
@@ -70,7 +72,7 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
                                   limit_train=recipe.get("limit_train"), limit_eval=recipe.get("limit_eval"))
         except DatasetError as exc:
             raise DatasetError(f"cannot compute routing statistics of {row.ref}: {exc} (pass the data set it "
-                               f"was trained on: adaptkit routing fit {row.task.name} --dataset SPEC)") from exc
+                               f"was trained on as {param('dataset')})") from exc
         stats = collect_task_stats(host.backbone.model, data, predictor.device, batch_size)
         registry.replace_file(row, {**own, **stats.to_tensors()}, meta)
         done.append(row.ref)
@@ -152,7 +154,7 @@ def compare_routers(tasks: list[str] | None, routers: list[str], *, registry: Re
     missing = [t.ref for t in loaded if t.routing is None]
     if missing:
         names = " ".join(t.partition("@")[0] for t in missing)
-        raise RoutingError(f"{', '.join(missing)} lack routing statistics: run `adaptkit routing fit {names}` first")
+        raise RoutingError(f"{', '.join(missing)} lack routing statistics: run {step('routing_fit', names)} first")
     hosts_all = predictor.by_backbone(loaded)
     sets = [_TestSet.load(predictor, j, loaded, hosts_all, limit, data_dir, download, batch_size)
             for j in range(len(loaded))]

@@ -1,23 +1,10 @@
-"""Routing: pick an image's task with no task name, from statistics of frozen-backbone features.
+"""Routing statistics: what routing needs of a task's training images, collected once and kept in its adapter file.
 
 Every version keeps, in its own adapter file, what a training-free classifier needs about its classes: the mean
 frozen feature and the image count of each class and the within-class scatter of its images (the packed upper
 triangle of a d x d matrix). They are a task's own, collected once from its training images, so adding a task never
-changes another's, and a router over any set of tasks is rebuilt from them exactly, in any order:
-
-- ``lda`` (default): linear discriminant analysis with one covariance pooled over every class of every task, shrunk
-  towards a multiple of the identity (a shared-covariance Gaussian classifier; what RanPAC's ridge solves in a random
-  feature space, here in the backbone's own space). The pooled covariance is the mean of the tasks' own (each task
-  weighs the same, whatever its number of images), its shrinkage is chosen from it by the oracle approximating
-  shrinkage estimator (OAS, Chen et al. 2010: no data set tunes it), and every task has the same prior, shared
-  equally by its classes (so a 20-class task does not outweigh a 2-class one);
-- ``qda``: the same, but each task's classes under the task's own covariance (shrunk towards the pooled one);
-- ``ridge``: a ridge regression onto one-hot targets from the same second-order statistics (RanPAC without the
-  random projection);
-- ``ncm``: cosine nearest class mean (SimpleCIL).
-
-A task's routing score is the posterior mass of its classes. Tasks on different backbones are compared by how
-typical the image is of each backbone's classes (its Mahalanobis distance to the nearest class mean, standardised).
+changes another's, and a router over any set of tasks is rebuilt from them exactly, in any order (the classifiers:
+:mod:`adaptkit.inference.router`).
 
 "None of these tasks": a version also keeps how far its own images lie from their nearest class mean, under the
 task's own within-class covariance (shrunk 1 % towards the identity): the percentiles (0, 1, ..., 100) of that
@@ -40,26 +27,19 @@ from torch.utils.data import DataLoader
 
 from adaptkit.artifacts import ROUTING_PREFIX
 from adaptkit.data import TaskData, TransformedSubset
-from adaptkit.errors import ConfigError
+from adaptkit.errors import ConfigError, step
 from adaptkit.methods import task_context
 
-__all__ = ["ROUTING_PREFIX", "ROUTERS", "RoutingStats", "Router", "Routes", "split_state", "frozen",
-           "collect_stats", "accumulate_stats", "collect_task_stats", "task_stats_from_features", "Calibration",
-           "DEFAULT_REJECT_RATE", "OOD_SHRINKAGE", "CALIBRATION_IMAGES", "Whitener", "check_reject_rate",
-           "oas_shrinkage"]
+__all__ = ["ROUTING_PREFIX", "RoutingStats", "split_state", "frozen", "collect_stats", "accumulate_stats",
+           "collect_task_stats", "task_stats_from_features", "Calibration", "DEFAULT_REJECT_RATE", "OOD_SHRINKAGE",
+           "CALIBRATION_IMAGES", "Whitener", "check_reject_rate"]
 
-ROUTERS = ("lda", "qda", "ridge", "ncm")
-DEFAULT_SHRINKAGE = None  # share of the (scaled) identity in the pooled covariance; None: chosen from it (OAS)
-_FIXED_SHRINKAGE = 0.1  # ridge's lambda and qda's share of the pooled covariance when none is given
-_NCM_TEMPERATURE = 0.05  # cosine similarities -> probabilities
 DEFAULT_REJECT_RATE = 0.05  # routed prediction rejects an image less typical of its task than 95 % of the task's own
 OOD_SHRINKAGE = 0.01  # share of the identity in a task's own covariance for its rejection score
 CALIBRATION_IMAGES = 10_000  # at most this many training images are scored (seeded) for the percentiles
 CALIBRATION_FOLDS = 5
 MIN_CALIBRATION = 20  # fewer training images than this: no percentiles, the version is never rejected
 PERCENTILES = 101  # 0, 1, ..., 100
-UNCALIBRATED_FIT = 0.5  # routing weighs a version without percentiles as an image of median fit
-FIT_FLOOR = 1e-3  # beyond every held-out image: the fit the routing weight does not go below
 
 
 @dataclass
@@ -134,7 +114,7 @@ class RoutingStats:
             if len(quantiles) < 2 or bool((quantiles.diff() < 0).any()) or shrinkage is None \
                     or shrinkage.numel() != 1 or not 0 < float(shrinkage) <= 1:
                 raise ConfigError("routing statistics have bad rejection percentiles: refit them with "
-                                  "`adaptkit routing fit --force`")
+                                  + step("routing_refit"))
         return cls(means=means, counts=counts, scatter=scatter, ood_quantiles=quantiles,
                    ood_shrinkage=float(shrinkage) if shrinkage is not None else OOD_SHRINKAGE)
 
@@ -149,13 +129,8 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
 @contextlib.contextmanager
 def frozen(trunk: nn.Module) -> Iterator[nn.Module]:
     """Run ``trunk`` as the bare backbone: no task's modules active, whatever is attached to it."""
-    ctx = task_context(trunk)
-    active, slots = ctx.active, ctx.sample_slots
-    ctx.active, ctx.sample_slots = None, None
-    try:
+    with task_context(trunk).using():  # in this thread only: the others' passes keep their tasks
         yield trunk
-    finally:
-        ctx.active, ctx.sample_slots = active, slots
 
 
 @torch.inference_mode()
@@ -322,184 +297,6 @@ class Calibration:
                 return None
             scores[rows] = whitener.double().scores(feats[rows].double())
         return torch.quantile(scores, torch.linspace(0, 1, PERCENTILES).double()).float()
-
-
-@dataclass
-class Routes:
-    """A router's answer for a batch of B images over its T tasks."""
-
-    task_probs: torch.Tensor  # (B, T) posterior mass of each task's classes
-    class_probs: torch.Tensor  # (B, C) posterior over every class of every task
-    typicality: torch.Tensor  # (B,) standardised distance to the nearest class mean; lower is more typical
-    fit: torch.Tensor | None = None  # (B, T) share of each task's own images farther out (NaN: not calibrated)
-
-    def ranked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, indices) of the best two tasks, (B, 2); with one task the runner-up is itself at 0."""
-        k = min(2, self.task_probs.shape[1])
-        values, indices = self.task_probs.topk(k, dim=1)
-        if k == 1:
-            values, indices = torch.cat([values, values * 0], 1), torch.cat([indices, indices], 1)
-        return values, indices
-
-
-class Router:
-    """A training-free classifier over every class of the given tasks (one backbone), built from their stats.
-
-    Args:
-        stats: one :class:`RoutingStats` per task, in task order.
-        kind: ``lda`` (default), ``qda``, ``ridge`` or ``ncm``.
-        shrinkage: for ``lda`` the share of the identity in the covariance, default (None) chosen by OAS; for
-            ``qda`` that share and the share of the pooled covariance in each task's (default 0.1); for ``ridge``
-            lambda relative to the mean eigenvalue of the features' second moment (default 0.1).
-        prior: ``task`` (``lda``'s default): every task equally likely a priori, its classes sharing its prior
-            equally; ``class`` (``qda``'s default): every class equally likely (tasks with more classes weigh more).
-            For ``lda`` and ``qda``.
-        pooling: ``task`` (``lda``'s default): the pooled covariance is the mean of the tasks' own; ``images`` (the
-            others' default): every image weighs the same, so a task with more images weighs more.
-        by_fit: weigh each task's posterior by how well the image fits the task's own held-out spread (its ``fit``,
-            see :meth:`fit`; a version without percentiles counts as 0.5) and renormalise: a task whose
-            classifier score is high only because its classes sit nearest, while the image lies beyond almost all
-            its own images, loses to one it fits. (``shrinkage=0.1, prior="class", pooling="images",
-            by_fit=False`` is ``lda`` as it was before issue 23.)
-    """
-
-    def __init__(self, stats: list[RoutingStats], kind: str = "lda", shrinkage: float | None = DEFAULT_SHRINKAGE,
-                 prior: str | None = None, pooling: str | None = None, by_fit: bool = True) -> None:
-        if kind not in ROUTERS:
-            raise ConfigError(f"unknown router {kind!r}: use one of {', '.join(ROUTERS)}")
-        if not stats:
-            raise ConfigError("a router needs at least one task")
-        if len({s.dim for s in stats}) > 1:
-            raise ConfigError("tasks of one router must share a backbone (their features differ in size)")
-        prior = prior or ("task" if kind == "lda" else "class")
-        pooling = pooling or ("task" if kind == "lda" else "images")
-        if prior not in ("task", "class") or pooling not in ("task", "images"):
-            raise ConfigError(f"unknown prior {prior!r} or pooling {pooling!r}: use task or class, task or images")
-        self.kind, self.by_fit = kind, by_fit
-        self.stats = stats
-        self.whiteners = [Whitener.of(s.means, s.counts, s.scatter, s.ood_shrinkage) if s.calibrated else None
-                          for s in stats]
-        means = torch.cat([s.means for s in stats]).double()  # (C, d)
-        counts = torch.cat([s.counts for s in stats]).double()
-        self.task_of_class = torch.cat([torch.full((len(s.counts),), t) for t, s in enumerate(stats)])
-        self.num_tasks = len(stats)
-        d = means.shape[1]
-        scatter = sum(s.scatter.double() for s in stats)
-        cov, dof = _balanced_covariance(stats) if pooling == "task" else (
-            scatter / max(counts.sum().item() - len(counts), 1.0), counts.sum().item() - len(counts))
-        given = shrinkage
-        if shrinkage is None:
-            shrinkage = oas_shrinkage(cov, dof) if kind in ("lda", "ncm") else _FIXED_SHRINKAGE
-        self.shrinkage = shrinkage
-        cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean().clamp(min=1e-12) * torch.eye(d).double()
-        self.precision = torch.linalg.inv(cov)  # (d, d), for lda and the typicality of every kind
-        self.means = means
-        # log prior of each class: uniform over tasks, then over the task's classes (or uniform over classes)
-        self.log_prior = (-torch.cat([torch.full((len(s.counts),), float(len(s.counts))) for s in stats]).log()
-                          if prior == "task" and kind in ("lda", "qda") else torch.zeros(len(counts))).double()
-        if kind == "lda":
-            self.weight = self.precision @ means.T  # (d, C)
-            self.bias = -0.5 * (means @ self.weight).diagonal() + self.log_prior
-        elif kind == "ridge":
-            gram = scatter + (means.T * counts) @ means  # sum x x^T over every image
-            lam = max(shrinkage, 1e-6) * gram.diagonal().mean()
-            self.weight = torch.linalg.solve(gram + lam * torch.eye(d).double(), means.T * counts)
-            self.bias = torch.zeros(len(counts)).double()
-        elif kind == "qda":
-            mix = _FIXED_SHRINKAGE if given is None else given
-            self.task_precisions = [self._task_precision(s, cov, mix) for s in stats]
-            self.weight, self.bias = torch.zeros(d, 0).double(), torch.zeros(0).double()
-        else:
-            self.weight = nn.functional.normalize(means, dim=1).T
-            self.bias = torch.zeros(len(counts)).double()
-        self.weight, self.bias, self.precision = self.weight.float(), self.bias.float(), self.precision.float()
-        self.means = self.means.float()
-        self._mu_p_mu = ((self.means @ self.precision) * self.means).sum(1)  # (C,)
-
-    @staticmethod
-    def _task_precision(s: RoutingStats, pooled: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, float]:
-        """A task's own covariance shrunk towards the pooled one -> (its precision, half its log-determinant)."""
-        own = s.scatter.double() / max(s.counts.sum().item() - len(s.counts), 1.0)
-        cov = (1 - shrinkage) * own + shrinkage * pooled
-        return torch.linalg.inv(cov).float(), 0.5 * torch.linalg.slogdet(cov).logabsdet.item()
-
-    def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, d) frozen features -> (B, C) class scores (log-posteriors up to a constant for ``lda``, ``qda``)."""
-        f = feats.float().to(self.weight.device)
-        if self.kind == "qda":  # Gaussian log-likelihood under each task's own covariance
-            out = []
-            for t, (prec, half_logdet) in enumerate(self.task_precisions):
-                diff = f[:, None, :] - self.means[self.task_of_class == t][None]  # (B, C_t, d)
-                out.append(-0.5 * torch.einsum("bcd,de,bce->bc", diff, prec, diff) - half_logdet)
-            return torch.cat(out, dim=1) + self.log_prior.float()
-        if self.kind == "ncm":
-            return nn.functional.normalize(f, dim=1) @ self.weight / _NCM_TEMPERATURE
-        return f @ self.weight + self.bias
-
-    def route(self, feats: torch.Tensor) -> Routes:
-        """(B, d) frozen features -> the posterior over tasks and classes, and the images' typicality."""
-        f = feats.float().to(self.weight.device)
-        class_probs = self.scores(f).softmax(dim=1)
-        fit = self.fit(f)
-        if self.by_fit and self.num_tasks > 1 and bool((~fit.isnan()).any()):
-            # posterior x fit: each class weighed by how well the image fits its task's held-out spread
-            weight = fit.nan_to_num(UNCALIBRATED_FIT).clamp(min=FIT_FLOOR)[:, self.task_of_class]
-            class_probs = class_probs * weight
-            class_probs = class_probs / class_probs.sum(1, keepdim=True)
-        task_probs = torch.zeros(len(f), self.num_tasks).index_add_(1, self.task_of_class, class_probs)
-        task_probs.clamp_(max=1.0)  # a float sum can come out at 1.0000001
-        if self.num_tasks == 1:
-            task_probs.fill_(1.0)  # exactly, not a float sum that comes out at 0.9999999
-        fp = f @ self.precision
-        maha = ((fp * f).sum(1, keepdim=True) - 2 * fp @ self.means.T + self._mu_p_mu).min(dim=1).values
-        d = f.shape[1]
-        return Routes(task_probs=task_probs, class_probs=class_probs, typicality=(maha - d) / (2 * d) ** 0.5,
-                      fit=fit)
-
-    def ood_scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, d) frozen features -> (B, T) each task's rejection score (see :class:`Whitener`; NaN: none)."""
-        out = torch.full((len(feats), self.num_tasks), float("nan"))
-        for t, w in enumerate(self.whiteners):
-            if w is not None:
-                out[:, t] = w.scores(feats).cpu()
-        return out
-
-    def fit(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, d) frozen features -> (B, T): the share of each task's own images that lie farther out than the
-        image (1: as typical as any, 0: farther than all); NaN for tasks without rejection percentiles."""
-        scores = self.ood_scores(feats)
-        out = torch.full_like(scores, float("nan"))
-        for t, (s, w) in enumerate(zip(self.stats, self.whiteners, strict=True)):
-            if w is not None:
-                out[:, t] = s.fit(scores[:, t]).float()
-        return out
-
-
-def _balanced_covariance(stats: list[RoutingStats]) -> tuple[torch.Tensor, float]:
-    """The mean of the tasks' own within-class covariances (each task weighs the same), and the degrees of freedom
-    behind it (images less classes, over every task)."""
-    d = stats[0].dim
-    covs, dof = [], 0.0
-    for s in stats:
-        n = s.counts.sum().item() - int((s.counts > 0).sum())
-        if n >= 1:
-            covs.append(s.scatter.double() / n)
-            dof += n
-    if not covs:  # one image per class everywhere: nothing to estimate a spread from
-        return torch.eye(d).double(), 1.0
-    return sum(covs) / len(covs), dof
-
-
-def oas_shrinkage(cov: torch.Tensor, n: float) -> float:
-    """The oracle approximating shrinkage (Chen, Wiesel, Eldar & Hero 2010) of a sample covariance from ``n``
-    degrees of freedom towards a multiple of the identity: the share of the identity, in [0, 1]."""
-    cov = cov.double()
-    d = cov.shape[0]
-    tr, tr2 = cov.trace().item(), (cov * cov).sum().item()
-    den = (n + 1 - 2 / d) * (tr2 - tr * tr / d)
-    if den <= 0:
-        return 1.0  # already a multiple of the identity
-    return float(min(1.0, max(0.0, ((1 - 2 / d) * tr2 + tr * tr) / den)))
 
 
 def _training_images(data: TaskData) -> list[int]:

@@ -1,0 +1,71 @@
+"""Predicting with registered tasks: with a task named (``predictor``: load the backbone once, switch tasks, mix tasks
+in a batch) or with none (``routed``: the image's task found by the ``router`` from each task's ``routing_stats``,
+images that fit no task rejected), the result types (``results``), and class-incremental evaluation (``continual``).
+
+The public names are imported on first use (PEP 562), as in :mod:`adaptkit.training`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_WHERE: dict[str, str] = {}
+for _module, _names in {
+    "results": ("FrozenPrefix", "ImageLike", "LoadedTask", "Prediction", "Route", "RoutedPrediction"),
+    "predictor": ("Predictor", "default_device"),
+    "routed": ("AutoPredict",),
+    "router": ("DEFAULT_SHRINKAGE", "ROUTERS", "Router", "Routes", "oas_shrinkage"),
+    "routing_stats": ("CALIBRATION_IMAGES", "DEFAULT_REJECT_RATE", "OOD_SHRINKAGE", "ROUTING_PREFIX", "Calibration",
+                      "RoutingStats", "Whitener", "accumulate_stats", "check_reject_rate", "collect_stats",
+                      "collect_task_stats", "frozen", "split_state", "task_stats_from_features"),
+    "continual": ("ContinualReport", "compare_routers", "evaluate_continual", "fit_routing", "task_order"),
+}.items():
+    _WHERE.update(dict.fromkeys(_names, _module))
+__all__ = ["AutoPredict", "CALIBRATION_IMAGES", "Calibration", "ContinualReport", "DEFAULT_REJECT_RATE",
+           "DEFAULT_SHRINKAGE", "FrozenPrefix", "ImageLike", "LoadedTask", "OOD_SHRINKAGE", "Prediction", "Predictor",
+           "ROUTERS", "ROUTING_PREFIX", "Route", "RoutedPrediction", "Router", "Routes", "RoutingStats", "Whitener",
+           "accumulate_stats", "check_reject_rate", "collect_stats", "collect_task_stats", "compare_routers",
+           "default_device", "evaluate_continual", "fit_routing", "frozen", "oas_shrinkage", "split_state",
+           "task_order", "task_stats_from_features"]
+
+if TYPE_CHECKING:
+    from adaptkit.inference.continual import (
+        ContinualReport,
+        compare_routers,
+        evaluate_continual,
+        fit_routing,
+        task_order,
+    )
+    from adaptkit.inference.predictor import Predictor, default_device
+    from adaptkit.inference.results import FrozenPrefix, ImageLike, LoadedTask, Prediction, Route, RoutedPrediction
+    from adaptkit.inference.routed import AutoPredict
+    from adaptkit.inference.router import DEFAULT_SHRINKAGE, ROUTERS, Router, Routes, oas_shrinkage
+    from adaptkit.inference.routing_stats import (
+        CALIBRATION_IMAGES,
+        DEFAULT_REJECT_RATE,
+        OOD_SHRINKAGE,
+        ROUTING_PREFIX,
+        Calibration,
+        RoutingStats,
+        Whitener,
+        accumulate_stats,
+        check_reject_rate,
+        collect_stats,
+        collect_task_stats,
+        frozen,
+        split_state,
+        task_stats_from_features,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'adaptkit.inference' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"adaptkit.inference.{_WHERE[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

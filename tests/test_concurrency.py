@@ -1,0 +1,135 @@
+"""One Predictor shared by many threads with no lock of the caller's: concurrent predictions of different tasks,
+mixed batches and routed batches give the answers each gives alone, while tasks load and unload under them."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from adaptkit.backbone import create_backbone
+from adaptkit.inference import Predictor
+from adaptkit.inference.gate import Gate
+from adaptkit.registry import Registry
+from tests.conftest import PICO
+from tests.test_serve_cache import NAMES, random_images, register_random, same
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory) -> Registry:
+    reg = Registry(tmp_path_factory.mktemp("threads") / "registry.db")
+    backbone = create_backbone(PICO, pretrained=False)
+    for i, name in enumerate(NAMES):
+        register_random(reg, backbone, name, seed=10 + i)
+    return reg
+
+
+def _run_together(jobs: dict[str, callable], rounds: int) -> dict[str, list]:
+    results: dict[str, list] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(jobs))
+
+    def run(key: str, fn) -> None:
+        try:
+            start.wait()
+            results[key] = [fn() for _ in range(rounds)]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads), "a thread is stuck (deadlock?)"
+    return results
+
+
+def test_concurrent_predictions_of_different_tasks_equal_one_at_a_time(reg):
+    imgs = random_images(5, seed=3)
+    mix = [NAMES[i % len(NAMES)] for i in range(len(imgs))]
+    alone = Predictor(reg, device="cpu")
+    want = {n: alone.predict(imgs, n, topk=3) for n in NAMES}
+    want_mixed = alone.predict_mixed(imgs, mix, topk=3)
+    want_auto = alone.predict_auto(imgs, topk=3)
+    assert len({tuple(p[0].label for p in v) for v in want.values()}) == len(NAMES)  # the tasks answer differently
+
+    shared = Predictor(reg, device="cpu")  # nothing loaded yet: the threads load their tasks while others predict
+    jobs = {n: (lambda n=n: shared.predict(imgs, n, topk=3)) for n in NAMES}
+    jobs["mixed"] = lambda: shared.predict_mixed(imgs, mix, topk=3)
+    jobs["auto"] = lambda: shared.predict_auto(imgs, topk=3)
+    jobs["default"] = lambda: shared.logits(shared.preprocess(imgs, shared.load(NAMES[0])), NAMES[0])
+    results = _run_together(jobs, rounds=6)
+
+    for n in NAMES:
+        for got in results[n]:
+            assert all(same(a, b) for a, b in zip(got, want[n], strict=True)), n
+    for got in results["mixed"]:
+        assert all(same(a, b) for a, b in zip(got, want_mixed, strict=True))
+    for got in results["auto"]:
+        assert [r.task for r in got] == [r.task for r in want_auto]
+        assert all(same(a.predictions, b.predictions) for a, b in zip(got, want_auto, strict=True))
+    first = alone.logits(alone.preprocess(imgs, alone.load(NAMES[0])), NAMES[0])
+    assert all(torch.allclose(got, first, atol=1e-5) for got in results["default"])
+
+
+def test_loads_and_unloads_under_running_predictions_change_no_answer(reg):
+    imgs = random_images(3, seed=4)
+    alone = Predictor(reg, device="cpu")
+    want = {n: alone.predict(imgs, n, topk=2) for n in NAMES}
+    shared = Predictor(reg, device="cpu")
+    for n in NAMES[:2]:
+        shared.load(n)
+
+    def churn() -> None:  # attach and detach the other tasks' modules on the same backbone, again and again
+        for n in NAMES[2:]:
+            shared.load(n)
+            shared.unload(n)
+
+    jobs = {n: (lambda n=n: shared.predict(imgs, n, topk=2)) for n in NAMES[:2]}
+    jobs["churn"] = churn
+    results = _run_together(jobs, rounds=8)
+    for n in NAMES[:2]:
+        for got in results[n]:
+            assert all(same(a, b) for a, b in zip(got, want[n], strict=True)), n
+
+
+def test_the_gate_lets_readers_in_together_and_a_writer_alone():
+    gate = Gate()
+    inside, most, order = [0], [0], []
+    lock = threading.Lock()
+    both_in = threading.Barrier(2, timeout=10)
+
+    def reader() -> None:
+        with gate.reading():
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            both_in.wait()  # two readers inside at once, or this times out
+            with gate.reading():  # a read inside a read does not wait
+                pass
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert most[0] == 2
+
+    with gate.writing():
+        with gate.writing():  # a load inside a load
+            with gate.reading():  # and a read while writing
+                order.append("nested")
+        t = threading.Thread(target=lambda: (gate.reading().__enter__(), order.append("reader")))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and order == ["nested"]  # the reader waits for the writer
+    t.join(10)
+    assert order == ["nested", "reader"]
+    with gate.reading(), pytest.raises(RuntimeError, match="load it first"):
+        with gate.writing():
+            pass
