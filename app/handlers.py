@@ -12,6 +12,7 @@ own message and never fails the others.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -23,13 +24,15 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from adaptkit.checks import MAX_BATCH, MAX_EPOCHS, MAX_RANK
+from adaptkit.checks import MAX_RANK
 from adaptkit.compare import compare, format_bytes, format_percent
 from adaptkit.data import BUILTIN, builtin_name, default_data_dir, list_datasets, open_image
 from adaptkit.data.roots import folder_in_roots, resolve_roots
 from adaptkit.errors import AdaptkitError
 from adaptkit.inference import Predictor
+from adaptkit.methods import METHODS
 from adaptkit.registry import Registry, TaskRow
+from adaptkit.settings import bounds_of
 from adaptkit.training import TrainConfig, TrainEvent, train
 from adaptkit_app import inputs, tables
 from adaptkit_app.inputs import PageInputError
@@ -39,10 +42,10 @@ __all__ = ["Handlers", "user_errors", "page_terms", "dataset_choices", "default_
 
 _log = logging.getLogger(__name__)
 
-METHOD_CHOICES = ["adapter", "lora", "ssf", "bitfit", "vpt", "linear", "full"]
+METHOD_CHOICES = list(METHODS)
 AUTO = "*auto*"  # the picker's routed entry: not a valid task name, so it never shadows a task
 AUTO_LABEL = "Auto: which task?"
-RANKED_METHODS = ("adapter", "lora")  # the methods that take a rank
+RANKED_METHODS = tuple(n for n, m in METHODS.items() if "rank" in {f.name for f in dataclasses.fields(m.config_class)})
 MAX_TOPK = 1000  # labels shown per image: more than any task's classes is cut to the task's count
 UPLOAD_HINT = "Upload, paste or take a picture to see its labels."
 EMPTY_NOTE = """### No tasks yet
@@ -400,8 +403,9 @@ class Handlers:
         method = inputs.text("Method", method) or "adapter"
         if method not in METHOD_CHOICES:
             raise inputs.PageInputError(f"Method must be one of {', '.join(METHOD_CHOICES)}, got {method[:40]!r}.")
-        config = TrainConfig(epochs=inputs.whole("Epochs", epochs, 1, MAX_EPOCHS, default=1),
-                             batch_size=inputs.whole("Batch size", batch_size, 1, MAX_BATCH, default=64),
+        config = TrainConfig(epochs=inputs.whole("Epochs", epochs, *bounds_of(TrainConfig, "epochs"), default=1),
+                             batch_size=inputs.whole("Batch size", batch_size, *bounds_of(TrainConfig, "batch_size"),
+                                                     default=TrainConfig.batch_size),
                              lr=inputs.number("Learning rate", lr, 0, 10) or None,  # 0: the method's default
                              limit_train=inputs.whole("Training images", limit_train, 1, 10**9, empty_below=1),
                              limit_eval=inputs.whole("Validation and test images", limit_eval, 1, 10**9, empty_below=1))

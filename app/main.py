@@ -21,6 +21,8 @@ import pandas as pd
 
 from adaptkit.backbone import DEFAULT_BACKBONE
 from adaptkit.models import PACKAGED_BACKBONE
+from adaptkit.settings import bounds_of
+from adaptkit.training import TrainConfig
 from adaptkit_app import tables
 from adaptkit_app.handlers import METHOD_CHOICES, RANKED_METHODS, UPLOAD_HINT, Handlers, dataset_choices
 
@@ -149,8 +151,10 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
                                                  elem_id="pretrained")
                     with gr.Column():
                         with gr.Row():
-                            epochs = gr.Number(3, label="Epochs", precision=0, minimum=1)
-                            batch_size = gr.Number(64, label="Batch size", precision=0, minimum=1)
+                            epochs = gr.Number(3, label="Epochs", precision=0,  # a quick first run
+                                               minimum=bounds_of(TrainConfig, "epochs")[0])
+                            batch_size = gr.Number(TrainConfig.batch_size, label="Batch size", precision=0,
+                                                   minimum=bounds_of(TrainConfig, "batch_size")[0])
                         with gr.Row():
                             lr = gr.Number(0, label="Learning rate (0: the method's default)", minimum=0)
                             rank = gr.Number(0, label="Rank (0: the method's default)", precision=0, minimum=0)

@@ -9,12 +9,15 @@ ran (the learning rate the version used, also when ``--lr auto`` chose it).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from adaptkit.settings import default_of
 from adaptkit.suggest import did_you_mean
+from adaptkit.training.config import TrainConfig
 
 __all__ = ["load_config", "recipe_options", "recipe_yaml"]
 
@@ -83,11 +86,11 @@ def _read(path: Path) -> dict[str, Any]:
 
 # -- show --recipe -------------------------------------------------------------------------------------------------
 
-# TrainConfig fields that `adaptkit train` takes as options of the same name
-_RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "augment",
-                   "flip", "seed", "threads", "precision", "limit_train", "limit_eval", "checkpointing",
-                   "feature_cache")
-_API_ONLY = {"min_lr_ratio": 0.01, "grad_clip": 1.0, "crop_scale": None, "val_fraction": 0.1}  # and defaults
+_MACHINE = ("device", "num_workers")  # where a run goes, not what it trains: not written into recipe files
+_API_ONLY = {name: default_of(TrainConfig, name) for name in ("min_lr_ratio", "grad_clip", "crop_scale",
+                                                              "val_fraction")}  # no option of `adaptkit train`
+# TrainConfig's other settings, which `adaptkit train` takes as options of the same name
+_RECIPE_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in {*_MACHINE, *_API_ONLY})
 
 
 def recipe_options(version: Any, method_options: dict[str, dict[str, str]]) -> tuple[dict[str, Any], list[str]]:

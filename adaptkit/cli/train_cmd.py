@@ -13,6 +13,17 @@ from adaptkit.cli.config_file import load_config
 from adaptkit.cli.progress import train_progress
 from adaptkit.compare import format_bytes, format_percent
 from adaptkit.errors import ConfigError
+from adaptkit.settings import help_of
+from adaptkit.training.config import METHOD_DEFAULTS, TrainConfig  # the recipe's settings, declared once (no torch)
+
+METHOD_HELP = ", ".join(METHOD_DEFAULTS)
+
+
+def recipe(name: str, *flags: str, **kwargs: Any) -> Any:
+    """The option for the recipe's setting ``name``: its help from :class:`TrainConfig` (its default too, given as
+    the parameter's default)."""
+    return typer.Option(*flags, help=help_of(TrainConfig, name), **kwargs)
+
 
 
 @app.command()
@@ -32,8 +43,7 @@ def train(
                                                   "instead of the hub")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="--no-pretrained: random "
                                              "backbone weights (recorded as such)")] = True,
-    method: Annotated[str, typer.Option(metavar="NAME", help="adapter, lora, ssf, bitfit, vpt, linear or "
-                                        "full")] = "adapter",
+    method: Annotated[str, typer.Option(metavar="NAME", help=METHOD_HELP)] = "adapter",
     rank: Annotated[int | None, typer.Option(metavar="R", help="Adapter bottleneck / LoRA rank "
                                              "[default: 64 / 8]")] = None,
     placement: Annotated[str | None, typer.Option(metavar="WHERE", help="Adapter placement: parallel, "
@@ -51,32 +61,26 @@ def train(
                                                "blocks (full: train only them) [default: every block]")] = None,
     init_from: Annotated[str | None, typer.Option(metavar="TASK", help="Start from a registered adapter: TASK, "
                                                   "TASK@N, or auto (the task whose data look closest)")] = None,
-    checkpointing: Annotated[bool, typer.Option("--checkpointing/--no-checkpointing", help="Activation "
-                                                "checkpointing: less memory, about one more forward pass")] = False,
-    feature_cache: Annotated[bool, typer.Option("--feature-cache/--no-feature-cache", help="With no augmentation, "
-                                                "run the frozen blocks once per image, not once per epoch")] = True,
-    epochs: Annotated[int, typer.Option(metavar="N", help="Passes over the training set")] = 10,
-    batch_size: Annotated[int, typer.Option(metavar="N", help="Images per step")] = 64,
-    lr: Annotated[str | None, typer.Option(metavar="RATE|auto", help="Peak learning rate, or auto: a short "
-                                           "sweep on the validation split [default: the method's base rate x "
-                                           "batch/256]")] = None,
-    weight_decay: Annotated[float | None, typer.Option(metavar="WD", help="AdamW weight decay [default: the "
-                                                       "method's]")] = None,
-    warmup_epochs: Annotated[float, typer.Option(metavar="N", help="Linear warm-up, in epochs")] = 1.0,
-    label_smoothing: Annotated[float, typer.Option(metavar="X", help="In [0, 1)")] = 0.1,
-    augment: Annotated[str, typer.Option(metavar="LEVEL", help="none, light (random crops of 60-100%) or strong "
-                                         "(8-100% and colour jitter)")] = "light",
+    checkpointing: Annotated[bool, recipe("checkpointing", "--checkpointing/--no-checkpointing")
+                             ] = TrainConfig.checkpointing,
+    feature_cache: Annotated[bool, recipe("feature_cache", "--feature-cache/--no-feature-cache")
+                             ] = TrainConfig.feature_cache,
+    epochs: Annotated[int, recipe("epochs", metavar="N")] = TrainConfig.epochs,
+    batch_size: Annotated[int, recipe("batch_size", metavar="N")] = TrainConfig.batch_size,
+    lr: Annotated[str | None, recipe("lr", metavar="RATE|auto")] = TrainConfig.lr,
+    weight_decay: Annotated[float | None, recipe("weight_decay", metavar="WD")] = TrainConfig.weight_decay,
+    warmup_epochs: Annotated[float, recipe("warmup_epochs", metavar="N")] = TrainConfig.warmup_epochs,
+    label_smoothing: Annotated[float, recipe("label_smoothing", metavar="X")] = TrainConfig.label_smoothing,
+    augment: Annotated[str, recipe("augment", metavar="LEVEL")] = TrainConfig.augment,
     no_augment: Annotated[bool, typer.Option("--no-augment", help="Same as --augment none")] = False,
-    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Random horizontal flips (wrong for text, "
-                                       "digits ...)")] = False,
-    threads: Annotated[int | None, typer.Option(metavar="N", help="CPU threads [default: the idle cores, "
-                                                "1-4]")] = None,
-    seed: Annotated[int, typer.Option(metavar="N", help="Seeds the split, the order and the initialisation")] = 0,
+    flip: Annotated[bool, recipe("flip", "--flip/--no-flip")] = TrainConfig.flip,
+    threads: Annotated[int | None, recipe("threads", metavar="N")] = TrainConfig.threads,
+    seed: Annotated[int, recipe("seed", metavar="N")] = TrainConfig.seed,
     device: DeviceOpt = None,
-    precision: Annotated[str, typer.Option(metavar="P", help="auto (bf16 on CUDA), bf16 or fp32")] = "auto",
-    limit_train: Annotated[int | None, typer.Option(metavar="N", help="Use only N training images")] = None,
-    limit_eval: Annotated[int | None, typer.Option(metavar="N", help="Use only N val and N test images")] = None,
-    num_workers: Annotated[int | None, typer.Option(metavar="N", help="Data loader workers")] = None,
+    precision: Annotated[str, recipe("precision", metavar="P")] = TrainConfig.precision,
+    limit_train: Annotated[int | None, recipe("limit_train", metavar="N")] = TrainConfig.limit_train,
+    limit_eval: Annotated[int | None, recipe("limit_eval", metavar="N")] = TrainConfig.limit_eval,
+    num_workers: Annotated[int | None, recipe("num_workers", metavar="N")] = TrainConfig.num_workers,
     data_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Where torchvision data sets "
                                                   "live")] = None,
     download: Annotated[bool, typer.Option("--download/--no-download", help="Download a missing "
@@ -98,7 +102,6 @@ def train(
 
     Only the adapter and the head train; the backbone stays frozen and shared by every task.
     """
-    from adaptkit.training import TrainConfig
     from adaptkit.training import train as run
 
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,

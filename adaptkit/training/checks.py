@@ -1,5 +1,6 @@
-"""Checks around training: the recipe's values (before anything slow), the batch against the data, and
-divergence (a non-finite loss or parameter stops training before anything is saved)."""
+"""Checks around training (the recipe's own values are checked by :class:`~adaptkit.training.TrainConfig`): the
+arguments of ``train``, the batch against the data, and divergence (a non-finite loss or parameter stops
+training before anything is saved)."""
 
 from __future__ import annotations
 
@@ -11,53 +12,12 @@ from typing import Any
 
 import torch
 
-from adaptkit.checks import MAX_BATCH, MAX_EPOCHS, check_choice, check_float, check_int
 from adaptkit.data import BUILTIN, builtin_name
-from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError, DatasetError, DivergedError, param
 
-__all__ = ["check_config", "check_train_args", "fit_batch", "DivergenceGuard"]
+__all__ = ["check_train_args", "fit_batch", "DivergenceGuard"]
 
 _log = logging.getLogger("adaptkit.training")
-MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
-
-
-def check_config(cfg: Any) -> None:
-    """Every numeric setting of a ``TrainConfig`` finite and in range, the device a device's name.
-
-    Raises:
-        ConfigError: naming the first bad setting, its value and its range.
-    """
-    check_int("epochs", cfg.epochs, 1, MAX_EPOCHS)
-    check_int("batch_size", cfg.batch_size, 1, MAX_BATCH)
-    if isinstance(cfg.lr, str) and cfg.lr != "auto":
-        raise ConfigError(f"lr must be a number greater than 0, 'auto' or None, got {cfg.lr!r}")
-    if cfg.lr != "auto":
-        check_float("lr", cfg.lr, 0, low_open=True, optional=True)
-    check_int("threads", getattr(cfg, "threads", None), 1, 1024, optional=True)
-    check_float("weight_decay", cfg.weight_decay, 0, optional=True)
-    check_float("warmup_epochs", cfg.warmup_epochs, 0, MAX_EPOCHS)
-    check_float("min_lr_ratio", cfg.min_lr_ratio, 0, 1)
-    check_float("label_smoothing", cfg.label_smoothing, 0, 1, high_open=True)
-    check_float("grad_clip", cfg.grad_clip, 0, low_open=True, optional=True)
-    check_int("seed", cfg.seed, 0, MAX_SEED)
-    check_choice("precision", cfg.precision, ("auto", "bf16", "fp32"))
-    check_int("num_workers", cfg.num_workers, 0, optional=True)
-    check_float("val_fraction", cfg.val_fraction, 0, 1, high_open=True)
-    check_int("limit_train", cfg.limit_train, 1, optional=True)
-    check_int("limit_eval", cfg.limit_eval, 1, optional=True)
-    if cfg.crop_scale is not None:
-        low, high = _pair("crop_scale", cfg.crop_scale)
-        check_float("crop_scale[1]", high, 0, 1, low_open=True)
-        check_float("crop_scale[0]", low, 0, high, low_open=True)
-    if cfg.device is not None:
-        resolve_device(cfg.device, check_available=False)
-
-
-def _pair(name: str, value: Any) -> tuple[Any, Any]:
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ConfigError(f"{name} must be a pair (low, high), got {value!r}")
-    return value[0], value[1]
 
 
 def check_train_args(dataset: Any, task: Any, config: Any, config_class: type, *, pretrained: Any = True,

@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from adaptkit.data import augment_level
+from adaptkit.checks import MAX_BATCH, MAX_EPOCHS, MAX_SEED, check_float
 from adaptkit.errors import ConfigError
-from adaptkit.methods import TaskModel
-from adaptkit.registry import VersionRow
-from adaptkit.training.checks import check_config
+from adaptkit.settings import check_settings, choices, floats, ints, setting
+
+if TYPE_CHECKING:  # the recipe is read by the CLI before torch is imported
+    from adaptkit.methods import TaskModel
+    from adaptkit.registry import VersionRow
 
 __all__ = ["METHOD_DEFAULTS", "LR_REFERENCE_BATCH", "TrainConfig", "TrainEvent", "TrainResult", "scaled_lr"]
 
@@ -51,41 +52,82 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
     return base_lr * batch_size / LR_REFERENCE_BATCH
 
 
+def _check_lr(name: str, value: Any) -> None:
+    if isinstance(value, str) and value != "auto":
+        raise ConfigError(f"{name} must be a number greater than 0, 'auto' or None, got {value!r}")
+    if value != "auto":
+        check_float(name, value, 0, low_open=True, optional=True)
+
+
+def _check_device(name: str, value: Any) -> None:
+    if value is not None:
+        from adaptkit.devices import resolve_device
+
+        resolve_device(value, check_available=False)
+
+
+def _check_crop_scale(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ConfigError(f"{name} must be a pair (low, high), got {value!r}")
+    low, high = value
+    check_float(f"{name}[1]", high, 0, 1, low_open=True)
+    check_float(f"{name}[0]", low, 0, high, low_open=True)
+
+
 @dataclass
 class TrainConfig:
-    """The recipe.
+    """The recipe: every setting with its default, its help and its check, declared once here; the CLI's options and
+    the page's fields take them from here (:mod:`adaptkit.settings`).
 
     ``lr`` is the peak learning rate: a number, None for the method's base rate scaled to the batch size
     (:func:`scaled_lr`), or ``"auto"`` for a short sweep on the validation split (:mod:`adaptkit.training.lr_search`).
     ``weight_decay`` left as None takes the method's default (:data:`METHOD_DEFAULTS`). ``augment`` is a level,
     ``none``, ``light`` or ``strong`` (``build_transform``; True/False mean light/none), with flips only if ``flip``.
     ``threads`` is torch's CPU thread count while training (None: :func:`default_threads`).
+
+    Raises:
+        ConfigError: on construction, naming the first setting out of its range.
     """
 
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float | str | None = None
-    weight_decay: float | None = None
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    label_smoothing: float = 0.1
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    device: str | None = None
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU; or "bf16", "fp32"
-    num_workers: int | None = None
-    val_fraction: float = 0.1
-    augment: str | bool = "light"
-    flip: bool = False
-    threads: int | None = None
-    crop_scale: tuple[float, float] | None = None
-    limit_train: int | None = None
-    limit_eval: int | None = None
-    checkpointing: bool = False  # activation checkpointing in the blocks: less memory, one more forward pass
-    feature_cache: bool = True  # with no augmentation, run the frozen blocks once per image (training/feature_cache.py)
+    epochs: int = setting(10, "Passes over the training set", check=ints(1, MAX_EPOCHS))
+    batch_size: int = setting(64, "Images per step", check=ints(1, MAX_BATCH))
+    lr: float | str | None = setting(None, "Peak learning rate, or auto: a short sweep on the validation split "
+                                     "[default: the method's base rate x batch/256]", check=_check_lr)
+    weight_decay: float | None = setting(None, "AdamW weight decay [default: the method's]",
+                                         check=floats(0, optional=True))
+    warmup_epochs: float = setting(1.0, "Linear warm-up, in epochs", check=floats(0, MAX_EPOCHS))
+    min_lr_ratio: float = setting(0.01, "The cosine schedule's last rate, as a share of the peak",
+                                  check=floats(0, 1))
+    label_smoothing: float = setting(0.1, "Label smoothing, in [0, 1)", check=floats(0, 1, high_open=True))
+    grad_clip: float | None = setting(1.0, "Clip the gradient norm to this (None: no clipping)",
+                                      check=floats(0, low_open=True, optional=True))
+    seed: int = setting(0, "Seeds the split, the order and the initialisation", check=ints(0, MAX_SEED))
+    device: str | None = setting(None, "cpu, cuda, cuda:N or mps [default: cuda if available]",
+                                 check=_check_device)
+    precision: str = setting("auto", "auto (bf16 on CUDA), bf16 or fp32", check=choices("auto", "bf16", "fp32"))
+    num_workers: int | None = setting(None, "Data loader workers", check=ints(0, optional=True))
+    val_fraction: float = setting(0.1, "The share of the training images held out for validation",
+                                  check=floats(0, 1, high_open=True))
+    augment: str | bool = setting("light", "none, light (random crops of 60-100%) or strong (8-100% and colour "
+                                  "jitter)")
+    flip: bool = setting(False, "Random horizontal flips (wrong for text, digits ...)")
+    threads: int | None = setting(None, "CPU threads [default: the idle cores, 1-4]",
+                                  check=ints(1, 1024, optional=True))
+    crop_scale: tuple[float, float] | None = setting(None, "The random crops' area range (low, high) [default: "
+                                                     "the augmentation level's]", check=_check_crop_scale)
+    limit_train: int | None = setting(None, "Use only N training images", check=ints(1, optional=True))
+    limit_eval: int | None = setting(None, "Use only N val and N test images", check=ints(1, optional=True))
+    checkpointing: bool = setting(False, "Activation checkpointing in the blocks: less memory, about one more "
+                                  "forward pass")
+    feature_cache: bool = setting(True, "With no augmentation, run the frozen blocks once per image, not once per "
+                                  "epoch")
 
     def __post_init__(self) -> None:
-        check_config(self)
+        from adaptkit.data.transforms import augment_level
+
+        check_settings(self)
         self.augment = augment_level(self.augment)
         if self.lr == "auto" and self.val_fraction <= 0:
             raise ConfigError("lr='auto' picks the rate on the validation split: keep val_fraction above 0 "
@@ -100,10 +142,6 @@ class TrainConfig:
         if values["weight_decay"] is None:
             values["weight_decay"] = defaults.get("weight_decay", 0.0)
         return TrainConfig(**values)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
