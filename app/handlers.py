@@ -2,8 +2,9 @@
 
 No ML and no SQL here: :class:`~adaptkit.inference.Predictor`, :class:`~adaptkit.registry.Registry`,
 :func:`~adaptkit.compare.compare` and :func:`~adaptkit.train.train` do the work. Every handler is wrapped by
-:func:`user_errors`, so an :class:`~adaptkit.errors.AdaptkitError` shows its own message on the page (in the page's
-terms, without server paths) and anything else a short one (with the traceback in the server log), never a traceback.
+:func:`~adaptkit_app.wording.user_errors`, so an :class:`~adaptkit.errors.AdaptkitError` shows its own message on the
+page (in the page's terms, without server paths) and anything else a short one (with the traceback in the server log),
+never a traceback. The **Add a task** tab's inputs are read by :mod:`adaptkit_app.training`.
 
 :meth:`Handlers.predict` is a batched Gradio event: concurrent requests, for any mix of tasks, arrive together and go
 through the backbone in one :meth:`~adaptkit.inference.Predictor.predict_mixed` pass; a bad request in a batch gets its
@@ -12,40 +13,32 @@ own message and never fails the others.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from adaptkit.checks import MAX_RANK
 from adaptkit.compare import compare, format_bytes, format_percent
-from adaptkit.data import BUILTIN, builtin_name, default_data_dir, list_datasets, open_image
-from adaptkit.data.roots import folder_in_roots, resolve_roots
+from adaptkit.data.roots import resolve_roots
 from adaptkit.errors import AdaptkitError
 from adaptkit.inference import Predictor
-from adaptkit.methods import METHODS
 from adaptkit.registry import Registry, TaskRow
-from adaptkit.settings import bounds_of
-from adaptkit.training import TrainConfig, TrainEvent, train
-from adaptkit_app import inputs, tables
+from adaptkit.training import train
+from adaptkit_app import inputs, tables, training
 from adaptkit_app.inputs import PageInputError
+from adaptkit_app.wording import open_upload, page_terms, user_errors
 
-__all__ = ["Handlers", "user_errors", "page_terms", "dataset_choices", "default_data_roots", "METHOD_CHOICES",
-           "RANKED_METHODS", "UPLOAD_HINT", "AUTO", "AUTO_LABEL"]
+__all__ = ["Handlers", "task_label", "picker_choices", "UPLOAD_HINT", "AUTO", "AUTO_LABEL"]
 
 _log = logging.getLogger(__name__)
 
-METHOD_CHOICES = list(METHODS)
 AUTO = "*auto*"  # the picker's routed entry: not a valid task name, so it never shadows a task
 AUTO_LABEL = "Auto: which task?"
-RANKED_METHODS = tuple(n for n, m in METHODS.items() if "rank" in {f.name for f in dataclasses.fields(m.config_class)})
 MAX_TOPK = 1000  # labels shown per image: more than any task's classes is cut to the task's count
 UPLOAD_HINT = "Upload, paste or take a picture to see its labels."
 EMPTY_NOTE = """### No tasks yet
@@ -57,75 +50,6 @@ adaptkit train --dataset digits --backbone vit_cifar_tiny_patch4_32.adaptkit_c10
 adaptkit train --dataset cifar100            # the default ViT-B/16 backbone, from the hub
 ```
 Then come back to **Predict**: the new task appears in the picker (or press ↻ beside it)."""
-
-# The library's messages name CLI options; the page has fields instead.
-
-
-#: how the page names a setting an error names (see adaptkit.errors.param): its field, or what to do instead
-_PAGE_WORDS = {
-    ("pretrained", "False"): 'untick "Pretrained weights"',
-    ("pretrained", "True"): 'tick "Pretrained weights"',
-    ("weights", None): "a weights file (on the command line: the page has no field for one)",
-    ("backbone", None): '"Backbone"',
-    ("task", None): '"Task name"',
-    ("epochs", None): '"Epochs"',
-    ("batch_size", None): '"Batch size"',
-    ("lr", None): '"Learning rate"',
-    ("rank", None): '"Rank"',
-    ("limit_train", None): '"Training images" (0: all)',
-    ("classes", None): "classes (chosen on the command line: the page trains on all)",
-    ("limit_eval", None): '"Validation and test images"',
-    ("method", None): '"Method"',
-    ("dataset", None): '"Data set"',
-    ("topk", None): '"Top-k labels"',
-    ("registry", None): "registry (start the page on another)",
-}
-
-
-def page_words(name: str, value: str | None) -> str | None:
-    """A setting as the page names it (None: the library's own wording); a step as the tab that does it."""
-    if name == "!train":
-        return "**Add a task**" + (f' (as "{value}")' if value else "")
-    if name.startswith("!routing_"):  # the page has no such step: whoever runs it has the command line
-        force = " --force" if name == "!routing_refit" else ""
-        return f"`adaptkit routing fit{' ' + value if value else ''}{force}` (on the command line)"
-    return _PAGE_WORDS.get((name, value)) or (None if value is None else _PAGE_WORDS.get((name, None)))
-
-
-def page_terms(message: str | AdaptkitError) -> str:
-    """A library error (or its message) in the page's words: its settings named by the page's fields."""
-    if isinstance(message, AdaptkitError):
-        message = message.worded(page_words)
-    return message
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Show an AdaptkitError's message on the page until dismissed; log anything else and show a short message."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except AdaptkitError as exc:
-            raise gr.Error(page_terms(exc), duration=None, print_exception=False) from None
-        except Exception as exc:  # noqa: BLE001 - the page must stay up whatever happens
-            _log.exception("%s failed", fn.__name__)
-            raise gr.Error(f"{fn.__name__.strip('_')} failed unexpectedly ({type(exc).__name__}); the server log "
-                           "has the details.", duration=None, print_exception=False) from None
-
-    return wrapper
-
-
-def open_upload(path: str) -> Any:
-    """Open an uploaded file as an image; an error names "the uploaded file", never the server's temporary path."""
-    try:
-        return open_image(path)
-    except AdaptkitError as exc:
-        message = str(exc).replace(str(path), "the uploaded file").replace(Path(path).name, "the uploaded file")
-        raise type(exc)(message[:1].upper() + message[1:]) from None
-
 
 def task_label(task: TaskRow) -> str:
     """How a task reads in the picker: name, method, backbone and test accuracy of its default version."""
@@ -150,16 +74,6 @@ def picker_choices(tasks: Sequence[TaskRow]) -> list[tuple[str, str]]:
     return choices
 
 
-def dataset_choices() -> list[tuple[str, str]]:
-    """The page's list: built-in sets and ``folder`` (Hugging Face sets are typed, as ``hf-disk:PATH``)."""
-    return [(f"{d.name} — {d.description}", d.name) for d in list_datasets() if d.kind != "huggingface"]
-
-
-def default_data_roots() -> list[Path]:
-    """The folders the page trains from when ``--data-root`` is not given: adaptkit's data folder, if it exists."""
-    return [p for p in [default_data_dir()] if p.is_dir()]
-
-
 def _stamp(tasks: Sequence[TaskRow]) -> tuple:
     """What a task name resolves to, for every task: changes when any default version changes."""
     out = []
@@ -177,7 +91,8 @@ class Handlers:
         adapters: its adapter store, a folder or ``s3://bucket/prefix``; None means ``$ADAPTKIT_ADAPTERS`` or
             ``adapters/`` beside the registry.
         device: the Predictor's device (default: CUDA when available).
-        data_roots: the folders "Add a task" may train from (default: :func:`default_data_roots`).
+        data_roots: the folders "Add a task" may train from (default:
+            :func:`~adaptkit_app.training.default_data_roots`).
         sync_s: how often (seconds) predictions check the registry for tasks changed by other processes.
     """
 
@@ -187,7 +102,7 @@ class Handlers:
         self.url = registry
         self.adapters = adapters
         self.device = device
-        self.data_roots = resolve_roots(default_data_roots() if data_roots is None else data_roots)
+        self.data_roots = resolve_roots(training.default_data_roots() if data_roots is None else data_roots)
         self.sync_s = sync_s
         self._registry: Registry | None = None
         self._predictor: Predictor | None = None
@@ -399,24 +314,10 @@ class Handlers:
               lr: float | None, rank: float | None, backbone: str, pretrained: bool, limit_train: float | None,
               limit_eval: float | None, progress: gr.Progress = gr.Progress()) -> tuple[str, dict, dict]:
         """Train a task, register it, and return a status line with the refreshed picker."""
-        spec = self._dataset_spec(inputs.text("Data set", dataset), inputs.text("Folder", folder))
-        method = inputs.text("Method", method) or "adapter"
-        if method not in METHOD_CHOICES:
-            raise inputs.PageInputError(f"Method must be one of {', '.join(METHOD_CHOICES)}, got {method[:40]!r}.")
-        config = TrainConfig(epochs=inputs.whole("Epochs", epochs, *bounds_of(TrainConfig, "epochs"), default=1),
-                             batch_size=inputs.whole("Batch size", batch_size, *bounds_of(TrainConfig, "batch_size"),
-                                                     default=TrainConfig.batch_size),
-                             lr=inputs.number("Learning rate", lr, 0, 10) or None,  # 0: the method's default
-                             limit_train=inputs.whole("Training images", limit_train, 1, 10**9, empty_below=1),
-                             limit_eval=inputs.whole("Validation and test images", limit_eval, 1, 10**9, empty_below=1))
-        rank = inputs.whole("Rank", rank, 1, MAX_RANK, empty_below=1) if method in RANKED_METHODS else None
-        method_config = {"rank": rank} if rank else None
-        name, backbone = inputs.text("Task name", task, max_len=200), inputs.text("Backbone", backbone, max_len=200)
-        pretrained = inputs.flag("Pretrained weights", pretrained)
+        spec, arguments = training.train_arguments(dataset, folder, task, method, epochs, batch_size, lr, rank,
+                                                   backbone, pretrained, limit_train, limit_eval, self.data_roots)
         progress(0, desc="Building the backbone and loading the data")
-        result = train(spec, task=name or None, backbone=backbone, pretrained=pretrained, method=method,
-                       method_config=method_config, config=config, registry=self.registry,
-                       on_event=_progress_reporter(progress))
+        result = train(spec, **arguments, registry=self.registry, on_event=training.progress_reporter(progress))
         v = result.version
         tasks = self._sync(force=True)
         status = (f"Trained **{v.task.name}** version {v.version}: {v.method} on {v.backbone.name}, "
@@ -425,44 +326,3 @@ class Handlers:
         picker, note = self._picker(v.task.name, tasks)
         return status, picker, note
 
-    def _dataset_spec(self, dataset: str | None, folder: str | None) -> str:
-        dataset, folder = (dataset or "").strip(), (folder or "").strip()
-        if dataset.lower().startswith("folder:"):  # typed into the data set box: the same roots apply
-            dataset, folder = "folder", dataset[len("folder:"):].strip()
-        if dataset == "folder":
-            if not folder:
-                raise gr.Error("Enter the folder's path (one sub-folder of images per class, or train/ and test/).",
-                               print_exception=False)
-            return f"folder:{folder_in_roots(folder, self.data_roots)}"
-        if not dataset:
-            raise gr.Error("Pick a data set.", print_exception=False)
-        if name := builtin_name(dataset):  # a name from the list is that set, never a folder where the page runs
-            return f"{BUILTIN}{name}"
-        kind, _, path = dataset.partition(":")
-        if kind.strip().lower() in ("hf-disk", "hf-files"):  # a path on the server: the folder's roots apply
-            if not path.strip():
-                raise gr.Error(f"Enter the path after {kind.strip()}: (a data set saved inside the data roots).",
-                               print_exception=False)
-            where = folder_in_roots(path, self.data_roots, files=kind.strip().lower() == "hf-files")
-            return f"{kind.strip().lower()}:{where}"
-        if kind.strip().lower() == "hf":
-            raise gr.Error("This page does not download from the Hugging Face hub: train hub data sets from the "
-                           "command line (adaptkit train --dataset hf:NAME), or save one inside the data roots and "
-                           "enter hf-disk:PATH.", print_exception=False)
-        raise gr.Error(f"{dataset[:80]!r} is not a data set adaptkit knows: pick one from the list, pick folder and "
-                       "enter the path of your images, or enter hf-disk:PATH or hf-files:PATH.",
-                       print_exception=False)
-
-
-def _progress_reporter(progress: gr.Progress) -> Callable[[TrainEvent], None]:
-    def report(ev: TrainEvent) -> None:
-        done = (ev.epoch - 1 + ev.step / max(ev.steps, 1)) / max(ev.epochs, 1)
-        if ev.phase == "train":
-            desc = f"Epoch {ev.epoch}/{ev.epochs}: training, loss {ev.loss:.3f}, accuracy {ev.accuracy:.1%}"
-        elif ev.phase == "val":
-            desc, done = f"Epoch {ev.epoch}/{ev.epochs}: validating", ev.epoch / max(ev.epochs, 1)
-        else:
-            desc, done = {"test": "Testing the best epoch", "save": "Saving to the registry"}[ev.phase], 1.0
-        progress(min(done, 1.0), desc=desc)
-
-    return report

@@ -24,7 +24,8 @@ from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.settings import bounds_of
 from adaptkit.training import TrainConfig
 from adaptkit_app import tables
-from adaptkit_app.handlers import METHOD_CHOICES, RANKED_METHODS, UPLOAD_HINT, Handlers, dataset_choices
+from adaptkit_app.handlers import UPLOAD_HINT, Handlers
+from adaptkit_app.training import METHOD_CHOICES, RANKED_METHODS, dataset_choices
 
 __all__ = ["image_input", "build_app", "launch", "main", "demo", "MAX_BATCH"]
 

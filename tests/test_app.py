@@ -19,6 +19,7 @@ from adaptkit.registry import Registry
 from adaptkit.training import TrainConfig, train
 from adaptkit_app.handlers import AUTO, Handlers
 from adaptkit_app.main import launch
+from adaptkit_app.training import dataset_spec
 
 CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-mini"
 CLASSES = sorted(p.name for p in (CIFAR_MINI / "test").iterdir()) if CIFAR_MINI.is_dir() else []
@@ -268,12 +269,12 @@ def test_data_roots_follow_links_and_take_relative_paths(tmp_path):
     (root / "set" / "a").mkdir(parents=True)
     (root / "escape").symlink_to("/etc")
     h = Handlers(str(tmp_path / "registry.db"), data_roots=[root])
-    assert h._dataset_spec("folder", "set") == f"folder:{root / 'set'}"
-    assert h._dataset_spec("folder", str(root / "set" / ".." / "set")) == f"folder:{root / 'set'}"
+    assert dataset_spec("folder", "set", h.data_roots) == f"folder:{root / 'set'}"
+    assert dataset_spec("folder", str(root / "set" / ".." / "set"), h.data_roots) == f"folder:{root / 'set'}"
     with pytest.raises(DatasetError, match="outside the data roots"):
-        h._dataset_spec("folder", "escape")
+        dataset_spec("folder", "escape", h.data_roots)
     with pytest.raises(DatasetError, match="trains from no folders"):
-        Handlers(str(tmp_path / "registry.db"), data_roots=[])._dataset_spec("folder", str(root / "set"))
+        dataset_spec("folder", str(root / "set"), [])
 
 
 def test_adaptkit_ui_prints_its_address_and_no_share_hint(tmp_path):
@@ -315,10 +316,10 @@ def test_the_pages_data_set_choices_are_never_read_against_its_working_directory
         (tmp_path / look_alike / "a").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     h = Handlers(str(tmp_path / "registry.db"))
-    assert h._dataset_spec("digits", "") == "builtin:digits"
-    assert h._dataset_spec("CIFAR10", "") == "builtin:cifar10"
+    assert dataset_spec("digits", "", h.data_roots) == "builtin:digits"
+    assert dataset_spec("CIFAR10", "", h.data_roots) == "builtin:cifar10"
     with pytest.raises(gr.Error, match="is not a data set adaptkit knows"):
-        h._dataset_spec("pets", "")
+        dataset_spec("pets", "", h.data_roots)
     train("builtin:digits", backbone="vit_pico_patch4_32", pretrained=False, method="linear",
           config=TrainConfig(epochs=1, limit_train=64, limit_eval=32), registry=tmp_path / "registry.db")
     assert [t.name for t in Registry(tmp_path / "registry.db").tasks()] == ["digits"]

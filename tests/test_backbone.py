@@ -65,7 +65,7 @@ def test_offline_hub_error_is_fast_and_names_alternatives():
     # the Python API names its parameters; the command line and the page word them for their users
     assert "use weights (a .safetensors" in str(info.value) and "or pretrained=False for random" in str(info.value)
     from adaptkit.cli.common import cli_words
-    from adaptkit_app.handlers import page_terms
+    from adaptkit_app.wording import page_terms
 
     assert "use --weights FILE (a" in info.value.worded(cli_words) and "--no-pretrained" in info.value.worded(cli_words)
     assert 'untick "Pretrained weights"' in page_terms(info.value) and "--no-pretrained" not in page_terms(info.value)

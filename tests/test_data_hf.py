@@ -238,17 +238,18 @@ def test_the_page_reads_hf_sets_only_inside_its_data_roots(saved_dict, tmp_path)
     import gradio as gr
 
     from adaptkit.errors import DatasetError
-    from adaptkit_app.handlers import Handlers, dataset_choices
+    from adaptkit_app.handlers import Handlers
+    from adaptkit_app.training import dataset_choices, dataset_spec
 
     root = saved_dict.parent
     h = Handlers(str(tmp_path / "registry.db"), data_roots=[root])
-    assert h._dataset_spec(f"hf-disk:{saved_dict.name}", "") == f"hf-disk:{saved_dict}"
-    assert h._dataset_spec(f"HF-Disk: {saved_dict}", "") == f"hf-disk:{saved_dict}"
+    assert dataset_spec(f"hf-disk:{saved_dict.name}", "", h.data_roots) == f"hf-disk:{saved_dict}"
+    assert dataset_spec(f"HF-Disk: {saved_dict}", "", h.data_roots) == f"hf-disk:{saved_dict}"
     with pytest.raises(DatasetError, match="outside the data roots"):
-        h._dataset_spec("hf-files:/etc", "")
+        dataset_spec("hf-files:/etc", "", h.data_roots)
     for spec, message in (("hf:cifar10", "does not download from the Hugging Face hub"),
                           ("hf-disk:", "Enter the path after hf-disk:"),
                           ("s3://bucket/x", "is not a data set adaptkit knows")):
         with pytest.raises(gr.Error, match=message):
-            h._dataset_spec(spec, "")
+            dataset_spec(spec, "", h.data_roots)
     assert [name for _, name in dataset_choices() if name.startswith("hf")] == []

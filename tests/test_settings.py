@@ -76,7 +76,7 @@ def test_recipe_files_write_only_options_of_train():
 
 def test_the_page_offers_every_method_and_a_rank_where_the_method_has_one():
     from adaptkit.methods import METHODS
-    from adaptkit_app.handlers import METHOD_CHOICES, RANKED_METHODS
+    from adaptkit_app.training import METHOD_CHOICES, RANKED_METHODS
 
     assert METHOD_CHOICES == list(METHODS)
     for name, method in METHODS.items():
