@@ -3,7 +3,7 @@
 torch's CPU kernels split each op over an OpenMP team that meets at a barrier at the end of every parallel region.
 On a CPU that other jobs share, a team member often waits for a core that another process holds, and the op stalls
 for a scheduler slice (milliseconds) instead of microseconds: on the project's loaded 2-core machine one training ran
-4x slower with two threads than with one (benchmarks/bench_threads.py, README "Training on a shared CPU"). The
+4x slower with two threads than with one (benchmarks/speed/bench_threads.py, README "Training on a shared CPU"). The
 default therefore leaves room for the load that is already there: the cores this process may use, minus the recent
 load average, at least 1 and at most 4 (4 leaves a big machine's other cores to the data loader's workers, which
 torch runs at one thread each).

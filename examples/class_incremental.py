@@ -18,7 +18,8 @@ The standard benchmark, on a GPU (CIFAR-100 in 10 tasks of 10 classes, ViT-B/16 
 Each task is trained alone (``train(..., classes="0-9")``), which also stores its routing statistics; after every
 addition the registered tasks are evaluated with no task name given (:func:`adaptkit.inference.evaluate_continual`),
 with SimpleCIL (cosine nearest class mean on the frozen features) measured on the same images for comparison.
-Keep the registry (``--registry PATH``) to compare more routers on it offline: ``benchmarks/routing_offline.py``.
+Keep the registry (``--registry PATH``) to compare more routers on it offline:
+``benchmarks/accuracy/routing_offline.py``.
 """
 
 from __future__ import annotations

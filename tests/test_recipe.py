@@ -138,23 +138,11 @@ def test_cli_options_and_show(tmp_path, cifar_mini):
 
 def _recipe_table():
     import importlib
-    import importlib.util
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    # benchmarks/datasets.py shares its name with Hugging Face's package, which an earlier test may have imported
-    hf = sys.modules.pop("datasets", None)
-    spec = importlib.util.spec_from_file_location("datasets", bench / "datasets.py")
-    sys.modules["datasets"] = ours = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(ours)
-        return importlib.import_module("recipe_table")
-    finally:
-        sys.modules.pop("datasets", None)
-        if hf is not None:
-            sys.modules["datasets"] = hf
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"))
+    return importlib.import_module("recipe_table")
 
 
 def test_recipe_table_reuses_a_logged_run_only_at_its_seed_and_averages_seeds(capsys):

@@ -105,7 +105,7 @@ def test_own_test_images_are_kept_and_foreign_ones_rejected(reg, tests_of):
 
 def test_a_data_set_no_task_was_trained_on_is_rejected(reg, tests_of):
     """Photos routed among the digits task alone. (Not the converse: grey digits lie within the spread of the photos'
-    features, here as on the packaged backbone; see benchmarks/routing_ood.py.)"""
+    features, here as on the packaged backbone; see benchmarks/accuracy/routing_ood.py.)"""
     predictor = Predictor(reg, device="cpu")
     photos = predictor.predict_auto(tests_of["photos"], tasks=["digits"])
     assert sum(r.rejected for r in photos) >= 0.9 * len(photos)

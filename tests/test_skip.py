@@ -151,7 +151,7 @@ def _vtab():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy"))
     return importlib.import_module("vtab_table")
 
 
@@ -170,7 +170,7 @@ def test_vtab_table_stops_at_once_offline_and_says_why():
         _vtab().main(["--tasks", "dtd", "--only", "linear"])
     message = str(info.value)
     assert "cannot run here: it needs a CUDA GPU" in message
-    assert "benchmarks/method_table.py is the table that runs" in message
+    assert "benchmarks/accuracy/method_table.py is the table that runs" in message
 
 
 def test_routing_statistics_are_read_from_cached_frozen_features(pico, registry, monkeypatch):

@@ -21,7 +21,7 @@ __all__ = ["METHOD_DEFAULTS", "LR_REFERENCE_BATCH", "TrainConfig", "TrainEvent",
 # Per-method base learning rate (for a batch of 256; see `scaled_lr`) and weight decay, AdamW, after the published
 # recipes, and for the adapter measured: at the default budget (10 epochs, batch 64, light augmentation) 7.5e-3 beat
 # 2.5e-3 by 4 to 8 points on digits and glyphs and was within 0.6 on cifar5 (README, "Training defaults that work
-# without tuning", has the sweep; `benchmarks/recipe_table.py`):
+# without tuning", has the sweep; `benchmarks/accuracy/recipe_table.py`):
 #   adapter: AdaptFormer (Chen et al. 2022) and Houlsby et al. 2019 train adapters at 1e-3 with warm-up, for far
 #            longer budgets (VTAB-1k: 100 epochs); ten epochs on a thousand images are 150 steps and want more;
 #   lora:    LoRA on ViTs (Hu et al. 2021; PEFT's image-classification guide) uses 1e-3 to 5e-3;

@@ -3,10 +3,11 @@
 Starts the page (``adaptkit_app.main.launch``) on a registry, drives Debian's chromium with Playwright (the ``dev``
 extra), uploads an image, picks "Auto: which task?" and writes ``docs/assets/page.png``:
 
-    python benchmarks/screenshot_page.py --registry registry.db --image ../shared/data/cifar10-mini/test/ship/0001.jpg
+    python benchmarks/figures/screenshot_page.py --registry registry.db \
+        --image ../shared/data/cifar10-mini/test/ship/0001.jpg
 
 Any registry works; the docs' picture shows tasks trained on the packaged backbone (``adaptkit train --backbone
-vit_cifar_tiny_patch4_32.adaptkit_c10 ...`` on digits and the folders of ``benchmarks/datasets.py``).
+vit_cifar_tiny_patch4_32.adaptkit_c10 ...`` on digits and the folders of ``benchmarks/common/data.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import socket
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import base_parser, machine_line, parse, print_table, register_tasks
 from PIL import Image
 

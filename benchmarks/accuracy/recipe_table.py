@@ -1,6 +1,6 @@
 """Do the default recipes work without tuning? Accuracy of the defaults and of an adapter learning-rate sweep.
 
-For each real offline data set of a different kind (``benchmarks/datasets.py``: handwritten digits, letters rendered
+For each real offline data set of a different kind (``benchmarks/common/data.py``: handwritten digits, letters rendered
 from unseen fonts, five CIFAR-10 classes, and with ``--datasets ... emoji`` the Unicode group of unseen emoji) on the
 packaged backbone, it trains the linear probe, the adapter and LoRA with nothing but ``--dataset``/``--backbone``
 (every other setting at its default), then the adapter at each learning rate of a sweep around its default, and
@@ -9,8 +9,9 @@ points and is within 2 points of the sweep's best.
 
 Usage (runs take minutes each on one CPU thread; ``--jobs`` runs several at once, one thread each)::
 
-    OMP_NUM_THREADS=1 python benchmarks/recipe_table.py --jobs 4
-    python benchmarks/recipe_table.py --datasets digits --factors 0.25 0.5 1 2 4 --auto   # a finer grid, --lr auto
+    OMP_NUM_THREADS=1 python benchmarks/accuracy/recipe_table.py --jobs 4
+    # a finer grid, and --lr auto:
+    python benchmarks/accuracy/recipe_table.py --datasets digits --factors 0.25 0.5 1 2 4 --auto
 
 Runs go defaults first, data set by data set, so a stopped run still has the rows that matter most; every finished
 run is printed to stderr as a JSON line, and appended to ``--resume FILE``, whose runs at the same recipe are not
@@ -28,9 +29,9 @@ import time
 from multiprocessing import get_context
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import print_table  # noqa: E402
-from datasets import specs  # noqa: E402
+from common.data import specs  # noqa: E402
 
 BACKBONE = "vit_cifar_tiny_patch4_32.adaptkit_c10"
 SWEEP = (1 / 3, 1.0, 3.0)  # multiples of the adapter's default learning rate: a half-decade grid

@@ -7,12 +7,14 @@ random weights and routing statistics drawn so that the batch spreads over every
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from bench_mixed import round_robin
-from common import base_parser, machine_line, parse, print_table, randomize, ratio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+from common import base_parser, machine_line, parse, print_table, randomize, ratio, round_robin
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone, create_backbone

@@ -20,6 +20,8 @@ from typing import Any
 import psutil
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, ratio, sync
 
 SPECS = {**METHOD_SPECS, "full": ("full", {})}

@@ -7,8 +7,8 @@ free cores, OpenMP teams wait at every op's barrier for a thread whose core anot
 
 Usage::
 
-    python benchmarks/bench_threads.py                 # K = 1, 2, 4 processes x T = 1, 2 threads (+ passive wait)
-    python benchmarks/bench_threads.py --steps 3 --procs 1 2
+    python benchmarks/speed/bench_threads.py                 # K = 1, 2, 4 processes x T = 1, 2 threads (+ passive wait)
+    python benchmarks/speed/bench_threads.py --steps 3 --procs 1 2
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 
 BACKBONE = "vit_cifar_tiny_patch4_32.adaptkit_c10"
 

@@ -22,8 +22,8 @@ from adaptkit.methods import TaskModel, get_method, unwrap
 from adaptkit.registry import Registry
 from adaptkit.trunk import run_prefix
 
-__all__ = ["METHOD_SPECS", "randomize", "register_task", "register_tasks", "median_time", "ratio", "print_table",
-           "machine_line", "base_parser", "parse", "sync", "block_features"]
+__all__ = ["METHOD_SPECS", "randomize", "register_task", "register_tasks", "median_time", "round_robin", "ratio",
+           "print_table", "machine_line", "base_parser", "parse", "sync", "block_features"]
 
 # name -> (method, config): the configurations the benchmarks compare
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -104,6 +104,20 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, timed one call of each per round after one warm-up round."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for round_ in range(repeats + 1):
+        for label, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_:
+                times[label].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def ratio(value: float, reference: float) -> str:

@@ -6,14 +6,15 @@
 
 from __future__ import annotations
 
-import statistics
+import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import base_parser, machine_line, parse, print_table, ratio, register_tasks, sync
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+from common import base_parser, machine_line, parse, print_table, ratio, register_tasks, round_robin
 
 from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
@@ -22,20 +23,6 @@ from adaptkit.registry import Registry
 EVERY_KIND = [("adapter", {"rank": 64}), ("adapter", {"placement": "adapterplus"}), ("lora", {"rank": 8}),
               ("ssf", {}), ("bitfit", {}), ("vpt", {"tokens": 10}), ("vpt", {"tokens": 5, "mode": "shallow"}),
               ("linear", {})]
-
-
-def round_robin(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, timed one call of each per round after one warm-up round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for round_ in range(repeats + 1):
-        for label, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if round_:
-                times[label].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def cases(predictor: Predictor, refs: list[str], x: torch.Tensor) -> dict[str, Callable[[], object]]:

@@ -4,7 +4,7 @@
 reads the file; ``load_adapter(path)`` is what the Predictor called before the storage layer existed. Both are timed
 round-robin on one ViT-B adapter (r=8, 100 classes, random tensors on a backbone built on the meta device).
 
-    python benchmarks/bench_load_version.py [--repeats 40]
+    python benchmarks/serving/bench_load_version.py [--repeats 40]
 """
 
 from __future__ import annotations

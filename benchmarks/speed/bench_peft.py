@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_mixed import round_robin
-from common import base_parser, machine_line, parse, print_table, ratio, register_tasks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+from common import base_parser, machine_line, parse, print_table, ratio, register_tasks, round_robin
 from peft import LoraConfig, get_peft_model
 
 from adaptkit.backbone import create_backbone

@@ -23,8 +23,9 @@ its test images are never seen.
    averaged over tasks, OAS shrinkage and a uniform prior over tasks, then as it is now: that posterior weighed by
    each task's held-out fit (``Router(by_fit=True)``); and QDA.
 
-    python benchmarks/datasets.py --no-emoji      # optional: the folders are made on first use anyway
-    OMP_NUM_THREADS=2 python benchmarks/routing_ood.py     # about a minute the first time, seconds from the cache
+    python benchmarks/common/data.py --no-emoji      # optional: the folders are made on first use anyway
+    # about a minute the first time, seconds from the cache:
+    OMP_NUM_THREADS=2 python benchmarks/accuracy/routing_ood.py
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from adaptkit.data import load_task_data
 from adaptkit.inference import DEFAULT_REJECT_RATE, Calibration, Router, RoutingStats, Whitener, accumulate_stats
 from adaptkit.models import PACKAGED_BACKBONE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import print_table  # noqa: E402
-from datasets import ROOT, routing_specs  # noqa: E402
+from common.data import ROOT, routing_specs  # noqa: E402
 
 REGISTERED = ("digits", "glyphs", "photos5", "grey5")
 OVERLAP = {frozenset(("glyphs", "glyphs20")), frozenset(("photos2", "photos5"))}  # pairs that share classes

@@ -19,7 +19,8 @@
 
 Usage::
 
-    python benchmarks/datasets.py            # makes ~/.cache/adaptkit/bench/{glyphs-v2,cifar5,emoji}, prints the specs
+    # makes ~/.cache/adaptkit/bench/{glyphs-v2,cifar5,emoji} and prints the specs:
+    python benchmarks/common/data.py
     adaptkit train --dataset folder:$HOME/.cache/adaptkit/bench/glyphs-v2 ...
 
 The folders are made once and are deterministic (seed 0); :func:`specs` returns the ``--dataset`` strings.
@@ -37,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 ROOT = Path.home() / ".cache" / "adaptkit" / "bench"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 FONT_DIRS = [Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/truetype/liberation")]
 LETTERS = "ABCDEFGHIJ"
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")

@@ -6,7 +6,7 @@ default, one file per row) and prints adds/s. Then it times opening the registry
 engine (connect + schema check + query) against the same query on a bare SQLAlchemy engine, and says whether Alembic
 was imported on that read path. Writers are forked after the imports, so process start-up is not counted.
 
-    python benchmarks/bench_registry.py --url postgresql://postgres@127.0.0.1:5432/scratch --writers 4 --adds 25
+    python benchmarks/speed/bench_registry.py --url postgresql://postgres@127.0.0.1:5432/scratch --writers 4 --adds 25
 
 A PostgreSQL URL must name a scratch database: the benchmark leaves its task (``bench-<random>``) there.
 """

@@ -4,10 +4,12 @@ task from its ``.safetensors`` file (``Predictor.load``: registry row, file read
 from __future__ import annotations
 
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import base_parser, machine_line, median_time, parse, print_table, register_tasks
 
 from adaptkit.artifacts import load_adapter

@@ -1,7 +1,7 @@
 """Does a warm start help? A data set split into two tasks by class; the second task cold against warm.
 
-    python benchmarks/warm_start.py                      # digits 0-4 -> 5-9 and glyphs A-E -> F-J
-    python benchmarks/warm_start.py --epochs-b 3 10      # the second task's budgets
+    python benchmarks/accuracy/warm_start.py                      # digits 0-4 -> 5-9 and glyphs A-E -> F-J
+    python benchmarks/accuracy/warm_start.py --epochs-b 3 10      # the second task's budgets
 
 Task A (the first half of the classes) trains an adapter; task B (the other half: new classes, so a new head) then
 trains with the same budget twice: from the identity (cold) and from A's adapter (``init_from``). Both on the
@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from datasets import make_glyphs  # benchmarks/datasets.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+    from common.data import make_glyphs  # benchmarks/common/data.py
 
     from adaptkit.backbone import create_backbone
     from adaptkit.data import load_task_data

@@ -9,16 +9,19 @@ measured on the same images and the same adapters: "task-id" is the share of tes
 
     python examples/class_incremental.py --dataset folder:$HOME/.cache/adaptkit/cifar10 --tasks 5 --epochs 2 \\
         --limit-train 2000 --limit-eval 400 --registry /tmp/cil/registry.db
-    python benchmarks/routing_offline.py --registry /tmp/cil/registry.db --limit-eval 400
+    python benchmarks/accuracy/routing_offline.py --registry /tmp/cil/registry.db --limit-eval 400
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import block_features
 from torch.nn.functional import normalize, one_hot
 

@@ -1,7 +1,7 @@
 """The method table on VTAB-1k-style splits with ViT-B/16 on a GPU, beside the published V-PETL Bench figures.
 
-    python benchmarks/vtab_table.py                        # every method, the VTAB tasks torchvision can fetch
-    python benchmarks/vtab_table.py --tasks cifar100 dtd --only adapter lora
+    python benchmarks/accuracy/vtab_table.py                        # every method, the VTAB tasks torchvision can fetch
+    python benchmarks/accuracy/vtab_table.py --tasks cifar100 dtd --only adapter lora
 
 VTAB-1k trains each task on 1,000 images: :func:`vtab_1k` draws 800 train + 200 val (seeded) from any data set's
 training split; they are written as an image folder (``train/``: the 1,000, of which adaptkit carves the 200 as its
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from method_table import CONFIGS, label, load, resolve, row_key, save  # noqa: E402
 
 from adaptkit.errors import AdaptkitError  # noqa: E402
 
 BACKBONE = "vit_base_patch16_224.augreg_in21k"
-RESULTS = Path(__file__).resolve().parent / "results" / "vtab_table.json"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "vtab_table.json"
 ROOT = Path.home() / ".cache" / "adaptkit" / "vtab1k"
 # VTAB-1k tasks that adaptkit reads from torchvision, by group (the rest: caltech101, sun397, camelyon, resisc45,
 # retinopathy and the eight structured tasks are not torchvision sets adaptkit knows).
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     problems = preflight()
     if problems:
         raise SystemExit("vtab_table.py cannot run here: " + "; ".join(problems) + ". Run it on a GPU machine with "
-                         "network (or the hub cache); offline, benchmarks/method_table.py is the table that runs.")
+                         "network (or the hub cache); offline, benchmarks/accuracy/method_table.py is the table that "
+                         "runs.")
     from adaptkit.registry import Registry
     from adaptkit.training import TrainConfig, train
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, randomize, ratio, sync
 
 from adaptkit.backbone import create_backbone

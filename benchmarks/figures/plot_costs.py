@@ -1,8 +1,8 @@
 """Draw the docs' chart of accuracy against trainable parameters, per method and data set, as an SVG.
 
-The figures are the rows ``benchmarks/method_table.py`` measured (``benchmarks/results/method_table.json``, the
+The figures are the rows ``benchmarks/accuracy/method_table.py`` measured (``benchmarks/results/method_table.json``, the
 method table of ``docs/measured.md``); this only draws them, with no plotting library: ``python
-benchmarks/plot_costs.py`` writes ``docs/assets/cost-accuracy.svg``.
+benchmarks/figures/plot_costs.py`` writes ``docs/assets/cost-accuracy.svg``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLOURS = {"digits": "#1f77b4", "glyphs": "#d62728", "cifar5": "#2ca02c"}
 W, H, LEFT, RIGHT, TOP, BOTTOM = 760, 420, 70, 170, 40, 60
 LABELLED = "glyphs"  # the set whose points are spread out enough to carry the method names
@@ -31,7 +31,7 @@ def method_table(path: Path) -> list[tuple[str, str, float, int]]:
             method += f" --blocks {config['blocks']}"
         rows.append((data, method, 100 * row["test_top1"], row["trainable_params"]))
     if not rows:
-        raise SystemExit(f"no finished rows in {path}: run benchmarks/method_table.py first")
+        raise SystemExit(f"no finished rows in {path}: run benchmarks/accuracy/method_table.py first")
     return rows
 
 

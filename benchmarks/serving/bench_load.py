@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import base_parser, median_time, parse, print_table, register_tasks
 
 from adaptkit.registry import Registry
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CIFAR_MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
 CLIENT_TIMEOUT_S = 120.0  # per HTTP call; a request that takes longer counts as an error
 # gradio_client opens a new httpx client for each HTTP call of a request (upload, join, stream), and each builds an

@@ -1,7 +1,7 @@
 """Work that training skips: cached frozen features for the linear probe, and adapters in the last half of the blocks.
 
-    python benchmarks/bench_skip.py probe     # linear probe, 10 epochs, no augmentation: cached against uncached
-    python benchmarks/bench_skip.py blocks    # adapter r=64 in every block against the last half: step and memory
+    python benchmarks/speed/bench_skip.py probe     # linear probe, 10 epochs, no augmentation: cached against uncached
+    python benchmarks/speed/bench_skip.py blocks    # adapter r=64 in every block against the last half: step and memory
 
 ``probe`` times the whole ``train()`` call (backbone, data, epochs, test, file and row) on the packaged backbone and
 ``digits``, both ways, in one process. ``blocks`` runs each case in a fresh subprocess (as ``bench_train_step.py``),
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 from bench_train_step import PeakRSS, time_train_steps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import base_parser, machine_line, parse, print_table, ratio, sync
 
 CASES = {"every block": None, "last half": "half", "last half, cached": "half-cached"}

@@ -1,10 +1,10 @@
 """The method table: every method in ``adaptkit.methods.METHODS`` with the same budget on the three offline data sets.
 
-    python benchmarks/method_table.py                    # all rows; rows already in the JSON file are reused
-    python benchmarks/method_table.py --only adapter     # one method's rows (re)computed if missing
-    python benchmarks/method_table.py --fresh            # ignore the saved rows
-    python benchmarks/method_table.py --print            # the table of the saved rows, nothing trained
-    OMP_NUM_THREADS=1 python benchmarks/method_table.py --jobs 2   # two rows at once, one thread each
+    python benchmarks/accuracy/method_table.py                    # all rows; rows already in the JSON file are reused
+    python benchmarks/accuracy/method_table.py --only adapter     # one method's rows (re)computed if missing
+    python benchmarks/accuracy/method_table.py --fresh            # ignore the saved rows
+    python benchmarks/accuracy/method_table.py --print            # the table of the saved rows, nothing trained
+    OMP_NUM_THREADS=1 python benchmarks/accuracy/method_table.py --jobs 2   # two rows at once, one thread each
 
 Each row is (data set, method, settings): the packaged backbone and the default recipe (``TrainConfig()``: 10 epochs,
 batch 64, light augmentation, seed 0, the method's default learning rate), the same for every method. A method
@@ -33,7 +33,7 @@ from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.registry import Registry
 from adaptkit.training import TrainConfig, train
 
-RESULTS = Path(__file__).resolve().parent / "results" / "method_table.json"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "method_table.json"
 HALF = "half"  # a ``blocks`` value resolved to half the backbone's depth
 # Settings per method; a method not named here runs once with its defaults.
 CONFIGS: dict[str, list[dict[str, Any]]] = {
@@ -76,7 +76,7 @@ def run_row(job: tuple[str, str, str, dict[str, Any], int]) -> tuple[str, dict[s
 
 def reuse(log: Path, rows: dict[str, Any]) -> None:
     """Take the rows that ``recipe_table.py`` already trained (a method at its defaults, at this budget's recipe)."""
-    from recipe_table import same_run  # benchmarks/ is on the path (see main)
+    from recipe_table import same_run  # beside this script, in accuracy/
 
     for line in (json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")):
         same = same_run(line, (line["dataset"], "", line["method"], None, BUDGET))
@@ -122,8 +122,8 @@ def main() -> None:
     parser.add_argument("--print", action="store_true", help="print the table of the saved rows, train nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from datasets import specs  # benchmarks/datasets.py (imported here: the name is also Hugging Face's package)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+    from common.data import specs  # benchmarks/common/data.py
     from timm import create_model
 
     depth = len(create_model(PACKAGED_BACKBONE.split(".")[0]).blocks)
@@ -149,7 +149,7 @@ def main() -> None:
     cfg = TrainConfig(**BUDGET)
     print(f"\n{PACKAGED_BACKBONE}, {cfg.epochs} epochs, batch {cfg.batch_size}, augment {cfg.augment}, "
           f"seed {cfg.seed}, each method at its default learning rate, {args.threads} thread(s); "
-          f"`python benchmarks/method_table.py`\n")
+          f"`python benchmarks/accuracy/method_table.py`\n")
     print(table(rows, plan, depth))
 
 

@@ -1,13 +1,13 @@
 """What the frozen features already give: a converged logistic regression on the packaged backbone's features.
 
-For each data set of ``benchmarks/datasets.py`` it runs the frozen backbone once over the training and test images
+For each data set of ``benchmarks/common/data.py`` it runs the frozen backbone once over the training and test images
 (no augmentation), fits scikit-learn's L2 logistic regression (L-BFGS to convergence) on the pooled pre-logits
 features, on each block's output (class token and mean patch token) and on the standardised grey pixels, and
 prints train and test top-1. It answers two questions before any recipe is tuned: can the task be learnt at all
 from these images (train and test accuracy of the probes), and how far a default linear probe trained by adaptkit is
 from a converged one (so how much of an adapter's lead over it is the probe being undertrained).
 
-    OMP_NUM_THREADS=1 python benchmarks/probe_ceiling.py             # the three data sets, about a minute
+    OMP_NUM_THREADS=1 python benchmarks/accuracy/probe_ceiling.py             # the three data sets, about a minute
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from adaptkit.backbone import create_backbone
 from adaptkit.data import load_task_data
 from adaptkit.models import PACKAGED_BACKBONE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import block_features, print_table  # noqa: E402
-from datasets import specs  # noqa: E402
+from common.data import specs  # noqa: E402
 
 
 @torch.no_grad()
