@@ -7,8 +7,9 @@ The public names are imported on first use (PEP 562), as in :mod:`adaptkit.train
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from adaptkit.lazy import lazy_names
 
 _WHERE: dict[str, str] = {}
 for _module, _names in {
@@ -59,13 +60,4 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'adaptkit.inference' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"adaptkit.inference.{_WHERE[name]}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__ = lazy_names(__name__, {name: f"{__name__}.{module}" for name, module in _WHERE.items()})

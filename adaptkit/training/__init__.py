@@ -7,8 +7,9 @@ imports) costs no torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from adaptkit.lazy import lazy_names
 
 _WHERE = {
     "METHOD_DEFAULTS": "config", "TrainConfig": "config", "TrainEvent": "config", "TrainResult": "config",
@@ -24,13 +25,4 @@ if TYPE_CHECKING:
     from adaptkit.training.pipeline import evaluate, train
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'adaptkit.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"adaptkit.training.{_WHERE[name]}"), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__ = lazy_names(__name__, {name: f"{__name__}.{module}" for name, module in _WHERE.items()})
