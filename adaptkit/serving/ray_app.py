@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -90,11 +91,18 @@ def _http(exc: Exception) -> HTTPException:
         return HTTPException(400, text)
     if isinstance(exc, RoutingError):
         return HTTPException(409, text)
-    if isinstance(exc, RegistryError):
-        return HTTPException(503, text)
-    if isinstance(exc, AdaptkitError):
-        return HTTPException(500, text)
+    if isinstance(exc, (RegistryError, AdaptkitError)):  # the server's fault: its paths stay in its log
+        _log.warning("request failed: %s", text)
+        return HTTPException(503 if isinstance(exc, RegistryError) else 500, _no_paths(text))
     return HTTPException(500, f"unexpected {type(exc).__name__}; the server log has the details")
+
+
+_PATH = re.compile(r"(?<![\w:/])(?:/[^\s/'\"]+)+/([^\s/'\"]+)")  # an absolute path; its last part is kept
+
+
+def _no_paths(text: str) -> str:
+    """``text`` with every absolute path on the server cut to its file name (the server's log has them whole)."""
+    return _PATH.sub(r"\1", text)
 
 
 def decode_image(data: bytes) -> Image.Image:
