@@ -31,6 +31,7 @@ from adaptkit.checks import check_float
 from adaptkit.errors import AdaptkitError, ConfigError, param, step
 from adaptkit.inference import Prediction, Predictor, RoutedPrediction
 from adaptkit.registry import Registry, VersionRow
+from adaptkit.serving.staging import Staging
 
 __all__ = ["AdapterCache", "CacheStats"]
 
@@ -61,25 +62,6 @@ class CacheStats:
         return {**asdict(self), "hit_rate": round(self.hit_rate, 4)}
 
 
-class _Staging:
-    """The predictor's view of the registry: rows the cache resolved and files the prefetcher read are handed over
-    instead of being looked up or read again; everything else goes to the registry itself."""
-
-    def __init__(self, registry: Registry, cache: AdapterCache) -> None:
-        self._registry, self._cache = registry, cache
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._registry, name)
-
-    def get_version(self, ref: str, **kwargs: Any) -> VersionRow:
-        known = self._cache._rows.get(ref)  # just resolved by the cache for the batch being put together
-        return known[1] if known is not None and not kwargs else self._registry.get_version(ref, **kwargs)
-
-    def load_version(self, version: VersionRow, *, fingerprint: str | None = None,
-                     device: Any = "cpu") -> tuple[dict, AdapterMeta]:
-        return self._cache._read_for_batch(version, fingerprint, device)
-
-
 def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -106,7 +88,7 @@ class AdapterCache:
         check_float("resolve_ttl_s", resolve_ttl_s, 0)
         self.predictor = predictor
         self.registry: Registry = predictor.registry
-        predictor.registry = _Staging(self.registry, self)  # type: ignore[assignment]
+        predictor.registry = Staging(self.registry, self)  # type: ignore[assignment]
         self.budget = int(cache_mb * _MB)
         self.resolve_ttl_s = resolve_ttl_s
         self.max_staged = max_staged
