@@ -39,6 +39,28 @@ def test_train_leaves_shared_backbone_unchanged_and_reports(pico, registry, cifa
     assert m["top1"] == pytest.approx(result.metrics["test_top1"])  # the same weights, the same test images
 
 
+def test_fit_trains_in_memory_with_no_registry_and_equals_train(pico, registry, cifar_mini, tmp_path, monkeypatch):
+    from adaptkit.data import load_task_data
+    from adaptkit.methods import get_method
+    from adaptkit.training import fit, seed_everything
+
+    monkeypatch.chdir(tmp_path)  # nothing may appear where it runs
+    cfg = QUICK.resolved("adapter")
+    data = load_task_data(f"folder:{cifar_mini}", pico.data_config, seed=cfg.seed, augment=cfg.augment,
+                          val_fraction=cfg.val_fraction, limit_train=cfg.limit_train, limit_eval=cfg.limit_eval)
+    seed_everything(cfg.seed)
+    model = get_method("adapter").attach(pico.model, len(data.classes))
+    try:
+        got = fit(model, data, cfg, device=torch.device("cpu"))
+    finally:
+        model.detach_from_trunk()
+    assert list(tmp_path.iterdir()) == []
+    assert [h["epoch"] for h in got.history] == [1, 2] and got.config.lr == cfg.lr and got.search is None
+    assert set(got.metrics) == {"val_top1", "best_epoch", "test_top1", "test_top5", "test_loss", "test_images"}
+    with_registry = train(f"folder:{cifar_mini}", task="t", backbone=pico, config=QUICK, registry=registry)
+    assert with_registry.metrics == pytest.approx(got.metrics)  # train() is fit() plus the data and the registry
+
+
 def test_interrupt_leaves_no_row_and_no_file(pico, registry, cifar_mini):
     def stop(event: TrainEvent) -> None:
         if event.phase == "val":

@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +31,12 @@ from adaptkit.errors import ConfigError, DatasetError, param
 from adaptkit.inference import RoutingStats, collect_task_stats, task_stats_from_features
 from adaptkit.methods import get_method
 from adaptkit.registry import TASK_NAME, Registry, VersionRow
-from adaptkit.threads import default_threads
+from adaptkit.threads import default_threads, torch_threads
 from adaptkit.training import feature_cache, warmstart
-from adaptkit.training.checkpointing import activation_checkpointing
 from adaptkit.training.checks import check_train_args, fit_batch
 from adaptkit.training.config import TrainConfig, TrainEvent, TrainResult
-from adaptkit.training.loop import (
-    _autocast,
-    _fit,
-    _loader,
-    _reduced_precision,
-    _search_lr,
-    _workers,
-    run_eval,
-    seed_everything,
-)
+from adaptkit.training.fitting import FitResult, fit
+from adaptkit.training.loop import _reduced_precision, run_eval, seed_everything
 from adaptkit.training.lr_search import LrSearch
 from adaptkit.training.tracking import Trackers, check_trackers, open_trackers
 
@@ -133,13 +123,49 @@ def train(
     chosen = get_method(method, method_config)  # validates the method's settings before anything slow
     check_trackers(log_to)
     given = config or TrainConfig()
-    cfg = given.resolved(chosen.name)
     rank, world = _distributed()
-    device = _device(cfg.device, rank, world)
+    device = _device(given.device, rank, world)
     registry = registry if isinstance(registry, Registry) else Registry(registry)
     if not isinstance(backbone, Backbone):
         backbone = create_backbone(backbone, weights=weights, pretrained=pretrained, device=device)
     backbone.model.to(device)
+    data, cfg = _task_data(dataset, task, backbone, given.resolved(chosen.name), registry, rank, data_dir=data_dir,
+                           download=download, classes=classes, image_column=image_column, label_column=label_column)
+    warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
+                            data=data) if init_from else None
+    trackers = open_trackers(log_to if rank == 0 else None, run_name=task, log_dir=log_dir)
+    if trackers:
+        trackers.params({"task": task, "dataset": dataset, "backbone": backbone.name, "method": chosen.name,
+                         "method_config": chosen.config_dict(), **asdict(cfg)})
+        on_event = _both(on_event, trackers.event)
+    with torch_threads(cfg.threads or default_threads()) as threads:
+        seed_everything(cfg.seed)
+        model = chosen.attach(backbone.model, len(data.classes))
+        try:
+            if warm is not None:
+                warmstart.apply(model, warm, data.classes)
+            result = fit(model, data, cfg, device=device, world=world, on_event=on_event)
+            version = None
+            if rank == 0:
+                (on_event or (lambda e: None))(TrainEvent("save", cfg.epochs, cfg.epochs, 0, 1))
+                recipe = _recipe(given, result.config, device, threads, result.search)
+                version = _register(registry, task, dataset, backbone, model, data, result, recipe, device,
+                                    world, classes=classes, columns=(image_column, label_column), warm=warm,
+                                    trackers=trackers)
+            return TrainResult(version=version, metrics=result.metrics, history=result.history, model=model,
+                               init_from=warm.record() if warm is not None else None)
+        except BaseException:
+            trackers.fail()
+            raise
+        finally:
+            if chosen.name != "full":
+                model.detach_from_trunk()  # the shared backbone leaves exactly as it came
+
+
+def _task_data(dataset: str, task: str, backbone: Backbone, cfg: TrainConfig, registry: Registry, rank: int, *,
+               data_dir: str | None, download: bool, classes: str | list[str] | None, image_column: str | None,
+               label_column: str | None) -> tuple[Any, TrainConfig]:
+    """The task's data, checked against its classes and the registry, and the recipe with its batch fitted to it."""
     data = load_task_data(dataset, backbone.data_config, data_dir=data_dir, download=download and rank == 0,
                           val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
                           limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale,
@@ -149,69 +175,32 @@ def train(
                            f"some, so raise {param('limit_train')} (or leave it out) or train on fewer "
                            f"{param('classes')}")
     registry.check_classes(task, data.classes)
-    cfg = fit_batch(cfg, len(data.train))
-    warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
-                            data=data) if init_from else None
+    return data, fit_batch(cfg, len(data.train))
 
-    trackers = open_trackers(log_to if rank == 0 else None, run_name=task, log_dir=log_dir)
+
+def _register(registry: Registry, task: str, dataset: str, backbone: Backbone, model: Any, data: Any,
+              result: FitResult, recipe: dict[str, Any], device: torch.device, world: int, *,
+              classes: str | list[str] | None, columns: tuple[str | None, str | None], warm: Any,
+              trackers: Trackers) -> VersionRow:
+    """Record the trained model as the task's next version: its file (adapter, head, routing statistics) and row."""
+    meta = AdapterMeta(task=task, classes=data.classes, method=model.method.name,
+                       method_config=model.method.config_dict(), backbone=backbone.name,
+                       backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
+                       backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
+                       data_config=backbone.data_config, dataset=dataset, metrics=result.metrics, recipe=recipe)
+    stats = _routing_stats(backbone, data, result.features, result.net, result.config, device)
+    info: dict[str, Any] = {**result.timing, "recipe": recipe, "world_size": world, "train_images": len(data.train)}
+    if classes:
+        info["classes"] = classes if isinstance(classes, str) else ",".join(classes)
+    info.update({k: v for k, v in zip(("image_column", "label_column"), columns, strict=True) if v})
+    if warm is not None:
+        info["init_from"] = warm.record()
     if trackers:
-        trackers.params({"task": task, "dataset": dataset, "backbone": backbone.name, "method": chosen.name,
-                         "method_config": chosen.config_dict(), **asdict(cfg)})
-        on_event = _both(on_event, trackers.event)
-    threads = cfg.threads or default_threads()
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    seed_everything(cfg.seed)
-    model = chosen.attach(backbone.model, len(data.classes))
-    try:
-        if warm is not None:
-            warmstart.apply(model, warm, data.classes)
-        started = time.perf_counter()
-        feats, net = feature_cache.prepare(model, data, batch_size=cfg.batch_size * 2, workers=_workers(cfg),
-                                          device=device,
-                                          autocast=lambda: _autocast(device, cfg.precision),
-                                          enabled=cfg.feature_cache and world == 1)
-        with activation_checkpointing(model.trunk, cfg.checkpointing):
-            search = _search_lr(model, feats, cfg, chosen.name, device, world, on_event, net) \
-                if cfg.lr == "auto" else None
-            cfg = replace(cfg, lr=search.chosen) if search else cfg
-            best, history, timing = _fit(model, feats, cfg, device, world, on_event, net)
-        timing["train_time_s"] = time.perf_counter() - started  # the cached pass and the search count as training
-        model.load_state(best["state"])
-        emit = on_event or (lambda e: None)
-        test = run_eval(net, _loader(feats.test, cfg.batch_size * 2, False, cfg, 1, device), device,
-                        lambda s, n: emit(TrainEvent("test", cfg.epochs, cfg.epochs, s, n)), cfg.precision)
-        metrics = {"val_top1": best["val_top1"], "best_epoch": best["epoch"], "test_top1": test["top1"],
-                   "test_top5": test["top5"], "test_loss": test["loss"], "test_images": test["images"]}
-        version = None
-        if rank == 0:
-            emit(TrainEvent("save", cfg.epochs, cfg.epochs, 0, 1))
-            recipe = _recipe(given, cfg, device, threads, search)
-            meta = AdapterMeta(task=task, classes=data.classes, method=chosen.name,
-                               method_config=chosen.config_dict(), backbone=backbone.name,
-                               backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
-                               backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
-                               data_config=backbone.data_config, dataset=dataset, metrics=metrics, recipe=recipe)
-            stats = _routing_stats(backbone, data, feats, net, cfg, device)
-            subset = {"classes": classes if isinstance(classes, str) else ",".join(classes)} if classes else {}
-            subset.update({k: v for k, v in (("image_column", image_column), ("label_column", label_column)) if v})
-            warm_info = {"init_from": warm.record()} if warm is not None else {}
-            tracked = {"tracking": trackers.record()} if trackers else {}
-            version = registry.add_version(meta, {**model.state(), **stats.to_tensors()},
-                                           train_info={**timing, "recipe": recipe, "world_size": world,
-                                                       "train_images": len(data.train), **subset, **warm_info,
-                                                       **tracked})
-            if trackers:
-                _finish_tracking(trackers, registry, version, recipe, metrics)
-        return TrainResult(version=version, metrics=metrics, history=history, model=model,
-                           init_from=warm.record() if warm is not None else None)
-    except BaseException:
-        trackers.fail()
-        raise
-    finally:
-        torch.set_num_threads(threads_before)
-        if chosen.name != "full":
-            model.detach_from_trunk()  # the shared backbone leaves exactly as it came
+        info["tracking"] = trackers.record()
+    version = registry.add_version(meta, {**model.state(), **stats.to_tensors()}, train_info=info)
+    if trackers:
+        _finish_tracking(trackers, registry, version, recipe, result.metrics)
+    return version
 
 
 def _both(first: Callable[[TrainEvent], None] | None,
