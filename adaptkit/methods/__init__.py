@@ -6,10 +6,11 @@ from typing import Any
 
 from adaptkit.errors import ConfigError
 from adaptkit.methods.adapter import AdapterConfig, AdapterMethod
-from adaptkit.methods.base import Method, TaskContext, TaskModel, task_context, unwrap
+from adaptkit.methods.base import Method, TaskModel
 from adaptkit.methods.bitfit import BitFitConfig, BitFitMethod
 from adaptkit.methods.linear import FullConfig, FullMethod, LinearConfig, LinearMethod
 from adaptkit.methods.lora import LoraConfig, LoraMethod, merge_lora
+from adaptkit.methods.sites import TaskContext, task_context, unwrap
 from adaptkit.methods.ssf import SsfConfig, SsfMethod, merge_ssf
 from adaptkit.methods.vpt import VptConfig, VptMethod
 from adaptkit.suggest import did_you_mean

@@ -26,7 +26,8 @@ from torch import nn
 
 from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
-from adaptkit.methods.base import Method, TaskContext, TaskSite, find_site, put_rows
+from adaptkit.methods.base import Method
+from adaptkit.methods.sites import TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["AdapterConfig", "Bottleneck", "AdapterSite", "AdapterMethod"]
 

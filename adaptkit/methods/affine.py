@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.methods.base import TaskContext, TaskSite, find_site, put_rows
+from adaptkit.methods.sites import TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["ChannelAffine", "AffineSite", "affine_layers", "fold_affine"]
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from adaptkit.methods.affine import inject_affine
-from adaptkit.methods.base import Method, TaskContext
+from adaptkit.methods.base import Method
+from adaptkit.methods.sites import TaskContext
 
 __all__ = ["BitFitConfig", "BitFitMethod"]
 

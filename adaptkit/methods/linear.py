@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from adaptkit.methods.base import Method, TaskContext, private_trunk
+from adaptkit.methods.base import Method, private_trunk
+from adaptkit.methods.sites import TaskContext
 from adaptkit.trunk import AFTER_BLOCKS  # the norms after the last block train with the last blocks
 
 __all__ = ["LinearConfig", "LinearMethod", "FullConfig", "FullMethod"]

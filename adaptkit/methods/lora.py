@@ -16,7 +16,8 @@ from torch import nn
 
 from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
-from adaptkit.methods.base import Method, TaskContext, TaskModel, TaskSite, find_site, plain_copy, put_rows
+from adaptkit.methods.base import Method, TaskModel, plain_copy
+from adaptkit.methods.sites import TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["LoraConfig", "LoraUpdate", "LoraSite", "LoraMethod", "merge_lora"]
 

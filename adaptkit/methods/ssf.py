@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from adaptkit.methods.affine import ChannelAffine, fold_affine, inject_affine
-from adaptkit.methods.base import Method, TaskContext, TaskModel, plain_copy
+from adaptkit.methods.base import Method, TaskModel, plain_copy
+from adaptkit.methods.sites import TaskContext
 
 __all__ = ["SsfConfig", "SsfMethod", "merge_ssf"]
 

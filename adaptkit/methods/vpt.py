@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from adaptkit.errors import ConfigError
-from adaptkit.methods.base import Method, TaskContext, TaskSite, find_site
+from adaptkit.methods.base import Method
+from adaptkit.methods.sites import TaskContext, TaskSite, find_site
 
 __all__ = ["VptConfig", "PromptTokens", "PromptSite", "VptMethod"]
 
