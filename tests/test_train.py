@@ -45,7 +45,7 @@ def test_fit_trains_in_memory_with_no_registry_and_equals_train(pico, registry, 
     from adaptkit.training import fit, seed_everything
 
     monkeypatch.chdir(tmp_path)  # nothing may appear where it runs
-    cfg = QUICK.resolved("adapter")
+    cfg = QUICK  # lr and weight decay None: fit() takes the method's, as train() does
     data = load_task_data(f"folder:{cifar_mini}", pico.data_config, seed=cfg.seed, augment=cfg.augment,
                           val_fraction=cfg.val_fraction, limit_train=cfg.limit_train, limit_eval=cfg.limit_eval)
     seed_everything(cfg.seed)
@@ -55,8 +55,13 @@ def test_fit_trains_in_memory_with_no_registry_and_equals_train(pico, registry, 
     finally:
         model.detach_from_trunk()
     assert list(tmp_path.iterdir()) == []
-    assert [h["epoch"] for h in got.history] == [1, 2] and got.config.lr == cfg.lr and got.search is None
+    assert [h["epoch"] for h in got.history] == [1, 2] and got.search is None
+    assert got.config.lr == QUICK.resolved("adapter").lr
     assert set(got.metrics) == {"val_top1", "best_epoch", "test_top1", "test_top5", "test_loss", "test_images"}
+    with pytest.raises(ConfigError, match="must be a task model"):
+        fit(pico.model, data, cfg, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="must be a TrainConfig"):
+        fit(model, data, {"epochs": 1}, device=torch.device("cpu"))
     with_registry = train(f"folder:{cifar_mini}", task="t", backbone=pico, config=QUICK, registry=registry)
     assert with_registry.metrics == pytest.approx(got.metrics)  # train() is fit() plus the data and the registry
 

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.errors import ConfigError
 from adaptkit.methods import TaskModel
 from adaptkit.training import feature_cache
 from adaptkit.training.checkpointing import activation_checkpointing
+from adaptkit.training.checks import fit_batch
 from adaptkit.training.config import TrainConfig, TrainEvent
 from adaptkit.training.loop import _autocast, _fit, _loader, _search_lr, _workers, run_eval
 from adaptkit.training.lr_search import LrSearch
@@ -38,20 +40,30 @@ class FitResult:
 
 def fit(model: TaskModel, data: Any, config: TrainConfig, *, device: torch.device, world: int = 1,
         on_event: Callable[[TrainEvent], None] | None = None) -> FitResult:
-    """Train ``model`` on ``data`` (its ``train``/``val``/``test`` splits) with the recipe ``config`` (defaults
-    resolved, see :meth:`TrainConfig.resolved`): the frozen blocks' features cached once when nothing augments
-    them, a learning-rate sweep first when ``lr="auto"``, then the epochs, keeping the best validation epoch, whose
-    state is loaded back before the test split is evaluated.
+    """Train ``model`` on ``data`` (its ``train``/``val``/``test`` splits) with the recipe ``config`` (the method's
+    defaults fill what it leaves None, see :meth:`TrainConfig.resolved`; the batch is capped at the training images):
+    the frozen blocks' features cached once when nothing augments them, a learning-rate sweep first when
+    ``lr="auto"``, then the epochs, keeping the best validation epoch, whose state is loaded back before the test
+    split is evaluated.
 
     Args:
         model: a task model attached to its backbone (:meth:`Method.attach`).
         data: the task's data (:func:`adaptkit.data.load_task_data`).
         config: the recipe.
+
+    Raises:
+        ConfigError: ``model`` is not an attached task model or ``config`` not a TrainConfig.
         device: where to train; the model is on it already.
         world: the data-parallel world size (under ``torchrun``), 1 otherwise.
         on_event: called with a :class:`TrainEvent` after every step and evaluation.
     """
-    cfg = config
+    if not isinstance(model, TaskModel):
+        raise ConfigError(f"model must be a task model attached to its backbone (Method.attach), got "
+                          f"{type(model).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
+    cfg = config.resolved(model.method.name)  # the method's default rate and weight decay where None
+    cfg = fit_batch(cfg, len(data.train))
     started = time.perf_counter()
     feats, net = feature_cache.prepare(model, data, batch_size=cfg.batch_size * 2, workers=_workers(cfg),
                                       device=device, autocast=lambda: _autocast(device, cfg.precision),
