@@ -4,6 +4,7 @@ mixed batches and routed batches give the answers each gives alone, while tasks 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -94,6 +95,33 @@ def test_loads_and_unloads_under_running_predictions_change_no_answer(reg):
     for n in NAMES[:2]:
         for got in results[n]:
             assert all(same(a, b) for a, b in zip(got, want[n], strict=True)), n
+
+
+def test_unloading_a_task_waits_for_the_forward_pass_that_uses_it(reg):
+    """Without the gate the unload lands mid-pass: the last block runs without the adapter and the answer changes."""
+    imgs = random_images(4, seed=5)
+    shared = Predictor(reg, device="cpu")
+    want = shared.predict(imgs, "alpha", topk=3)
+    task = shared.load("alpha")
+    inside = threading.Event()
+
+    def slow(module, inputs) -> None:  # the pass pauses before the last block, holding no lock of ours
+        inside.set()
+        time.sleep(0.3)
+
+    hook = task.model.trunk.blocks[-1].register_forward_pre_hook(slow)
+    got: list = []
+    try:
+        worker = threading.Thread(target=lambda: got.append(shared.predict(imgs, "alpha", topk=3)))
+        worker.start()
+        assert inside.wait(30)
+        shared.unload("alpha")  # waits for the pass to leave
+        worker.join(60)
+    finally:
+        hook.remove()
+    assert got and all(same(g, w) for g, w in zip(got[0], want, strict=True))
+    assert "alpha" not in shared._refs  # and then it is gone
+    assert all(same(g, w) for g, w in zip(shared.predict(imgs, "alpha", topk=3), want, strict=True))  # loads again
 
 
 def test_the_gate_lets_readers_in_together_and_a_writer_alone():
