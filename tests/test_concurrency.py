@@ -124,6 +124,28 @@ def test_unloading_a_task_waits_for_the_forward_pass_that_uses_it(reg):
     assert all(same(g, w) for g, w in zip(shared.predict(imgs, "alpha", topk=3), want, strict=True))  # loads again
 
 
+def test_a_task_unloaded_between_resolving_it_and_its_pass_is_loaded_again(reg):
+    """The unload of another thread can land after a call found its task and before the pass: the pass must not run
+    the task's head over a backbone without its adapter."""
+    imgs = random_images(3, seed=6)
+    shared = Predictor(reg, device="cpu")
+    x = shared.preprocess(imgs, shared.load("beta"))
+    want = shared.logits(x, "beta")
+    find, raced = shared._task, []
+
+    def find_then_lose(ref):
+        task = find(ref)
+        if not raced:
+            raced.append(ref)
+            shared.unload(ref)  # as if another thread unloaded it right here
+        return task
+
+    shared._task = find_then_lose
+    got = shared.logits(x, "beta")
+    assert raced == ["beta"] and torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(shared.logits_mixed(x, ["beta"] * 3)[0], want[0], atol=1e-6)
+
+
 def test_the_gate_lets_readers_in_together_and_a_writer_alone():
     gate = Gate()
     inside, most, order = [0], [0], []

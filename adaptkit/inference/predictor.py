@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 
@@ -64,8 +65,9 @@ class Predictor(AutoPredict):
 
     def refresh(self) -> None:
         """Forget how refs resolve (after the registry changed); resident backbones and adapters stay."""
-        self._refs.clear()
-        self._routers.clear()
+        with self._gate.writing():  # not while a load or an unload walks the same tables
+            self._refs.clear()
+            self._routers.clear()
 
     def load(self, ref: str) -> LoadedTask:
         """Attach the version ``ref`` (``task`` or ``task@N``) to its backbone, loading either if needed."""
@@ -119,6 +121,7 @@ class Predictor(AutoPredict):
             del self._refs[k]
         if self.active is task:
             self.active = None
+        task.attached = False
 
     def _host_for(self, row: VersionRow) -> _Host:
         fp = row.backbone.fingerprint
@@ -163,8 +166,7 @@ class Predictor(AutoPredict):
     @torch.inference_mode()
     def logits(self, x: torch.Tensor, ref: str | None = None) -> torch.Tensor:
         """Logits of a preprocessed batch under task ``ref`` (default: the active task)."""
-        task = self._task(ref)
-        with self._gate.reading(), self._autocast():
+        with self._resident([ref]) as (task,), self._autocast():
             if self.merge_lora and task.meta.method == "lora":
                 return self._merged_model(task)(x).float()
             with task.model.ctx.using(active=task.model.slot):  # this call's task; other threads keep theirs
@@ -182,12 +184,11 @@ class Predictor(AutoPredict):
         """
         if len(refs) != x.shape[0]:
             raise ConfigError(f"{x.shape[0]} images but {len(refs)} task names: give one task per image")
-        tasks = [self._task(r) for r in refs]
-        out: list[torch.Tensor | None] = [None] * len(tasks)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, t in enumerate(tasks):  # one pass per trunk (a full copy has its own) and per number of added tokens
-            groups.setdefault((id(t.model.trunk), t.model.method.added_tokens()), []).append(i)
-        with self._gate.reading(), self._autocast():
+        with self._resident(refs) as tasks, self._autocast():
+            out: list[torch.Tensor | None] = [None] * len(tasks)
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, t in enumerate(tasks):  # one pass per trunk (a full copy has its own) and per added tokens
+                groups.setdefault((id(t.model.trunk), t.model.method.added_tokens()), []).append(i)
             for members in groups.values():
                 self._run_group(x, tasks, members, out, prefix)
         return out  # type: ignore[return-value]
@@ -228,6 +229,17 @@ class Predictor(AutoPredict):
         return [self._topk(row, t, topk) for row, t in zip(self.logits_mixed(x, refs), tasks, strict=True)]
 
     # -- helpers -----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _resident(self, refs: list[str | None]) -> Iterator[list[LoadedTask]]:
+        """The tasks ``refs`` name (loaded first where needed), attached for as long as the block runs: an unload
+        waits for it; one that came between resolving a task and entering is seen, and the task is loaded again."""
+        while True:
+            tasks = [self._task(r) for r in refs]
+            with self._gate.reading():
+                if all(t.attached for t in tasks):
+                    yield tasks
+                    return
 
     def _task(self, ref: str | None) -> LoadedTask:
         if ref is not None and not isinstance(ref, str):

@@ -68,6 +68,7 @@ class LoadedTask:
     model: TaskModel
     host: _Host
     routing: RoutingStats | None = None  # what routing needs of this version, if its file has it
+    attached: bool = True  # False once unloaded: its modules are off the backbone
 
     @property
     def classes(self) -> list[str]:
