@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_train_step import PeakRSS, time_train_steps
+from bench_train_step import peak_memory, time_train_steps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
-from common import base_parser, machine_line, parse, print_table, ratio, sync
+from common import base_parser, machine_line, parse, print_table, ratio
 
 CASES = {"every block": None, "last half": "half", "last half, cached": "half-cached"}
 
@@ -69,14 +69,7 @@ def one_case(case: str, backbone_name: str, batch: int, steps: int, device: str)
             task.ctx.active = task.slot
             inputs = run_prefix(task.trunk, x, depth - blocks)
         net = CachedTask(task, depth - blocks)
-    if cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    with PeakRSS() as rss:
-        start_rss = rss.peak
-        times = time_train_steps(net, task.trainable_parameters(), inputs, y, steps, cuda)
-    peak = torch.cuda.max_memory_allocated() - before if cuda else rss.peak - start_rss
+    times, peak = peak_memory(lambda: time_train_steps(net, task.trainable_parameters(), inputs, y, steps, cuda), cuda)
     return {"time": statistics.median(times), "peak_mb": peak / 2**20, "trainable": task.num_trainable()}
 
 

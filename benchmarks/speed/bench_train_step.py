@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,19 @@ def time_train_steps(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y:
     return times
 
 
+def peak_memory(run: Callable[[], Any], cuda: bool) -> tuple[Any, int]:
+    """``run()`` and the bytes of memory it added at its peak: on CUDA the allocator's peak, on the CPU the resident
+    set size sampled every millisecond, both above what the process held when it started."""
+    if cuda:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    with PeakRSS() as rss:
+        start_rss = rss.peak
+        out = run()
+    return out, (torch.cuda.max_memory_allocated() - before if cuda else rss.peak - start_rss)
+
+
 def one_method(label: str, backbone_name: str, batch: int, steps: int, device: str) -> dict:
     """Run in the child process: time ``steps`` training steps after one warm-up step; measure peak memory."""
     from adaptkit.backbone import create_backbone
@@ -85,15 +99,12 @@ def one_method(label: str, backbone_name: str, batch: int, steps: int, device: s
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     cuda = device.startswith("cuda")
-    if cuda:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    with PeakRSS() as rss:
-        start_rss = rss.peak
+
+    def run() -> tuple[Any, list[float]]:  # attaching counts: the method's own tensors are part of its cost
         task = get_method(method, config).attach(backbone.model, 10)
-        times = time_train_steps(task, task.trainable_parameters(), x, y, steps, cuda)
-    peak = torch.cuda.max_memory_allocated() - before if cuda else rss.peak - start_rss
+        return task, time_train_steps(task, task.trainable_parameters(), x, y, steps, cuda)
+
+    (task, times), peak = peak_memory(run, cuda)
     return {"time": statistics.median(times), "peak_mb": peak / 2**20, "trainable": task.num_trainable()}
 
 
