@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
-from common import block_features
+from common import block_features, lbfgs_linear
 from torch.nn.functional import normalize, one_hot
 
 from adaptkit.data import TransformedSubset, load_task_data
@@ -192,17 +192,7 @@ def _probe(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.T
     """Accuracy (%) of a linear classifier trained by L-BFGS on standardised features."""
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = ((xtr - mu) / sd).float(), ((xte - mu) / sd).float()
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(xtr.shape[1], classes)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xtr), ytr) + 1e-4 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    lin = lbfgs_linear(xtr, ytr, classes, max_iter=300, l2=1e-4)
     with torch.no_grad():
         return 100 * (lin(xte).argmax(1) == yte).double().mean().item()
 

@@ -42,7 +42,7 @@ from adaptkit.inference import DEFAULT_REJECT_RATE, Calibration, Router, Routing
 from adaptkit.models import PACKAGED_BACKBONE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
-from common import print_table  # noqa: E402
+from common import lbfgs_linear, print_table  # noqa: E402
 from common.data import ROOT, routing_specs  # noqa: E402
 
 REGISTERED = ("digits", "glyphs", "photos5", "grey5")
@@ -135,18 +135,7 @@ def table_routed(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
 def _probe(x: torch.Tensor, y: torch.Tensor, classes: int):
     """A linear head trained by L-BFGS on standardised frozen features: (N, d) -> (N, C) logits."""
     mu, sd = x.mean(0), x.std(0) + 1e-6
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(x.shape[1], classes)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-    xs = (x - mu) / sd
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin(xs), y) + 1e-3 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    lin = lbfgs_linear((x - mu) / sd, y, classes, max_iter=200, l2=1e-3)
     return lambda z: lin((z - mu) / sd).detach()
 
 

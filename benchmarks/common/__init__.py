@@ -23,7 +23,7 @@ from adaptkit.registry import Registry
 from adaptkit.trunk import run_prefix
 
 __all__ = ["METHOD_SPECS", "randomize", "register_task", "register_tasks", "median_time", "round_robin", "ratio",
-           "print_table", "machine_line", "base_parser", "parse", "sync", "block_features"]
+           "print_table", "machine_line", "base_parser", "parse", "sync", "block_features", "lbfgs_linear"]
 
 # name -> (method, config): the configurations the benchmarks compare
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -73,6 +73,23 @@ def register_tasks(reg: Registry, backbone_name: str,
     for i, (task, method, config, num_classes) in enumerate(specs):
         register_task(reg, backbone, task, method, config, num_classes, seed=i)
     return backbone
+
+
+def lbfgs_linear(x: torch.Tensor, y: torch.Tensor, classes: int, *, max_iter: int, l2: float) -> torch.nn.Linear:
+    """A linear classifier of features ``x`` (standardise them first) fitted by L-BFGS to cross-entropy plus
+    ``l2`` times the squared weights, from a seeded initialisation: the probes the routing benchmarks compare with."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(x), y) + l2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lin
 
 
 def block_features(trunk: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
