@@ -39,7 +39,7 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
                 download: bool = True, batch_size: int = 128,
                 on_task: Callable[[str, str], None] | None = None) -> list[str]:
     """Compute routing statistics for registered versions that lack them, or lack the rejection percentiles (see
-    :mod:`adaptkit.routing`); returns the refs that got new files.
+    :mod:`adaptkit.inference.routing_stats`); returns the refs that got new files.
 
     Args:
         tasks: ``task`` or ``task@N`` refs (default: every task's default version).
