@@ -27,7 +27,7 @@ from torch import nn
 from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
 from adaptkit.methods.base import Method
-from adaptkit.methods.sites import TaskContext, TaskSite, find_site, put_rows
+from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["AdapterConfig", "Bottleneck", "AdapterSite", "AdapterMethod"]
 
@@ -35,6 +35,7 @@ PLACEMENTS = ("parallel", "sequential", "houlsby", "adapterplus")
 SCALINGS = ("scalar", "channel")
 INITS = ("lora", "houlsby")
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+ACT_NAMES = tuple(ACTIVATIONS)
 
 
 @dataclass
@@ -112,14 +113,15 @@ class Bottleneck(nn.Module):
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y + self(x)`` in one pass over ``y``: the up-projection's bias rides on a column of ones."""
-        h = _with_ones(self.drop(ACTIVATIONS[self.act](self.down(x))))  # (..., r + 1)
-        w = torch.cat([self.up.weight.t(), self.up.bias[None]]) * self.scale  # (r + 1, d)
+        h = _with_ones(self.drop(ACTIVATIONS[self.act](self.down(x))))  # (..., 1 + r)
+        w = torch.cat([self.up.bias[None], self.up.weight.t()]) * self.scale  # (1 + r, d)
         return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), w.to(h.dtype)).view_as(y)
 
 
 def _with_ones(h: torch.Tensor) -> torch.Tensor:
-    """``h`` with a last column of ones, so that a bias stored as the weight's last row is added by the GEMM."""
-    return torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)
+    """``h`` with a first column of ones, so that a bias stored as the weight's first row is added by the GEMM (first,
+    so that rows padded to a wider rank keep it in place)."""
+    return torch.cat([h.new_ones(*h.shape[:-1], 1), h], dim=-1)
 
 
 class AdapterSite(TaskSite):
@@ -131,66 +133,49 @@ class AdapterSite(TaskSite):
             return y
         return module.add_to(y, x if module.parallel else y)
 
-    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Bank | None, *args: Any,
+                      **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
-        parallel, sequential = bank
+        if bank is None:
+            return y
         out = y
-        for bank_, inputs in ((sequential, y), (parallel, x)):  # sequential first: it reads y before y is written
-            if bank_ is None:
+        for parallel, inputs in ((False, y), (True, x)):  # sequential first: it reads y before y is written
+            present = bank.present(lambda m, p=parallel: m.parallel == p)
+            if not any(present):
                 continue
-            rows = self.ctx.rows(bank_["present"])
+            kind = [m for m, here in zip(bank.modules, present, strict=True) if here]
+            rows = self.ctx.rows(present)
             if rows is None:
-                out = _apply_bank(bank_, inputs, idx, out)
+                out = _apply_bank(bank, kind, inputs, idx, out)
             else:  # only the samples whose task has an adapter of this kind here
-                out = put_rows(out, rows, _apply_bank(bank_, inputs[rows], idx[rows], out[rows]))
+                out = put_rows(out, rows, _apply_bank(bank, kind, inputs[rows], idx[rows], out[rows]))
         return out
 
-    def build_bank(self, modules: list[nn.Module | None]) -> Any:
-        return (_stack([m if m is not None and m.parallel else None for m in modules]),
-                _stack([m if m is not None and not m.parallel else None for m in modules]))
+    def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``down`` (d, r), ``down_bias`` (1, r), ``up`` (1 + r, d) scaled, its bias the first row, and ``act``."""
+        down = module.down
+        up = torch.cat([module.up.bias.detach()[None], module.up.weight.detach().t()])
+        scale = module.scale.detach() if isinstance(module.scale, torch.Tensor) else module.scale
+        return {"down": down.weight.detach().t(), "down_bias": down.bias.detach()[None], "up": up * scale,
+                "act": torch.tensor(ACT_NAMES.index(module.act), device=up.device)}
 
 
-def _stack(modules: list[Bottleneck | None]) -> dict[str, Any] | None:
-    """Stack bottlenecks of any ranks into banks, zero-padded; None if all absent.
-
-    ``down`` is (T, d, r_max); ``up`` is (T, r_max + 1, d), scaled, with the up bias as its last row.
-    """
-    present = [m for m in modules if m is not None]
-    if not present:
-        return None
-    ref = present[0].down.weight
-    dim, rank, count = ref.shape[1], max(m.down.weight.shape[0] for m in present), len(modules)
-    down = ref.new_zeros(count, dim, rank)
-    down_bias = ref.new_zeros(count, 1, rank)
-    up = ref.new_zeros(count, rank + 1, dim)
-    acts = list(dict.fromkeys(m.act for m in present))
-    for i, m in enumerate(modules):
-        if m is None:
-            continue
-        r = m.down.weight.shape[0]
-        down[i, :, :r] = m.down.weight.detach().t()
-        down_bias[i, 0, :r] = m.down.bias.detach()
-        scale = m.scale.detach() if isinstance(m.scale, torch.Tensor) else m.scale
-        up[i, :r] = m.up.weight.detach().t() * scale
-        up[i, rank] = m.up.bias.detach() * scale
-    act_of_slot = torch.tensor([acts.index(m.act) if m is not None else 0 for m in modules], device=ref.device)
-    return {"down": down, "down_bias": down_bias, "up": up, "acts": acts, "act_of_slot": act_of_slot,
-            "present": tuple(m is not None for m in modules)}
-
-
-def _apply_bank(bank: dict[str, Any], x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``y`` plus every sample b through the bottleneck of slot ``idx[b]``: two batched matrix products.
+def _apply_bank(bank: Bank, modules: list[Bottleneck], x: torch.Tensor, idx: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus every sample b through the bottleneck in bank row ``idx[b]`` (one of ``modules``, the batch's
+    bottlenecks of this kind): two batched matrix products, over the batch's widest rank.
 
     x, y: (B, N, d).
     """
-    h = torch.baddbmm(bank["down_bias"][idx], x, bank["down"][idx])  # (B, N, r)
-    acts = bank["acts"]
+    rank = max(m.down.weight.shape[0] for m in modules)
+    h = torch.baddbmm(bank["down_bias"][:, :, :rank][idx], x, bank["down"][:, :, :rank][idx])  # (B, N, r)
+    acts = list(dict.fromkeys(m.act for m in modules))
     if len(acts) == 1:
         h = ACTIVATIONS[acts[0]](h)
     else:
-        which = bank["act_of_slot"][idx]
-        h = torch.stack([ACTIVATIONS[acts[int(which[b])]](h[b]) for b in range(h.shape[0])])
-    return torch.baddbmm(y, _with_ones(h), bank["up"][idx].to(h.dtype))  # (B, N, r + 1) -> (B, N, d)
+        which = bank["act"][idx].tolist()
+        h = torch.stack([ACTIVATIONS[ACT_NAMES[which[b]]](h[b]) for b in range(h.shape[0])])
+    return torch.baddbmm(y, _with_ones(h), bank["up"][:, :rank + 1][idx].to(h.dtype))  # (B, N, 1 + r) -> (B, N, d)
 
 
 class AdapterMethod(Method):

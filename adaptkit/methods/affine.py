@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adaptkit.methods.sites import TaskContext, TaskSite, find_site, put_rows
+from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["ChannelAffine", "AffineSite", "affine_layers", "fold_affine"]
 
@@ -63,31 +63,22 @@ class AffineSite(TaskSite):
             return y + self._view(module.shift, y)
         return torch.addcmul(self._view(module.shift, y), y, self._view(module.scale, y))
 
-    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Bank | None, *args: Any,
+                      **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x, *args, **kwargs)
         if bank is None:
             return y
-        scale, shift, present = bank
-        rows = self.ctx.rows(present)
+        scale, shift = bank["scale"], bank["shift"]
+        rows = self.ctx.rows(bank.present())
         if rows is None:
             return torch.addcmul(self._view(shift[idx], y), y, self._view(scale[idx], y))
         idx, part = idx[rows], y[rows]  # only the samples whose task has a module here
         return put_rows(y, rows, torch.addcmul(self._view(shift[idx], part), part, self._view(scale[idx], part)))
 
-    def build_bank(self, modules: list[nn.Module | None]) -> Any:
-        """(T, C) scales and shifts; a slot without a module (or without a scale) gets 1 and 0: its own output."""
-        present = [m for m in modules if m is not None]
-        if not present:
-            return None
-        ref = present[0].shift
-        scale = ref.new_ones(len(modules), ref.shape[0])
-        shift = ref.new_zeros(len(modules), ref.shape[0])
-        for i, m in enumerate(modules):
-            if m is not None:
-                shift[i] = m.shift.detach()
-                if m.scale is not None:
-                    scale[i] = m.scale.detach()
-        return scale, shift, tuple(m is not None for m in modules)
+    def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """(C,) scale and shift; a module without a scale gets 1."""
+        shift = module.shift.detach()
+        return {"scale": torch.ones_like(shift) if module.scale is None else module.scale.detach(), "shift": shift}
 
 
 def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:

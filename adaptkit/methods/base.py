@@ -90,6 +90,8 @@ class TaskModel(nn.Module):
         for prefix, module in [*self.parts.items(), ("head", self.head)]:
             own = {k[len(prefix) + 1:]: t for k, t in state.items() if k.startswith(prefix + ".")}
             module.load_state_dict(own, assign=assign)
+        for site in self.sites.values():  # its rows in the sites' banks hold the old tensors
+            site.forget(self.slot)
 
     def detach_from_trunk(self) -> None:
         """Take this task's modules out of the shared trunk's sites; sites left empty are removed."""

@@ -17,7 +17,7 @@ from torch import nn
 from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
 from adaptkit.methods.base import Method, TaskModel, plain_copy
-from adaptkit.methods.sites import TaskContext, TaskSite, find_site, put_rows
+from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["LoraConfig", "LoraUpdate", "LoraSite", "LoraMethod", "merge_lora"]
 
@@ -80,12 +80,14 @@ class LoraSite(TaskSite):
         y = self.base_layer(x)
         return y if module is None else module.add_to(y, x)
 
-    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Bank | None, *args: Any,
+                      **kwargs: Any) -> torch.Tensor:
         y = self.base_layer(x)
         if bank is None:
             return y
-        a, b, scaling, present = bank
-        rows = self.ctx.rows(present)
+        rank = max(m.lora_A.shape[0] for m in bank.held())  # this batch's widest update, not the bank's
+        a, b, scaling = bank["a"][:, :, :rank], bank["b"][:, :rank], bank["scaling"]
+        rows = self.ctx.rows(bank.present())
         if rows is not None:  # only the samples whose task has an update here
             return put_rows(y, rows, self._update(x[rows], y[rows], idx[rows], a, b, scaling))
         return self._update(x, y, idx, a, b, scaling)
@@ -96,22 +98,9 @@ class LoraSite(TaskSite):
         h = torch.bmm(x, a[idx]) * scaling[idx]  # (B, N, r)
         return torch.baddbmm(y, h, b[idx])  # (B, N, out), one pass over y
 
-    def build_bank(self, modules: list[nn.Module | None]) -> Any:
-        present = [m for m in modules if m is not None]
-        if not present:
-            return None
-        ref = present[0].lora_A
-        rank, count = max(m.lora_A.shape[0] for m in present), len(modules)
-        a = ref.new_zeros(count, self.layer.in_features, rank)
-        b = ref.new_zeros(count, rank, self.layer.out_features)
-        scaling = ref.new_zeros(count, 1, 1)
-        for i, m in enumerate(modules):
-            if m is not None:
-                r = m.lora_A.shape[0]
-                a[i, :, :r] = m.lora_A.detach().t()
-                b[i, :r] = m.lora_B.detach().t()
-                scaling[i] = m.scaling
-        return a, b, scaling, tuple(m is not None for m in modules)
+    def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        a = module.lora_A.detach()
+        return {"a": a.t(), "b": module.lora_B.detach().t(), "scaling": a.new_full((1, 1), module.scaling)}
 
 
 class LoraMethod(Method):

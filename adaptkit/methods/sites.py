@@ -4,6 +4,12 @@ A *site* wraps one layer of the backbone (``self.base_layer``, as in PEFT) and h
 modules that each attached task adds there. Every site of a backbone reads one :class:`TaskContext`, so switching
 the active task is one attribute assignment, whatever the number of tasks or layers. In a mixed batch the context
 carries one slot index per sample and each site applies every sample's own task with batched matrix products.
+
+For mixed batches each site keeps a *bank*: its tasks' tensors stacked in preallocated tensors, one row per task (the
+context gives every attached slot a row, the same at every site; rows of removed tasks are reused). A task's row is
+written the first time a mixed batch uses it and again only if its tensors change, so a batch gathers its samples'
+rows by index and builds nothing, however many tasks are attached or mixed (as S-LoRA's and Punica's adapter pools
+do for language models). The bank is a second copy of each adapter that has been in a mixed batch.
 """
 
 from __future__ import annotations
@@ -11,15 +17,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import heapq
 import threading
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["TaskContext", "TaskSite", "find_site", "put_rows", "task_context", "unwrap"]
+__all__ = ["Bank", "TaskContext", "TaskSite", "find_site", "put_rows", "task_context", "unwrap"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,17 +55,23 @@ class TaskContext:
     def __init__(self) -> None:
         self._state: contextvars.ContextVar[_CallState] = contextvars.ContextVar("adaptkit_task_context",
                                                                                  default=_IDLE)
-        self.generation = 0  # bumped when a slot is added or removed, so cached banks are rebuilt
         self._next = 0
         self._slot_lock = threading.Lock()
+        self.bank_lock = threading.Lock()  # held while a site writes rows of its bank
+        self._row_of: dict[str, int] = {}  # slot -> its row in every site's bank
+        self._holders: Counter[str] = Counter()  # slot -> how many sites hold a module of it
+        self._free: list[int] = []  # rows given back, lowest first
+        self._rows = 1  # rows ever handed out, after row 0: no task's, zeros at every site
 
     def __getstate__(self) -> dict:
         """Copies and pickles take the copying thread's choice (a ContextVar itself cannot be copied)."""
-        return {"state": self._state.get(), "generation": self.generation, "next": self._next}
+        return {"state": self._state.get(), "next": self._next, "row_of": dict(self._row_of),
+                "holders": Counter(self._holders), "free": list(self._free), "rows": self._rows}
 
     def __setstate__(self, saved: dict) -> None:
         self.__init__()
-        self.generation, self._next = saved["generation"], saved["next"]
+        self._next, self._rows = saved["next"], saved["rows"]
+        self._row_of, self._holders, self._free = saved["row_of"], saved["holders"], saved["free"]
         state = saved["state"]
         self._state.set(dataclasses.replace(state, rows={}))
 
@@ -104,6 +118,41 @@ class TaskContext:
             self._next += 1
             return f"s{self._next}"
 
+    def claim(self, slot: str) -> int:
+        """A site takes a module of ``slot``: the slot's bank row (a new one for its first site)."""
+        with self._slot_lock:
+            self._holders[slot] += 1
+            row = self._row_of.get(slot)
+            if row is None:
+                if self._free:
+                    row = heapq.heappop(self._free)
+                else:
+                    row, self._rows = self._rows, self._rows + 1
+                self._row_of[slot] = row
+            return row
+
+    def release(self, slot: str) -> None:
+        """A site gave up its module of ``slot``; after the last one, the slot's row can go to another slot."""
+        with self._slot_lock:
+            self._holders[slot] -= 1
+            if self._holders[slot] <= 0:
+                del self._holders[slot]
+                heapq.heappush(self._free, self._row_of.pop(slot))
+
+    def row(self, slot: str) -> int | None:
+        """The bank row of ``slot`` (None: no site holds a module of it)."""
+        return self._row_of.get(slot)
+
+    def sample_rows(self) -> torch.Tensor:
+        """(B,) the bank row of each sample's task in the mixed batch (row 0, which holds zeros everywhere, for a
+        task with no module at any site)."""
+        state = self._state.get()
+        rows = state.rows.get("sample_rows")
+        if rows is None:
+            order = [self._row_of.get(s, 0) for s in state.slot_order]
+            rows = state.rows["sample_rows"] = torch.tensor(order, device=state.sample_slots.device)[state.sample_slots]
+        return rows
+
     def rows(self, present: tuple[bool, ...]) -> torch.Tensor | None:
         """The samples of the mixed batch whose slot has a module at a site (``present``: one flag per slot of
         ``slot_order``), so that a site works on those rows only; None when every sample has one.
@@ -144,7 +193,9 @@ class TaskSite(nn.Module):
         self.base_layer = base_layer
         self.tasks = nn.ModuleDict()
         self.ctx = ctx  # plain attribute, not a submodule: shared by every site
-        self._bank: tuple[Any, Any] | None = None
+        self._bank: dict[str, torch.Tensor] = {}  # name -> (rows, ...) tensor, every row padded to the widest
+        # row -> the module written there, its tensors and their version counters then (a change in place is seen)
+        self._written: dict[int, tuple[nn.Module, list[torch.Tensor], tuple[int, ...]]] = {}
 
     @property
     def layer(self) -> nn.Module:
@@ -155,42 +206,131 @@ class TaskSite(nn.Module):
         return layer
 
     def add(self, slot: str, module: nn.Module) -> None:
+        if slot not in self.tasks:
+            self.ctx.claim(slot)
         self.tasks[slot] = module
-        self.ctx.generation += 1
 
     def remove(self, slot: str) -> None:
         if slot in self.tasks:
             del self.tasks[slot]
-            self.ctx.generation += 1
+            self.forget(slot)
+            self.ctx.release(slot)
+
+    def forget(self, slot: str) -> None:
+        """Clear the bank row of ``slot`` here (its module left, or its tensors were replaced): zeros, as a row of
+        no task, until a mixed batch writes it again."""
+        row = self.ctx.row(slot)
+        if row is not None and self._written.pop(row, None) is not None:
+            with self.ctx.bank_lock, _bank_mode():
+                for pool in self._bank.values():
+                    if row < pool.shape[0]:
+                        pool[row].zero_()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         ctx = self.ctx
         if ctx.sample_slots is not None:
-            return self.forward_mixed(x, ctx.sample_slots, self.bank(), *args, **kwargs)
+            return self.forward_mixed(x, ctx.sample_rows(), self.bank(), *args, **kwargs)
         module = self.tasks[ctx.active] if ctx.active is not None and ctx.active in self.tasks else None
         return self.forward_task(x, module, *args, **kwargs)
 
-    def bank(self) -> Any:
-        """This site's tensors stacked over ``ctx.slot_order`` (zeros where a slot has no module), cached (one
-        entry, read and replaced whole, so concurrent batches of other mixes rebuild it but never mix it up)."""
-        key = (self.ctx.slot_order, self.ctx.generation)
-        bank = self._bank
-        if bank is None or bank[0] != key:
-            bank = (key, self.build_bank([self.tasks[s] if s in self.tasks else None for s in key[0]]))
-            self._bank = bank
-        return bank[1]
+    def bank(self) -> Bank | None:
+        """The bank for this call's mixed batch (None when no task of it has a module here): the rows of its tasks
+        written where missing or out of date, then the bank's tensors as they stand. A batch reads only its own
+        tasks' rows; another batch writes those only if the task's tensors changed, and a bank that must grow is
+        copied, so a batch holding the old tensors reads them unchanged."""
+        ctx = self.ctx
+        held = self.tasks._modules
+        modules = [held.get(s) for s in ctx.slot_order]
+        if not any(m is not None for m in modules):
+            return None
+        with ctx.bank_lock, _bank_mode():
+            for slot, module in zip(ctx.slot_order, modules, strict=True):
+                if module is None:
+                    continue
+                row = ctx.row(slot)
+                seen = self._written.get(row)
+                if seen is None or seen[0] is not module or tuple(p._version for p in seen[1]) != seen[2]:
+                    self._write(row, self.bank_row(module))
+                    params = [p for p in module.parameters() if not p.is_inference()]  # those that can change
+                    self._written[row] = (module, params, tuple(p._version for p in params))
+            top = max(ctx.row(s) or 0 for s in ctx.slot_order)  # every sample's row is there, written or zero
+            tensors = {name: self._room(name, top) for name in list(self._bank)}
+        return Bank(tensors, modules)
+
+    def _write(self, row: int, values: dict[str, torch.Tensor]) -> None:
+        """Put one task's tensors in row ``row``, zero-padded (a tensor too small for it is replaced by a larger
+        copy); the row's other tensors are zeroed."""
+        for name, pool in self._bank.items():
+            if name not in values and row < pool.shape[0]:
+                pool[row].zero_()
+        for name, value in values.items():
+            target = self._room(name, row, value)[row]
+            target.zero_()
+            target[tuple(slice(0, n) for n in value.shape)] = value.to(target.dtype)
+
+    def _room(self, name: str, row: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Bank tensor ``name`` with a row ``row`` and rows as wide as ``like`` (grown, by doubling, if needed)."""
+        pool = self._bank.get(name)
+        wide = pool is not None and (like is None or all(p >= v for p, v in zip(pool.shape[1:], like.shape,
+                                                                                 strict=True)))
+        if wide and pool.shape[0] > row:
+            return pool
+        if pool is not None and pool.shape[0] > row:
+            count = pool.shape[0]  # wider rows, as many
+        else:
+            count = max(row + 1, 2 * pool.shape[0] if pool is not None else 4)
+        if pool is None:
+            grown = like.new_zeros(count, *like.shape)
+        else:
+            shape = pool.shape[1:] if like is None else [max(p, v) for p, v in zip(pool.shape[1:], like.shape,
+                                                                                    strict=True)]
+            grown = pool.new_zeros(count, *shape)
+            grown[(slice(0, pool.shape[0]), *(slice(0, n) for n in pool.shape[1:]))] = pool
+        self._bank[name] = grown
+        return grown
 
     @abstractmethod
     def forward_task(self, x: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Apply the base layer and ``module`` (None: the base layer alone)."""
 
     @abstractmethod
-    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Apply the base layer and, per sample, the module of slot ``idx[b]``."""
+    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Bank | None, *args: Any,
+                      **kwargs: Any) -> torch.Tensor:
+        """Apply the base layer and, per sample b, the module whose bank row is ``idx[b]`` (``bank``: None when no
+        task of the batch has a module here)."""
 
     @abstractmethod
-    def build_bank(self, modules: list[nn.Module | None]) -> Any:
-        """Stack the modules' tensors for :meth:`forward_mixed`."""
+    def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s tensors as one row of the bank, by name (each padded with zeros to the widest row)."""
+
+
+def _bank_mode() -> contextlib.ExitStack:
+    """Bank tensors are plain tensors outside autograd, whether the pass that writes them runs in inference mode or
+    not (an inference-mode tensor could not be written outside it, by an unload)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
+@dataclasses.dataclass(frozen=True)
+class Bank:
+    """What a site's mixed pass reads: ``tensors`` (name -> one row per bank row, indexed by the samples' rows) and
+    ``modules``, the site's module of each slot of the batch (None where the slot has none here)."""
+
+    tensors: dict[str, torch.Tensor]
+    modules: list[nn.Module | None]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def present(self, keep: Any = None) -> tuple[bool, ...]:
+        """One flag per slot of the batch: it has a module here (and ``keep(module)`` holds)."""
+        return tuple(m is not None and (keep is None or keep(m)) for m in self.modules)
+
+    def held(self) -> list[nn.Module]:
+        """The batch's modules at this site."""
+        return [m for m in self.modules if m is not None]
 
 
 def _canonical_get(root: nn.Module, path: str) -> nn.Module:

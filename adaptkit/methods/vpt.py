@@ -24,7 +24,7 @@ from torch import nn
 
 from adaptkit.errors import ConfigError
 from adaptkit.methods.base import Method
-from adaptkit.methods.sites import TaskContext, TaskSite, find_site
+from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site
 
 __all__ = ["VptConfig", "PromptTokens", "PromptSite", "VptMethod"]
 
@@ -95,52 +95,48 @@ class PromptSite(TaskSite):
         y = self.base_layer(x, *args, **kwargs)
         return y[:, :n] if module.last else y
 
-    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Bank | None, *args: Any,
+                      **kwargs: Any) -> torch.Tensor:
         if bank is None:
             return self.base_layer(x, *args, **kwargs)
-        n = x.shape[1] - bank["width_in"]
-        width = bank["width_out"]
+        held = bank.held()
+        width_in = max((m.count for m in held if not m.first), default=0)  # the padded width the tokens came with
+        width = max(m.count for m in held)  # the batch's longest prompt here
+        n = x.shape[1] - width_in
         carried = x[:, n:]
         if carried.shape[1] < width:
             carried = torch.cat([carried, carried.new_zeros(x.shape[0], width - carried.shape[1], x.shape[2])], 1)
+        present = bank.present()
+        here = None  # (B,): the sample's task has prompts at this block (None: every sample's has)
+        if not all(present):
+            here = torch.tensor(present, device=idx.device)[self.ctx.sample_slots]
         prompts = carried
-        if bank["tokens"] is not None:
-            prompts = torch.where(bank["new"][idx].view(-1, 1, 1), bank["tokens"][idx].to(x.dtype), carried)
+        if any(m.tokens is not None for m in held):
+            tokens = bank["tokens"][:, :width][idx].to(x.dtype)
+            if tokens.shape[1] < width:  # the longest prompt of the batch is carried here, not new
+                tokens = torch.cat([tokens, tokens.new_zeros(x.shape[0], width - tokens.shape[1], x.shape[2])], 1)
+            new = bank["new"][idx] if here is None else bank["new"][idx] & here
+            prompts = torch.where(new.view(-1, 1, 1), tokens, carried)
         x = torch.cat([x[:, :n], prompts], dim=1)
         mask = None
-        if not bank["full"]:
-            valid = bank["valid"][idx]  # (B, width): which prompt slots are real prompts of the sample's task
+        if not all(m is not None and m.count == width for m in bank.modules):  # some slot needs a mask
+            valid = bank["valid"][:, :width][idx]  # (B, width): which prompt slots are real prompts of the task
+            if here is not None:
+                valid = valid & here[:, None]
             keep = torch.cat([valid.new_ones(x.shape[0], n), valid], dim=1)
             mask = keep[:, None, None, :]  # (B, 1, 1, keys): True takes part in attention
         y = self.base_layer(x, *args, attn_mask=mask, **kwargs)
-        return y[:, :n] if bank["last"] else y
+        return y[:, :n] if held[0].last else y
 
-    def build_bank(self, modules: list[nn.Module | None]) -> Any:
-        """Prompts of every slot, padded to the longest: ``tokens`` (T, W, d), ``new`` (T,), ``valid`` (T, W).
-
-        ``width_in`` is the padded width the tokens arrive with: the longest prompt among tasks already carrying
-        prompts into this block (each task has a module at every block from its first to the last).
-        """
-        present = [m for m in modules if m is not None]
-        if not present:
-            return None
-        width_in = max((m.count for m in present if not m.first), default=0)
-        width = max(m.count for m in present)
+    def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``valid`` (W,) marks the task's prompt slots; ``new`` whether it brings ``tokens`` (W, d) here or carries
+        the previous block's."""
         device = next(self.base_layer.parameters()).device
-        ref = next((m.tokens for m in present if m.tokens is not None), None)
-        tokens = None if ref is None else ref.new_zeros(len(modules), width, ref.shape[1])
-        new = torch.zeros(len(modules), dtype=torch.bool, device=device)
-        valid = torch.zeros(len(modules), width, dtype=torch.bool, device=device)
-        for i, m in enumerate(modules):
-            if m is None:
-                continue
-            valid[i, : m.count] = True
-            if m.tokens is not None:
-                tokens[i, : m.count] = m.tokens.detach()
-                new[i] = True
-        full = all(m is not None and m.count == width for m in modules)  # no slot needs a mask
-        return {"tokens": tokens, "new": new, "valid": valid, "width_in": width_in, "width_out": width,
-                "full": full, "last": present[0].last}
+        row = {"valid": torch.ones(module.count, dtype=torch.bool, device=device),
+               "new": torch.tensor(module.tokens is not None, device=device)}
+        if module.tokens is not None:
+            row["tokens"] = module.tokens.detach()
+        return row
 
 
 def _init_prompts(tokens: torch.Tensor, init: str, patch_size: tuple[int, ...]) -> None:
