@@ -189,3 +189,22 @@ def test_unloaded_task_reloads_from_its_file(own_registry, images):
     predictor.unload("par8")
     assert "par8" not in predictor._refs
     assert torch.equal(predictor.logits(x, "par8"), before)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_mixed_heads_give_each_sample_its_own_heads_logits(monkeypatch, gather):
+    """Heads of one size run as one batched product (weights gathered per sample) or, when that gather would be
+    large, one call each; either way sample b gets exactly its own head's logits, in order, as float32."""
+    from adaptkit.inference import predictor
+
+    if not gather:
+        monkeypatch.setattr(predictor, "_HEAD_GATHER", 0)
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(16, c) for c in (3, 3, 5, 5, 7)]
+    owner = [0, 2, 1, 0, 4, 3, 2, 2]
+    feats = torch.randn(len(owner), 16)
+    with torch.inference_mode():
+        got = predictor._heads(feats, [heads[i] for i in owner])
+        for b, i in enumerate(owner):
+            assert got[b].dtype == torch.float32
+            torch.testing.assert_close(got[b], heads[i](feats[b]), atol=1e-6, rtol=1e-5)

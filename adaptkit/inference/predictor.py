@@ -37,6 +37,40 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_HEAD_GATHER = 2 ** 22  # most head weights gathered per batch (16 MiB of float32) before heads run one by one
+
+
+def _heads(feats: torch.Tensor, heads: list[torch.nn.Linear]) -> list[torch.Tensor]:
+    """Sample b's logits under ``heads[b]`` (float32): heads of one size in one batched product, their weights
+    gathered per sample, where that gather is small (many small heads cost one product, not one call each);
+    otherwise one call per head over its samples."""
+    groups: dict[int, list[int]] = {}
+    for b, head in enumerate(heads):
+        groups.setdefault(id(head), []).append(b)
+    out: list[torch.Tensor | None] = [None] * len(heads)
+    by_size: dict[int, list[list[int]]] = {}
+    for members in groups.values():
+        by_size.setdefault(heads[members[0]].out_features, []).append(members)
+    for classes, parts in by_size.items():
+        count = sum(len(p) for p in parts)
+        if len(parts) > 1 and count * classes * feats.shape[-1] <= _HEAD_GATHER:
+            weight = torch.stack([heads[p[0]].weight for p in parts])  # (T, C, d)
+            bias = torch.stack([heads[p[0]].bias for p in parts])  # (T, C)
+            order = [b for p in parts for b in p]
+            which = torch.tensor([t for t, p in enumerate(parts) for _ in p], device=feats.device)
+            rows = feats[order] if order != list(range(len(heads))) else feats
+            logits = torch.baddbmm(bias[which].unsqueeze(1).to(rows.dtype), rows.unsqueeze(1),
+                                   weight[which].transpose(1, 2).to(rows.dtype)).squeeze(1).float()
+            for b, row in zip(order, logits.unbind(0), strict=True):
+                out[b] = row
+        else:
+            for p in parts:
+                logits = heads[p[0]](feats if len(p) == len(heads) else feats[p]).float()
+                for b, row in zip(p, logits.unbind(0), strict=True):
+                    out[b] = row
+    return out  # type: ignore[return-value]
+
+
 class Predictor(AutoPredict):
     """Predict with registered tasks.
 
@@ -148,7 +182,7 @@ class Predictor(AutoPredict):
                                                                        state=state)
         except ConfigError as exc:
             raise ArtifactError(f"adapter file of {key} does not fit its method: {exc}") from exc
-        model.eval()
+        model.eval().requires_grad_(False)  # a served task does not train (and its bank rows need no change checks)
         task = LoadedTask(ref=key, meta=meta, model=model, host=host, routing=stats)
         host.tasks[row.sha256] = task
         return task
@@ -198,20 +232,19 @@ class Predictor(AutoPredict):
         first = tasks[members[0]]
         ctx, trunk = first.model.ctx, first.model.trunk
         slots = tuple(sorted({tasks[i].model.slot for i in members}))
-        index = torch.tensor([slots.index(tasks[i].model.slot) for i in members], device=x.device)
         whole = members == list(range(len(x)))  # no copy of the batch when the group is all of it
-        with ctx.using(slot_order=slots, sample_slots=index):  # this call's choice; other threads keep theirs
+        if len(slots) == 1:  # one task: its own path, no per-sample gathers
+            choice = ctx.using(active=slots[0])
+        else:
+            index = torch.tensor([slots.index(tasks[i].model.slot) for i in members], device=x.device)
+            choice = ctx.using(slot_order=slots, sample_slots=index)
+        with choice:  # this call's choice; other threads keep theirs
             if prefix is not None and prefix.trunk is trunk:
                 feats = run_suffix(trunk, prefix.tokens if whole else prefix.tokens[members], prefix.start)
             else:
                 feats = trunk(x if whole else x[members])
-        rows: dict[int, list[int]] = {}  # one head call per task, over its samples
-        for j, i in enumerate(members):
-            rows.setdefault(id(tasks[i]), []).append(j)
-        for js in rows.values():
-            logits = tasks[members[js[0]]].model.head(feats[js]).float()
-            for k, j in enumerate(js):
-                out[members[j]] = logits[k]
+        for j, row in zip(members, _heads(feats, [tasks[i].model.head for i in members]), strict=True):
+            out[j] = row
 
     def predict(self, images: list[ImageLike], ref: str | None = None, topk: int = 5) -> list[list[Prediction]]:
         """Top-k labels with probabilities for each image under one task."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -140,10 +140,10 @@ class AdapterSite(TaskSite):
             return y
         out = y
         for parallel, inputs in ((False, y), (True, x)):  # sequential first: it reads y before y is written
-            present = bank.present(lambda m, p=parallel: m.parallel == p)
+            present = bank.present(lambda info, p=parallel: info.parallel == p)
             if not any(present):
                 continue
-            kind = [m for m, here in zip(bank.modules, present, strict=True) if here]
+            kind = [info for info, here in zip(bank.infos, present, strict=True) if here]
             rows = self.ctx.rows(present)
             if rows is None:
                 out = _apply_bank(bank, kind, inputs, idx, out)
@@ -159,17 +159,27 @@ class AdapterSite(TaskSite):
         return {"down": down.weight.detach().t(), "down_bias": down.bias.detach()[None], "up": up * scale,
                 "act": torch.tensor(ACT_NAMES.index(module.act), device=up.device)}
 
+    def row_info(self, module: nn.Module) -> _Kind:
+        return _Kind(module.down.weight.shape[0], module.parallel, module.act)
 
-def _apply_bank(bank: Bank, modules: list[Bottleneck], x: torch.Tensor, idx: torch.Tensor,
-                y: torch.Tensor) -> torch.Tensor:
-    """``y`` plus every sample b through the bottleneck in bank row ``idx[b]`` (one of ``modules``, the batch's
-    bottlenecks of this kind): two batched matrix products, over the batch's widest rank.
+
+class _Kind(NamedTuple):
+    """What a mixed pass needs of one bottleneck."""
+
+    rank: int
+    parallel: bool
+    act: str
+
+
+def _apply_bank(bank: Bank, kinds: list[_Kind], x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus every sample b through the bottleneck in bank row ``idx[b]`` (``kinds``: the batch's bottlenecks of
+    this kind): two batched matrix products, over the batch's widest rank.
 
     x, y: (B, N, d).
     """
-    rank = max(m.down.weight.shape[0] for m in modules)
+    rank = max(k.rank for k in kinds)
     h = torch.baddbmm(bank["down_bias"][:, :, :rank][idx], x, bank["down"][:, :, :rank][idx])  # (B, N, r)
-    acts = list(dict.fromkeys(m.act for m in modules))
+    acts = list(dict.fromkeys(k.act for k in kinds))
     if len(acts) == 1:
         h = ACTIVATIONS[acts[0]](h)
     else:

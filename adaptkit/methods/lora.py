@@ -85,7 +85,7 @@ class LoraSite(TaskSite):
         y = self.base_layer(x)
         if bank is None:
             return y
-        rank = max(m.lora_A.shape[0] for m in bank.held())  # this batch's widest update, not the bank's
+        rank = max(bank.held())  # this batch's widest update, not the bank's
         a, b, scaling = bank["a"][:, :, :rank], bank["b"][:, :rank], bank["scaling"]
         rows = self.ctx.rows(bank.present())
         if rows is not None:  # only the samples whose task has an update here
@@ -101,6 +101,9 @@ class LoraSite(TaskSite):
     def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
         a = module.lora_A.detach()
         return {"a": a.t(), "b": module.lora_B.detach().t(), "scaling": a.new_full((1, 1), module.scaling)}
+
+    def row_info(self, module: nn.Module) -> int:
+        return module.lora_A.shape[0]  # the rank
 
 
 class LoraMethod(Method):

@@ -9,7 +9,9 @@ For mixed batches each site keeps a *bank*: its tasks' tensors stacked in preall
 context gives every attached slot a row, the same at every site; rows of removed tasks are reused). A task's row is
 written the first time a mixed batch uses it and again only if its tensors change, so a batch gathers its samples'
 rows by index and builds nothing, however many tasks are attached or mixed (as S-LoRA's and Punica's adapter pools
-do for language models). The bank is a second copy of each adapter that has been in a mixed batch.
+do for language models). A row is written again when its module's trainable tensors changed in place (their version
+counters: an optimiser step) or :meth:`TaskModel.load_state` replaced them; a frozen tensor changed in place by hand
+is not seen. The bank is a second copy of each adapter that has been in a mixed batch.
 """
 
 from __future__ import annotations
@@ -194,8 +196,9 @@ class TaskSite(nn.Module):
         self.tasks = nn.ModuleDict()
         self.ctx = ctx  # plain attribute, not a submodule: shared by every site
         self._bank: dict[str, torch.Tensor] = {}  # name -> (rows, ...) tensor, every row padded to the widest
-        # row -> the module written there, its tensors and their version counters then (a change in place is seen)
-        self._written: dict[int, tuple[nn.Module, list[torch.Tensor], tuple[int, ...]]] = {}
+        # row -> the module written there, its tensors and their version counters then (a change in place is seen),
+        # and its row_info
+        self._written: dict[int, tuple[nn.Module, list[torch.Tensor], tuple[int, ...], Any]] = {}
 
     @property
     def layer(self) -> nn.Module:
@@ -239,23 +242,25 @@ class TaskSite(nn.Module):
         tasks' rows; another batch writes those only if the task's tensors changed, and a bank that must grow is
         copied, so a batch holding the old tensors reads them unchanged."""
         ctx = self.ctx
-        held = self.tasks._modules
-        modules = [held.get(s) for s in ctx.slot_order]
+        modules = [self.tasks._modules.get(s) for s in ctx.slot_order]
         if not any(m is not None for m in modules):
             return None
+        infos: list[Any] = [None] * len(modules)
         with ctx.bank_lock, _bank_mode():
-            for slot, module in zip(ctx.slot_order, modules, strict=True):
+            for i, (slot, module) in enumerate(zip(ctx.slot_order, modules, strict=True)):
                 if module is None:
                     continue
                 row = ctx.row(slot)
                 seen = self._written.get(row)
                 if seen is None or seen[0] is not module or tuple(p._version for p in seen[1]) != seen[2]:
                     self._write(row, self.bank_row(module))
-                    params = [p for p in module.parameters() if not p.is_inference()]  # those that can change
-                    self._written[row] = (module, params, tuple(p._version for p in params))
+                    params = [p for p in module.parameters() if p.requires_grad]  # what an optimiser may change
+                    seen = self._written[row] = (module, params, tuple(p._version for p in params),
+                                                 self.row_info(module))
+                infos[i] = seen[3]
             top = max(ctx.row(s) or 0 for s in ctx.slot_order)  # every sample's row is there, written or zero
             tensors = {name: self._room(name, top) for name in list(self._bank)}
-        return Bank(tensors, modules)
+        return Bank(tensors, infos)
 
     def _write(self, row: int, values: dict[str, torch.Tensor]) -> None:
         """Put one task's tensors in row ``row``, zero-padded (a tensor too small for it is replaced by a larger
@@ -303,6 +308,11 @@ class TaskSite(nn.Module):
     def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``module``'s tensors as one row of the bank, by name (each padded with zeros to the widest row)."""
 
+    def row_info(self, module: nn.Module) -> Any:
+        """What a mixed pass needs to know of ``module`` besides its tensors (its rank, its kind ...), read once when
+        its row is written: :attr:`Bank.infos`. Not None."""
+        return True
+
 
 def _bank_mode() -> contextlib.ExitStack:
     """Bank tensors are plain tensors outside autograd, whether the pass that writes them runs in inference mode or
@@ -316,21 +326,24 @@ def _bank_mode() -> contextlib.ExitStack:
 @dataclasses.dataclass(frozen=True)
 class Bank:
     """What a site's mixed pass reads: ``tensors`` (name -> one row per bank row, indexed by the samples' rows) and
-    ``modules``, the site's module of each slot of the batch (None where the slot has none here)."""
+    ``infos``, the :meth:`TaskSite.row_info` of the site's module of each slot of the batch (None where the slot has
+    no module here)."""
 
     tensors: dict[str, torch.Tensor]
-    modules: list[nn.Module | None]
+    infos: list[Any]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
 
     def present(self, keep: Any = None) -> tuple[bool, ...]:
-        """One flag per slot of the batch: it has a module here (and ``keep(module)`` holds)."""
-        return tuple(m is not None and (keep is None or keep(m)) for m in self.modules)
+        """One flag per slot of the batch: it has a module here (and ``keep(info)`` holds)."""
+        if keep is None:
+            return tuple(i is not None for i in self.infos)
+        return tuple(i is not None and keep(i) for i in self.infos)
 
-    def held(self) -> list[nn.Module]:
-        """The batch's modules at this site."""
-        return [m for m in self.modules if m is not None]
+    def held(self) -> list[Any]:
+        """The infos of the batch's modules at this site."""
+        return [i for i in self.infos if i is not None]
 
 
 def _canonical_get(root: nn.Module, path: str) -> nn.Module:

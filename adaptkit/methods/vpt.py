@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ class PromptSite(TaskSite):
         if not all(present):
             here = torch.tensor(present, device=idx.device)[self.ctx.sample_slots]
         prompts = carried
-        if any(m.tokens is not None for m in held):
+        if any(m.new for m in held):
             tokens = bank["tokens"][:, :width][idx].to(x.dtype)
             if tokens.shape[1] < width:  # the longest prompt of the batch is carried here, not new
                 tokens = torch.cat([tokens, tokens.new_zeros(x.shape[0], width - tokens.shape[1], x.shape[2])], 1)
@@ -119,7 +119,7 @@ class PromptSite(TaskSite):
             prompts = torch.where(new.view(-1, 1, 1), tokens, carried)
         x = torch.cat([x[:, :n], prompts], dim=1)
         mask = None
-        if not all(m is not None and m.count == width for m in bank.modules):  # some slot needs a mask
+        if not all(m is not None and m.count == width for m in bank.infos):  # some slot needs a mask
             valid = bank["valid"][:, :width][idx]  # (B, width): which prompt slots are real prompts of the task
             if here is not None:
                 valid = valid & here[:, None]
@@ -137,6 +137,18 @@ class PromptSite(TaskSite):
         if module.tokens is not None:
             row["tokens"] = module.tokens.detach()
         return row
+
+    def row_info(self, module: nn.Module) -> _Prompts:
+        return _Prompts(module.count, module.first, module.last, module.tokens is not None)
+
+
+class _Prompts(NamedTuple):
+    """What a mixed pass needs of one task's prompts at a block."""
+
+    count: int
+    first: bool
+    last: bool
+    new: bool
 
 
 def _init_prompts(tokens: torch.Tensor, init: str, patch_size: tuple[int, ...]) -> None:
