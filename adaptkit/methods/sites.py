@@ -34,8 +34,8 @@ __all__ = ["Bank", "TaskContext", "TaskSite", "find_site", "put_rows", "task_con
 
 @dataclasses.dataclass(frozen=True)
 class _CallState:
-    """What one call applies: the active slot, or a mixed batch's slot order and per-sample slots (with the rows
-    each presence pattern selects, cached for that batch only)."""
+    """What one call applies: the active slot, or a mixed batch's slot order and per-sample slots (with the samples'
+    bank rows and the rows each presence pattern selects, cached for that batch only)."""
 
     active: str | None = None
     slot_order: tuple[str, ...] = ()
@@ -274,23 +274,20 @@ class TaskSite(nn.Module):
             target[tuple(slice(0, n) for n in value.shape)] = value.to(target.dtype)
 
     def _room(self, name: str, row: int, like: torch.Tensor | None = None) -> torch.Tensor:
-        """Bank tensor ``name`` with a row ``row`` and rows as wide as ``like`` (grown, by doubling, if needed)."""
+        """Bank tensor ``name`` with a row ``row`` and rows as wide as ``like``: a larger zero-padded copy (twice the
+        rows, or ``row + 1``) when it has too few or too narrow rows."""
         pool = self._bank.get(name)
-        wide = pool is not None and (like is None or all(p >= v for p, v in zip(pool.shape[1:], like.shape,
-                                                                                 strict=True)))
-        if wide and pool.shape[0] > row:
-            return pool
-        if pool is not None and pool.shape[0] > row:
-            count = pool.shape[0]  # wider rows, as many
-        else:
-            count = max(row + 1, 2 * pool.shape[0] if pool is not None else 4)
         if pool is None:
-            grown = like.new_zeros(count, *like.shape)
+            shape, count = list(like.shape), max(row + 1, 4)
         else:
-            shape = pool.shape[1:] if like is None else [max(p, v) for p, v in zip(pool.shape[1:], like.shape,
-                                                                                    strict=True)]
-            grown = pool.new_zeros(count, *shape)
-            grown[(slice(0, pool.shape[0]), *(slice(0, n) for n in pool.shape[1:]))] = pool
+            shape = list(pool.shape[1:]) if like is None else [max(p, v) for p, v in zip(pool.shape[1:], like.shape,
+                                                                                          strict=True)]
+            count = pool.shape[0] if row < pool.shape[0] else max(row + 1, 2 * pool.shape[0])
+            if count == pool.shape[0] and shape == list(pool.shape[1:]):
+                return pool
+        grown = (like if pool is None else pool).new_zeros(count, *shape)
+        if pool is not None:
+            grown[tuple(slice(0, n) for n in pool.shape)] = pool
         self._bank[name] = grown
         return grown
 
@@ -327,7 +324,7 @@ def _bank_mode() -> contextlib.ExitStack:
 class Bank:
     """What a site's mixed pass reads: ``tensors`` (name -> one row per bank row, indexed by the samples' rows) and
     ``infos``, the :meth:`TaskSite.row_info` of the site's module of each slot of the batch (None where the slot has
-    no module here)."""
+    no module here; its row here is all zeros, since a site zeroes a row when its module leaves)."""
 
     tensors: dict[str, torch.Tensor]
     infos: list[Any]

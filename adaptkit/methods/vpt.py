@@ -106,23 +106,16 @@ class PromptSite(TaskSite):
         carried = x[:, n:]
         if carried.shape[1] < width:
             carried = torch.cat([carried, carried.new_zeros(x.shape[0], width - carried.shape[1], x.shape[2])], 1)
-        present = bank.present()
-        here = None  # (B,): the sample's task has prompts at this block (None: every sample's has)
-        if not all(present):
-            here = torch.tensor(present, device=idx.device)[self.ctx.sample_slots]
-        prompts = carried
+        prompts = carried  # a sample whose task has no prompts here reads a zero row: not new, no valid slot
         if any(m.new for m in held):
             tokens = bank["tokens"][:, :width][idx].to(x.dtype)
             if tokens.shape[1] < width:  # the longest prompt of the batch is carried here, not new
                 tokens = torch.cat([tokens, tokens.new_zeros(x.shape[0], width - tokens.shape[1], x.shape[2])], 1)
-            new = bank["new"][idx] if here is None else bank["new"][idx] & here
-            prompts = torch.where(new.view(-1, 1, 1), tokens, carried)
+            prompts = torch.where(bank["new"][idx].view(-1, 1, 1), tokens, carried)
         x = torch.cat([x[:, :n], prompts], dim=1)
         mask = None
         if not all(m is not None and m.count == width for m in bank.infos):  # some slot needs a mask
             valid = bank["valid"][:, :width][idx]  # (B, width): which prompt slots are real prompts of the task
-            if here is not None:
-                valid = valid & here[:, None]
             keep = torch.cat([valid.new_ones(x.shape[0], n), valid], dim=1)
             mask = keep[:, None, None, :]  # (B, 1, 1, keys): True takes part in attention
         y = self.base_layer(x, *args, attn_mask=mask, **kwargs)
