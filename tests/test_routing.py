@@ -207,6 +207,53 @@ def test_router_kinds_and_bad_input():
         Router(stats, kind="knn")
 
 
+def _gaussian_task(n: int, spread: torch.Tensor, shift: float, gen: torch.Generator) -> tuple:
+    """n images of two classes around +-shift on the first axis, per-axis standard deviations ``spread``."""
+    x = torch.randn(n, len(spread), generator=gen) * spread
+    y = torch.arange(n) % 2
+    x[:, 0] += shift * (2 * y - 1)
+    return x, y
+
+
+def _stats(x: torch.Tensor, y: torch.Tensor) -> RoutingStats:
+    means = torch.stack([x[y == c].mean(0) for c in (0, 1)])
+    diff = x - means[y]
+    return RoutingStats(means=means, counts=torch.bincount(y, minlength=2), scatter=diff.T @ diff)
+
+
+def test_qda_routes_by_a_spread_that_only_one_task_has():
+    """Two tasks with the same class means: one spread in every direction ("colour"), the other with almost none
+    along the last 4 axes ("grey"). Only their spreads tell them apart, so the pooled covariance (lda) cannot,
+    and qda, the default, must; and its prior weight must follow the number of images."""
+    gen = torch.Generator().manual_seed(0)
+    d = 12
+    colour = torch.ones(d)
+    grey = torch.cat([torch.ones(d - 4), torch.full((4,), 0.05)])
+    train = [_gaussian_task(600, colour, 3.0, gen), _gaussian_task(600, grey, 3.0, gen)]
+    test = [_gaussian_task(400, colour, 3.0, gen)[0], _gaussian_task(400, grey, 3.0, gen)[0]]
+    stats = [_stats(*t) for t in train]
+
+    def identified(router: Router) -> float:
+        return sum((router.route(x).task_probs.argmax(1) == j).double().mean().item()
+                   for j, x in enumerate(test)) / 2
+
+    assert Router(stats).kind == "qda"
+    assert identified(Router(stats, by_fit=False)) > 0.95
+    assert identified(Router(stats, kind="lda", by_fit=False)) < 0.65
+    weights = [t.prior_weight for t in Router(stats).task_spreads]
+    assert max(weights) < 0.2  # 600 images each: their own spreads, not the pooled one
+    # one image per class: nothing to estimate a spread from, so the task takes the pooled covariance
+    one = RoutingStats(means=stats[0].means, counts=torch.tensor([1, 1]), scatter=torch.zeros(d, d))
+    assert Router([stats[0], one]).task_spreads[1].prior_weight == 1.0
+
+
+def test_the_cli_offers_the_routers_the_library_has():
+    from adaptkit.cli.common import ROUTER_NAMES
+    from adaptkit.inference import DEFAULT_ROUTER, ROUTERS
+
+    assert ROUTER_NAMES == ROUTERS and ROUTER_NAMES[0] == DEFAULT_ROUTER
+
+
 # -- the command line ------------------------------------------------------------------------------------------
 
 
@@ -238,6 +285,9 @@ def test_cli_predict_routes_without_a_task(two_tasks, two_files):
     assert all(0.5 <= r["confidence"] <= 1 and r["runner_up"] and len(r["predictions"]) == 2 for r in rows)
     code, output = _cli("predict", *two_files, "--registry", two_tasks.url)
     assert code == 0 and "seven.png: digits@1 (" in output and "% sure): " in output
+    for router in ("lda", "ncm"):
+        code, output = _cli("predict", *two_files, "--json", "--router", router, "--registry", two_tasks.url)
+        assert code == 0 and [r["task"] for r in json.loads(output)] == ["digits@1", "photos@1"], output
 
 
 @pytest.mark.parametrize("args", [["photos"], ["--task", "photos"], ["-t", "photos@1"]])
@@ -256,6 +306,12 @@ def test_cli_predict_with_a_task_pins_it(two_tasks, two_files, args):
 def test_cli_predict_bad_input(two_tasks, args, message):
     code, output = _cli("predict", *args, "--registry", two_tasks.url)
     assert code == 1 and message in output and "Traceback" not in output
+
+
+def test_cli_refuses_an_unknown_router_before_loading_anything(two_tasks):
+    for command in (["predict", "x.jpg"], ["continual"]):
+        code, output = _cli(*command, "--router", "knn", "--registry", two_tasks.url)
+        assert code == 2 and "'knn' is no router: use one of qda, lda, ridge, ncm" in output, output
 
 
 def test_cli_routing_fit_and_continual(two_tasks, tmp_path):

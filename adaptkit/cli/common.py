@@ -98,6 +98,19 @@ AdaptersOpt = Annotated[str | None, typer.Option("--adapters", metavar="PATH|URL
                                                  "[default: $ADAPTKIT_ADAPTERS or adapters/ beside the registry]")]
 RefArg = Annotated[str, typer.Argument(metavar="TASK[@N]", help="A task (its default version) or TASK@N",
                                        show_default=False)]
+# adaptkit.inference.router's ROUTERS and DEFAULT_ROUTER (that module imports torch; tests/test_routing.py checks)
+ROUTER_NAMES = ("qda", "lda", "ridge", "ncm")
+
+
+def _router_name(value: str) -> str:
+    if value not in ROUTER_NAMES:
+        raise typer.BadParameter(f"{value!r} is no router: use one of {', '.join(ROUTER_NAMES)}")
+    return value
+
+
+RouterOpt = Annotated[str, typer.Option(metavar="ROUTER", callback=_router_name,
+                                        help="How a task is picked with no task named: qda (tasks of different "
+                                        "kinds), lda (tasks split from one data set), ridge or ncm")]
 DeviceOpt = Annotated[str | None, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:N or mps "
                                                "[default: cuda if available]")]
 

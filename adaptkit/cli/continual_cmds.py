@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from adaptkit.cli.common import AdaptersOpt, RegistryOpt, app, err, friendly, out, registry_of
+from adaptkit.cli.common import ROUTER_NAMES, AdaptersOpt, RegistryOpt, RouterOpt, app, err, friendly, out, registry_of
 
 routing_app = typer.Typer(help="Routing statistics: what `predict` with no task needs of every task.",
                           no_args_is_help=True)
@@ -43,7 +43,7 @@ def routing_fit(
 def continual(
     tasks: Annotated[list[str] | None, typer.Argument(help="TASK or TASK@VERSION in the order to add them "
                                                             "[default: every task, in the order registered]")] = None,
-    router: Annotated[str, typer.Option(help="lda, qda, ridge or ncm")] = "lda",
+    router: RouterOpt = ROUTER_NAMES[0],
     limit: Annotated[int | None, typer.Option(min=1, help="Test images per task")] = None,
     refine: Annotated[bool, typer.Option(help="Also measure routing refined by the top-2 tasks' adapters")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,

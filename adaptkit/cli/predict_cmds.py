@@ -9,7 +9,19 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from adaptkit.cli.common import AdaptersOpt, DeviceOpt, RefArg, RegistryOpt, app, echo, friendly, out, registry_of
+from adaptkit.cli.common import (
+    ROUTER_NAMES,
+    AdaptersOpt,
+    DeviceOpt,
+    RefArg,
+    RegistryOpt,
+    RouterOpt,
+    app,
+    echo,
+    friendly,
+    out,
+    registry_of,
+)
 from adaptkit.compare import format_percent
 
 
@@ -50,6 +62,7 @@ def predict(
     reject_rate: Annotated[float, typer.Option(metavar="RATE", help="Routed: the share of a task's own images "
                                                "that would be rejected as fitting no task (calibrated per task "
                                                "at training time)")] = 0.05,
+    router: RouterOpt = ROUTER_NAMES[0],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     device: DeviceOpt = None,
     registry: RegistryOpt = None,
@@ -65,7 +78,8 @@ def predict(
         rows = [{"image": str(p), "task": predictor.load(task).ref, "predictions": [asdict(x) for x in r]}
                 for p, r in zip(images, predictor.predict(list(images), task, topk=topk), strict=True)]
     else:
-        routed = predictor.predict_auto(list(images), topk=topk, accept_all=accept_all, reject_rate=reject_rate)
+        routed = predictor.predict_auto(list(images), topk=topk, router=router, accept_all=accept_all,
+                                         reject_rate=reject_rate)
         rows = [{"image": str(p), "task": r.task, "confidence": r.confidence, "runner_up": r.runner_up,
                  "runner_up_confidence": r.runner_up_confidence, "rejected": r.rejected, "fit": r.fit,
                  "predictions": [asdict(x) for x in r.predictions]}

@@ -16,7 +16,7 @@ for _module, _names in {
     "results": ("FrozenPrefix", "ImageLike", "LoadedTask", "Prediction", "Route", "RoutedPrediction"),
     "predictor": ("Predictor", "default_device"),
     "routed": ("AutoPredict",),
-    "router": ("DEFAULT_SHRINKAGE", "ROUTERS", "Router", "Routes", "oas_shrinkage"),
+    "router": ("DEFAULT_ROUTER", "DEFAULT_SHRINKAGE", "ROUTERS", "Router", "Routes", "oas_shrinkage"),
     "routing_stats": ("CALIBRATION_IMAGES", "DEFAULT_REJECT_RATE", "OOD_SHRINKAGE", "ROUTING_PREFIX", "Calibration",
                       "RoutingStats", "Whitener", "accumulate_stats", "check_reject_rate", "collect_stats",
                       "collect_task_stats", "frozen", "split_state", "task_stats_from_features"),
@@ -24,11 +24,11 @@ for _module, _names in {
 }.items():
     _WHERE.update(dict.fromkeys(_names, _module))
 __all__ = ["AutoPredict", "CALIBRATION_IMAGES", "Calibration", "ContinualReport", "DEFAULT_REJECT_RATE",
-           "DEFAULT_SHRINKAGE", "FrozenPrefix", "ImageLike", "LoadedTask", "OOD_SHRINKAGE", "Prediction", "Predictor",
-           "ROUTERS", "ROUTING_PREFIX", "Route", "RoutedPrediction", "Router", "Routes", "RoutingStats", "Whitener",
-           "accumulate_stats", "check_reject_rate", "collect_stats", "collect_task_stats", "compare_routers",
-           "default_device", "evaluate_continual", "fit_routing", "frozen", "oas_shrinkage", "split_state",
-           "task_order", "task_stats_from_features"]
+           "DEFAULT_ROUTER", "DEFAULT_SHRINKAGE", "FrozenPrefix", "ImageLike", "LoadedTask", "OOD_SHRINKAGE",
+           "Prediction", "Predictor", "ROUTERS", "ROUTING_PREFIX", "Route", "RoutedPrediction", "Router", "Routes",
+           "RoutingStats", "Whitener", "accumulate_stats", "check_reject_rate", "collect_stats", "collect_task_stats",
+           "compare_routers", "default_device", "evaluate_continual", "fit_routing", "frozen", "oas_shrinkage",
+           "split_state", "task_order", "task_stats_from_features"]
 
 if TYPE_CHECKING:
     from adaptkit.inference.continual import (
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from adaptkit.inference.predictor import Predictor, default_device
     from adaptkit.inference.results import FrozenPrefix, ImageLike, LoadedTask, Prediction, Route, RoutedPrediction
     from adaptkit.inference.routed import AutoPredict
-    from adaptkit.inference.router import DEFAULT_SHRINKAGE, ROUTERS, Router, Routes, oas_shrinkage
+    from adaptkit.inference.router import DEFAULT_ROUTER, DEFAULT_SHRINKAGE, ROUTERS, Router, Routes, oas_shrinkage
     from adaptkit.inference.routing_stats import (
         CALIBRATION_IMAGES,
         DEFAULT_REJECT_RATE,

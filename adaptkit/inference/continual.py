@@ -19,7 +19,7 @@ from adaptkit.data import TransformedSubset, load_task_data
 from adaptkit.errors import DatasetError, RoutingError, param, step
 from adaptkit.inference.predictor import Predictor
 from adaptkit.inference.results import LoadedTask
-from adaptkit.inference.router import Router
+from adaptkit.inference.router import DEFAULT_ROUTER, Router
 from adaptkit.inference.routing_stats import collect_task_stats, split_state
 from adaptkit.registry import Registry, TaskRow
 
@@ -117,7 +117,7 @@ class ContinualReport:
 
 
 def evaluate_continual(tasks: list[str] | None = None, *, registry: Registry | str | None = None,
-                       router: str = "lda", limit: int | None = None, device: str | None = None,
+                       router: str = DEFAULT_ROUTER, limit: int | None = None, device: str | None = None,
                        data_dir: str | None = None, download: bool = True, batch_size: int = 256,
                        refine: bool = False) -> ContinualReport:
     """Evaluate registered tasks as a class-incremental sequence, in the order they were added.
@@ -125,7 +125,7 @@ def evaluate_continual(tasks: list[str] | None = None, *, registry: Registry | s
     Args:
         tasks: refs in the order to add them (default: every task, in the order they were registered).
         registry: a :class:`Registry` or its URL.
-        router: the routing classifier (``lda``, ``qda``, ``ridge``, ``ncm``).
+        router: the routing classifier (``qda``, the default, ``lda``, ``ridge``, ``ncm``).
         limit: test images per task (seeded subset).
         device, data_dir, download: as for evaluation.
         batch_size: images per backbone pass.
@@ -143,7 +143,7 @@ def compare_routers(tasks: list[str] | None, routers: list[str], *, registry: Re
     Args:
         tasks: refs in the order to add them (default: every task, in the order they were registered).
         registry: a :class:`Registry` or its URL.
-        routers: the routing classifiers to compare (``lda``, ``qda``, ``ridge``, ``ncm``).
+        routers: the routing classifiers to compare (``qda``, the default, ``lda``, ``ridge``, ``ncm``).
         limit: test images per task (seeded subset).
         device, data_dir, download: as for evaluation.
         batch_size: images per backbone pass.

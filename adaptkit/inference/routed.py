@@ -12,7 +12,7 @@ import torch
 from adaptkit.checks import check_int
 from adaptkit.errors import ConfigError, RoutingError, param, step
 from adaptkit.inference.results import FrozenPrefix, ImageLike, LoadedTask, Route, RoutedPrediction
-from adaptkit.inference.router import Router
+from adaptkit.inference.router import DEFAULT_ROUTER, Router
 from adaptkit.inference.routing_stats import DEFAULT_REJECT_RATE, check_reject_rate, frozen
 from adaptkit.trunk import first_changed_block, run_prefix, run_suffix, splittable
 
@@ -23,7 +23,7 @@ class AutoPredict:
     """Routed prediction over a predictor's tasks (see the module's docstring)."""
 
     def predict_auto(self, images: list[ImageLike], topk: int = 5, tasks: list[str] | None = None,
-                     router: str = "lda", accept_all: bool = False,
+                     router: str = DEFAULT_ROUTER, accept_all: bool = False,
                      reject_rate: float = DEFAULT_REJECT_RATE) -> list[RoutedPrediction]:
         """Top-k labels of images with no task given: route each image to a task, then run it through that task.
 
@@ -34,7 +34,7 @@ class AutoPredict:
             images: PIL images, paths, or tensors already transformed (tensors: tasks on one backbone only).
             topk: labels per image.
             tasks: the candidate tasks (``task`` or ``task@N``); default: every registered task's default version.
-            router: the routing classifier: ``lda`` (default), ``qda``, ``ridge`` or ``ncm``.
+            router: the routing classifier: ``qda`` (default), ``lda``, ``ridge`` or ``ncm``.
             accept_all: never reject an image (``rejected`` is then always false).
             reject_rate: the share of a task's own images that would be rejected (calibrated per task at
                 training time on held-out images; see :mod:`adaptkit.inference.routing_stats`).
@@ -58,7 +58,7 @@ class AutoPredict:
                                           r.runner_up_confidence, self._topk(row, r.task, topk), r.rejected, r.fit)
         return out  # type: ignore[return-value]
 
-    def route(self, images: list[ImageLike], tasks: list[str] | None = None, router: str = "lda",
+    def route(self, images: list[ImageLike], tasks: list[str] | None = None, router: str = DEFAULT_ROUTER,
               accept_all: bool = False, reject_rate: float = DEFAULT_REJECT_RATE) -> list[Route]:
         """Which task each image belongs to, with the routing posterior, the runner-up and whether no task fits it
         (see predict_auto)."""

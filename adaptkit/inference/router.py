@@ -1,13 +1,19 @@
 """The routing classifier: pick an image's task with no task name, from the tasks' routing statistics
 (:mod:`adaptkit.inference.routing_stats`), rebuilt exactly from them for any set of tasks, in any order:
 
-- ``lda`` (default): linear discriminant analysis with one covariance pooled over every class of every task, shrunk
+- ``qda`` (default): each task's classes are Gaussians under the task's own covariance, estimated the Bayesian
+  way: an inverse-Wishart prior centred on the covariance pooled over the tasks, as strong as the task's own images
+  say (its weight maximises their marginal likelihood: empirical Bayes, nothing tuned on a data set), and scored by
+  the posterior predictive, a Student-t (so a task with few images is not over-sure of its spread). A task with many
+  images and a spread unlike the others' (grey photos beside colour ones) keeps its own; one with few images, or
+  like the others, falls back to the pooled one, which is ``lda``.
+- ``lda``: linear discriminant analysis with one covariance pooled over every class of every task, shrunk
   towards a multiple of the identity (a shared-covariance Gaussian classifier; what RanPAC's ridge solves in a random
-  feature space, here in the backbone's own space). The pooled covariance is the mean of the tasks' own (each task
-  weighs the same, whatever its number of images), its shrinkage is chosen from it by the oracle approximating
-  shrinkage estimator (OAS, Chen et al. 2010: no data set tunes it), and every task has the same prior, shared
-  equally by its classes (so a 20-class task does not outweigh a 2-class one);
-- ``qda``: the same, but each task's classes under the task's own covariance (shrunk towards the pooled one);
+  feature space, here in the backbone's own space). Best when the tasks are splits of one data set. The pooled
+  covariance (``qda``'s prior too) is the mean of the tasks' own (each task weighs the same, whatever its number of
+  images), its shrinkage is chosen from it by the oracle approximating shrinkage estimator (OAS, Chen et al. 2010),
+  and every task has the same prior, shared equally by its classes (so a 20-class task does not outweigh a 2-class
+  one);
 - ``ridge``: a ridge regression onto one-hot targets from the same second-order statistics (RanPAC without the
   random projection);
 - ``ncm``: cosine nearest class mean (SimpleCIL).
@@ -18,6 +24,7 @@ typical the image is of each backbone's classes (its Mahalanobis distance to the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +33,14 @@ from torch import nn
 from adaptkit.errors import ConfigError
 from adaptkit.inference.routing_stats import RoutingStats, Whitener
 
-__all__ = ["ROUTERS", "Router", "Routes", "oas_shrinkage", "DEFAULT_SHRINKAGE"]
+__all__ = ["DEFAULT_ROUTER", "ROUTERS", "Router", "Routes", "oas_shrinkage", "DEFAULT_SHRINKAGE"]
 
-ROUTERS = ("lda", "qda", "ridge", "ncm")
+ROUTERS = ("qda", "lda", "ridge", "ncm")
+DEFAULT_ROUTER = "qda"
 DEFAULT_SHRINKAGE = None  # share of the (scaled) identity in the pooled covariance; None: chosen from it (OAS)
-_FIXED_SHRINKAGE = 0.1  # ridge's lambda and qda's share of the pooled covariance when none is given
+_FIXED_SHRINKAGE = 0.1  # ridge's lambda when none is given
+# qda: the prior's weight, a (in pooled-covariance units, a/d from 2^-8 to 2^12), picked from this grid
+_PRIOR_GRID = 2.0 ** torch.arange(-8.0, 12.001, 0.125, dtype=torch.float64)
 _NCM_TEMPERATURE = 0.05  # cosine similarities -> probabilities
 UNCALIBRATED_FIT = 0.5  # routing weighs a version without percentiles as an image of median fit
 FIT_FLOOR = 1e-3  # beyond every held-out image: the fit the routing weight does not go below
@@ -59,15 +69,15 @@ class Router:
 
     Args:
         stats: one :class:`RoutingStats` per task, in task order.
-        kind: ``lda`` (default), ``qda``, ``ridge`` or ``ncm``.
-        shrinkage: for ``lda`` the share of the identity in the covariance, default (None) chosen by OAS; for
-            ``qda`` that share and the share of the pooled covariance in each task's (default 0.1); for ``ridge``
-            lambda relative to the mean eigenvalue of the features' second moment (default 0.1).
-        prior: ``task`` (``lda``'s default): every task equally likely a priori, its classes sharing its prior
-            equally; ``class`` (``qda``'s default): every class equally likely (tasks with more classes weigh more).
+        kind: ``qda`` (default), ``lda``, ``ridge`` or ``ncm``.
+        shrinkage: for ``lda`` and ``qda`` the share of the identity in the pooled covariance, default (None)
+            chosen by OAS; for ``ridge`` lambda relative to the mean eigenvalue of the features' second moment
+            (default 0.1).
+        prior: ``task`` (the default of ``lda`` and ``qda``): every task equally likely a priori, its classes
+            sharing its prior equally; ``class``: every class equally likely (tasks with more classes weigh more).
             For ``lda`` and ``qda``.
-        pooling: ``task`` (``lda``'s default): the pooled covariance is the mean of the tasks' own; ``images`` (the
-            others' default): every image weighs the same, so a task with more images weighs more.
+        pooling: ``task`` (the default of ``lda`` and ``qda``): the pooled covariance is the mean of the tasks' own;
+            ``images`` (the others' default): every image weighs the same, so a task with more images weighs more.
         by_fit: weigh each task's posterior by how well the image fits the task's own held-out spread (its ``fit``,
             see :meth:`fit`; a version without percentiles counts as 0.5) and renormalise: a task whose
             classifier score is high only because its classes sit nearest, while the image lies beyond almost all
@@ -75,16 +85,17 @@ class Router:
             by_fit=False`` is ``lda`` as it was before issue 23.)
     """
 
-    def __init__(self, stats: list[RoutingStats], kind: str = "lda", shrinkage: float | None = DEFAULT_SHRINKAGE,
-                 prior: str | None = None, pooling: str | None = None, by_fit: bool = True) -> None:
+    def __init__(self, stats: list[RoutingStats], kind: str = DEFAULT_ROUTER,
+                 shrinkage: float | None = DEFAULT_SHRINKAGE, prior: str | None = None, pooling: str | None = None,
+                 by_fit: bool = True) -> None:
         if kind not in ROUTERS:
             raise ConfigError(f"unknown router {kind!r}: use one of {', '.join(ROUTERS)}")
         if not stats:
             raise ConfigError("a router needs at least one task")
         if len({s.dim for s in stats}) > 1:
             raise ConfigError("tasks of one router must share a backbone (their features differ in size)")
-        prior = prior or ("task" if kind == "lda" else "class")
-        pooling = pooling or ("task" if kind == "lda" else "images")
+        prior = prior or ("task" if kind in ("lda", "qda") else "class")
+        pooling = pooling or ("task" if kind in ("lda", "qda") else "images")
         if prior not in ("task", "class") or pooling not in ("task", "images"):
             raise ConfigError(f"unknown prior {prior!r} or pooling {pooling!r}: use task or class, task or images")
         self.kind, self.by_fit = kind, by_fit
@@ -99,9 +110,8 @@ class Router:
         scatter = sum(s.scatter.double() for s in stats)
         cov, dof = _balanced_covariance(stats) if pooling == "task" else (
             scatter / max(counts.sum().item() - len(counts), 1.0), counts.sum().item() - len(counts))
-        given = shrinkage
         if shrinkage is None:
-            shrinkage = oas_shrinkage(cov, dof) if kind in ("lda", "ncm") else _FIXED_SHRINKAGE
+            shrinkage = oas_shrinkage(cov, dof) if kind != "ridge" else _FIXED_SHRINKAGE
         self.shrinkage = shrinkage
         cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean().clamp(min=1e-12) * torch.eye(d).double()
         self.precision = torch.linalg.inv(cov)  # (d, d), for lda and the typicality of every kind
@@ -118,8 +128,7 @@ class Router:
             self.weight = torch.linalg.solve(gram + lam * torch.eye(d).double(), means.T * counts)
             self.bias = torch.zeros(len(counts)).double()
         elif kind == "qda":
-            mix = _FIXED_SHRINKAGE if given is None else given
-            self.task_precisions = [self._task_precision(s, cov, mix) for s in stats]
+            self.task_spreads = [_TaskSpread.of(s, cov) for s in stats]
             self.weight, self.bias = torch.zeros(d, 0).double(), torch.zeros(0).double()
         else:
             self.weight = nn.functional.normalize(means, dim=1).T
@@ -128,22 +137,11 @@ class Router:
         self.means = self.means.float()
         self._mu_p_mu = ((self.means @ self.precision) * self.means).sum(1)  # (C,)
 
-    @staticmethod
-    def _task_precision(s: RoutingStats, pooled: torch.Tensor, shrinkage: float) -> tuple[torch.Tensor, float]:
-        """A task's own covariance shrunk towards the pooled one -> (its precision, half its log-determinant)."""
-        own = s.scatter.double() / max(s.counts.sum().item() - len(s.counts), 1.0)
-        cov = (1 - shrinkage) * own + shrinkage * pooled
-        return torch.linalg.inv(cov).float(), 0.5 * torch.linalg.slogdet(cov).logabsdet.item()
-
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, d) frozen features -> (B, C) class scores (log-posteriors up to a constant for ``lda``, ``qda``)."""
         f = feats.float().to(self.weight.device)
-        if self.kind == "qda":  # Gaussian log-likelihood under each task's own covariance
-            out = []
-            for t, (prec, half_logdet) in enumerate(self.task_precisions):
-                diff = f[:, None, :] - self.means[self.task_of_class == t][None]  # (B, C_t, d)
-                out.append(-0.5 * torch.einsum("bcd,de,bce->bc", diff, prec, diff) - half_logdet)
-            return torch.cat(out, dim=1) + self.log_prior.float()
+        if self.kind == "qda":  # each task's classes under its own predictive distribution
+            return torch.cat([t.scores(f) for t in self.task_spreads], dim=1) + self.log_prior.float()
         if self.kind == "ncm":
             return nn.functional.normalize(f, dim=1) @ self.weight / _NCM_TEMPERATURE
         return f @ self.weight + self.bias
@@ -185,6 +183,58 @@ class Router:
             if w is not None:
                 out[:, t] = s.fit(scores[:, t]).float()
         return out
+
+
+@dataclass
+class _TaskSpread:
+    """A task's classes under its own covariance for ``qda``: the posterior predictive (a multivariate Student-t) of
+    a Gaussian whose covariance has an inverse-Wishart prior with mean the pooled covariance P and ``a + d + 1``
+    degrees of freedom, after the task's within-class scatter S from n degrees of freedom (images less classes).
+    In coordinates whitened by P the prior is a multiple of the identity, so one eigendecomposition of the whitened
+    scatter (eigenvalues l_i) gives the marginal likelihood of the task's images for every a in closed form:
+
+        log p(S | a) = log G_d((a + d + 1 + n) / 2) - log G_d((a + d + 1) / 2)
+                       + (a + d + 1) / 2 * d log a - (a + d + 1 + n) / 2 * sum_i log(a + l_i) + const
+
+    (G_d the multivariate gamma function). The a that maximises it over :data:`_PRIOR_GRID` is the prior's weight;
+    the predictive then has nu = a + n + 2 degrees of freedom and scale (a + l_i) / nu along the eigenvectors (the
+    pooled covariance's log-determinant, the same for every task, is left out of the scores)."""
+
+    proj: torch.Tensor  # (d, d): features -> the task's eigen-coordinates, whitened by the pooled covariance
+    inv_scale: torch.Tensor  # (d,) nu / (a + l_i)
+    means: torch.Tensor  # (C_t, d) class means in those coordinates
+    const: float  # log-normaliser of the Student-t less half the log-determinant of its scale
+    nu: float
+    prior_weight: float  # a / (a + n): the share of the pooled covariance in the task's
+
+    @classmethod
+    def of(cls, s: RoutingStats, pooled: torch.Tensor) -> _TaskSpread:
+        d = pooled.shape[0]
+        n = max(s.counts.sum().item() - int((s.counts > 0).sum()), 0.0)
+        chol = torch.linalg.cholesky(pooled)
+        white = torch.linalg.solve_triangular(chol, torch.eye(d).double(), upper=False).T  # L^-T: x @ white
+        lam, vecs = torch.linalg.eigh(white.T @ s.scatter.double() @ white)
+        lam = lam.clamp(min=0.0)
+        a = d * _PRIOR_GRID
+        nu0 = a + d + 1
+        evidence = (torch.special.multigammaln((nu0 + n) / 2, d) - torch.special.multigammaln(nu0 / 2, d)
+                    + nu0 / 2 * d * a.log() - (nu0 + n) / 2 * (a[:, None] + lam[None]).log().sum(1))
+        a = a[int(evidence.argmax())].item()
+        nu = a + n + 2
+        scale = (a + lam) / nu
+        const = (math.lgamma((nu + d) / 2) - math.lgamma(nu / 2) - d / 2 * math.log(nu * math.pi)
+                 - 0.5 * scale.log().sum().item())
+        proj = white @ vecs
+        return cls(proj=proj.float(), inv_scale=(1 / scale).float(), means=(s.means.double() @ proj).float(),
+                   const=const, nu=nu, prior_weight=a / (a + n))
+
+    def scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, d) features -> (B, C_t) log-density of each class's predictive."""
+        y = feats.float() @ self.proj
+        w = self.inv_scale
+        m2 = ((y * y * w).sum(1, keepdim=True) - 2 * (y * w) @ self.means.T + (self.means ** 2 * w).sum(1))
+        d = y.shape[1]
+        return self.const - 0.5 * (self.nu + d) * torch.log1p(m2.clamp(min=0) / self.nu)
 
 
 def _balanced_covariance(stats: list[RoutingStats]) -> tuple[torch.Tensor, float]:

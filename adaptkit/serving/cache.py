@@ -29,7 +29,7 @@ from typing import Any
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.checks import check_float
 from adaptkit.errors import AdaptkitError, ConfigError, param, step
-from adaptkit.inference import Prediction, Predictor, RoutedPrediction
+from adaptkit.inference import DEFAULT_ROUTER, Prediction, Predictor, RoutedPrediction
 from adaptkit.registry import Registry, VersionRow
 from adaptkit.serving.staging import Staging
 
@@ -289,7 +289,7 @@ class AdapterCache:
             self._unpin(pinned)
         return out
 
-    def predict_auto(self, images: list[Any], topk: int | list[int] = 5, router: str = "lda"
+    def predict_auto(self, images: list[Any], topk: int | list[int] = 5, router: str = DEFAULT_ROUTER
                      ) -> list[RoutedPrediction | Exception]:
         """Route each image to a task, then predict under it; a request that fails gets its exception, alone.
 

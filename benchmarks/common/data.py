@@ -44,6 +44,7 @@ LETTERS = "ABCDEFGHIJ"
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
 CIFAR5 = ("airplane", "automobile", "bird", "cat", "ship")
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def _fonts() -> list[Path]:
@@ -183,29 +184,38 @@ def make_emoji(root: Path = ROOT, train: int = 300, test: int = 100, seed: int =
     return out
 
 
-def make_cifar5(root: Path = ROOT, train: int = 200, test: int = 100) -> Path:
-    """Unpack the first ``train``/``test`` images of five CIFAR-10 classes from the shared archive."""
-    out = root / "cifar5"
-    if (out / "test" / CIFAR5[-1]).is_dir():
+def _from_archive(out: Path, classes: tuple[str, ...], train: int, test: int, skip: int = 0,
+                  look=None) -> Path:
+    """Images ``skip`` .. ``skip + train`` (``test``) of each class of the shared CIFAR-10 archive's train (test)
+    split, each passed through ``look`` (PIL image -> PIL image) if given, into ``out/{train,test}/<class>/``."""
+    if (out / "test" / classes[-1]).is_dir():
         return out
     archive = SHARED / "cifar10.tar.gz"
     if not archive.is_file():
         raise SystemExit(f"{archive} is missing: clone the repository beside shared/")
     want = {"train": train, "test": test}
-    taken: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str], int] = {}
     with tarfile.open(archive) as tar:
         for member in tar:
             parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or parts[-3] not in want or parts[-2] not in CIFAR5:
+            if not member.isfile() or len(parts) < 3 or parts[-3] not in want or parts[-2] not in classes:
                 continue
             key = (parts[-3], parts[-2])
-            if taken.get(key, 0) >= want[key[0]]:
+            seen[key] = seen.get(key, 0) + 1
+            if not skip < seen[key] <= skip + want[key[0]]:
                 continue
             dest = out / key[0] / key[1] / parts[-1]
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(tar.extractfile(member).read())
-            taken[key] = taken.get(key, 0) + 1
+            if look is None:
+                dest.write_bytes(tar.extractfile(member).read())
+            else:
+                look(Image.open(tar.extractfile(member)).convert("RGB")).save(dest.with_suffix(".png"))
     return out
+
+
+def make_cifar5(root: Path = ROOT, train: int = 200, test: int = 100) -> Path:
+    """Unpack the first ``train``/``test`` images of five CIFAR-10 classes from the shared archive."""
+    return _from_archive(root / "cifar5", CIFAR5, train, test)
 
 
 def make_photos(root: Path = ROOT, classes: tuple[str, ...] = CIFAR5, grey: bool = False, name: str = "") -> Path:
@@ -281,6 +291,40 @@ def routing_specs(root: Path = ROOT) -> dict[str, str]:
             "grey5": f"folder:{make_photos(root, OTHER5, grey=True)}",
             "photos2": f"folder:{make_photos(root, ('airplane', 'ship'), name='photos-colour-2')}",
             "synthetic": f"folder:{make_synthetic(root)}"}
+
+
+def _sketch(img: Image.Image) -> Image.Image:
+    """A photo as a line drawing: the edges of its grey image, dark lines on white, in all three channels."""
+    edges = img.convert("L").filter(ImageFilter.GaussianBlur(0.7)).filter(ImageFilter.FIND_EDGES)
+    return Image.eval(edges, lambda v: 255 - min(255, 2 * v)).convert("RGB")
+
+
+def _blurred(img: Image.Image) -> Image.Image:
+    """A photo as a low-resolution one: down to 8x8 pixels and back up."""
+    return img.resize((8, 8), Image.BILINEAR).resize(img.size, Image.BILINEAR)
+
+
+def _grey(img: Image.Image) -> Image.Image:
+    return img.convert("L").convert("RGB")
+
+
+def heldout_specs(root: Path = ROOT) -> dict[str, str]:
+    """Data sets kept out of every choice made for routing (issue 23): made from images of the whole CIFAR-10
+    archive past the first 200 a class (so none is in ``cifar5`` or ``cifar10-mini``), looked at only once the
+    router was chosen. ``sketch3``: cat, deer and horse as line drawings (100 + 50 a class); ``photos3``:
+    automobile, bird and truck in colour (100 + 50); ``blur10``: all ten classes at 8x8 pixels, blown up (40 + 20);
+    ``grey2``: dog and frog in grey (50 + 25): a 2-class task beside a 10-class one. (Images ``skip`` onwards of each
+    class: 200-300 for sketch3 and photos3, 300-340 for blur10, 340-390 for grey2; test images the same.)"""
+    return {"sketch3": f"folder:{_from_archive(root / 'sketch3', ('cat', 'deer', 'horse'), 100, 50, 200, _sketch)}",
+            "photos3": f"folder:{_from_archive(root / 'photos3', ('automobile', 'bird', 'truck'), 100, 50, 200)}",
+            "blur10": f"folder:{_from_archive(root / 'blur10', CIFAR10, 40, 20, 300, _blurred)}",
+            "grey2": f"folder:{_from_archive(root / 'grey2', ('dog', 'frog'), 50, 25, 340, _grey)}"}
+
+
+def make_split(root: Path = ROOT) -> Path:
+    """All ten CIFAR-10 classes, 200 training and 100 test images each, past the first 400 of the archive (none
+    in the other sets): to split into tasks of one data set (``routing_ood.py``: 5 tasks of 2 classes)."""
+    return _from_archive(root / "cifar10-split", CIFAR10, 200, 100, 400)
 
 
 def specs(root: Path = ROOT, emoji: bool = False) -> dict[str, str]:
