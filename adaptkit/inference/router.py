@@ -128,7 +128,9 @@ class Router:
             self.weight = torch.linalg.solve(gram + lam * torch.eye(d).double(), means.T * counts)
             self.bias = torch.zeros(len(counts)).double()
         elif kind == "qda":
-            self.task_spreads = [_TaskSpread.of(s, cov) for s in stats]
+            chol = torch.linalg.cholesky(cov)
+            white = torch.linalg.solve_triangular(chol, torch.eye(d).double(), upper=False).T  # L^-T: x @ white
+            self.task_spreads = [_TaskSpread.of(s, white) for s in stats]
             self.weight, self.bias = torch.zeros(d, 0).double(), torch.zeros(0).double()
         else:
             self.weight = nn.functional.normalize(means, dim=1).T
@@ -208,11 +210,10 @@ class _TaskSpread:
     prior_weight: float  # a / (a + n): the share of the pooled covariance in the task's
 
     @classmethod
-    def of(cls, s: RoutingStats, pooled: torch.Tensor) -> _TaskSpread:
-        d = pooled.shape[0]
+    def of(cls, s: RoutingStats, white: torch.Tensor) -> _TaskSpread:
+        """From a task's statistics and the pooled covariance's whitening W (x @ W has identity covariance)."""
+        d = white.shape[0]
         n = max(s.counts.sum().item() - int((s.counts > 0).sum()), 0.0)
-        chol = torch.linalg.cholesky(pooled)
-        white = torch.linalg.solve_triangular(chol, torch.eye(d).double(), upper=False).T  # L^-T: x @ white
         lam, vecs = torch.linalg.eigh(white.T @ s.scatter.double() @ white)
         lam = lam.clamp(min=0.0)
         a = d * _PRIOR_GRID
