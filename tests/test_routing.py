@@ -16,7 +16,7 @@ from safetensors import safe_open
 from adaptkit.artifacts import load_adapter
 from adaptkit.cli.common import cli_words
 from adaptkit.data import load_task_data
-from adaptkit.errors import DatasetError, RoutingError
+from adaptkit.errors import ConfigError, DatasetError, RoutingError
 from adaptkit.inference import (
     ROUTING_PREFIX,
     Predictor,
@@ -245,6 +245,13 @@ def test_qda_routes_by_a_spread_that_only_one_task_has():
     # one image per class: nothing to estimate a spread from, so the task takes the pooled covariance
     one = RoutingStats(means=stats[0].means, counts=torch.tensor([1, 1]), scatter=torch.zeros(d, d))
     assert Router([stats[0], one]).task_spreads[1].prior_weight == 1.0
+    # tasks of one data set (its classes split into tasks) share one spread, as lda does: then the spreads cannot
+    # tell them apart, and the shared estimate is the same for both
+    shared = Router(stats, groups=["cifar", "cifar"], by_fit=False)
+    assert identified(shared) < 0.65
+    assert torch.equal(shared.task_spreads[0].proj, shared.task_spreads[1].proj)
+    with pytest.raises(ConfigError, match="groups names 1 tasks, the router has 2"):
+        Router(stats, groups=["cifar"])
 
 
 def test_the_cli_offers_the_routers_the_library_has():

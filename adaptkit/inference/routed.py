@@ -141,5 +141,9 @@ class AutoPredict:
     def _router(self, tasks: list[LoadedTask], kind: str) -> Router:
         key = (kind, *(id(t) for t in tasks))
         if key not in self._routers:  # the tasks are kept with their router, so their ids stay theirs
-            self._routers[key] = (tasks, Router([t.routing for t in tasks], kind=kind))  # type: ignore[misc]
+            # tasks trained on one data set (its classes split into tasks) share one spread; a task whose file
+            # names no data set is its own
+            groups = [t.meta.dataset or f"task {t.ref}" for t in tasks]
+            self._routers[key] = (tasks, Router([t.routing for t in tasks], kind=kind,  # type: ignore[misc]
+                                                groups=groups))
         return self._routers[key][1]

@@ -6,7 +6,9 @@
   say (its weight maximises their marginal likelihood: empirical Bayes, nothing tuned on a data set), and scored by
   the posterior predictive, a Student-t (so a task with few images is not over-sure of its spread). A task with many
   images and a spread unlike the others' (grey photos beside colour ones) keeps its own; one with few images, or
-  like the others, falls back to the pooled one, which is ``lda``.
+  like the others, falls back to the pooled one, which is ``lda``. Tasks trained on one data set (``groups``: its
+  classes split into tasks) share one spread, estimated from all their images: their covariances differ only by
+  the classes each drew, which is the case ``lda`` models;
 - ``lda``: linear discriminant analysis with one covariance pooled over every class of every task, shrunk
   towards a multiple of the identity (a shared-covariance Gaussian classifier; what RanPAC's ridge solves in a random
   feature space, here in the backbone's own space). Best when the tasks are splits of one data set. The pooled
@@ -24,6 +26,7 @@ typical the image is of each backbone's classes (its Mahalanobis distance to the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -78,6 +81,8 @@ class Router:
             For ``lda`` and ``qda``.
         pooling: ``task`` (the default of ``lda`` and ``qda``): the pooled covariance is the mean of the tasks' own;
             ``images`` (the others' default): every image weighs the same, so a task with more images weighs more.
+        groups: for ``qda``, one key per task (the data set it was trained on): tasks of one key share a covariance,
+            estimated from their scatters together. None: every task its own.
         by_fit: weigh each task's posterior by how well the image fits the task's own held-out spread (its ``fit``,
             see :meth:`fit`; a version without percentiles counts as 0.5) and renormalise: a task whose
             classifier score is high only because its classes sit nearest, while the image lies beyond almost all
@@ -87,7 +92,7 @@ class Router:
 
     def __init__(self, stats: list[RoutingStats], kind: str = DEFAULT_ROUTER,
                  shrinkage: float | None = DEFAULT_SHRINKAGE, prior: str | None = None, pooling: str | None = None,
-                 by_fit: bool = True) -> None:
+                 by_fit: bool = True, groups: list[str] | None = None) -> None:
         if kind not in ROUTERS:
             raise ConfigError(f"unknown router {kind!r}: use one of {', '.join(ROUTERS)}")
         if not stats:
@@ -96,6 +101,8 @@ class Router:
             raise ConfigError("tasks of one router must share a backbone (their features differ in size)")
         prior = prior or ("task" if kind in ("lda", "qda") else "class")
         pooling = pooling or ("task" if kind in ("lda", "qda") else "images")
+        if groups is not None and len(groups) != len(stats):
+            raise ConfigError(f"groups names {len(groups)} tasks, the router has {len(stats)}")
         if prior not in ("task", "class") or pooling not in ("task", "images"):
             raise ConfigError(f"unknown prior {prior!r} or pooling {pooling!r}: use task or class, task or images")
         self.kind, self.by_fit = kind, by_fit
@@ -130,7 +137,13 @@ class Router:
         elif kind == "qda":
             chol = torch.linalg.cholesky(cov)
             white = torch.linalg.solve_triangular(chol, torch.eye(d).double(), upper=False).T  # L^-T: x @ white
-            self.task_spreads = [_TaskSpread.of(s, white) for s in stats]
+            keys = groups if groups is not None else [str(t) for t in range(len(stats))]
+            members: dict[str, list[RoutingStats]] = {}
+            for key, st in zip(keys, stats, strict=True):
+                members.setdefault(key, []).append(st)
+            spreads = {key: _TaskSpread.of(sum(m.scatter.double() for m in group), sum(_dof(m) for m in group),
+                                           white) for key, group in members.items()}
+            self.task_spreads = [spreads[key].of_task(st.means) for key, st in zip(keys, stats, strict=True)]
             self.weight, self.bias = torch.zeros(d, 0).double(), torch.zeros(0).double()
         else:
             self.weight = nn.functional.normalize(means, dim=1).T
@@ -210,11 +223,11 @@ class _TaskSpread:
     prior_weight: float  # a / (a + n): the share of the pooled covariance in the task's
 
     @classmethod
-    def of(cls, s: RoutingStats, white: torch.Tensor) -> _TaskSpread:
-        """From a task's statistics and the pooled covariance's whitening W (x @ W has identity covariance)."""
+    def of(cls, scatter: torch.Tensor, n: float, white: torch.Tensor) -> _TaskSpread:
+        """From a within-class scatter of ``n`` degrees of freedom and the pooled covariance's whitening W (x @ W
+        has identity covariance); its ``means`` are set by :meth:`of_task`."""
         d = white.shape[0]
-        n = max(s.counts.sum().item() - int((s.counts > 0).sum()), 0.0)
-        lam, vecs = torch.linalg.eigh(white.T @ s.scatter.double() @ white)
+        lam, vecs = torch.linalg.eigh(white.T @ scatter @ white)
         lam = lam.clamp(min=0.0)
         a = d * _PRIOR_GRID
         nu0 = a + d + 1
@@ -226,8 +239,12 @@ class _TaskSpread:
         const = (math.lgamma((nu + d) / 2) - math.lgamma(nu / 2) - d / 2 * math.log(nu * math.pi)
                  - 0.5 * scale.log().sum().item())
         proj = white @ vecs
-        return cls(proj=proj.float(), inv_scale=(1 / scale).float(), means=(s.means.double() @ proj).float(),
-                   const=const, nu=nu, prior_weight=a / (a + n))
+        return cls(proj=proj.float(), inv_scale=(1 / scale).float(), means=torch.zeros(0, d), const=const, nu=nu,
+                   prior_weight=a / (a + n))
+
+    def of_task(self, means: torch.Tensor) -> _TaskSpread:
+        """This spread with a task's (C_t, d) class means."""
+        return dataclasses.replace(self, means=(means.double() @ self.proj.double()).float())
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, d) features -> (B, C_t) log-density of each class's predictive."""
@@ -236,6 +253,11 @@ class _TaskSpread:
         m2 = ((y * y * w).sum(1, keepdim=True) - 2 * (y * w) @ self.means.T + (self.means ** 2 * w).sum(1))
         d = y.shape[1]
         return self.const - 0.5 * (self.nu + d) * torch.log1p(m2.clamp(min=0) / self.nu)
+
+
+def _dof(s: RoutingStats) -> float:
+    """A task's within-class degrees of freedom: its images less its classes with images."""
+    return max(s.counts.sum().item() - int((s.counts > 0).sum()), 0.0)
 
 
 def _balanced_covariance(stats: list[RoutingStats]) -> tuple[torch.Tensor, float]:
