@@ -109,8 +109,8 @@ def _router_name(value: str) -> str:
 
 
 RouterOpt = Annotated[str, typer.Option(metavar="ROUTER", callback=_router_name,
-                                        help="How a task is picked with no task named: qda (tasks of different "
-                                        "kinds), lda (tasks split from one data set), ridge or ncm")]
+                                        help="How a task is picked with no task named: qda (each data set's own "
+                                        "spread), lda (one spread for all), ridge or ncm")]
 DeviceOpt = Annotated[str | None, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:N or mps "
                                                "[default: cuda if available]")]
 
