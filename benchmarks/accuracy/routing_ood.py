@@ -28,6 +28,9 @@ its test images are never seen.
    one data set, which QDA gives one covariance, as routed prediction does for tasks trained on one data set; the
    "no groups" row gives each its own).
 
+5. The rejection score by layer: the same per-task Mahalanobis score on the mean patch token after each block,
+   against the pooled output the shipped score reads (AUROC, each broad task against sets of no task of its own).
+
     python benchmarks/common/data.py --no-emoji      # optional: the folders are made on first use anyway
     # about a minute the first time, seconds from the cache:
     OMP_NUM_THREADS=2 python benchmarks/accuracy/routing_ood.py
@@ -47,7 +50,7 @@ from adaptkit.inference import DEFAULT_REJECT_RATE, Calibration, Router, Routing
 from adaptkit.models import PACKAGED_BACKBONE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
-from common import lbfgs_linear, print_table  # noqa: E402
+from common import block_features, lbfgs_linear, print_table  # noqa: E402
 from common.data import ROOT, heldout_specs, make_split, routing_specs  # noqa: E402
 
 REGISTERED = ("digits", "glyphs", "photos5", "grey5")
@@ -80,6 +83,52 @@ def dump(path: Path, specs) -> dict:
         out[name]["classes"] = data.classes
     torch.save(out, path)
     return out
+
+
+LAYER_TASKS = ("photos5", "grey5", "photos2")  # the broad tasks, whose pooled-output score misses most
+LAYER_OTHERS = ("digits", "glyphs", "synthetic", "sketch3", "blur10")
+
+
+@torch.inference_mode()
+def dump_layers(path: Path) -> dict:
+    """Per data set of :data:`LAYER_TASKS` and :data:`LAYER_OTHERS`: (pooled output, mean patch token after each
+    block) of every split, and labels; cached in ``path``."""
+    if path.is_file():
+        return torch.load(path)
+    backbone = create_backbone(PACKAGED_BACKBONE)
+    model = backbone.model.eval()
+    specs = {**routing_specs(), **heldout_specs()}
+    out = {}
+    for name in (*LAYER_TASKS, *LAYER_OTHERS):
+        data = load_task_data(specs[name], backbone.data_config, val_fraction=0.1, seed=0, augment="none")
+        out[name] = {"classes": data.classes}
+        for part in ("train", "val", "test"):
+            ds = getattr(data, part)
+            x = torch.stack([ds[i][0] for i in range(len(ds))])
+            parts = [block_features(model, x[k:k + 256]) for k in range(0, len(x), 256)]
+            out[name][part] = (torch.cat([f["final"] for f in parts]), torch.cat([f["avg"] for f in parts]),
+                               torch.tensor([ds[i][1] for i in range(len(ds))]))
+    torch.save(out, path)
+    return out
+
+
+def table_layers(layers: dict) -> tuple[list[str], list[list[str]]]:
+    depth = layers[LAYER_TASKS[0]]["train"][1].shape[1]
+    rows = []
+    for layer in ["pooled output (shipped)", *(f"block {k + 1} mean token" for k in range(depth))]:
+        pick = (lambda e, part: e[part][0]) if layer.startswith("pooled") else (
+            lambda e, part, k=int(layer.split()[1]) - 1: e[part][1][:, k])
+        row = [layer]
+        for t in LAYER_TASKS:
+            e = layers[t]
+            entry = {part: (pick(e, part), e[part][2]) for part in ("train", "val")}
+            entry["classes"] = e["classes"]
+            st = task_stats(entry)
+            w = Whitener.of(st.means, st.counts, st.scatter, st.ood_shrinkage)
+            own = w.scores(pick(e, "test"))
+            row.append(" / ".join(f"{auroc(own, w.scores(pick(layers[u], 'test'))):.2f}" for u in LAYER_OTHERS))
+        rows.append(row)
+    return ["score read on", *(f"{t}: AUROC vs {', '.join(LAYER_OTHERS)}" for t in LAYER_TASKS)], rows
 
 
 def split_tasks(entry: dict) -> dict:
@@ -260,6 +309,8 @@ def main() -> None:
     both, both_stats = {**feats, **more}, {**stats, **more_stats}
     print("\n   on sets kept out of every choice, and CIFAR-10 in 5 tasks of 2 classes\n")
     print_table(*table_task_id(both, both_stats, [*HELDOUT_SETS, SPLIT]))
+    print("\n5. The rejection score by layer (not shipped: the pooled output's is)\n")
+    print_table(*table_layers(dump_layers(args.features.with_name("routing-layer-features.pt"))))
 
 
 if __name__ == "__main__":
