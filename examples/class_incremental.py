@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--limit-eval", type=int, help="test images per task")
     parser.add_argument("--data-dir")
     parser.add_argument("--registry", help="default: a temporary one")
-    parser.add_argument("--routers", nargs="+", default=["lda", "ridge", "ncm"])
+    parser.add_argument("--routers", nargs="+", default=["qda", "lda", "ridge", "ncm"],
+                        help="routers to compare; the first is the one the per-task table shows (qda: the default)")
     parser.add_argument("--json", help="write the reports to this file")
     args = parser.parse_args()
     if bool(args.dataset) == bool(args.datasets):
