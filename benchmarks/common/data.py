@@ -11,6 +11,9 @@
 - for the routing benchmarks (:func:`routing_specs`, no archive needed): ``glyphs20`` (letters A-T), ``photos5``
   and ``grey5`` (five CIFAR-10 classes of ``../shared/data/cifar10-mini`` in colour, the other five in grey),
   ``photos2`` (airplane, ship) and ``synthetic`` (noise, flat colours, gradients, stripes: images of no data set).
+- kept out of every choice made for routing (:func:`heldout_specs`, from the archive, images no other set uses):
+  ``sketch3`` (line drawings), ``photos3`` (colour photos), ``blur10`` (8x8 pixels, blown up), ``grey2`` (two classes
+  in grey); and :func:`make_split`, all ten classes to split into tasks of one data set.
 - ``emoji``: which Unicode group an emoji belongs to (smileys, people, animals and nature, food, travel and places,
   activities, objects, symbols: 8 classes, from Debian's ``unicode-data``), the emoji drawn from Debian's Noto Color
   Emoji font at a random size, offset, rotation, background, noise and blur; 300 training and 100 test images a
