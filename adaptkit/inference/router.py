@@ -26,7 +26,6 @@ typical the image is of each backbone's classes (its Mahalanobis distance to the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -141,9 +140,11 @@ class Router:
             members: dict[str, list[RoutingStats]] = {}
             for key, st in zip(keys, stats, strict=True):
                 members.setdefault(key, []).append(st)
-            spreads = {key: _TaskSpread.of(sum(m.scatter.double() for m in group), sum(_dof(m) for m in group),
-                                           white) for key, group in members.items()}
-            self.task_spreads = [spreads[key].of_task(st.means) for key, st in zip(keys, stats, strict=True)]
+            spreads = {key: _Spread.of(sum(m.scatter.double() for m in group), sum(_dof(m) for m in group), white)
+                       for key, group in members.items()}
+            self.task_spreads = [spreads[key] for key in keys]  # one object per group, shared by its tasks
+            self._spread_means = [(st.means.double() @ sp.proj.double()).float()  # (C_t, d) in its coordinates
+                                  for sp, st in zip(self.task_spreads, stats, strict=True)]
             self.weight, self.bias = torch.zeros(d, 0).double(), torch.zeros(0).double()
         else:
             self.weight = nn.functional.normalize(means, dim=1).T
@@ -156,7 +157,14 @@ class Router:
         """(B, d) frozen features -> (B, C) class scores (log-posteriors up to a constant for ``lda``, ``qda``)."""
         f = feats.float().to(self.weight.device)
         if self.kind == "qda":  # each task's classes under its own predictive distribution
-            return torch.cat([t.scores(f) for t in self.task_spreads], dim=1) + self.log_prior.float()
+            projected: dict[int, torch.Tensor] = {}  # the features in each group's coordinates, once per group
+            out = []
+            for spread, means in zip(self.task_spreads, self._spread_means, strict=True):
+                y = projected.get(id(spread))
+                if y is None:
+                    y = projected[id(spread)] = spread.project(f)
+                out.append(spread.log_density(y, means))
+            return torch.cat(out, dim=1) + self.log_prior.float()
         if self.kind == "ncm":
             return nn.functional.normalize(f, dim=1) @ self.weight / _NCM_TEMPERATURE
         return f @ self.weight + self.bias
@@ -201,10 +209,11 @@ class Router:
 
 
 @dataclass
-class _TaskSpread:
-    """A task's classes under its own covariance for ``qda``: the posterior predictive (a multivariate Student-t) of
-    a Gaussian whose covariance has an inverse-Wishart prior with mean the pooled covariance P and ``a + d + 1``
-    degrees of freedom, after the task's within-class scatter S from n degrees of freedom (images less classes).
+class _Spread:
+    """The covariance of a task's classes (or a group's: tasks of one data set) under ``qda``: the posterior
+    predictive (a multivariate Student-t) of a Gaussian whose covariance has an inverse-Wishart prior with mean the
+    pooled covariance P and ``a + d + 1`` degrees of freedom, after the task's within-class scatter S from n degrees
+    of freedom (images less classes).
     In coordinates whitened by P the prior is a multiple of the identity, so one eigendecomposition of the whitened
     scatter (eigenvalues l_i) gives the marginal likelihood of the task's images for every a in closed form:
 
@@ -217,15 +226,14 @@ class _TaskSpread:
 
     proj: torch.Tensor  # (d, d): features -> the task's eigen-coordinates, whitened by the pooled covariance
     inv_scale: torch.Tensor  # (d,) nu / (a + l_i)
-    means: torch.Tensor  # (C_t, d) class means in those coordinates
     const: float  # log-normaliser of the Student-t less half the log-determinant of its scale
     nu: float
     prior_weight: float  # a / (a + n): the share of the pooled covariance in the task's
 
     @classmethod
-    def of(cls, scatter: torch.Tensor, n: float, white: torch.Tensor) -> _TaskSpread:
+    def of(cls, scatter: torch.Tensor, n: float, white: torch.Tensor) -> _Spread:
         """From a within-class scatter of ``n`` degrees of freedom and the pooled covariance's whitening W (x @ W
-        has identity covariance); its ``means`` are set by :meth:`of_task`."""
+        has identity covariance)."""
         d = white.shape[0]
         lam, vecs = torch.linalg.eigh(white.T @ scatter @ white)
         lam = lam.clamp(min=0.0)
@@ -239,18 +247,17 @@ class _TaskSpread:
         const = (math.lgamma((nu + d) / 2) - math.lgamma(nu / 2) - d / 2 * math.log(nu * math.pi)
                  - 0.5 * scale.log().sum().item())
         proj = white @ vecs
-        return cls(proj=proj.float(), inv_scale=(1 / scale).float(), means=torch.zeros(0, d), const=const, nu=nu,
-                   prior_weight=a / (a + n))
+        return cls(proj=proj.float(), inv_scale=(1 / scale).float(), const=const, nu=nu, prior_weight=a / (a + n))
 
-    def of_task(self, means: torch.Tensor) -> _TaskSpread:
-        """This spread with a task's (C_t, d) class means."""
-        return dataclasses.replace(self, means=(means.double() @ self.proj.double()).float())
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, d) features -> (B, d) in this spread's coordinates."""
+        return feats.float() @ self.proj
 
-    def scores(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, d) features -> (B, C_t) log-density of each class's predictive."""
-        y = feats.float() @ self.proj
+    def log_density(self, y: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+        """(B, d) projected features, (C_t, d) projected class means -> (B, C_t) log-density of each class's
+        predictive."""
         w = self.inv_scale
-        m2 = ((y * y * w).sum(1, keepdim=True) - 2 * (y * w) @ self.means.T + (self.means ** 2 * w).sum(1))
+        m2 = ((y * y * w).sum(1, keepdim=True) - 2 * (y * w) @ means.T + (means ** 2 * w).sum(1))
         d = y.shape[1]
         return self.const - 0.5 * (self.nu + d) * torch.log1p(m2.clamp(min=0) / self.nu)
 
@@ -266,7 +273,7 @@ def _balanced_covariance(stats: list[RoutingStats]) -> tuple[torch.Tensor, float
     d = stats[0].dim
     covs, dof = [], 0.0
     for s in stats:
-        n = s.counts.sum().item() - int((s.counts > 0).sum())
+        n = _dof(s)
         if n >= 1:
             covs.append(s.scatter.double() / n)
             dof += n
