@@ -63,15 +63,21 @@ HELDOUT_SETS = [("sketch3", "photos3"), ("blur10", "grey2"), ("photos3", "grey2"
 SPLIT = tuple(f"cifar10 {2 * k}-{2 * k + 1}" for k in range(5))
 
 
+def _pooled(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor]:
+    """(N, d) the frozen pooled features (what routing reads)."""
+    return (torch.cat([model(x[k:k + 256]) for k in range(0, len(x), 256)]),)
+
+
+def _layers(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, d) the pooled features and (N, depth, d) the mean patch token after each block."""
+    parts = [block_features(model, x[k:k + 256]) for k in range(0, len(x), 256)]
+    return torch.cat([f["final"] for f in parts]), torch.cat([f["avg"] for f in parts])
+
+
 @torch.inference_mode()
-def _features(model: torch.nn.Module, data) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.stack([data[i][0] for i in range(len(data))])
-    y = torch.tensor([data[i][1] for i in range(len(data))])
-    return torch.cat([model(x[k:k + 256]) for k in range(0, len(x), 256)]), y
-
-
-def dump(path: Path, specs) -> dict:
-    """Frozen pooled features (eval transform) of every split of every data set of ``specs()``, cached in ``path``."""
+def dump(path: Path, specs, features=_pooled) -> dict:
+    """``features`` (eval transform) and labels of every split of every data set of ``specs()``: per set and split
+    a tuple (*features, labels); cached in ``path``."""
     if path.is_file():
         return torch.load(path)
     backbone = create_backbone(PACKAGED_BACKBONE)
@@ -79,8 +85,11 @@ def dump(path: Path, specs) -> dict:
     out = {}
     for name, spec in specs().items():
         data = load_task_data(spec, backbone.data_config, val_fraction=0.1, seed=0, augment="none")
-        out[name] = {s: _features(model, getattr(data, s)) for s in ("train", "val", "test")}
-        out[name]["classes"] = data.classes
+        out[name] = {"classes": data.classes}
+        for part in ("train", "val", "test"):
+            ds = getattr(data, part)
+            x = torch.stack([ds[i][0] for i in range(len(ds))])
+            out[name][part] = (*features(model, x), torch.tensor([ds[i][1] for i in range(len(ds))]))
     torch.save(out, path)
     return out
 
@@ -89,27 +98,10 @@ LAYER_TASKS = ("photos5", "grey5", "photos2")  # the broad tasks, whose pooled-o
 LAYER_OTHERS = ("digits", "glyphs", "synthetic", "sketch3", "blur10")
 
 
-@torch.inference_mode()
-def dump_layers(path: Path) -> dict:
-    """Per data set of :data:`LAYER_TASKS` and :data:`LAYER_OTHERS`: (pooled output, mean patch token after each
-    block) of every split, and labels; cached in ``path``."""
-    if path.is_file():
-        return torch.load(path)
-    backbone = create_backbone(PACKAGED_BACKBONE)
-    model = backbone.model.eval()
+def layer_specs() -> dict[str, str]:
+    """The sets of :data:`LAYER_TASKS` and :data:`LAYER_OTHERS`."""
     specs = {**routing_specs(), **heldout_specs()}
-    out = {}
-    for name in (*LAYER_TASKS, *LAYER_OTHERS):
-        data = load_task_data(specs[name], backbone.data_config, val_fraction=0.1, seed=0, augment="none")
-        out[name] = {"classes": data.classes}
-        for part in ("train", "val", "test"):
-            ds = getattr(data, part)
-            x = torch.stack([ds[i][0] for i in range(len(ds))])
-            parts = [block_features(model, x[k:k + 256]) for k in range(0, len(x), 256)]
-            out[name][part] = (torch.cat([f["final"] for f in parts]), torch.cat([f["avg"] for f in parts]),
-                               torch.tensor([ds[i][1] for i in range(len(ds))]))
-    torch.save(out, path)
-    return out
+    return {name: specs[name] for name in (*LAYER_TASKS, *LAYER_OTHERS)}
 
 
 def table_layers(layers: dict) -> tuple[list[str], list[list[str]]]:
@@ -183,6 +175,13 @@ def table_alone(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
     return ["task", "own test rejected %", *(f"{u}: AUROC / rejected %" for u in names)], rows
 
 
+def _routed(router: Router, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) each image's chosen task, and whether that task rejects it at the default rate (as predict_auto)."""
+    routes = router.route(feats)
+    chosen = routes.task_probs.argmax(1)
+    return chosen, routes.fit.gather(1, chosen[:, None])[:, 0] < DEFAULT_REJECT_RATE
+
+
 def table_routed(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
     tests = [*REGISTERED, "synthetic"]
     rows = []
@@ -191,9 +190,7 @@ def table_routed(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
         router = Router([stats[t] for t in tasks])
         row = ["all four" if held is None else f"all but {held}"]
         for name in tests:
-            routes = router.route(feats[name]["test"][0])
-            chosen = routes.task_probs.argmax(1)
-            rejected = routes.fit.gather(1, chosen[:, None])[:, 0] < DEFAULT_REJECT_RATE
+            chosen, rejected = _routed(router, feats[name]["test"][0])
             if name in tasks:
                 home = chosen == tasks.index(name)
                 row.append(f"{_pct(rejected)} (home {_pct(home)}, home and kept {_pct(home & ~rejected)})")
@@ -211,9 +208,7 @@ def table_routed_heldout(more: dict, stats: dict) -> tuple[list[str], list[list[
                        ("blur10", "all ten classes, blurred: no task of that kind"),
                        ("photos3", "automobile and bird are photos5's, truck is grey5's in grey"),
                        ("grey2", "dog and frog in grey: grey5's classes")):
-        routes = router.route(more[name]["test"][0])
-        chosen = routes.task_probs.argmax(1)
-        rejected = routes.fit.gather(1, chosen[:, None])[:, 0] < DEFAULT_REJECT_RATE
+        chosen, rejected = _routed(router, more[name]["test"][0])
         where = ", ".join(f"{t} {_pct(chosen == j)}" for j, t in enumerate(REGISTERED) if bool((chosen == j).any()))
         rows.append([name, note, _pct(rejected), where])
     return ["held-out set", "what it is", "rejected %", "routed to (% of its images)"], rows
@@ -310,7 +305,7 @@ def main() -> None:
     print("\n   on sets kept out of every choice, and CIFAR-10 in 5 tasks of 2 classes\n")
     print_table(*table_task_id(both, both_stats, [*HELDOUT_SETS, SPLIT]))
     print("\n5. The rejection score by layer (not shipped: the pooled output's is)\n")
-    print_table(*table_layers(dump_layers(args.features.with_name("routing-layer-features.pt"))))
+    print_table(*table_layers(dump(args.features.with_name("routing-layer-features.pt"), layer_specs, _layers)))
 
 
 if __name__ == "__main__":
