@@ -209,6 +209,19 @@ def test_serve_without_ray_says_which_extra_to_install(monkeypatch, tmp_path):
     from adaptkit.cli import app
 
     monkeypatch.setitem(sys.modules, "ray", None)
+    for name in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):  # serve sets them for Ray: undone after
+        monkeypatch.delenv(name, raising=False)
     result = CliRunner().invoke(app, ["serve", "--registry", str(tmp_path / "r.db")])
     assert result.exit_code == 1
     assert result.output.strip() == "error: serving needs the serve extra: pip install 'adaptkit[serve]'"
+
+
+def test_requests_leave_no_info_line_each_in_the_replica_logs(served):
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    for i in range(3):
+        assert served.client.post("/predict/alpha?topk=1", content=png(served.imgs[i])).status_code == 200
+    time.sleep(1)  # the replica's log handler flushes
+    replica_logs = sorted(logs.glob("replica_main_*.log"))
+    assert replica_logs, sorted(p.name for p in logs.iterdir())
+    lines = [line for p in replica_logs for line in p.read_text(errors="replace").splitlines()]
+    assert not [line for line in lines if "/predict" in line and line.startswith("INFO")], lines[-5:]

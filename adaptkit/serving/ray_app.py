@@ -169,7 +169,8 @@ def _labels(preds: list) -> list[dict]:
     return [asdict(p) for p in preds]
 
 
-@serve.deployment(name="adaptkit", ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="adaptkit", ray_actor_options={"num_cpus": 1},
+                  logging_config={"log_level": "WARNING"})  # no INFO line per request; a config may ask for it
 @serve.ingress(api)
 class AdaptkitServer:
     """One replica: a backbone, an :class:`~adaptkit.serving.cache.AdapterCache` and two batch queues (named tasks,
