@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from adaptkit.errors import ArtifactError, ConfigError
 from adaptkit.hashing import tensors_sha256
+from adaptkit.tempfiles import hold, remove_stale, temp_beside
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading the registry (`adaptkit list`) needs none
     import torch
@@ -158,18 +158,21 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
     The temporary name is ``.<name>.<random>.tmp`` (what the registry's sweep recognises as its own); the file is
-    created like any other (mode 0666 less the umask), not 0600 as ``mkstemp`` would.
+    created like any other (mode 0666 less the umask), not 0600 as ``mkstemp`` would. It is held while written, and
+    what killed writers of ``path`` left is removed first (see :mod:`adaptkit.tempfiles`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = temp_beside(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
+            hold(fh.fileno())
+            remove_stale(path)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # while still held
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

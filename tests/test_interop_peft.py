@@ -269,6 +269,19 @@ def test_export_refusals_are_one_line(trained, tmp_path):
     shutil.rmtree(full)
 
 
+def test_a_forced_export_over_a_folder_in_a_files_place_writes_nothing(trained, tmp_path):
+    dest = tmp_path / "dest"
+    (dest / "adapter_model.safetensors").mkdir(parents=True)  # a folder where PEFT's weights go
+    (dest / "adapter_config.json").write_text("mine")
+    with pytest.raises(ConfigError) as info:
+        export_peft(trained, "lora_all", dest, overwrite=True)
+    assert re.search(r"holds adapter_model\.safetensors as something other than a file.*move that away",
+                     one_line(info)), one_line(info)
+    assert (dest / "adapter_config.json").read_text() == "mine" and sorted(p.name for p in dest.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]  # not half an export
+    assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no temporary folder left
+
+
 def test_missing_extra(monkeypatch, tmp_path, registry):
     monkeypatch.setitem(sys.modules, "peft", None)
     for call in (lambda: export_peft(registry, "t", tmp_path / "x"), lambda: import_peft(registry, tmp_path)):

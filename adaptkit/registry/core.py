@@ -245,7 +245,6 @@ class Registry(Transfers, Housekeeping):
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
         rel = f"{meta.task}/{sha}.safetensors"
         trainable = sum(t.numel() for k, t in state.items() if not k.startswith(ROUTING_PREFIX))
-        self._check_store()
         with self._storing(rel, data):
             row = self._retry(lambda: self._insert(meta, Path(rel), sha, size, trainable, info, make_default))
         self._ensure_stored(rel, data)
@@ -293,7 +292,6 @@ class Registry(Transfers, Housekeeping):
         data = adapter_bytes(state, meta)
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
         rel = f"{version.task.name}/{sha}.safetensors"
-        self._check_store()
 
         def _swap() -> None:
             with self.transaction() as s:
