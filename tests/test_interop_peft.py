@@ -172,6 +172,35 @@ def test_import_refusals_are_one_line(case, tmp_path, registry, backbone, base_s
     assert not registry.exists or not registry.tasks()  # nothing was registered
 
 
+HEAD = "base_model.model.head.weight"
+BAD_FILES = {  # name: (an edit of adapter_config.json, an edit of the tensors, error, message)
+    "alpha_text": ({"lora_alpha": "16"}, None, "lora_alpha must be a finite number greater than 0, got '16'"),
+    "alpha_list": ({"lora_alpha": [16]}, None, "lora_alpha must be a finite number"),
+    "dropout_text": ({"lora_dropout": "0.1"}, None, "lora_dropout must be a finite number"),
+    "dropout_one": ({"lora_dropout": 1.5}, None, "lora_dropout must be a finite number"),
+    "alpha_pattern_list": ({"alpha_pattern": ["fc1", 32]}, None, "alpha_pattern must be a mapping"),
+    "rank_pattern_list": ({"rank_pattern": [2]}, None, "rank_pattern must be a mapping"),
+    "r_text": ({"r": "8"}, None, "r must be a whole number"),
+    "r_disagrees": ({"r": 4}, None, "the LoRA tensors have rank 8, but adapter_config.json says r=4"),
+    "scalar_head": ({}, lambda t: {**t, HEAD: torch.tensor(1.0)}, r"the head is not a classifier \(head.weight \(\)"),
+    "huge_head": ({}, lambda t: {**t, HEAD: torch.full_like(t[HEAD], 3e38)}, "values up to 3e\\+38, beyond 10000"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_folders_are_one_line_artifact_errors(case, tmp_path, registry, backbone, base_state):
+    config_edit, edit, message = BAD_FILES[case]
+    folder = save_peft(base_state, tmp_path / "p", steps=0, target_modules=["qkv"])
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config_edit}))
+    if edit is not None:
+        _edit_tensors(folder, edit)
+    with pytest.raises(ArtifactError) as info:
+        import_peft(registry, folder, classes=CLASSES, backbone=backbone)
+    assert re.search(message, one_line(info)), one_line(info)
+    assert not registry.exists or not registry.tasks()
+
+
 def test_folder_refusals(tmp_path, registry, backbone, base_state):
     folder = save_peft(base_state, tmp_path / "bin", steps=0, safe=False, target_modules=["qkv"])
     cases = [(folder, "holds adapter_model.bin, a pickle.*safe_serialization=True"),

@@ -29,6 +29,7 @@ import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.errors import ArtifactError, ConfigError, param
+from adaptkit.interop.peft_checks import check_head, check_lora_fields, check_rank
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.methods.lora import TARGETS
 from adaptkit.registry import Registry, VersionRow
@@ -238,6 +239,8 @@ def _read_config(peft: Any, src: Path) -> Any:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ArtifactError(f"{src}/adapter_config.json is not a PEFT config PEFT can read ({first})") from exc
     c, kind = vars(config), str(getattr(config, "peft_type", "?")).rpartition(".")[2]
+    if kind == "LORA":
+        check_lora_fields(c, src)
     problems = [
         (kind != "LORA", f"is a {kind} adapter: only LoRA maps onto adaptkit"),
         (c.get("use_dora"), "uses DoRA, whose magnitude vector adaptkit's LoRA lacks: retrain with use_dora=False"),
@@ -297,6 +300,7 @@ def _split(tensors: dict[str, torch.Tensor], src: Path) -> tuple[dict, dict]:
     if "head.weight" not in head or "head.bias" not in head:
         raise ConfigError(f"the adapter saves no head: {src} needs the classifier, saved by training with "
                           "modules_to_save=['head'] on timm.create_model(..., num_classes=N)")
+    check_head(head, src)
     half = next((f"blocks.{i}.{p}" for (i, p), pair in updates.items() if len(pair) != 2), None)
     if half or not updates:
         what = f"{half} has lora_A or lora_B alone" if half else "holds no LoRA update"
@@ -362,6 +366,7 @@ def _lora_method(config: Any, updates: dict[tuple[int, str], dict], backbone: Ba
         raise ConfigError(f"{src} adapts blocks {blocks} of {depth}: adaptkit's LoRA adapts every block or the last "
                           "N (layers_to_transform must be the last blocks)")
     rank, alpha = ranks[0], float(config.lora_alpha)
+    check_rank(config, rank, src)
     alpha = alpha * math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha  # alpha/sqrt(r) == alpha'/r
     targets = tuple(t for t, p in TARGETS.items() if p in paths)
     lora = LoraConfig(rank=rank, alpha=alpha, targets=targets, dropout=float(config.lora_dropout or 0.0))

@@ -1,0 +1,45 @@
+"""What a PEFT LoRA folder's config and head must be before adaptkit reads them: PEFT's config class takes any JSON
+value for any field, so the fields adaptkit maps over are checked here, each with a one-line error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptkit.checks import check_float, check_int
+from adaptkit.errors import ArtifactError, ConfigError
+
+__all__ = ["check_head", "check_lora_fields", "check_rank"]
+
+
+def check_lora_fields(c: dict[str, Any], src: Path) -> None:
+    """The LoRA settings adaptkit reads, of the types PEFT means (its config class takes any JSON value)."""
+    where = f"{src}/adapter_config.json"
+    try:
+        check_int("r", c.get("r"), 1)
+        check_float("lora_alpha", c.get("lora_alpha"), 0, low_open=True)
+        check_float("lora_dropout", c.get("lora_dropout") or 0.0, 0, 1, high_open=True)
+    except ConfigError as exc:
+        raise ArtifactError(f"{where}: {exc}") from None
+    for name in ("alpha_pattern", "rank_pattern"):
+        if not isinstance(c.get(name) or {}, dict):
+            raise ArtifactError(f"{where}: {name} must be a mapping of layer names to numbers, got "
+                                f"{type(c.get(name)).__name__}")
+
+
+def check_head(head: dict[str, torch.Tensor], src: Path) -> None:
+    """The saved head is a classifier: a (classes, features) weight and a (classes,) bias."""
+    weight, bias = head["head.weight"], head["head.bias"]
+    if weight.dim() != 2 or bias.dim() != 1 or bias.shape[0] != weight.shape[0] or not weight.shape[0]:
+        raise ArtifactError(f"{src}: the head is not a classifier (head.weight {tuple(weight.shape)}, head.bias "
+                            f"{tuple(bias.shape)}; expected (classes, features) and (classes,)): save the adapter "
+                            "again")
+
+
+def check_rank(config: Any, rank: int, src: Path) -> None:
+    """The tensors' rank is the one the config states (``r``, or a value of its ``rank_pattern``)."""
+    if rank not in {config.r, *(config.rank_pattern or {}).values()}:
+        raise ArtifactError(f"{src}: the LoRA tensors have rank {rank}, but adapter_config.json says r={config.r}: "
+                            "the config does not belong to these weights; save the adapter again")
