@@ -147,9 +147,22 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def adapter_bytes(state: dict[str, torch.Tensor], meta: AdapterMeta) -> bytes:
-    """The bytes of the adapter file for ``state`` and ``meta``: equal inputs give equal bytes."""
+    """The bytes of the adapter file for ``state`` and ``meta``: equal inputs give equal bytes.
+
+    Raises:
+        ArtifactError: ``state`` is empty, or not a mapping of names to tensors.
+    """
+    import torch
     from safetensors.torch import save
 
+    if not isinstance(state, dict) or not state:
+        raise ArtifactError(f"the adapter state of {meta.task!r} holds no tensors: give the tensors the method "
+                            "trained (Method.state()) and its head")
+    wrong = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)),
+                 None)
+    if wrong is not None:
+        raise ArtifactError(f"the adapter state of {meta.task!r} maps {wrong[0]!r} to a {type(wrong[1]).__name__}, "
+                            "not a tensor: give only tensors, by name")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     return _canonical(save(tensors, metadata=meta.to_strings(tensors_sha256(tensors))))
 

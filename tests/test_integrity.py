@@ -527,3 +527,19 @@ def test_kill_9_during_an_export_leaves_nothing_the_next_export_keeps(registry, 
         for w in writers:
             w.kill()
             w.wait(30)
+
+
+@pytest.mark.parametrize("state, message", [({}, "holds no tensors"),
+                                            ({"head.weight": [[1.0]]}, "maps 'head.weight' to a list, not a tensor"),
+                                            ({"head.weight": None}, "maps 'head.weight' to a NoneType")])
+def test_add_version_refuses_a_state_that_is_no_tensors(registry, state, message):
+    with pytest.raises(ArtifactError, match=message):
+        registry.add_version(_meta("demo"), state)
+    assert registry.tasks() == [] and _files(registry) == set()
+
+
+def test_a_registry_in_a_folder_that_does_not_exist_is_refused_and_nothing_is_made(tmp_path):
+    reg = Registry(tmp_path / "no" / "such" / "r.db")
+    with pytest.raises(RegistryError, match=r"registry folder .*no/such does not exist: create it or pass another"):
+        reg.add_version(_meta("demo"), _state(1))
+    assert list(tmp_path.iterdir()) == []  # no adapter folder made on the way

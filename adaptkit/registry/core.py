@@ -240,6 +240,7 @@ class Registry(Transfers, Housekeeping):
         """
         check_task_name(meta.task)
         meta.check(f"adapter of task {meta.task}")
+        self._check_creatable()  # before the adapter folder is made beside a registry that cannot be
         info = dict(train_info or {})
         data = adapter_bytes(state, meta)
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
