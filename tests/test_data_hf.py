@@ -253,3 +253,15 @@ def test_the_page_reads_hf_sets_only_inside_its_data_roots(saved_dict, tmp_path)
         with pytest.raises(gr.Error, match=message):
             dataset_spec(spec, "", h.data_roots)
     assert [name for _, name in dataset_choices() if name.startswith("hf")] == []
+
+
+def test_a_classlabel_value_beyond_its_names_is_one_line(tmp_path):
+    import pyarrow as pa
+
+    paths, labels = _files("train", 0, 2)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    table = datasets.Dataset.from_dict({"img": paths, "label": labels}, features=features).data.table
+    table = table.set_column(1, "label", pa.array(labels[:-1] + [len(CLASSES) + 4], pa.int64()))
+    datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(str(tmp_path / "bad"))
+    _refused(rf"row {len(labels) - 1} of hf-disk:.* has label {len(CLASSES) + 4} in column 'label', whose ClassLabel "
+             rf"has {len(CLASSES)} names", f"hf-disk:{tmp_path / 'bad'}", CFG)

@@ -543,3 +543,12 @@ def test_a_registry_in_a_folder_that_does_not_exist_is_refused_and_nothing_is_ma
     with pytest.raises(RegistryError, match=r"registry folder .*no/such does not exist: create it or pass another"):
         reg.add_version(_meta("demo"), _state(1))
     assert list(tmp_path.iterdir()) == []  # no adapter folder made on the way
+
+
+@pytest.mark.parametrize("version", ["9" * 5000, "9" * 20])  # past int()'s 4,300 digits; past a database integer
+def test_a_version_number_too_long_is_one_line(registry, version):
+    registry.add_version(_meta("demo"), _state(1))
+    with pytest.raises(ConfigError, match=r"bad version in .*at most 9 digits"):
+        registry.get_version(f"demo@{version}")
+    out = _cli("show", f"demo@{version}", "--registry", registry.url, code=1)
+    assert "at most 9 digits" in out and len(out) < 400

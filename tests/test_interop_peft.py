@@ -201,6 +201,26 @@ def test_bad_folders_are_one_line_artifact_errors(case, tmp_path, registry, back
     assert not registry.exists or not registry.tasks()
 
 
+def _deep(path) -> None:
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _huge(path) -> None:
+    with open(path, "wb") as f:
+        f.truncate(17 << 20)  # sparse: over the cap, on no disk
+
+
+@pytest.mark.parametrize("name", ["adaptkit.json", "adapter_config.json"])
+@pytest.mark.parametrize("spoil, message", [(_deep, "not (readable JSON|a PEFT config PEFT can read)"),
+                                            (_huge, "is 17,825,792 bytes, over the 16 MiB")])
+def test_deep_or_huge_json_in_a_folder_is_one_line(name, spoil, message, tmp_path, registry, backbone, base_state):
+    folder = save_peft(base_state, tmp_path / "p", steps=0, target_modules=["qkv"])
+    spoil(folder / name)
+    with pytest.raises(ArtifactError) as info:
+        import_peft(registry, folder, classes=CLASSES, backbone=backbone)
+    assert re.search(message, one_line(info)), one_line(info)
+
+
 def test_folder_refusals(tmp_path, registry, backbone, base_state):
     folder = save_peft(base_state, tmp_path / "bin", steps=0, safe=False, target_modules=["qkv"])
     cases = [(folder, "holds adapter_model.bin, a pickle.*safe_serialization=True"),

@@ -128,6 +128,9 @@ def test_bad_requests_get_one_line_reasons_and_spare_the_good_ones_batched_with_
         ("/predict/alpha", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
          "malformed JSON"),
         ("/predict/alpha", {"json": {"picture": "x"}}, 400, "no \"image\""),
+        ("/predict/alpha", {"content": b"[" * 50_000 + b"]" * 50_000, "headers": {
+            "content-type": "application/json"}}, 400, "malformed JSON"),  # nested deeper than json reads
+        ("/predict/alpha@" + "9" * 5000, {"content": png(imgs[0])}, 400, "at most 9 digits"),
         ("/predict/alpha", {"files": {"other": (None, "text")}}, 400, "no file"),
         ("/predict/alpha", {"content": b"--x\r\nbroken", "headers": {
             "content-type": "multipart/form-data; boundary=x"}}, 400, "multipart"),

@@ -164,6 +164,10 @@ def _label_names(datasets: Any, table: Any, column: str, spec: str, split: str) 
     feature = table.features[column]
     values = table.with_format("arrow")[column].to_pylist()  # the one column, without decoding any image
     if isinstance(feature, datasets.ClassLabel):
+        bad = next((i for i, v in enumerate(values) if v is not None and v >= len(feature.names)), None)
+        if bad is not None:
+            raise DatasetError(f"row {bad} of {spec} ({split}) has label {values[bad]} in column '{column}', whose "
+                               f"ClassLabel has {len(feature.names)} names: fix the row's label or the names")
         return [feature.names[v] if v is not None and v >= 0 else None for v in values]
     if not _is_plain_label(datasets, feature):
         raise DatasetError(f"label column '{column}' of {spec} ({split}) holds {feature}: give a ClassLabel, int or "

@@ -29,7 +29,7 @@ import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.errors import ArtifactError, ConfigError, param
-from adaptkit.interop.peft_checks import check_head, check_lora_fields, check_rank
+from adaptkit.interop.peft_checks import check_head, check_json_size, check_lora_fields, check_rank
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.methods.lora import TARGETS
 from adaptkit.registry import Registry, VersionRow
@@ -224,18 +224,19 @@ def _read_side_file(src: Path) -> dict[str, Any]:
                             "PEFT save_pretrained wrote")
     path = src / SIDE_FILE
     try:
-        side = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is not readable JSON ({exc}): fix or delete it") from exc
+        side = json.loads(path.read_text()) if path.is_file() and check_json_size(path) else {}
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json can read
+        raise ArtifactError(f"{path} is not readable JSON ({str(exc)[:200]}): fix or delete it") from None
     return side if isinstance(side, dict) else {}
 
 
 def _read_config(peft: Any, src: Path) -> Any:
     if not (src / "adapter_config.json").is_file():
         raise ArtifactError(f"{src} has no adapter_config.json: give the folder a PEFT save_pretrained wrote")
+    check_json_size(src / "adapter_config.json")
     try:
         config = peft.PeftConfig.from_pretrained(str(src))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ArtifactError(f"{src}/adapter_config.json is not a PEFT config PEFT can read ({first})") from exc
     c, kind = vars(config), str(getattr(config, "peft_type", "?")).rpartition(".")[2]

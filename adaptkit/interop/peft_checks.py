@@ -11,7 +11,18 @@ import torch
 from adaptkit.checks import check_float, check_int
 from adaptkit.errors import ArtifactError, ConfigError
 
-__all__ = ["check_head", "check_lora_fields", "check_rank"]
+__all__ = ["MAX_JSON_BYTES", "check_head", "check_json_size", "check_lora_fields", "check_rank"]
+
+MAX_JSON_BYTES = 16 << 20  # adapter_config.json and adaptkit.json: a few kB, class names for 20k classes < 1 MiB
+
+
+def check_json_size(path: Path) -> bool:
+    """Refuse a JSON file of the folder larger than :data:`MAX_JSON_BYTES` before it is read (True otherwise)."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise ArtifactError(f"{path} is {size:,} bytes, over the {MAX_JSON_BYTES >> 20} MiB such a file never "
+                            "needs: it is not what save_pretrained or adaptkit export wrote")
+    return True
 
 
 def check_lora_fields(c: dict[str, Any], src: Path) -> None:

@@ -156,7 +156,7 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
         try:
             value = json.loads(body)["image"]
             return base64.b64decode(value, validate=True)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # Recursion: nested too deep to read
             raise HTTPException(400, "malformed JSON: send {\"image\": \"<base64>\"}") from None
         except (KeyError, TypeError):
             raise HTTPException(400, "the JSON has no \"image\" field: send {\"image\": \"<base64>\"}") from None
