@@ -221,6 +221,23 @@ def test_deep_or_huge_json_in_a_folder_is_one_line(name, spoil, message, tmp_pat
     assert re.search(message, one_line(info)), one_line(info)
 
 
+def test_the_wrong_backbone_is_named_so(tmp_path, registry, backbone, base_state):
+    folder = save_peft(base_state, tmp_path / "p", steps=0, target_modules=["qkv"])
+    other = create_backbone("vit_cifar_tiny_patch4_32", pretrained=False)  # 6 blocks of 192, pico: 4 of 64
+    with pytest.raises(ArtifactError) as info:
+        import_peft(registry, folder, classes=CLASSES, backbone=other)
+    assert one_line(info).startswith("wrong backbone: ") and "reads 64 features, but vit_cifar_tiny_patch4_32 gives " \
+        "192" in one_line(info)
+    path = folder / "adapter_config.json"
+    named = {**json.loads(path.read_text()), "base_model_name_or_path": "timm/vit_small_patch16_224"}
+    path.write_text(json.dumps(named))
+    with pytest.raises(ArtifactError) as info:
+        import_peft(registry, folder, classes=CLASSES, backbone=backbone)
+    assert re.search(r"^wrong backbone: .* was trained on timm/vit_small_patch16_224, not vit_pico_patch4_32",
+                     one_line(info)), one_line(info)
+    assert not registry.exists or not registry.tasks()
+
+
 def test_folder_refusals(tmp_path, registry, backbone, base_state):
     folder = save_peft(base_state, tmp_path / "bin", steps=0, safe=False, target_modules=["qkv"])
     cases = [(folder, "holds adapter_model.bin, a pickle.*safe_serialization=True"),

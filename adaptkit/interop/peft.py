@@ -29,7 +29,7 @@ import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.errors import ArtifactError, ConfigError, param
-from adaptkit.interop.peft_checks import check_head, check_json_size, check_lora_fields, check_rank
+from adaptkit.interop.peft_checks import check_backbone, check_head, check_json_size, check_lora_fields, check_rank
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.methods.lora import TARGETS
 from adaptkit.registry import Registry, VersionRow
@@ -162,6 +162,8 @@ def import_peft(registry: Registry | str | None, src_dir: str | os.PathLike, *, 
     if side.get("backbone_fingerprint", backbone.fingerprint) != backbone.fingerprint:
         raise ArtifactError(f"{src} was exported from a backbone with fingerprint {side['backbone_fingerprint'][:12]}"
                             f", not this one ({backbone.fingerprint[:12]}): pass the backbone it was trained on")
+    check_backbone(side.get("backbone") or getattr(config, "base_model_name_or_path", None),
+                   head["head.weight"].shape[1], backbone, src)
     method = _lora_method(config, updates, backbone, src)
     state = {f"blocks.{i}.{path}.lora.lora_{ab}": t for (i, path), pair in updates.items() for ab, t in pair.items()}
     meta = AdapterMeta(task=name, classes=labels, method="lora", method_config=method.config_dict(),

@@ -3,15 +3,17 @@ value for any field, so the fields adaptkit maps over are checked here, each wit
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
 from adaptkit.checks import check_float, check_int
 from adaptkit.errors import ArtifactError, ConfigError
 
-__all__ = ["MAX_JSON_BYTES", "check_head", "check_json_size", "check_lora_fields", "check_rank"]
+__all__ = ["MAX_JSON_BYTES", "check_backbone", "check_head", "check_json_size", "check_lora_fields", "check_rank"]
 
 MAX_JSON_BYTES = 16 << 20  # adapter_config.json and adaptkit.json: a few kB, class names for 20k classes < 1 MiB
 
@@ -54,3 +56,20 @@ def check_rank(config: Any, rank: int, src: Path) -> None:
     if rank not in {config.r, *(config.rank_pattern or {}).values()}:
         raise ArtifactError(f"{src}: the LoRA tensors have rank {rank}, but adapter_config.json says r={config.r}: "
                             "the config does not belong to these weights; save the adapter again")
+
+
+def _arch(name: str) -> str:
+    return re.sub(r"\A(hf[-_]hub:)?timm/", "", name).partition(".")[0]
+
+
+def check_backbone(named: Any, width: int, backbone: Any, src: Path) -> None:
+    """The folder fits ``backbone``: the base model it names (when a timm model) is of the same architecture, and
+    its head reads as many features as the backbone gives; else a "wrong backbone" error naming both."""
+    named = named if isinstance(named, str) and named else None
+    if named and timm.is_model(_arch(named)) and _arch(named) != _arch(backbone.name):
+        raise ArtifactError(f"wrong backbone: {src} was trained on {named}, not {backbone.name}: pass the backbone it "
+                            "was trained on (or none, to use the one it names)")
+    if width != backbone.embed_dim:
+        trained = f" ({named})" if named else ""
+        raise ArtifactError(f"wrong backbone: {src}'s head reads {width} features, but {backbone.name} gives "
+                            f"{backbone.embed_dim}: pass the backbone it was trained on{trained}")
