@@ -23,6 +23,7 @@ from adaptkit.backbone import create_backbone  # noqa: E402
 from adaptkit.errors import ArtifactError, ConfigError  # noqa: E402
 from adaptkit.inference import Predictor  # noqa: E402
 from adaptkit.interop.peft import PEFT_EXTRA, export_peft, import_peft  # noqa: E402
+from adaptkit.registry import Registry  # noqa: E402
 
 PICO = "vit_pico_patch4_32"
 N = 10
@@ -381,3 +382,18 @@ def test_cli_exports_and_imports_peft_folders(trained, images, tmp_path):
     assert code == 1 and "adapts no layer" in text and not (tmp_path / "lin").exists()
     code, text = cli("import", tmp_path / "x.safetensors", "--classes", "a,b", "--registry", other)
     assert code == 1 and "--classes apply to PEFT adapter folders" in text
+
+
+def test_cli_import_of_a_folder_trained_on_random_weights_takes_no_pretrained(tmp_path, base_state):
+    from typer.testing import CliRunner
+
+    from adaptkit.cli import app
+
+    folder = save_peft(base_state, tmp_path / "p", target_modules=["qkv"])  # on pico's seeded random weights
+    reg = tmp_path / "r.db"
+    base = ["import", str(folder), "--classes", ",".join(CLASSES), "--registry", str(reg)]
+    result = CliRunner().invoke(app, [*base, "--no-pretrained"])
+    assert result.exit_code == 1 and "--no-pretrained needs --backbone NAME" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*base, "--backbone", PICO, "--no-pretrained"])
+    assert result.exit_code == 0, result.output
+    assert Registry(reg).get_version("p").backbone.weights == "random"
