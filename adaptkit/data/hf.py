@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,20 @@ def _offline_mode(datasets: Any) -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+@contextlib.contextmanager
+def _bars_at_a_terminal(datasets: Any) -> Iterator[None]:
+    """``datasets``' own progress bars (generating splits, loading shards) only when stderr is a terminal: piped or
+    logged, they would be lines of carriage returns in someone's output. Restored afterwards."""
+    quiet = not sys.stderr.isatty() and not datasets.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
 
 
 def _from_hub(datasets: Any, arg: str) -> Any:
@@ -237,7 +252,8 @@ def load_hf(spec: str, *, image_column: str | None = None, label_column: str | N
         raise DatasetError("Hugging Face data sets need the hf extra: pip install 'adaptkit[hf]'") from None
     kind, _, arg = spec.strip().partition(":")
     loader = {"hf": _from_hub, "hf-disk": _from_disk, "hf-files": _from_files}[kind.lower()]
-    loaded = loader(datasets, arg.strip())
+    with _bars_at_a_terminal(datasets):
+        loaded = loader(datasets, arg.strip())
     splits = {str(k).lower(): v for k, v in loaded.items()} if isinstance(loaded, dict) else {"train": loaded}
     if "train" not in splits:
         raise DatasetError(f"{spec} has no train split (its splits: {', '.join(splits) or 'none'}): name one "
@@ -245,7 +261,8 @@ def load_hf(spec: str, *, image_column: str | None = None, label_column: str | N
     img_col, lab_col = _columns(datasets, splits["train"].features, image_column, label_column, spec)
     val_name = next((v for v in VAL_SPLITS if v in splits), None)
     parts = {s: splits[k] for s, k in (("train", "train"), ("val", val_name), ("test", "test")) if k in splits}
-    parts = _with_images(datasets, parts, img_col, lab_col, spec)
+    with _bars_at_a_terminal(datasets):
+        parts = _with_images(datasets, parts, img_col, lab_col, spec)
     names = {s: _label_names(datasets, t, lab_col, spec, s) for s, t in parts.items()}
     classes = _classes(datasets, parts["train"].features[lab_col], names, spec)
     index = {c: i for i, c in enumerate(classes)}
