@@ -10,11 +10,13 @@ those are provably a dead writer's. Where there is no ``flock`` (Windows) nothin
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 try:
@@ -22,7 +24,7 @@ try:
 except ImportError:
     fcntl = None
 
-__all__ = ["STALE_AFTER_S", "hold", "remove_stale", "temp_beside"]
+__all__ = ["STALE_AFTER_S", "folder_beside", "hold", "remove_stale", "temp_beside"]
 
 STALE_AFTER_S = 10.0
 
@@ -68,3 +70,32 @@ def remove_stale(path: Path) -> list[Path]:
                     shutil.rmtree(tmp) if entry.is_dir() else tmp.unlink()
                     removed.append(tmp)
     return removed
+
+
+@contextlib.contextmanager
+def folder_beside(dest: Path) -> Iterator[Path]:
+    """A held temporary folder beside ``dest`` to fill; on leaving the block it becomes ``dest``, or, where ``dest``
+    is a folder already, its files replace those of the same names (all checked first: a name there that is no
+    file is an IsADirectoryError before any file moves). Removed whatever happens; a killed writer's goes on the
+    next call."""
+    tmp, fd = temp_beside(dest), None
+    try:
+        os.mkdir(tmp, 0o777)
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        hold(fd)
+        remove_stale(dest)
+        yield tmp
+        if not dest.exists():
+            os.replace(tmp, dest)
+            return
+        blocked = sorted(f.name for f in tmp.iterdir()
+                         if os.path.lexists(dest / f.name) and not (dest / f.name).is_file())
+        if blocked:
+            raise IsADirectoryError(errno.EISDIR, f"it holds {', '.join(blocked)} as something other than a file "
+                                    "(a folder?): move that away or write to another folder")
+        for f in tmp.iterdir():
+            os.replace(f, dest / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)

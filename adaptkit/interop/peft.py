@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from adaptkit.interop.peft_checks import check_backbone, check_head, check_json_
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.methods.lora import TARGETS
 from adaptkit.registry import Registry, VersionRow
-from adaptkit.tempfiles import hold, remove_stale, temp_beside
+from adaptkit.tempfiles import folder_beside
 
 __all__ = ["export_peft", "import_peft", "PEFT_EXTRA", "NO_PEFT_FORM", "SIDE_FILE"]
 
@@ -96,30 +95,12 @@ def export_peft(registry: Registry | str | None, ref: str, dest_dir: str | os.Pa
     if result.unexpected_keys:
         raise ConfigError(f"{row.ref}: PEFT's model has no place for {result.unexpected_keys[0]}: re-export it "
                           "with --format adaptkit")
-    tmp, fd = temp_beside(dest), None  # written whole, then moved in; held, so a killed export's is removed later
     try:
-        os.mkdir(tmp, 0o777)
-        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
-        hold(fd)
-        remove_stale(dest)
-        model.save_pretrained(str(tmp), save_embedding_layers=False)  # False: no hub look-up of the base's config
-        (tmp / SIDE_FILE).write_text(json.dumps(_side_info(row, meta), indent=2) + "\n")
-        if dest.exists():
-            blocked = sorted(f.name for f in tmp.iterdir() if os.path.lexists(dest / f.name)
-                             and not (dest / f.name).is_file())
-            if blocked:  # before a single file is replaced: never half an export
-                raise ConfigError(f"cannot write {dest}: it holds {', '.join(blocked)} as something other than a "
-                                  "file (a folder?): move that away or export to another folder")
-            for f in tmp.iterdir():
-                os.replace(f, dest / f.name)
-        else:
-            os.replace(tmp, dest)
+        with folder_beside(dest) as tmp:  # written whole, then moved in (never half an export)
+            model.save_pretrained(str(tmp), save_embedding_layers=False)  # False: no hub look-up of the base
+            (tmp / SIDE_FILE).write_text(json.dumps(_side_info(row, meta), indent=2) + "\n")
     except OSError as exc:
-        raise ConfigError(f"cannot write {dest}: {exc.strerror}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if fd is not None:
-            os.close(fd)
+        raise ConfigError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     return dest
 
 
