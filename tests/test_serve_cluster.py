@@ -79,3 +79,22 @@ def test_serve_on_the_loopback_keeps_rays_control_plane_there_and_authenticated(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("host, auth, want_auth, loopback, note", [
+    ("127.0.0.1", None, "token", "0", False),  # nothing chosen: authenticated, on the loopback
+    ("::1", None, "token", "0", False),
+    ("localhost", "token", "token", "0", False),
+    ("0.0.0.0", None, "token", None, False),  # every interface asked for: Ray's node address stays
+    ("127.0.0.1", "disabled", "disabled", "0", True),  # the user's choice is kept, and named
+])
+def test_prepare_turns_on_auth_and_the_loopback_unless_the_user_chose(monkeypatch, host, auth, want_auth, loopback,
+                                                                       note):
+    monkeypatch.delenv(ray_cluster.SINGLE_MACHINE, raising=False)
+    if auth is None:
+        monkeypatch.delenv(ray_cluster.AUTH, raising=False)
+    else:
+        monkeypatch.setenv(ray_cluster.AUTH, auth)
+    notes = ray_cluster.prepare(host)
+    assert os.environ.get(ray_cluster.AUTH) == want_auth and os.environ.get(ray_cluster.SINGLE_MACHINE) == loopback
+    assert bool(notes) == note and all("does not authenticate" in n for n in notes)
