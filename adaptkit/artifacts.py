@@ -81,8 +81,9 @@ class AdapterMeta:
                     continue
                 raw = meta[name]
                 values[name] = raw if f.type in ("str", str) else json.loads(raw)
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{where} has damaged metadata ({exc}); re-export it from its registry") from exc
+        except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: nested too deep
+            raise ArtifactError(f"{where} has damaged metadata ({str(exc)[:200]}); re-export it from its "
+                                "registry") from None
         problem = meta_problem(values)
         if problem:
             raise ArtifactError(f"{where} has bad metadata: {problem}; re-export it from its registry")

@@ -85,6 +85,7 @@ BAD_FILES = [  # (what is changed, the error's text)
     ({"backbone_fingerprint": "zz"}, "64 hex digits"),
     ({"backbone_dim": "-3"}, "backbone_dim must be a positive integer"),
     ({"method_config": '{"rank": 3}'}, "has shape"),  # the tensors are rank 2
+    ({"method_config": "[" * 100_000 + "]" * 100_000}, "has damaged metadata"),  # deeper than json reads
 ]
 BAD_TENSORS = [  # (how the tensors are changed, the error's text)
     ("head of 10 classes", "head head.weight has shape (10, 64), expected (2, 64)"),
