@@ -46,7 +46,8 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def tolerances(cuda: bool) -> dict[str, tuple[float, str]]:
     """``same``: two adaptkit computations in the device's precision; ``fp32``: one against a float32 reference."""
     if cuda:
-        return {"same": (3e-2, "bf16 autocast"), "fp32": (5e-2, "bf16 vs fp32"), "backbone": (1e-3, "fp32, TF32")}
+        return {"same": (3e-2, "bf16 autocast"), "fp32": (5e-2, "bf16 vs fp32"),
+                "backbone": (5e-3, "fp32, TF32 convolution")}
     return {"same": (1e-4, "fp32"), "fp32": (1e-3, "fp32 vs fp32"), "backbone": (1e-6, "fp32")}
 
 

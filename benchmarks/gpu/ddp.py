@@ -2,9 +2,9 @@
 the packaged backbone with an adapter on CIFAR-10 JPEGs, data-parallel through DDP (NCCL on a GPU, gloo on the CPU),
 then the registry row it wrote, checked.
 
-The JPEGs come from the archive given with ``--cifar`` (else ``benchmarks/gpu/cache/cifar10.tar.gz``, carried to a
-GPU machine with the working tree, else ``../shared/data/cifar10.tar.gz``), unpacked into the run's folder; where
-there is none (a GPU machine gets no ``../shared``), synthetic JPEGs of ten classes of colours are made instead.
+The JPEGs come from the archive given with ``--cifar`` (by default ``benchmarks/gpu/cache/cifar10.tar.gz``, carried
+to a GPU machine with the working tree, else ``../shared/data/cifar10.tar.gz``), unpacked into the run's folder;
+where there is none (a GPU machine gets no ``../shared``), synthetic JPEGs of ten classes of colours are made.
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ def synthetic_jpegs(out: Path, train: int, test: int) -> Path:
 
 
 def cifar_folder(ctx: Context, train: int, test: int) -> tuple[Path, str]:
-    """The images as a ``folder:`` tree, and where they came from."""
-    archive = next((p for p in (ctx.cifar, CACHED, SHARED / "cifar10.tar.gz") if p is not None and p.is_file()), None)
+    """The images as a ``folder:`` tree, and where they came from (``--cifar`` given: that archive or none)."""
+    candidates = [ctx.cifar] if ctx.cifar is not None else [CACHED, SHARED / "cifar10.tar.gz"]
+    archive = next((p for p in candidates if p.is_file()), None)
     if archive is None:
-        return synthetic_jpegs(ctx.work / "synthetic", train, test), "synthetic JPEGs (no CIFAR-10 archive here)"
+        return (synthetic_jpegs(ctx.work / "synthetic", train, test),
+                f"synthetic JPEGs (no CIFAR-10 archive at {', '.join(map(str, candidates))})")
     return _from_archive(ctx.work / "cifar10", CIFAR10, train, test, archive=archive), f"CIFAR-10 JPEGs from {archive}"
 
 

@@ -149,14 +149,25 @@ def environment(device: str) -> list[str]:
         query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
         smi = subprocess.run(query, capture_output=True, text=True)
         card = smi.stdout.strip() or smi.stderr.strip()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO) \
+        if shutil.which("git") else None
     return [f"- card (nvidia-smi): {card}",
             f"- device used: {device}" + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else
                                           f" ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)"),
             f"- torch {torch.__version__} (CUDA {torch.version.cuda}), timm {timm.__version__}, "
+            f"{', '.join(f'{n} {_version(n)}' for n in ('peft', 'onnxruntime', 'sqlalchemy'))}, "
             f"Python {platform.python_version()}",
-            f"- adaptkit commit: {commit.stdout.strip() or 'unknown (no git here)'}",
+            f"- adaptkit commit: {commit and commit.stdout.strip() or 'unknown (no git here)'}",
             f"- run at {datetime.now(timezone.utc).isoformat(timespec='seconds')}"]
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "absent"
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> list[str]:
