@@ -188,8 +188,9 @@ def report(parts: list[dict], args: argparse.Namespace, total: float) -> str:
     lines += markdown_table(["part", "check", "subject", "tolerance", "found", "result"], checks)
     for p in parts:
         lines += ["", f"## {p['name']}", ""]
-        if p["error"]:
-            lines += [f"{p['status']}:", "", "```", p["error"], "```", ""]
+        if p["status"] != "ok":
+            lines += [f"{p['status']}" + (":" if p["error"] else " (its output is silent)"), ""]
+            lines += ["```", p["error"], "```", ""] if p["error"] else []
         for t in p["tables"]:
             lines += [f"### {t['title']}", ""] + ([t["note"], ""] if t["note"] else [])
             lines += markdown_table(t["headers"], t["rows"]) + [""]
