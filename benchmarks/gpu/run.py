@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,13 +122,17 @@ def spawn(name: str, args: argparse.Namespace, work: Path, limit: float) -> dict
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
+    # a session of its own: on time-out the whole group goes (torchrun's workers, data loaders, compile workers),
+    # not only the child, so nothing of a part runs on beside the next; what it wrote to its sink stays
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env, cwd=REPO)
+        _, log = proc.communicate(timeout=limit)
         status = "ok" if proc.returncode == 0 else "FAILED"
-        log = proc.stderr
-    except subprocess.TimeoutExpired as exc:  # the child is killed; what it wrote to its sink stays
-        status, log = f"TIMED OUT after {limit:.0f} s", exc.stderr.decode() if isinstance(exc.stderr, bytes) else \
-            (exc.stderr or "")
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, log = proc.communicate()
+        status = f"TIMED OUT after {limit:.0f} s"
     seconds = time.perf_counter() - start
     out = json.loads(result.read_text()) if result.is_file() else {"tables": [], "checks": []}
     error = "" if status == "ok" else _last_lines(log)
