@@ -89,11 +89,15 @@ def _image_refs(table: Any, column: str) -> list[tuple[int, str]]:
     """(row, path) of the rows of ``table`` whose image (a ``datasets.Image(decode=False)`` column) is a path."""
     import pyarrow.compute as pc
 
-    cells = table.data.column(column).combine_chunks()
-    paths, data = pc.struct_field(cells, "path"), pc.struct_field(cells, "bytes")
-    named = pc.and_(pc.is_null(data), pc.invert(pc.is_null(paths)))
-    rows = pc.indices_nonzero(named).to_pylist()
-    return list(zip(rows, pc.filter(paths, named).to_pylist(), strict=True))
+    out: list[tuple[int, str]] = []
+    start = 0
+    for cells in table.data.column(column).chunks:  # chunk by chunk: the image bytes are never copied
+        paths, data = pc.struct_field(cells, "path"), pc.struct_field(cells, "bytes")
+        named = pc.and_(pc.is_null(data), pc.invert(pc.is_null(paths)))
+        rows = [start + r for r in pc.indices_nonzero(named).to_pylist()]
+        out += zip(rows, pc.filter(paths, named).to_pylist(), strict=True)
+        start += len(cells)
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
