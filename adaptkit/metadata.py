@@ -11,7 +11,8 @@ import unicodedata
 from typing import Any
 
 __all__ = ["FINGERPRINT", "MAX_CLASSES", "MAX_CLASS_NAME", "MAX_DATASET_NAME", "MAX_INPUT_SIZE", "INTERPOLATIONS",
-           "classes_problem", "data_config_problem", "dataset_problem", "fingerprint_problem", "text_problem"]
+           "classes_problem", "data_config_problem", "dataset_problem", "fingerprint_problem", "given_fields_problem",
+           "text_problem"]
 
 FINGERPRINT = re.compile(r"[0-9a-f]{64}")  # a backbone's fingerprint: a sha256 in hex, nothing else
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,843
@@ -99,3 +100,15 @@ def data_config_problem(config: Any) -> str | None:
                                      or (isinstance(value, str) and len(value) <= 64)):
             return f"data_config {str(key)[:40]!r} must be a number, a short string or null"
     return None
+
+
+def given_fields_problem(values: dict[str, Any]) -> str | None:
+    """What is wrong with the descriptive fields a side file gives (``backbone``, ``backbone_weights``,
+    ``backbone_fingerprint``, ``classes``, ``dataset``, ``data_config``), each checked only where present."""
+    checks = {"backbone": lambda v: None if isinstance(v, str) and 0 < len(v) <= 200 else
+              "backbone must be a model name",
+              "backbone_weights": lambda v: None if isinstance(v, str) and len(v) <= 4096 else
+              "backbone_weights must be a weights source",
+              "backbone_fingerprint": fingerprint_problem, "classes": classes_problem, "dataset": dataset_problem,
+              "data_config": data_config_problem}
+    return next((p for key, check in checks.items() if key in values and (p := check(values[key]))), None)

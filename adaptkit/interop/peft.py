@@ -30,7 +30,7 @@ import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.errors import ArtifactError, ConfigError, param
-from adaptkit.metadata import classes_problem, data_config_problem, dataset_problem, fingerprint_problem
+from adaptkit.metadata import given_fields_problem
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.methods.lora import TARGETS
 from adaptkit.registry import Registry, VersionRow
@@ -218,13 +218,7 @@ def _read_side_file(src: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is not readable JSON ({exc}): fix or delete it") from exc
     side = side if isinstance(side, dict) else {}
-    checks = {"backbone": lambda v: None if isinstance(v, str) and 0 < len(v) <= 200 else
-              "backbone must be a model name",
-              "backbone_weights": lambda v: None if isinstance(v, str) and len(v) <= 4096 else
-              "backbone_weights must be a weights source",
-              "backbone_fingerprint": fingerprint_problem, "classes": classes_problem, "dataset": dataset_problem,
-              "data_config": data_config_problem}
-    problem = next((p for key, check in checks.items() if key in side and (p := check(side[key]))), None)
+    problem = given_fields_problem(side)
     if problem:
         raise ArtifactError(f"{path}: {problem}: fix or delete it (its values are read at import only)")
     return side
