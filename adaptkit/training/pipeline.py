@@ -46,13 +46,14 @@ _log = logging.getLogger(__name__)
 __all__ = ["train", "evaluate"]
 
 
-def _distributed() -> tuple[int, int]:
+def _distributed(device: str | None) -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by torchrun / accelerate, one process too (so
-    ``torchrun --nproc_per_node 1`` runs the same DDP code path as many processes do)."""
+    ``torchrun --nproc_per_node 1`` runs the same DDP code path as many processes do): NCCL when training on CUDA,
+    gloo otherwise (``--device cpu`` on a GPU machine too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
     if (world > 1 or launched) and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo")
     return (dist.get_rank(), world) if dist.is_initialized() else (0, 1)
 
 
@@ -128,7 +129,7 @@ def train(
     chosen = get_method(method, method_config)  # validates the method's settings before anything slow
     check_trackers(log_to)
     given = config or TrainConfig()
-    rank, world = _distributed()
+    rank, world = _distributed(given.device)
     device = _device(given.device, rank, world)
     registry = registry if isinstance(registry, Registry) else Registry(registry)
     if not isinstance(backbone, Backbone):
