@@ -228,3 +228,21 @@ def test_requests_leave_no_info_line_each_in_the_replica_logs(served):
     assert replica_logs, sorted(p.name for p in logs.iterdir())
     lines = [line for p in replica_logs for line in p.read_text(errors="replace").splitlines()]
     assert not [line for line in lines if "/predict" in line and line.startswith("INFO")], lines[-5:]
+
+
+def test_a_version_without_routing_statistics_leaves_routed_requests_answered(served):
+    """Routed requests route over the tasks that have statistics and name the one left out, instead of a 409."""
+    c, img = served.client, served.imgs[4]
+    register_random(served.reg, served.backbone, "nostats", seed=13, routing=False)
+    try:
+        deadline, body = time.monotonic() + 20, {}
+        while time.monotonic() < deadline:
+            r = c.post("/predict?topk=2", content=png(img))
+            assert r.status_code == 200, r.text
+            body = r.json()
+            if body["left_out"]:
+                break
+            time.sleep(0.1)
+        assert body["left_out"] == ["nostats@1"] and body["task"] != "nostats@1" and len(body["predictions"]) == 2
+    finally:
+        served.reg.remove("nostats")
