@@ -82,13 +82,19 @@ def auroc(own: torch.Tensor, other: torch.Tensor) -> float:
     return (above / (len(own) * len(other))).item()
 
 
+def _taps(entry: tuple, blocks: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """A split's (pooled, tokens, labels) -> block -> (N, d): the mean patch tokens, the pooled output at ``depth``."""
+    depth = entry[1].shape[1]
+    return {b: entry[1][:, b] if b < depth else entry[0] for b in blocks}
+
+
 def stats_of(entry: dict, blocks: tuple[int, ...]):
     """The task's statistics (pooled and tokens) from train + val, as training computes them."""
     x = torch.cat([entry["train"][0], entry["val"][0]])
-    t = torch.cat([entry["train"][1], entry["val"][1]])
+    taps = {b: torch.cat([_taps(entry["train"], blocks)[b], _taps(entry["val"], blocks)[b]]) for b in blocks}
     y = torch.cat([entry["train"][2], entry["val"][2]])
     c = len(entry["classes"])
-    batches = [(x[i:i + 256], y[i:i + 256], {b: t[i:i + 256, b] for b in blocks}) for i in range(0, len(x), 256)]
+    batches = [(x[i:i + 256], y[i:i + 256], {b: t[i:i + 256] for b, t in taps.items()}) for i in range(0, len(x), 256)]
     return accumulate_stats(batches, c, Calibration(len(x), c), blocks=blocks)
 
 
@@ -97,7 +103,7 @@ def scorers(stats):
     w = Whitener.of(stats.means, stats.counts, stats.scatter, stats.ood_shrinkage)
     tok = stats.tokens
     return {"pooled (before)": (lambda e: w.scores(e[0]), stats.fit),
-            "block tokens (now)": (lambda e: tok.scores({b: e[1][:, b] for b in tok.blocks}), tok.fit)}
+            "block tokens (now)": (lambda e: tok.scores(_taps(e, tok.blocks)), tok.fit)}
 
 
 def table(feats: dict, blocks: tuple[int, ...]) -> tuple[list[str], list[list[str]], dict]:
@@ -129,7 +135,8 @@ def main() -> None:
     blocks = token_blocks(depth)
     sizes = ", ".join(f"{t} {len(feats[t]['train'][2]) + len(feats[t]['val'][2])}/{len(feats[t]['test'][2])}"
                       for t in TASKS)
-    print(f"{PACKAGED_BACKBONE}, blocks read {[b + 1 for b in blocks]} of {depth}; training/test images: {sizes}\n")
+    print(f"{PACKAGED_BACKBONE}, mean patch token after blocks {[b + 1 for b in blocks[:-1]]} of {depth} and the "
+          f"pooled output; training/test images: {sizes}\n")
     head, rows, summary = table(feats, blocks)
     print_table(head, rows)
     print()
