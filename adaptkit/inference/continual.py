@@ -20,7 +20,8 @@ from adaptkit.errors import DatasetError, RoutingError, param, step
 from adaptkit.inference.predictor import Predictor
 from adaptkit.inference.results import LoadedTask
 from adaptkit.inference.router import DEFAULT_ROUTER, Router
-from adaptkit.inference.routing_stats import collect_task_stats, split_state, tapped_blocks
+from adaptkit.inference.routing_stats import collect_task_stats, split_state
+from adaptkit.inference.token_stats import tapped_blocks
 from adaptkit.registry import Registry, TaskRow
 
 __all__ = ["fit_routing", "evaluate_continual", "compare_routers", "ContinualReport", "task_order"]
@@ -209,7 +210,7 @@ class _TestSet:
                 raw = TransformedSubset(data.test.source, data.test.indices, None)
                 x = predictor.preprocess([raw[i][0] for i in range(len(raw))], members[0])
             blocks = tuple(sorted({b for t in members if t.routing.tokens for b in t.routing.tokens.blocks}))
-            parts = [predictor.frozen_prefix(x[i:i + batch_size].to(predictor.device), members, blocks)
+            parts = [predictor.frozen_pass(x[i:i + batch_size].to(predictor.device), members, blocks)
                      for i in range(0, len(x), batch_size)]
             features[key] = torch.cat([f.cpu() for f, _, _ in parts])
             taps[key] = {b: torch.cat([t[b].cpu() for _, _, t in parts]) for b in blocks} if parts[0][2] else None

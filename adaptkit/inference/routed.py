@@ -71,7 +71,7 @@ class AutoPredict:
         hosts = self.by_backbone(self._candidates(tasks))
         batches = {key: self.preprocess(images, members[0]) for key, members in hosts.items()}
         # one frozen pass per backbone gives the router its features and the blocks' tokens its rejection reads
-        passes = {key: self.frozen_prefix(batches[key], members, self._router(members, router).blocks)
+        passes = {key: self.frozen_pass(batches[key], members, self._router(members, router).blocks)
                   for key, members in hosts.items()}
         feats = {key: f for key, (f, _, _) in passes.items()}
         taps = {key: t for key, (_, _, t) in passes.items()}
@@ -91,12 +91,17 @@ class AutoPredict:
         with self._gate.reading(), torch.inference_mode(), self._autocast(), frozen(task.host.backbone.model) as trunk:
             return trunk(x).float()
 
-    def frozen_prefix(self, x: torch.Tensor, tasks: list[LoadedTask], blocks: tuple[int, ...] = ()
-                      ) -> tuple[torch.Tensor, FrozenPrefix | None, dict[int, torch.Tensor] | None]:
-        """The bare backbone's (B, d) features of a batch; its tokens at the first block any of ``tasks`` (all
+    def frozen_prefix(self, x: torch.Tensor, tasks: list[LoadedTask]) -> tuple[torch.Tensor, FrozenPrefix | None]:
+        """The bare backbone's (B, d) features of a batch, and its tokens at the first block any of ``tasks`` (all
         on one backbone) changes, for their own pass to start from (None when one of them changes something
-        before the first block); and the mean patch tokens (B, d) after ``blocks`` (None when the trunk cannot be
-        split or none are asked for), all from one pass."""
+        before the first block)."""
+        return self.frozen_pass(x, tasks)[:2]  # type: ignore[return-value]
+
+    def frozen_pass(self, x: torch.Tensor, tasks: list[LoadedTask], blocks: tuple[int, ...] = ()
+                    ) -> tuple[torch.Tensor, FrozenPrefix | None, dict[int, torch.Tensor] | None]:
+        """:meth:`frozen_prefix`, and from the same pass the mean patch tokens (B, d) after ``blocks`` (the index
+        ``depth``: the pooled output) that the rejection score reads; None when the trunk cannot be split or none
+        are asked for."""
         trunk = tasks[0].host.backbone.model
         depth = len(getattr(trunk, "blocks", ()))
         starts = [first_changed_block(t.model.parts, depth) for t in tasks if t.model.trunk is trunk]

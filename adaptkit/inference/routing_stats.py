@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader
 from adaptkit.artifacts import ROUTING_PREFIX
 from adaptkit.data import TaskData, TransformedSubset
 from adaptkit.errors import ConfigError, step
-from adaptkit.inference.token_stats import TokenCalibration, TokenStats, _interp, fit_from_quantiles, token_blocks
+from adaptkit.inference.token_stats import TokenCalibration, TokenStats, fit_from_quantiles, interp, tapped_blocks
 from adaptkit.methods import task_context
-from adaptkit.trunk import run_prefix, splittable
+from adaptkit.trunk import run_prefix
 
 __all__ = ["ROUTING_PREFIX", "RoutingStats", "split_state", "frozen", "collect_stats", "accumulate_stats",
            "collect_task_stats", "task_stats_from_features", "Calibration", "DEFAULT_REJECT_RATE", "OOD_SHRINKAGE",
@@ -80,7 +80,7 @@ class RoutingStats:
         if self.ood_quantiles is None:
             return None
         q = self.ood_quantiles.double()
-        return float(_interp(torch.tensor([100 * (1 - reject_rate)]).double(),
+        return float(interp(torch.tensor([100 * (1 - reject_rate)]).double(),
                              torch.linspace(0, 100, len(q)).double(), q)[0])
 
     def fit(self, scores: torch.Tensor) -> torch.Tensor | None:
@@ -166,11 +166,6 @@ def collect_stats(trunk: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
         trunk.eval()
         return accumulate_stats(((f, y, taps) for x, y in batches for f, taps in [features(x)]), num_classes,
                                 calibration, blocks=blocks)
-
-
-def tapped_blocks(trunk: nn.Module) -> tuple[int, ...]:
-    """The blocks whose mean patch token the rejection score reads in ``trunk`` (none where it cannot be split)."""
-    return token_blocks(len(trunk.blocks)) if splittable(trunk) and len(trunk.blocks) else ()
 
 
 def accumulate_stats(batches: Iterable[tuple], num_classes: int, calibration: Calibration | None = None,

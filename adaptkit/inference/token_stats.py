@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from adaptkit.errors import ConfigError, step
+from adaptkit.trunk import splittable
 
-__all__ = ["TOKEN_RANK", "TOKEN_PREFIX", "token_blocks", "TokenGaussian", "TokenStats", "TokenCalibration",
-           "fit_from_quantiles"]
+__all__ = ["TOKEN_RANK", "TOKEN_PREFIX", "token_blocks", "tapped_blocks", "TokenGaussian", "TokenStats",
+           "TokenCalibration", "fit_from_quantiles", "interp"]
 
 TOKEN_RANK = 64  # leading eigenvectors of a block's within-class covariance kept (the rest: one variance)
 TOKEN_PREFIX = "tokens."  # under the routing prefix: tokens.<block>.<means|basis|var|rest>, tokens.quantiles
@@ -39,13 +40,18 @@ def token_blocks(depth: int) -> tuple[int, ...]:
     return (*sorted({max(-(-depth * q // 4) - 1, 0) for q in range(1, 5)}), depth)
 
 
+def tapped_blocks(trunk: torch.nn.Module) -> tuple[int, ...]:
+    """:func:`token_blocks` of ``trunk``, or none where :mod:`adaptkit.trunk` cannot split it."""
+    return token_blocks(len(trunk.blocks)) if splittable(trunk) and len(trunk.blocks) else ()
+
+
 def fit_from_quantiles(quantiles: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """(B,) scores -> (B,) the share of the task's own images (percentiles ``quantiles``) that score higher."""
     q = quantiles.double()
-    return 1 - _interp(scores.double().cpu(), q, torch.linspace(0, 1, len(q)).double())
+    return 1 - interp(scores.double().cpu(), q, torch.linspace(0, 1, len(q)).double())
 
 
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+def interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation of ``x`` on the increasing ``xp`` -> ``fp``, constant beyond the ends."""
     i = torch.searchsorted(xp.contiguous(), x.contiguous(), right=True).clamp(1, len(xp) - 1)
     x0, x1, y0, y1 = xp[i - 1], xp[i], fp[i - 1], fp[i]

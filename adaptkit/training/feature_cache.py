@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from adaptkit.inference.token_stats import token_blocks
+from adaptkit.inference.token_stats import tapped_blocks
 from adaptkit.methods import TaskModel
 from adaptkit.trunk import first_changed_block, run_prefix, run_suffix, splittable
 
@@ -159,8 +159,7 @@ def prepare(task: TaskModel, data: Any, *, batch_size: int, workers: int, device
     if start == 0:
         return data, task
     # the linear probe's pass is the bare backbone's: it keeps the training images' block tokens for routing
-    depth = len(task.trunk.blocks)
-    blocks = token_blocks(depth) if start == depth and not task.parts and splittable(task.trunk) else ()
+    blocks = tapped_blocks(task.trunk) if start == len(task.trunk.blocks) and not task.parts else ()
     splits = {name: _cache_split(task, getattr(data, name), start, batch_size, workers, device, autocast,
                                  blocks if name != "test" else ())
               for name in ("train", "val", "test")}
