@@ -26,7 +26,7 @@ import torch
 
 from adaptkit.backbone import create_backbone
 from adaptkit.data import load_task_data
-from adaptkit.inference import DEFAULT_REJECT_RATE, Calibration, Whitener, accumulate_stats
+from adaptkit.inference import DEFAULT_REJECT_RATE, Calibration, Router, Whitener, accumulate_stats
 from adaptkit.inference.token_stats import token_blocks
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.trunk import run_prefix
@@ -125,6 +125,26 @@ def table(feats: dict, blocks: tuple[int, ...]) -> tuple[list[str], list[list[st
     return ["task", "score", "own test rejected %", *(f"{k}: AUROC / rejected %" for k in KINDS)], rows, summary
 
 
+REGISTERED = ("digits", "glyphs", "photos5", "grey5")  # the four tasks routing_ood.py routes over
+ROUTED_KINDS = ("synthetic", "sketch3", "blur10", "inverted", "rotated", "texture")
+
+
+def table_routed(feats: dict, blocks: tuple[int, ...]) -> tuple[list[str], list[list[str]]]:
+    """Routed as ``predict_auto`` does over :data:`REGISTERED`: the share of each set rejected by its chosen task."""
+    router = Router([stats_of(feats[t], blocks) for t in REGISTERED])
+    rows = []
+    for label, use in (("pooled (before)", False), ("block tokens (now)", True)):
+        row = [label]
+        for name in (*REGISTERED, *ROUTED_KINDS):
+            e = feats[name]["test"]
+            routes = router.route(e[0], _taps(e, blocks) if use else None)
+            chosen = routes.task_probs.argmax(1)
+            rejected = routes.fit.gather(1, chosen[:, None])[:, 0] < DEFAULT_REJECT_RATE
+            row.append(f"{100 * rejected.double().mean().item():.0f}")
+        rows.append(row)
+    return ["score", *(f"{n} (own) %" for n in REGISTERED), *(f"{n} %" for n in ROUTED_KINDS)], rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, default=ROOT / "rejection-features.pt")
@@ -147,6 +167,9 @@ def main() -> None:
             out.append([label, group, f"{min(p[2] for p in sel):.2f}", f"{sum(p[2] >= 0.95 for p in sel)}/{len(sel)}",
                         f"{min(p[3] for p in sel):.0f}", f"{sum(p[3] >= 90 for p in sel)}/{len(sel)}"])
     print_table(["score", "tasks", "worst AUROC", "pairs AUROC >= 0.95", "least rejected %", "pairs >= 90 %"], out)
+    print(f"\nRouted over {', '.join(REGISTERED)} (the default router), rejected by the chosen task at "
+          f"{DEFAULT_REJECT_RATE:.0%}\n")
+    print_table(*table_routed(feats, blocks))
 
 
 if __name__ == "__main__":
