@@ -27,20 +27,26 @@ from adaptkit.models import PACKAGED_BACKBONE  # noqa: E402
 from adaptkit.registry import Registry  # noqa: E402
 
 
-def calibrate(reg: Registry, backbone, refs: list[str], x: torch.Tensor, classes: int, tokens: bool) -> None:
-    """Give each task statistics from 60 images near image ``i mod B`` of ``x``, with or without the tokens'."""
-    for i, ref in enumerate(refs):
+def task_stats(backbone, x: torch.Tensor, tasks: int, classes: int) -> list:
+    """Each task's statistics, both scores calibrated, from 60 images near image ``i mod B`` of ``x``."""
+    out = []
+    for i in range(tasks):
         g = torch.Generator().manual_seed(i)
         images = x[i % len(x)] + 0.3 * torch.randn(60, *x.shape[1:], generator=g)
-        labels = torch.arange(60) % classes
-        stats = collect_stats(backbone.model, [(images, labels)], classes, calibration=Calibration(60, classes))
+        stats = collect_stats(backbone.model, [(images, torch.arange(60) % classes)], classes,
+                              calibration=Calibration(60, classes))
         assert stats.tokens is not None and stats.calibrated
-        if not tokens:
-            stats.tokens = None
+        out.append(stats)
+    return out
+
+
+def use_stats(reg: Registry, refs: list[str], stats: list, tokens: bool) -> None:
+    """Write each task's statistics into its file, with or without the tokens' (as files written before)."""
+    for ref, st in zip(refs, stats, strict=True):
         row = reg.get_version(ref)
         state, meta = load_adapter(reg.path_of(row))
-        own, _ = split_state(state)
-        reg.replace_file(row, {**own, **stats.to_tensors()}, meta)
+        tensors = {k: v for k, v in st.to_tensors().items() if tokens or not k.startswith(f"{ROUTING_PREFIX}tokens.")}
+        reg.replace_file(row, {**split_state(state)[0], **tensors}, meta)
 
 
 def token_bytes(reg: Registry, ref: str) -> tuple[int, int]:
@@ -65,10 +71,11 @@ def main() -> None:
             x = torch.randn(args.batch, *backbone.data_config["input_size"])
             refs = [f"t{i}" for i in range(args.tasks)]
             predictors = {}
+            stats = task_stats(backbone, x, args.tasks, 10)
             for label, tokens in (("pooled score (before)", False), ("block tokens (now)", True)):
                 reg = Registry(Path(tmp) / label.split()[0] / "reg.db")
                 register_routed(reg, backbone, refs, 10, 64, x)
-                calibrate(reg, backbone, refs, x, 10, tokens)
+                use_stats(reg, refs, stats, tokens)
                 predictors[label] = Predictor(reg, device=args.device)
                 if tokens:
                     sizes.append([name, *(f"{b / 1e3:.0f}" for b in token_bytes(reg, refs[0]))])
@@ -82,6 +89,8 @@ def main() -> None:
             base = times["routed, rejection on the pooled score (before)"]
             rows += [[name, args.batch, k, f"{t * 1e3:.1f}", ratio(t, base)] for k, t in times.items()]
             rows[-3][2] += f" (batch spread over {max(spread.values())} tasks)"
+            print_table(["backbone", "batch", "how", "ms", "vs before"], rows[-3:])
+            sys.stdout.flush()
     print(f"# routed prediction over {args.tasks} tasks, median of {repeats} interleaved rounds; {machine_line()}")
     print_table(["backbone", "batch", "how", "ms", "vs before"], rows)
     print("\nrouting statistics per task (10 classes), kB")
