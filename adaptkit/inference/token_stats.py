@@ -19,6 +19,7 @@ lets the block with the worst-conditioned covariance outvote the others.)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,13 +87,21 @@ class TokenGaussian:
 
     def distances(self, f: torch.Tensor) -> torch.Tensor:
         """(B, d) mean patch tokens -> (B, C) squared Mahalanobis distance to each class mean."""
-        center = self.means.mean(0)  # centred first, so float32 keeps the digits that differ
-        f, means = f.to(self.means.dtype) - center, self.means - center
-        pf, pm = f @ self.basis.T, means @ self.basis.T  # (B, k), (C, k) along the leading directions
+        center, along_m, rest_m = self._classes
+        f = f.to(self.means.dtype) - center  # centred first, so float32 keeps the digits that differ
+        pf = f @ self.basis.T  # (B, k) along the leading directions
         exact = "donot_use_mm_for_euclid_dist"  # differences, not a sum of squares less a product: no cancellation
-        along = torch.cdist(pf / self.var.sqrt(), pm / self.var.sqrt(), compute_mode=exact)
-        rest = torch.cdist(f - pf @ self.basis, means - pm @ self.basis, compute_mode=exact)  # the other directions
+        along = torch.cdist(pf / self.var.sqrt(), along_m, compute_mode=exact)
+        rest = torch.cdist(f - pf @ self.basis, rest_m, compute_mode=exact)  # the other directions
         return along.pow(2) + rest.pow(2) / self.rest
+
+    @functools.cached_property
+    def _classes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The centre, and the centred class means along the leading directions (scaled) and along the rest."""
+        center = self.means.mean(0)
+        means = self.means - center
+        pm = means @ self.basis.T
+        return center, pm / self.var.sqrt(), means - pm @ self.basis
 
     def nearest(self, f: torch.Tensor) -> torch.Tensor:
         """(B, d) mean patch tokens -> (B,) squared Mahalanobis distance to the nearest class mean."""
