@@ -28,7 +28,7 @@ import timm
 import torch
 from torch import nn
 
-from adaptkit.backbone_info import check_image_size, check_size_value
+from adaptkit.backbone_info import check_image_size, check_size_value, hub_cached
 from adaptkit.devices import resolve_device
 from adaptkit.errors import BackboneError, OfflineError, param
 from adaptkit.hashing import tensors_sha256
@@ -251,18 +251,11 @@ def _hub_or_package(name: str) -> str:
                             f"{param('pretrained', False)}")
     if cfg.file or cfg.state_dict:
         return "package"
-    if cfg.hf_hub_id and _hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename):
+    if cfg.hf_hub_id and hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename):
         return "hub"
     if _offline_env() or not _hub_reachable():
         raise OfflineError(_offline_message(name))
     return "hub"
-
-
-def _hub_cached(repo_id: str, filename: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
-    return any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in names)
 
 
 def _offline_env() -> bool:

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from adaptkit.errors import BackboneError, param
 
-__all__ = ["MAX_IMAGE_SIZE", "ArchInfo", "check_image_size", "default_input_size", "describe_arch",
+__all__ = ["MAX_IMAGE_SIZE", "ArchInfo", "check_image_size", "default_input_size", "describe_arch", "hub_cached",
            "supported_classes"]
 
 MAX_IMAGE_SIZE = 1024  # px: a ViT/14 at 1024 already runs 5,329 tokens, 21x the cost of 224 (attention: more)
@@ -123,3 +123,11 @@ def check_size_value(image_size: object) -> int:
         raise BackboneError(f"{param('image_size', image_size)}: the input size must be between 1 and "
                             f"{MAX_IMAGE_SIZE} px")
     return image_size
+
+
+def hub_cached(repo_id: str, filename: str | None) -> bool:
+    """Whether the hub's file of these weights is in the local Hugging Face cache (looked up offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+    return any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in names)
