@@ -1,0 +1,111 @@
+"""Inference overhead of each method over the bare backbone, for each ViT family at its default input size.
+
+One random-weight model per family (timm's architecture, ``pretrained=False``), batch 32 at the input size of the
+family's pretrained config; every method (``METHOD_SPECS``, LoRA and SSF also merged) is attached to its own copy of
+the bare model, so a method that fails on a family leaves the others' figures alone, and its row says why. All
+configurations of a family are timed round-robin (one call of each per round), so a slow spell of a shared machine
+hits them all alike. ``--quick`` runs narrow, shallow versions of each family (timm's own kwargs: depth 2, width 96)
+at batch 8, still at the family's input size: what a 2-core CPU can run in a few minutes. ``--threads 1`` (or
+``OMP_NUM_THREADS=1``) avoids OpenMP stalls on a busy CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
+from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, randomize, ratio, round_robin
+
+from adaptkit.backbone_info import default_input_size
+from adaptkit.methods import get_method, merge_lora, merge_ssf
+
+# family -> the timm architecture whose default input size and layout the row uses (ViT-B-sized, random weights)
+FAMILIES: dict[str, str] = {
+    "ViT": "vit_base_patch16_224",
+    "DeiT distilled": "deit_base_distilled_patch16_224",
+    "DINOv2": "vit_base_patch14_dinov2",
+    "DINOv2 + registers": "vit_base_patch14_reg4_dinov2",
+    "DINOv3": "vit_base_patch16_dinov3",
+    "SigLIP": "vit_base_patch16_siglip_224",
+    "CLIP": "vit_base_patch16_clip_224",
+    "EVA02": "eva02_base_patch14_224",
+    "PE core": "vit_pe_core_base_patch16_224",
+    "ViT RoPE": "vit_base_patch16_rope_224",
+    "BEiT": "beit_base_patch16_224",
+}
+QUICK_KWARGS = {"depth": 2, "embed_dim": 96, "num_heads": 2}
+
+
+def build(arch: str, quick: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(arch, pretrained=False, num_classes=0, **(QUICK_KWARGS if quick else {})).eval()
+
+
+def configs(bare: torch.nn.Module, only: list[str] | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The callables to time (bare first) and, per method that could not be attached, why."""
+    runs: dict[str, Any] = {"bare backbone": bare}
+    failed: dict[str, str] = {}
+    for label, (method, config) in METHOD_SPECS.items():
+        if only and label not in only:
+            continue
+        try:
+            task = get_method(method, config).attach(copy.deepcopy(bare), 10)
+            randomize(task)
+            task.eval()
+            runs[label] = task
+            if method == "lora":
+                runs["lora r8 qkv, merged"] = merge_lora(task)
+            if method == "ssf":
+                runs["ssf, merged"] = merge_ssf(task)
+        except Exception as exc:  # noqa: BLE001  (the row reports the failure; the benchmark goes on)
+            failed[label] = f"fails: {type(exc).__name__}"
+    return runs, failed
+
+
+def run_family(family: str, arch: str, batch: int, repeats: int, device: str, quick: bool,
+               only: list[str] | None) -> list[list[str]]:
+    size = default_input_size(arch)
+    bare = build(arch, quick).to(device)
+    runs, failed = configs(bare, only)
+    x = torch.randn(batch, 3, size, size, device=device)
+    calls: dict[str, Any] = {}
+    for label, model in runs.items():
+        try:
+            with torch.inference_mode():
+                model(x[:1])  # a forward that fails is reported, not timed
+            calls[label] = lambda m=model: m(x)
+        except Exception as exc:  # noqa: BLE001
+            failed[label] = f"forward fails: {type(exc).__name__}"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    with torch.inference_mode(), autocast:
+        times = round_robin(calls, repeats)
+    base = times["bare backbone"]
+    rows = [[family, size, label, f"{t * 1e3:.1f}", ratio(t, base)] for label, t in times.items()]
+    return rows + [[family, size, label, "-", why] for label, why in failed.items()]
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--family", nargs="+", metavar="NAME", help=f"some of: {', '.join(FAMILIES)}")
+    parser.add_argument("--batch", type=int, help="batch size [default: 32; --quick: 8]")
+    parser.add_argument("--only", nargs="+", metavar="METHOD", help=f"some of: {', '.join(METHOD_SPECS)}")
+    args = parse(parser)
+    batch = args.batch or (8 if args.quick else 32)
+    repeats = args.repeats or 3
+    shape = "depth 2, width 96 (--quick)" if args.quick else "timm's default (ViT-B-sized)"
+    print(f"# inference per family, {shape}, batch {batch}, median of {repeats} round-robin rounds; "
+          f"{machine_line()}; timm {timm.__version__}", flush=True)
+    for family in args.family or FAMILIES:
+        print_table(["family", "px", "method", "ms", "vs bare"],
+                    run_family(family, FAMILIES[family], batch, repeats, args.device, args.quick, args.only))
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
