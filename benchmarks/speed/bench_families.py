@@ -4,15 +4,17 @@ One random-weight model per family (timm's architecture, ``pretrained=False``), 
 family's pretrained config; every method (``METHOD_SPECS``, LoRA and SSF also merged) is attached to its own copy of
 the bare model, so a method that fails on a family leaves the others' figures alone, and its row says why. All
 configurations of a family are timed round-robin (one call of each per round), so a slow spell of a shared machine
-hits them all alike. ``--quick`` runs narrow, shallow versions of each family (timm's own kwargs: depth 2, width 96)
-at batch 8, still at the family's input size: what a 2-core CPU can run in a few minutes. ``--threads 1`` (or
-``OMP_NUM_THREADS=1``) avoids OpenMP stalls on a busy CPU.
+hits them all alike, and each figure is the best of its rounds (another process only ever adds time). ``--sizes 224 518`` times instead the bare backbone of each family at those input sizes
+(timm's ``img_size``, as ``--image-size`` builds it) against its default size. ``--quick`` runs narrow, shallow
+versions of each family (timm's own kwargs: depth 2, width 96) at batch 8, still at the family's input size: what a
+2-core CPU can run in a few minutes. ``--threads 1`` (or ``OMP_NUM_THREADS=1``) avoids OpenMP stalls on a busy CPU.
 """
 
 from __future__ import annotations
 
 import copy
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
-from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, randomize, ratio, round_robin
+from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, randomize, ratio, sync
 
 from adaptkit.backbone_info import default_input_size
 from adaptkit.methods import get_method, merge_lora, merge_ssf
@@ -42,9 +44,38 @@ FAMILIES: dict[str, str] = {
 QUICK_KWARGS = {"depth": 2, "embed_dim": 96, "num_heads": 2}
 
 
-def build(arch: str, quick: bool) -> torch.nn.Module:
+def best_of(calls: dict[Any, Any], repeats: int) -> dict[Any, float]:
+    """Seconds of each callable, the best of ``repeats`` round-robin rounds after one warm-up round."""
+    best = {k: float("inf") for k in calls}
+    for round_ in range(repeats + 1):
+        for key, fn in calls.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_:
+                best[key] = min(best[key], time.perf_counter() - start)
+    return best
+
+
+def build(arch: str, quick: bool, **kwargs: Any) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model(arch, pretrained=False, num_classes=0, **(QUICK_KWARGS if quick else {})).eval()
+    return timm.create_model(arch, pretrained=False, num_classes=0, **(QUICK_KWARGS if quick else {}),
+                             **kwargs).eval()
+
+
+def run_sizes(family: str, arch: str, sizes: list[int], batch: int, repeats: int, device: str,
+              quick: bool) -> list[list[str]]:
+    """The bare backbone at its default input size and at each of ``sizes``, round-robin."""
+    own = default_input_size(arch)
+    calls = {}
+    for size in dict.fromkeys([own, *sizes]):
+        model = build(arch, quick, img_size=size).to(device)
+        x = torch.randn(batch, 3, size, size, device=device)
+        calls[size] = lambda m=model, x=x: m(x)
+    with torch.inference_mode():
+        times = best_of(calls, repeats)
+    return [[family, size, f"{t * 1e3:.1f}", ratio(t, times[own])] for size, t in times.items()]
 
 
 def configs(bare: torch.nn.Module, only: list[str] | None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -84,7 +115,7 @@ def run_family(family: str, arch: str, batch: int, repeats: int, device: str, qu
             failed[label] = f"forward fails: {type(exc).__name__}"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     with torch.inference_mode(), autocast:
-        times = round_robin(calls, repeats)
+        times = best_of(calls, repeats)
     base = times["bare backbone"]
     rows = [[family, size, label, f"{t * 1e3:.1f}", ratio(t, base)] for label, t in times.items()]
     return rows + [[family, size, label, "-", why] for label, why in failed.items()]
@@ -95,13 +126,20 @@ def main() -> None:
     parser.add_argument("--family", nargs="+", metavar="NAME", help=f"some of: {', '.join(FAMILIES)}")
     parser.add_argument("--batch", type=int, help="batch size [default: 32; --quick: 8]")
     parser.add_argument("--only", nargs="+", metavar="METHOD", help=f"some of: {', '.join(METHOD_SPECS)}")
+    parser.add_argument("--sizes", nargs="+", type=int, metavar="PX", help="time the bare backbone at these input "
+                        "sizes against its own instead of the methods")
     args = parse(parser)
     batch = args.batch or (8 if args.quick else 32)
-    repeats = args.repeats or 3
+    repeats = args.repeats or 5
     shape = "depth 2, width 96 (--quick)" if args.quick else "timm's default (ViT-B-sized)"
-    print(f"# inference per family, {shape}, batch {batch}, median of {repeats} round-robin rounds; "
+    print(f"# inference per family, {shape}, batch {batch}, best of {repeats} round-robin rounds; "
           f"{machine_line()}; timm {timm.__version__}", flush=True)
     for family in args.family or FAMILIES:
+        if args.sizes:
+            print_table(["family", "px", "ms", "vs own size"],
+                        run_sizes(family, FAMILIES[family], args.sizes, batch, repeats, args.device, args.quick))
+            print(flush=True)
+            continue
         print_table(["family", "px", "method", "ms", "vs bare"],
                     run_family(family, FAMILIES[family], batch, repeats, args.device, args.quick, args.only))
         print(flush=True)
