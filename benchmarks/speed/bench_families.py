@@ -4,10 +4,11 @@ One random-weight model per family (timm's architecture, ``pretrained=False``), 
 family's pretrained config; every method (``METHOD_SPECS``, LoRA and SSF also merged) is attached to its own copy of
 the bare model, so a method that fails on a family leaves the others' figures alone, and its row says why. All
 configurations of a family are timed round-robin (one call of each per round), so a slow spell of a shared machine
-hits them all alike, and each figure is the best of its rounds (another process only ever adds time). ``--sizes 224 518`` times instead the bare backbone of each family at those input sizes
-(timm's ``img_size``, as ``--image-size`` builds it) against its default size. ``--quick`` runs narrow, shallow
-versions of each family (timm's own kwargs: depth 2, width 96) at batch 8, still at the family's input size: what a
-2-core CPU can run in a few minutes. ``--threads 1`` (or ``OMP_NUM_THREADS=1``) avoids OpenMP stalls on a busy CPU.
+hits them all alike, and each figure is the best of its rounds (another process only ever adds time).
+``--sizes 224 518`` times instead the bare backbone of each family at those input sizes (timm's ``img_size``, as
+``--image-size`` builds it) against its default size. ``--quick`` runs narrow, shallow versions of each family
+(timm's own kwargs: depth 2, width 96) at batch 8, still at the family's input size: what a 2-core CPU can run in a
+few minutes. ``--threads 1`` (or ``OMP_NUM_THREADS=1``) avoids OpenMP stalls on a busy CPU.
 """
 
 from __future__ import annotations
