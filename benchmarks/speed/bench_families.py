@@ -8,7 +8,9 @@ hits them all alike, and each figure is the best of its rounds (another process 
 ``--sizes 224 518`` times instead the bare backbone of each family at those input sizes (timm's ``img_size``, as
 ``--image-size`` builds it) against its default size. ``--quick`` runs narrow, shallow versions of each family
 (timm's own kwargs: depth 2, width 96) at batch 8, still at the family's input size: what a 2-core CPU can run in a
-few minutes. ``--threads 1`` (or ``OMP_NUM_THREADS=1``) avoids OpenMP stalls on a busy CPU.
+few minutes. ``--threads 1`` (or ``OMP_NUM_THREADS=1``) avoids OpenMP stalls on a busy CPU; with it, ``--clock cpu``
+times the CPU time of the one thread that computes, which other processes on the machine do not add to (wall time
+does, when they outnumber the cores).
 """
 
 from __future__ import annotations
@@ -45,17 +47,20 @@ FAMILIES: dict[str, str] = {
 QUICK_KWARGS = {"depth": 2, "embed_dim": 96, "num_heads": 2}
 
 
-def best_of(calls: dict[Any, Any], repeats: int) -> dict[Any, float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def best_of(calls: dict[Any, Any], repeats: int, clock: Any = time.perf_counter) -> dict[Any, float]:
     """Seconds of each callable, the best of ``repeats`` round-robin rounds after one warm-up round."""
     best = {k: float("inf") for k in calls}
     for round_ in range(repeats + 1):
         for key, fn in calls.items():
             sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync()
             if round_:
-                best[key] = min(best[key], time.perf_counter() - start)
+                best[key] = min(best[key], clock() - start)
     return best
 
 
@@ -66,7 +71,7 @@ def build(arch: str, quick: bool, **kwargs: Any) -> torch.nn.Module:
 
 
 def run_sizes(family: str, arch: str, sizes: list[int], batch: int, repeats: int, device: str,
-              quick: bool) -> list[list[str]]:
+              quick: bool, clock: Any) -> list[list[str]]:
     """The bare backbone at its default input size and at each of ``sizes``, round-robin."""
     own = default_input_size(arch)
     calls = {}
@@ -75,7 +80,7 @@ def run_sizes(family: str, arch: str, sizes: list[int], batch: int, repeats: int
         x = torch.randn(batch, 3, size, size, device=device)
         calls[size] = lambda m=model, x=x: m(x)
     with torch.inference_mode():
-        times = best_of(calls, repeats)
+        times = best_of(calls, repeats, clock)
     return [[family, size, f"{t * 1e3:.1f}", ratio(t, times[own])] for size, t in times.items()]
 
 
@@ -101,7 +106,7 @@ def configs(bare: torch.nn.Module, only: list[str] | None) -> tuple[dict[str, An
 
 
 def run_family(family: str, arch: str, batch: int, repeats: int, device: str, quick: bool,
-               only: list[str] | None) -> list[list[str]]:
+               only: list[str] | None, clock: Any) -> list[list[str]]:
     size = default_input_size(arch)
     bare = build(arch, quick).to(device)
     runs, failed = configs(bare, only)
@@ -116,7 +121,7 @@ def run_family(family: str, arch: str, batch: int, repeats: int, device: str, qu
             failed[label] = f"forward fails: {type(exc).__name__}"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     with torch.inference_mode(), autocast:
-        times = best_of(calls, repeats)
+        times = best_of(calls, repeats, clock)
     base = times["bare backbone"]
     rows = [[family, size, label, f"{t * 1e3:.1f}", ratio(t, base)] for label, t in times.items()]
     return rows + [[family, size, label, "-", why] for label, why in failed.items()]
@@ -129,20 +134,27 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="METHOD", help=f"some of: {', '.join(METHOD_SPECS)}")
     parser.add_argument("--sizes", nargs="+", type=int, metavar="PX", help="time the bare backbone at these input "
                         "sizes against its own instead of the methods")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall time, or the CPU time of this thread "
+                        "(with --threads 1 on a CPU shared with other processes)")
     args = parse(parser)
+    if args.clock == "cpu" and (args.device != "cpu" or torch.get_num_threads() != 1):
+        parser.error("--clock cpu needs --device cpu and --threads 1: other threads' work would not be counted")
+    clock = CLOCKS[args.clock]
     batch = args.batch or (8 if args.quick else 32)
     repeats = args.repeats or 5
     shape = "depth 2, width 96 (--quick)" if args.quick else "timm's default (ViT-B-sized)"
-    print(f"# inference per family, {shape}, batch {batch}, best of {repeats} round-robin rounds; "
+    print(f"# inference per family, {shape}, batch {batch}, best of {repeats} round-robin rounds, {args.clock} time; "
           f"{machine_line()}; timm {timm.__version__}", flush=True)
     for family in args.family or FAMILIES:
         if args.sizes:
             print_table(["family", "px", "ms", "vs own size"],
-                        run_sizes(family, FAMILIES[family], args.sizes, batch, repeats, args.device, args.quick))
+                        run_sizes(family, FAMILIES[family], args.sizes, batch, repeats, args.device, args.quick,
+                                  clock))
             print(flush=True)
             continue
         print_table(["family", "px", "method", "ms", "vs bare"],
-                    run_family(family, FAMILIES[family], batch, repeats, args.device, args.quick, args.only))
+                    run_family(family, FAMILIES[family], batch, repeats, args.device, args.quick, args.only,
+                               clock))
         print(flush=True)
 
 
