@@ -122,3 +122,12 @@ def test_cli_image_size(tmp_path, cifar_mini):
         out = runner.invoke(app, ["train", "--dataset", f"folder:{cifar_mini}", "--image-size", size,
                                   *map(str, quick)])
         assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
+
+
+def test_train_takes_weights_with_a_name_only(tmp_path, cifar_mini):
+    from adaptkit.errors import ConfigError
+
+    spec = BackboneSpec(PICO, pretrained=False, image_size=48)
+    with pytest.raises(ConfigError, match="weights and pretrained go with a backbone name"):
+        train(f"folder:{cifar_mini}", backbone=spec, pretrained=False, config=QUICK, registry=tmp_path / "r.db")
+    assert not (tmp_path / "r.db").exists()  # refused before the registry is opened

@@ -124,15 +124,15 @@ def train(
                           f"(pass {param('task')})")
     chosen = get_method(method, method_config)  # validates the method's settings before anything slow
     check_trackers(log_to)
-    given = config or TrainConfig()
-    rank, world = _distributed()
-    device = _device(given.device, rank, world)
-    registry = registry if isinstance(registry, Registry) else Registry(registry)
-    if isinstance(backbone, str):
+    if not isinstance(backbone, BackboneSpec | Backbone):  # a name (create_backbone says what a name must be)
         backbone = BackboneSpec(backbone, weights=weights, pretrained=pretrained)
     elif weights is not None or not pretrained:
         raise ConfigError(f"{param('weights')} and {param('pretrained')} go with a backbone name; a BackboneSpec or "
                           "Backbone carries its own weights")
+    given = config or TrainConfig()
+    rank, world = _distributed()
+    device = _device(given.device, rank, world)
+    registry = registry if isinstance(registry, Registry) else Registry(registry)
     if isinstance(backbone, BackboneSpec):
         backbone = backbone.build(device)
     backbone.model.to(device)
