@@ -97,6 +97,8 @@ def check_image_size(name: str, image_size: object) -> int | None:
     if image_size is None:
         return None
     size = check_size_value(image_size)
+    if size == default_input_size(name):
+        return None  # a registry's record of the default size: no model to describe
     info = describe_arch(name)
     if not info.supported:
         raise BackboneError(f"{info.arch} is a {info.model_class}, not a ViT adaptkit adapts, so it has no "
@@ -105,8 +107,6 @@ def check_image_size(name: str, image_size: object) -> int | None:
         near = max(info.patch, round(size / max(info.patch, 1)) * info.patch)
         raise BackboneError(f"{param('image_size', size)} is not a multiple of {info.arch}'s patch size "
                             f"{info.patch}: use {near}, for example")
-    if size == default_input_size(name):
-        return None
     try:
         meta_model(info.arch, img_size=size)
     except Exception as exc:  # a model with no img_size argument, or one whose layout fixes it
