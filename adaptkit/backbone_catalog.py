@@ -3,8 +3,8 @@
 Only the names in :data:`RECOMMENDED` are ours; everything shown about them comes from timm: input size and licence
 from its pretrained configs, parameters and embedding width from the architecture built on the meta device
 (:func:`adaptkit.backbone_info.describe_arch`), and whether the weights are already on this machine from the local
-Hugging Face cache, looked up offline. ``every=True`` describes a few hundred architectures once (about half a
-minute) and keeps what it found in adaptkit's cache for the installed timm version.
+Hugging Face cache, looked up offline. Each architecture is described once per timm and adaptkit version and kept in
+adaptkit's cache; ``every=True`` describes a few hundred the first time (about half a minute on a busy 2-core CPU).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import timm
 
+import adaptkit
 from adaptkit.backbone import DEFAULT_BACKBONE
 from adaptkit.backbone_info import ArchInfo, describe_arch, hub_cached, supported_classes
 from adaptkit.errors import BackboneError
@@ -57,7 +58,9 @@ class CatalogEntry:
 def catalog(every: bool = False) -> list[CatalogEntry]:
     """The recommended backbones by family; ``every``: each pretrained tag of every timm ViT adaptkit adapts."""
     if not every:
-        return [_entry(name, family, describe_arch(name)) for family, names in RECOMMENDED.items() for name in names]
+        known = _described([n.partition(".")[0] for names in RECOMMENDED.values() for n in names])
+        return [_entry(n, family, known.get(n.partition(".")[0]) or describe_arch(n))  # describe_arch: why it fails
+                for family, names in RECOMMENDED.items() for n in names]
     archs = _every_arch()
     names = [n for n in timm.list_pretrained() if n.partition(".")[0] in archs]
     return [_entry(n, archs[n.partition(".")[0]].model_class, archs[n.partition(".")[0]]) for n in sorted(names)]
@@ -90,14 +93,20 @@ def _candidate_modules() -> set[str]:
 
 
 def _every_arch() -> dict[str, ArchInfo]:
-    """Every pretrained architecture of a supported class, described once per timm version and kept on disk."""
-    path = cache_dir() / f"backbone-archs-timm-{timm.__version__}.json"
+    """Every pretrained architecture of a supported class."""
+    tags = (t for m in _candidate_modules() for t in timm.list_models(module=m, pretrained=True))
+    known = _described(sorted({t.partition(".")[0] for t in tags}))
+    return {a: info for a, info in known.items() if info.supported}
+
+
+def _described(archs: list[str]) -> dict[str, ArchInfo]:
+    """``archs`` described (those timm cannot build here left out), each once per timm and adaptkit version: what
+    was found is kept in adaptkit's cache."""
+    path = cache_dir() / f"backbone-archs-timm-{timm.__version__}-adaptkit-{adaptkit.__version__}.json"
     try:
         known = {a: ArchInfo(**v) for a, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError, TypeError):
         known = {}
-    tags = (t for m in _candidate_modules() for t in timm.list_models(module=m, pretrained=True))
-    archs = sorted({t.partition(".")[0] for t in tags})
     missing = [a for a in archs if a not in known]
     for arch in missing:
         try:
@@ -106,7 +115,7 @@ def _every_arch() -> dict[str, ArchInfo]:
             continue
     if missing:
         _write(path, {a: asdict(v) for a, v in known.items()})
-    return {a: known[a] for a in archs if a in known and known[a].supported}
+    return {a: known[a] for a in archs if a in known}
 
 
 def _write(path: Path, data: dict) -> None:
