@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, randomize, ratio, sync
 
-from adaptkit.backbone_info import default_input_size
+from adaptkit.backbone_info import default_input_size, describe_arch
 from adaptkit.methods import get_method, merge_lora, merge_ssf
 
 # family -> the timm architecture whose default input size and layout the row uses (ViT-B-sized, random weights)
@@ -73,9 +73,9 @@ def build(arch: str, quick: bool, **kwargs: Any) -> torch.nn.Module:
 def run_sizes(family: str, arch: str, sizes: list[int], batch: int, repeats: int, device: str,
               quick: bool, clock: Any) -> list[list[str]]:
     """The bare backbone at its default input size and at each of ``sizes``, round-robin."""
-    own = default_input_size(arch)
+    own, patch = default_input_size(arch), describe_arch(arch).patch
     calls = {}
-    for size in dict.fromkeys([own, *sizes]):
+    for size in dict.fromkeys([own, *(s for s in sizes if s % patch == 0)]):  # a size must be whole patches
         model = build(arch, quick, img_size=size).to(device)
         x = torch.randn(batch, 3, size, size, device=device)
         calls[size] = lambda m=model, x=x: m(x)
