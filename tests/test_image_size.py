@@ -112,6 +112,8 @@ def test_cli_image_size(tmp_path, cifar_mini):
     out = runner.invoke(app, ["train", "--dataset", f"folder:{cifar_mini}", "--task", "big", "--image-size", "48",
                               *map(str, quick)])
     assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["show", "big", "--registry", str(reg)])
+    assert out.exit_code == 0 and "(random) at 48 px, fingerprint" in out.output, out.output
     out = runner.invoke(app, ["show", "big", "--recipe", "--registry", str(reg)])
     assert out.exit_code == 0 and "image-size: 48" in out.output, out.output
     image = cifar_mini / "test" / "cat" / "0000.jpg"
