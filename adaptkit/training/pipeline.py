@@ -37,7 +37,7 @@ from adaptkit.training import feature_cache, warmstart
 from adaptkit.training.checks import check_train_args, fit_batch
 from adaptkit.training.config import TrainConfig, TrainEvent, TrainResult
 from adaptkit.training.fitting import FitResult, fit
-from adaptkit.training.loop import _reduced_precision, run_eval, seed_everything
+from adaptkit.training.loop import _reduced_precision, data_parallel, run_eval, seed_everything
 from adaptkit.training.lr_search import LrSearch
 from adaptkit.training.tracking import Trackers, check_trackers, open_trackers
 
@@ -46,20 +46,22 @@ _log = logging.getLogger(__name__)
 __all__ = ["train", "evaluate"]
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun / accelerate."""
+def _distributed(device: str | None) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun / accelerate, one process too (so
+    ``torchrun --nproc_per_node 1`` runs the same DDP code path as many processes do): NCCL when training on CUDA,
+    gloo otherwise (``--device cpu`` on a GPU machine too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
+    if (world > 1 or launched) and not dist.is_initialized():
+        dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo")
+    return (dist.get_rank(), world) if dist.is_initialized() else (0, 1)
 
 
 def _device(choice: str | None, rank: int, world: int) -> torch.device:
     device = resolve_device(choice)
-    if device.type == "cuda":
-        if world > 1:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-            torch.cuda.set_device(device)
+    if device.type == "cuda" and data_parallel(world):  # one GPU per process: the launcher's local rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     return device
 
 
@@ -134,7 +136,7 @@ def train(
         raise ConfigError(f"{param('weights')} and {param('pretrained')} go with a backbone name; a BackboneSpec or "
                           "Backbone carries its own weights")
     given = config or TrainConfig()
-    rank, world = _distributed()
+    rank, world = _distributed(given.device)
     device = _device(given.device, rank, world)
     registry = registry if isinstance(registry, Registry) else Registry(registry)
     if isinstance(backbone, BackboneSpec):
@@ -203,6 +205,8 @@ def _register(registry: Registry, task: str, dataset: str, backbone: Backbone, m
                        data_config=backbone.data_config, dataset=dataset, metrics=result.metrics, recipe=recipe)
     stats = _routing_stats(backbone, data, result.features, result.net, result.config, device)
     info: dict[str, Any] = {**result.timing, "recipe": recipe, "world_size": world, "train_images": len(data.train)}
+    if data_parallel(world):
+        info["ddp_backend"] = str(dist.get_backend())
     if classes:
         info["classes"] = classes if isinstance(classes, str) else ",".join(classes)
     info.update({k: v for k, v in zip(("image_column", "label_column"), columns, strict=True) if v})
