@@ -141,7 +141,7 @@ def check_trained(ctx: Context, check: Checker, x: torch.Tensor) -> None:
     """Each method trained three steps on the device, saved, loaded by a predictor: the same logits."""
     device = torch.device(ctx.device)
     backbone = create_backbone(ARCH, weights=WEIGHTS, device=device)
-    reg = Registry(ctx.work / "trained" / "registry.db")
+    reg = Registry(ctx.registry_path("trained"))
     xd, y = x.to(device), torch.arange(len(x), device=device) % 10
     criterion = torch.nn.CrossEntropyLoss()
     for ref, (method, config) in METHODS.items():
@@ -166,7 +166,7 @@ def check_trained(ctx: Context, check: Checker, x: torch.Tensor) -> None:
 def run(ctx: Context) -> None:
     check = Checker(ctx)
     check_backbone(ctx, check)
-    reg = Registry(ctx.work / "correctness" / "registry.db")
+    reg = Registry(ctx.registry_path("correctness"))
     x = torch.randn(2 * len(METHODS), 3, 32, 32, generator=torch.Generator().manual_seed(0))
     refs = register_every_method(reg, x)
     check_serving_paths(ctx, check, reg, refs, x)

@@ -55,8 +55,7 @@ def cifar_folder(ctx: Context, train: int, test: int) -> tuple[Path, str]:
 def run(ctx: Context) -> None:
     train, test, batch = (64, 32, 16) if ctx.tiny else (5000, 1000, 256)
     data, source = cifar_folder(ctx, train // 10, test // 10)
-    db = ctx.work / "ddp" / "registry.db"
-    db.parent.mkdir(exist_ok=True)
+    db = ctx.registry_path("ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
            "adaptkit.cli", "train", "--dataset", f"folder:{data}", "--task", "cifar10-ddp", "--backbone",
            PACKAGED_BACKBONE, "--epochs", "1", "--batch-size", str(batch), "--device", ctx.device, "--registry",

@@ -44,10 +44,9 @@ def many_tasks(ctx: Context) -> Path:
     """The shared registry: ``t0 ..`` adapter r=8 tasks (as many as the largest count), ``one`` adapter r=64, and
     ``routed0 ..`` adapter r=64 tasks with routing statistics; built once per run (``done`` marks it complete)."""
     s = sizes(ctx)
-    db = ctx.work / "many" / "registry.db"
+    db = ctx.registry_path("many")
     if (db.parent / "done").is_file():
         return db
-    db.parent.mkdir(exist_ok=True)
     reg = Registry(db)
     backbone = create_backbone(s["backbone"], weights=ctx.random_weights(s["backbone"]))
     model = get_method("adapter", {"rank": 8}).attach(backbone.model, 10)

@@ -60,6 +60,12 @@ class Context:
     def cuda(self) -> bool:
         return self.device.startswith("cuda")
 
+    def registry_path(self, name: str) -> Path:
+        """``work/NAME/registry.db``, its folder made (a registry is never made in a folder that does not exist)."""
+        folder = self.work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / "registry.db"
+
     def random_weights(self, name: str) -> Path:
         """A file of timm's random initialisation of ``name``, made once per run: ``create_backbone(name,
         weights=file)`` reads it in seconds, where adaptkit's seeded random weights take a minute for ViT-B."""

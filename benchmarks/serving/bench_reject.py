@@ -73,7 +73,9 @@ def main() -> None:
             predictors = {}
             stats = task_stats(backbone, x, args.tasks, 10)
             for label, tokens in (("pooled score (before)", False), ("block tokens (now)", True)):
-                reg = Registry(Path(tmp) / label.split()[0] / "reg.db")
+                folder = Path(tmp) / label.split()[0]
+                folder.mkdir()
+                reg = Registry(folder / "reg.db")
                 register_routed(reg, backbone, refs, 10, 64, x)
                 use_stats(reg, refs, stats, tokens)
                 predictors[label] = Predictor(reg, device=args.device)
