@@ -1,4 +1,5 @@
-"""A ViT trunk split at a block: the part before it, which no task changes, and the rest.
+"""A ViT trunk split at a block (any family :mod:`adaptkit.families` describes): the part before it, which no task
+changes, and the rest.
 
 Two jobs run the frozen part once and hand its output on: training on cached features
 (:mod:`adaptkit.training.feature_cache`) and routed prediction (:meth:`adaptkit.inference.Predictor.predict_auto`),
@@ -11,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from adaptkit.families import block_kwargs, embed, finish, split_supported
 
 __all__ = ["AFTER_BLOCKS", "first_changed_block", "splittable", "run_prefix", "run_suffix"]
 
@@ -39,24 +41,28 @@ def first_changed_block(part_names: Iterable[str], depth: int) -> int | None:
 
 
 def splittable(trunk: nn.Module) -> bool:
-    """True when the trunk runs timm's own ``VisionTransformer.forward_features``, which the split reproduces."""
-    return isinstance(trunk, VisionTransformer) and type(trunk).forward_features is VisionTransformer.forward_features
+    """True when the trunk's family reproduces its ``forward_features`` (:func:`adaptkit.families.split_supported`):
+    timm's ``VisionTransformer``, ``Eva`` and ``Beit``, not a subclass that replaced it."""
+    return split_supported(trunk)
 
 
 def run_prefix(trunk: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
     """The trunk up to block ``start``: tokens (B, N, d), or pooled features (B, d) when ``start`` is its depth."""
     if start == len(trunk.blocks):
         return trunk(x)
-    x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(x))))
-    for block in trunk.blocks[:start]:
-        x = block(x)
+    x = embed(trunk, x)
+    for block, kwargs in zip(trunk.blocks[:start], block_kwargs(trunk, x), strict=False):
+        x = block(x, **kwargs)
     return x
 
 
 def run_suffix(trunk: nn.Module, h: torch.Tensor, start: int) -> torch.Tensor:
-    """The rest of the trunk from block ``start`` on (as timm's ``forward_features`` and ``forward_head``)."""
+    """The rest of the trunk from block ``start`` on (as the class's ``forward_features`` and ``forward_head``)."""
     if start == len(trunk.blocks):
         return h
-    blocks = trunk.blocks[start:]
-    h = checkpoint_seq(blocks, h) if getattr(trunk, "grad_checkpointing", False) else blocks(h)
-    return trunk.forward_head(trunk.norm(h), pre_logits=True)
+    every = block_kwargs(trunk, h)
+    checkpointed = getattr(trunk, "grad_checkpointing", False) and torch.is_grad_enabled()
+    for i in range(start, len(trunk.blocks)):
+        block = trunk.blocks[i]
+        h = checkpoint(block, h, use_reentrant=False, **every[i]) if checkpointed else block(h, **every[i])
+    return finish(trunk, h)
