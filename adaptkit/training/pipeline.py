@@ -129,6 +129,7 @@ def train(
     if not isinstance(backbone, Backbone):
         backbone = create_backbone(backbone, weights=weights, pretrained=pretrained, device=device)
     backbone.model.to(device)
+    chosen.check_applies(backbone.model)  # a method that cannot adapt this family is refused before the data
     data, cfg = _task_data(dataset, task, backbone, given.resolved(chosen.name), registry, rank, data_dir=data_dir,
                            download=download, classes=classes, image_column=image_column, label_column=label_column)
     warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
