@@ -6,6 +6,7 @@ a bias applied twice or dropped shows."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import timm
@@ -26,6 +27,7 @@ from adaptkit.trunk import run_prefix, run_suffix, splittable
 METHODS = ["adapter", "lora", "ssf", "bitfit", "vpt", "linear", "full"]
 SETTINGS = {"lora": {"targets": "qkv,proj,fc1,fc2", "rank": 2}, "adapter": {"rank": 4}, "vpt": {"tokens": 3}}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
+ONNX_QUICK = ("eva02", "eva02_qkv", "beit")  # ONNX graphs in every run; the others with ADAPTKIT_FULL_MATRIX=1
 
 
 def _applies(method: str, trunk: torch.nn.Module) -> bool:
@@ -164,7 +166,7 @@ def test_a_failed_attach_leaves_the_backbone_bit_identical(case, monkeypatch):
 
         def failing(self, slot, module, calls=calls):
             calls.append(slot)
-            if len(calls) == 3:
+            if len(calls) == 2:  # the first site is in, the second fails
                 raise RuntimeError("forced failure mid-attach")
             return add(self, slot, module)
 
@@ -231,15 +233,17 @@ def test_onnx_graph_equals_adaptkit(fam, tmp_path):
     from adaptkit.interop.onnx import export_onnx, export_onnx_registry
 
     case, _, reg, tasks, x = fam
+    if case.key not in ONNX_QUICK and not os.environ.get("ADAPTKIT_FULL_MATRIX"):
+        pytest.skip("10-40 s a graph: the other cases run with ADAPTKIT_FULL_MATRIX=1 (docs/gen_backbones.py)")
     predictor = Predictor(reg, device="cpu")
-    method = "vpt" if "vpt" in tasks else "lora"  # about 10 s a graph here: one task per family, the one with most
+    method = "vpt" if "vpt" in tasks else "lora"  # one task per family: the one that changes the sequence most
     path = export_onnx(reg, method, tmp_path / f"{method}.onnx")
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), predictor.logits(x, method), atol=1e-4, rtol=1e-4,
                                msg=f"{case.key}/{method}")
     if case.key not in ("eva02", "beit"):
         return  # several tasks in one graph: once per class besides VisionTransformer (tests/test_interop_onnx.py)
-    refs = ["lora", "adapter", method]
+    refs = ["lora", method]
     path = export_onnx_registry(reg, tmp_path / "all.onnx", refs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     index = torch.arange(len(x)) % len(refs)
