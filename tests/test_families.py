@@ -26,6 +26,7 @@ from adaptkit.trunk import run_prefix, run_suffix, splittable
 
 METHODS = ["adapter", "lora", "ssf", "bitfit", "vpt", "linear", "full"]
 SETTINGS = {"lora": {"targets": "qkv,proj,fc1,fc2", "rank": 2}, "adapter": {"rank": 4}, "vpt": {"tokens": 3}}
+LAST = {"adapter": {"placement": "houlsby"}, "lora": {"targets": "qkv"}}  # an adapter on the attention too
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 ONNX_QUICK = ("eva02", "eva02_qkv", "beit")  # ONNX graphs in every run; the others with ADAPTKIT_FULL_MATRIX=1
 
@@ -53,7 +54,7 @@ def fam(request, tmp_path_factory):
     reg = Registry(registry)
     tasks = {}
     kinds = [(m, m, SETTINGS.get(m)) for m in METHODS] + [  # and tasks in the last block only (a frozen prefix)
-        (f"last-{m}", m, {**SETTINGS.get(m, {}), "blocks": 1}) for m in ("adapter", "lora", "vpt")]
+        (f"last-{m}", m, {**SETTINGS.get(m, {}), **LAST.get(m, {}), "blocks": 1}) for m in ("adapter", "lora", "vpt")]
     for ref, method, settings in kinds:
         if not _applies(method, backbone.model):
             continue
