@@ -2,7 +2,8 @@
 tests/test_families.py (one small random configuration per family, tests/family_cases.py), read each check's
 outcome, and replace the section between the markers in docs/backbones.md.
 
-    python docs/gen_backbones.py            # runs the checks (a few minutes on a CPU), then writes the page
+    python docs/gen_backbones.py                    # runs the checks (a few minutes on a CPU), then writes the page
+    python docs/gen_backbones.py --junit report.xml # writes it from an earlier run's pytest --junitxml report
 """
 
 from __future__ import annotations
@@ -44,14 +45,16 @@ PATHS = {
 }
 
 
-def run_checks() -> dict[tuple[str, str], list[str]]:
-    """(test, case key) -> outcomes ("passed", "failed", "skipped") of tests/test_families.py."""
+def run_checks(junit: Path | None = None) -> dict[tuple[str, str], list[str]]:
+    """(test, case key) -> outcomes ("passed", "failed", "skipped") of tests/test_families.py (run now, or read from
+    the ``junit`` report of a run with ``ADAPTKIT_FULL_MATRIX=1``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.xml"
+        report = junit or Path(tmp) / "report.xml"
         env = {**os.environ, "ADAPTKIT_FULL_MATRIX": "1", "PYTHONPATH": str(ROOT),
                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_families.py"), "-q",
-                        f"--junitxml={report}", "-p", "no:cacheprovider"], cwd=ROOT, env=env, check=False)
+        if junit is None:
+            subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_families.py"), "-q",
+                            f"--junitxml={report}", "-p", "no:cacheprovider"], cwd=ROOT, env=env, check=False)
         tree = ET.parse(report)
     out: dict[tuple[str, str], list[str]] = {}
     for case in tree.iter("testcase"):
@@ -65,7 +68,7 @@ def run_checks() -> dict[tuple[str, str], list[str]]:
 
 
 def table(outcomes: dict[tuple[str, str], list[str]]) -> str:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     import timm
     from family_cases import CASES
 
@@ -97,7 +100,8 @@ def main() -> None:
     text = PAGE.read_text()
     if BEGIN not in text or END not in text:
         sys.exit(f"{PAGE} has no {BEGIN} ... {END} section to replace")
-    matrix = table(run_checks())
+    junit = Path(sys.argv[sys.argv.index("--junit") + 1]) if "--junit" in sys.argv else None
+    matrix = table(run_checks(junit))
     before, rest = text.split(BEGIN, 1)
     PAGE.write_text(f"{before}{BEGIN}\n{matrix}\n{END}{rest.split(END, 1)[1]}")
     print(f"wrote {PAGE}")
