@@ -51,6 +51,8 @@ class Family:
         embed: the tokens before the first block, ``(trunk, images) -> (B, N, d)``; None: no split.
         block_kwargs: the keyword arguments every block takes besides the tokens, ``(trunk, tokens) -> [dict]``.
         finish: the final norm and pooling, ``(trunk, tokens) -> (B, d)``.
+        other_head: None when timm's model with ``num_classes=N`` is the backbone plus one linear head on its pooled
+            features (as adaptkit's task is, so a PEFT folder on it gives the task's logits), else why not.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Family:
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     block_kwargs: Callable[[nn.Module, torch.Tensor], list[dict[str, Any]]] | None = None
     finish: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    other_head: str | None = None
 
 
 # -- timm's VisionTransformer (ViT, DeiT, DeiT-III, DINOv2 with and without registers, SigLIP, CLIP) ----------------
@@ -121,7 +124,9 @@ def _beit_kwargs(trunk: nn.Module, h: torch.Tensor) -> list[dict[str, Any]]:
     return [{"shared_rel_pos_bias": bias} for _ in trunk.blocks]
 
 
-FAMILIES: tuple[Family, ...] = (
+FAMILIES: tuple[Family, ...] = (  # a subclass before its base: the first class found in a model's MRO decides
+    Family("vit-distilled", ("VisionTransformerDistilled",), embed=_vit_embed, block_kwargs=_no_kwargs,
+           finish=_norm_head, other_head="timm's model averages a second, distillation head with the class head"),
     Family("vit", ("VisionTransformer",), embed=_vit_embed, block_kwargs=_no_kwargs, finish=_norm_head),
     Family("eva", ("Eva",), positions="rotary", outside_bias=True, embed=_eva_embed, block_kwargs=_eva_kwargs,
            finish=_eva_finish),

@@ -85,6 +85,9 @@ def table(outcomes: dict[tuple[str, str], list[str]]) -> str:
             why = get_method(m).refusal(model)
             if why:
                 refusals.append(f"- **{case.label}**: `{m}` is refused before anything is built: {why}.")
+        if family_of(model).other_head:
+            refusals.append(f"- **{case.label}**: PEFT export is refused: {family_of(model).other_head}, so PEFT's "
+                            "copy of the timm model would not be the task.")
         cells = []
         for test in PATHS:
             states = outcomes.get((test, case.key), [])

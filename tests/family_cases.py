@@ -34,6 +34,7 @@ class FamilyCase:
 
 CASES: tuple[FamilyCase, ...] = (
     FamilyCase("vit", "ViT / DeiT-III", "vit_base_patch16_224"),
+    FamilyCase("deit_distilled", "DeiT distilled (class + distillation token)", "deit_tiny_distilled_patch16_224"),
     FamilyCase("dinov2_reg", "DINOv2 with registers", "vit_small_patch14_reg4_dinov2"),
     FamilyCase("siglip", "SigLIP (attention pooling)", "vit_base_patch16_siglip_224"),
     FamilyCase("clip", "CLIP (pre-norm, quick GELU)", "vit_base_patch16_clip_quickgelu_224"),
@@ -44,6 +45,7 @@ CASES: tuple[FamilyCase, ...] = (
     FamilyCase("pe", "Perception Encoder (RoPE, attention pooling)", "vit_pe_core_tiny_patch16_384",
                {"ref_feat_shape": (4, 4), "attn_pool_num_heads": 2}),
     FamilyCase("rope_vit", "RoPE ViT", "vit_base_patch16_rope_224"),
+    FamilyCase("rope_mixed", "RoPE-Mixed ViT (a rotary embedding per block)", "vit_small_patch16_rope_mixed_224"),
     FamilyCase("beit", "BEiT (relative position bias)", "beit_base_patch16_224"),
 )
 

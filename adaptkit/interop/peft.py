@@ -32,7 +32,7 @@ import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.errors import ArtifactError, ConfigError, param
-from adaptkit.families import LINEARS, linear_paths, outside_bias
+from adaptkit.families import LINEARS, family_of, linear_paths, outside_bias
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.registry import Registry, VersionRow
 
@@ -87,6 +87,10 @@ def export_peft(registry: Registry | str | None, ref: str, dest_dir: str | os.Pa
     method = get_method(meta.method, meta.method_config)
     with torch.random.fork_rng(devices=[]):  # timm's initialisation (never saved) leaves the caller's RNG alone
         model = timm.create_model(meta.backbone, pretrained=False, num_classes=len(meta.classes))
+    if family_of(model).other_head:
+        raise ConfigError(f"{row.ref} is on {meta.backbone}, whose timm model is not the backbone plus one head "
+                          f"({family_of(model).other_head}), so a PEFT folder on it would not give this task's "
+                          "logits: export it with --format adaptkit or --format onnx")
     indices = list(method.block_indices(model))
     layers = [p for t in method.config.targets for p in linear_paths(model.blocks[indices[0]], t)]
     bypassed = next((p for p in layers if outside_bias(model, f"blocks.{indices[0]}.{p}")), None)
