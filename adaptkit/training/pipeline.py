@@ -26,6 +26,7 @@ from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
 from adaptkit.checks import check_int
 from adaptkit.data import load_task_data, without_builtin
+from adaptkit.data.roots import resolve_roots
 from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError, DatasetError, param
 from adaptkit.inference import RoutingStats, collect_task_stats, task_stats_from_features
@@ -92,6 +93,7 @@ def train(
     log_dir: str | os.PathLike | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    data_roots: Sequence[str | os.PathLike] | None = None,
 ) -> TrainResult:
     """Train one task on a frozen backbone and register it as the task's next version.
 
@@ -113,6 +115,8 @@ def train(
         log_dir: where the trackers write (default: TensorBoard ``runs/``, MLflow its own default).
         image_column, label_column: the columns of a Hugging Face data set (``hf:``, ``hf-disk:``, ``hf-files:``)
             where they cannot be found from its features; recorded with the version.
+        data_roots: read no data outside these folders (a server's, such as the web page's data roots): only
+            ``folder:``, ``hf-disk:`` and ``hf-files:`` data sets inside them, every file they name checked.
     """
     check_train_args(dataset, task, config, TrainConfig, pretrained=pretrained, classes=classes,
                      init_from=init_from)
@@ -131,7 +135,8 @@ def train(
     backbone.model.to(device)
     chosen.check_applies(backbone.model)  # a method that cannot adapt this family is refused before the data
     data, cfg = _task_data(dataset, task, backbone, given.resolved(chosen.name), registry, rank, data_dir=data_dir,
-                           download=download, classes=classes, image_column=image_column, label_column=label_column)
+                           download=download, classes=classes, image_column=image_column, label_column=label_column,
+                           data_roots=None if data_roots is None else resolve_roots(data_roots))
     warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
                             data=data) if init_from else None
     trackers = open_trackers(log_to if rank == 0 else None, run_name=task, log_dir=log_dir)
@@ -165,12 +170,13 @@ def train(
 
 def _task_data(dataset: str, task: str, backbone: Backbone, cfg: TrainConfig, registry: Registry, rank: int, *,
                data_dir: str | None, download: bool, classes: str | list[str] | None, image_column: str | None,
-               label_column: str | None) -> tuple[Any, TrainConfig]:
+               label_column: str | None, data_roots: list[Path] | None) -> tuple[Any, TrainConfig]:
     """The task's data, checked against its classes and the registry, and the recipe with its batch fitted to it."""
     data = load_task_data(dataset, backbone.data_config, data_dir=data_dir, download=download and rank == 0,
                           val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
                           limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale,
-                          flip=cfg.flip, classes=classes, image_column=image_column, label_column=label_column)
+                          flip=cfg.flip, classes=classes, image_column=image_column, label_column=label_column,
+                          data_roots=data_roots)
     if len(data.train) < len(data.classes):
         raise DatasetError(f"{len(data.train)} training image(s) for {len(data.classes)} classes: every class needs "
                            f"some, so raise {param('limit_train')} (or leave it out) or train on fewer "
