@@ -4,7 +4,9 @@ changes, and the rest.
 Two jobs run the frozen part once and hand its output on: training on cached features
 (:mod:`adaptkit.training.feature_cache`) and routed prediction (:meth:`adaptkit.inference.Predictor.predict_auto`),
 whose routing pass is a frozen pass anyway.
-``run_suffix(trunk, run_prefix(trunk, x, k), k)`` is ``trunk(x)``, op for op, for every ``k``.
+``run_suffix(trunk, run_prefix(trunk, x, k), k)`` is ``trunk(x)``, op for op, for every ``k``. Either can also
+hand back the mean patch token after some blocks (``taps``), which the rejection score reads
+(:mod:`adaptkit.inference.token_stats`), at no further pass.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from adaptkit.families import block_kwargs, embed, finish, split_supported
 
-__all__ = ["AFTER_BLOCKS", "first_changed_block", "splittable", "run_prefix", "run_suffix"]
+__all__ = ["AFTER_BLOCKS", "first_changed_block", "splittable", "run_prefix", "run_suffix", "patch_mean"]
 
 AFTER_BLOCKS = ("norm", "fc_norm")  # the trunk's layers after its last block
 
@@ -46,23 +48,50 @@ def splittable(trunk: nn.Module) -> bool:
     return split_supported(trunk)
 
 
-def run_prefix(trunk: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
-    """The trunk up to block ``start``: tokens (B, N, d), or pooled features (B, d) when ``start`` is its depth."""
-    if start == len(trunk.blocks):
-        return trunk(x)
-    x = embed(trunk, x)
-    for block, kwargs in zip(trunk.blocks[:start], block_kwargs(trunk, x), strict=False):
-        x = block(x, **kwargs)
-    return x
+def patch_mean(trunk: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """(B, N, d) a block's tokens -> (B, d) the mean of its patch tokens (class and register tokens left out)."""
+    return h[:, getattr(trunk, "num_prefix_tokens", 1):].mean(1)
 
 
-def run_suffix(trunk: nn.Module, h: torch.Tensor, start: int) -> torch.Tensor:
-    """The rest of the trunk from block ``start`` on (as the class's ``forward_features`` and ``forward_head``)."""
-    if start == len(trunk.blocks):
-        return h
+def _blocks(trunk: nn.Module, h: torch.Tensor, start: int, stop: int, taps: dict[int, torch.Tensor] | None
+            ) -> torch.Tensor:
+    """Blocks ``start`` .. ``stop - 1``, each with the keywords its family passes (a rotary embedding, a relative
+    position bias); the mean patch token after each block named in ``taps`` is put there."""
     every = block_kwargs(trunk, h)
     checkpointed = getattr(trunk, "grad_checkpointing", False) and torch.is_grad_enabled()
-    for i in range(start, len(trunk.blocks)):
+    for i in range(start, stop):
         block = trunk.blocks[i]
         h = checkpoint(block, h, use_reentrant=False, **every[i]) if checkpointed else block(h, **every[i])
-    return finish(trunk, h)
+        if taps is not None and i in taps:
+            taps[i] = patch_mean(trunk, h)
+    return h
+
+
+def run_prefix(trunk: nn.Module, x: torch.Tensor, start: int, taps: dict[int, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+    """The trunk up to block ``start``: tokens (B, N, d), or pooled features (B, d) when ``start`` is its depth.
+
+    ``taps``: block indices (the keys; values are overwritten) whose mean patch token (B, d) to hand back in it;
+    the index ``depth`` (one past the last block) stands for the pooled output.
+    """
+    depth = len(trunk.blocks)
+    if start == depth and not taps:
+        return trunk(x)
+    x = _blocks(trunk, embed(trunk, x), 0, start, taps)
+    return _head(trunk, x, taps) if start == depth else x
+
+
+def run_suffix(trunk: nn.Module, h: torch.Tensor, start: int, taps: dict[int, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+    """The rest of the trunk from block ``start`` on (as the class's ``forward_features`` and ``forward_head``),
+    with ``taps`` as for :func:`run_prefix` (for the blocks it runs)."""
+    if start == len(trunk.blocks):
+        return h
+    return _head(trunk, _blocks(trunk, h, start, len(trunk.blocks), taps), taps)
+
+
+def _head(trunk: nn.Module, h: torch.Tensor, taps: dict[int, torch.Tensor] | None) -> torch.Tensor:
+    pooled = finish(trunk, h)
+    if taps is not None and len(trunk.blocks) in taps:
+        taps[len(trunk.blocks)] = pooled
+    return pooled

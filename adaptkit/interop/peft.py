@@ -30,7 +30,7 @@ import torch
 
 import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
-from adaptkit.backbone import Backbone, create_backbone
+from adaptkit.backbone import Backbone, create_backbone, recorded_image_size
 from adaptkit.errors import ArtifactError, ConfigError, param
 from adaptkit.families import LINEARS, family_of, linear_paths, outside_bias
 from adaptkit.metadata import given_fields_problem
@@ -350,7 +350,8 @@ def _backbone(given: Backbone | str | None, side: dict[str, Any], config: Any, s
     if isinstance(side.get("backbone"), str) and side.get("backbone_weights") in WEIGHT_SOURCES:
         expect = side.get("backbone_fingerprint")
         return create_backbone(side["backbone"], weights=side["backbone_weights"],
-                               expect=expect if expect and registry.known_backbone(expect) else None)
+                               expect=expect if expect and registry.known_backbone(expect) else None,
+                               image_size=recorded_image_size(side.get("data_config") or {}))
     name = getattr(config, "base_model_name_or_path", None)
     if not name:
         raise ConfigError(f"{src}/adapter_config.json names no base model: pass backbone= (an adaptkit Backbone or "

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from adaptkit.artifacts import AdapterMeta
-from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
+from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, BackboneSpec
 from adaptkit.checks import check_int
 from adaptkit.data import load_task_data, without_builtin
 from adaptkit.data.roots import resolve_roots
@@ -37,7 +37,7 @@ from adaptkit.training import feature_cache, warmstart
 from adaptkit.training.checks import check_train_args, fit_batch
 from adaptkit.training.config import TrainConfig, TrainEvent, TrainResult
 from adaptkit.training.fitting import FitResult, fit
-from adaptkit.training.loop import _reduced_precision, run_eval, seed_everything
+from adaptkit.training.loop import _reduced_precision, data_parallel, run_eval, seed_everything
 from adaptkit.training.lr_search import LrSearch
 from adaptkit.training.tracking import Trackers, check_trackers, open_trackers
 
@@ -46,20 +46,22 @@ _log = logging.getLogger(__name__)
 __all__ = ["train", "evaluate"]
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun / accelerate."""
+def _distributed(device: str | None) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun / accelerate, one process too (so
+    ``torchrun --nproc_per_node 1`` runs the same DDP code path as many processes do): NCCL when training on CUDA,
+    gloo otherwise (``--device cpu`` on a GPU machine too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
+    if (world > 1 or launched) and not dist.is_initialized():
+        dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo")
+    return (dist.get_rank(), world) if dist.is_initialized() else (0, 1)
 
 
 def _device(choice: str | None, rank: int, world: int) -> torch.device:
     device = resolve_device(choice)
-    if device.type == "cuda":
-        if world > 1:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-            torch.cuda.set_device(device)
+    if device.type == "cuda" and data_parallel(world):  # one GPU per process: the launcher's local rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     return device
 
 
@@ -77,7 +79,7 @@ def train(
     dataset: str,
     *,
     task: str | None = None,
-    backbone: str | Backbone = DEFAULT_BACKBONE,
+    backbone: str | BackboneSpec | Backbone = DEFAULT_BACKBONE,
     weights: str | None = None,
     pretrained: bool = True,
     method: str = "adapter",
@@ -100,8 +102,10 @@ def train(
     Args:
         dataset: a data set spec (``cifar100``, ``folder:PATH``, ``digits`` ...; see ``adaptkit datasets``).
         task: the task's name (default: the data set's name).
-        backbone: a timm model name, or a :class:`Backbone` already built (it is shared, never changed).
-        weights, pretrained: where the backbone's weights come from (see :func:`create_backbone`).
+        backbone: a timm model name, a :class:`BackboneSpec` (name, weights and input size, e.g.
+            ``BackboneSpec("vit_small_patch14_dinov2.lvd142m", image_size=224)``), or a :class:`Backbone` already
+            built (it is shared, never changed). The version records the input size; it predicts at that size.
+        weights, pretrained: where the backbone's weights come from, with a name (see :func:`create_backbone`).
         method, method_config: the method and its settings (missing settings take their defaults).
         config: the training recipe.
         registry: where to record the version (a :class:`Registry` or URL).
@@ -126,12 +130,17 @@ def train(
                           f"(pass {param('task')})")
     chosen = get_method(method, method_config)  # validates the method's settings before anything slow
     check_trackers(log_to)
+    if not isinstance(backbone, BackboneSpec | Backbone):  # a name (create_backbone says what a name must be)
+        backbone = BackboneSpec(backbone, weights=weights, pretrained=pretrained)
+    elif weights is not None or not pretrained:
+        raise ConfigError(f"{param('weights')} and {param('pretrained')} go with a backbone name; a BackboneSpec or "
+                          "Backbone carries its own weights")
     given = config or TrainConfig()
-    rank, world = _distributed()
+    rank, world = _distributed(given.device)
     device = _device(given.device, rank, world)
     registry = registry if isinstance(registry, Registry) else Registry(registry)
-    if not isinstance(backbone, Backbone):
-        backbone = create_backbone(backbone, weights=weights, pretrained=pretrained, device=device)
+    if isinstance(backbone, BackboneSpec):
+        backbone = backbone.build(device)
     backbone.model.to(device)
     chosen.check_applies(backbone.model)  # a method that cannot adapt this family is refused before the data
     data, cfg = _task_data(dataset, task, backbone, given.resolved(chosen.name), registry, rank, data_dir=data_dir,
@@ -197,6 +206,8 @@ def _register(registry: Registry, task: str, dataset: str, backbone: Backbone, m
                        data_config=backbone.data_config, dataset=dataset, metrics=result.metrics, recipe=recipe)
     stats = _routing_stats(backbone, data, result.features, result.net, result.config, device)
     info: dict[str, Any] = {**result.timing, "recipe": recipe, "world_size": world, "train_images": len(data.train)}
+    if data_parallel(world):
+        info["ddp_backend"] = str(dist.get_backend())
     if classes:
         info["classes"] = classes if isinstance(classes, str) else ",".join(classes)
     info.update({k: v for k, v in zip(("image_column", "label_column"), columns, strict=True) if v})
