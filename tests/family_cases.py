@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import timm
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 
 __all__ = ["FamilyCase", "CASES", "case_name"]
 
@@ -70,5 +70,8 @@ def _register(case: FamilyCase) -> None:
     register_model(build)
 
 
+# each case's own input size, as timm's pretrained config of the name says it (adaptkit reads a backbone's size there)
+default_cfgs = generate_default_cfgs({f"{c.name}.untrained": {"input_size": (3, SMALL["img_size"], SMALL["img_size"]),
+                                                              "num_classes": 0} for c in CASES})
 for _case in CASES:
     _register(_case)
