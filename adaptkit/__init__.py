@@ -11,6 +11,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from adaptkit.lazy import lazy_names
+from adaptkit.timm_registry import register_with_timm
 
 __version__ = "0.1.0"
 
@@ -49,3 +50,4 @@ sys.modules[__name__].__class__ = _Package
 
 
 __getattr__, __dir__ = lazy_names(__name__, _WHERE)
+register_with_timm()  # adaptkit's ViTs (the packaged backbone) are timm models once timm is imported
