@@ -1,4 +1,5 @@
-"""A ViT trunk split at a block: the part before it, which no task changes, and the rest.
+"""A ViT trunk split at a block (any family :mod:`adaptkit.families` describes): the part before it, which no task
+changes, and the rest.
 
 Two jobs run the frozen part once and hand its output on: training on cached features
 (:mod:`adaptkit.training.feature_cache`) and routed prediction (:meth:`adaptkit.inference.Predictor.predict_auto`),
@@ -13,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from timm.models import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from adaptkit.families import block_kwargs, embed, finish, split_supported
 
 __all__ = ["AFTER_BLOCKS", "first_changed_block", "splittable", "run_prefix", "run_suffix", "patch_mean"]
 
@@ -41,8 +43,9 @@ def first_changed_block(part_names: Iterable[str], depth: int) -> int | None:
 
 
 def splittable(trunk: nn.Module) -> bool:
-    """True when the trunk runs timm's own ``VisionTransformer.forward_features``, which the split reproduces."""
-    return isinstance(trunk, VisionTransformer) and type(trunk).forward_features is VisionTransformer.forward_features
+    """True when the trunk's family reproduces its ``forward_features`` (:func:`adaptkit.families.split_supported`):
+    timm's ``VisionTransformer``, ``Eva`` and ``Beit``, not a subclass that replaced it."""
+    return split_supported(trunk)
 
 
 def patch_mean(trunk: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -52,13 +55,14 @@ def patch_mean(trunk: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def _blocks(trunk: nn.Module, h: torch.Tensor, start: int, stop: int, taps: dict[int, torch.Tensor] | None
             ) -> torch.Tensor:
-    """Blocks ``start`` .. ``stop - 1``; the mean patch token after each block named in ``taps`` is put there."""
-    if not taps:
-        blocks = trunk.blocks[start:stop]
-        return checkpoint_seq(blocks, h) if getattr(trunk, "grad_checkpointing", False) else blocks(h)
+    """Blocks ``start`` .. ``stop - 1``, each with the keywords its family passes (a rotary embedding, a relative
+    position bias); the mean patch token after each block named in ``taps`` is put there."""
+    every = block_kwargs(trunk, h)
+    checkpointed = getattr(trunk, "grad_checkpointing", False) and torch.is_grad_enabled()
     for i in range(start, stop):
-        h = trunk.blocks[i](h)
-        if i in taps:
+        block = trunk.blocks[i]
+        h = checkpoint(block, h, use_reentrant=False, **every[i]) if checkpointed else block(h, **every[i])
+        if taps is not None and i in taps:
             taps[i] = patch_mean(trunk, h)
     return h
 
@@ -73,22 +77,21 @@ def run_prefix(trunk: nn.Module, x: torch.Tensor, start: int, taps: dict[int, to
     depth = len(trunk.blocks)
     if start == depth and not taps:
         return trunk(x)
-    x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(x))))
-    x = _blocks(trunk, x, 0, start, taps)
+    x = _blocks(trunk, embed(trunk, x), 0, start, taps)
     return _head(trunk, x, taps) if start == depth else x
 
 
 def run_suffix(trunk: nn.Module, h: torch.Tensor, start: int, taps: dict[int, torch.Tensor] | None = None
                ) -> torch.Tensor:
-    """The rest of the trunk from block ``start`` on (as timm's ``forward_features`` and ``forward_head``), with
-    ``taps`` as for :func:`run_prefix` (for the blocks it runs)."""
+    """The rest of the trunk from block ``start`` on (as the class's ``forward_features`` and ``forward_head``),
+    with ``taps`` as for :func:`run_prefix` (for the blocks it runs)."""
     if start == len(trunk.blocks):
         return h
     return _head(trunk, _blocks(trunk, h, start, len(trunk.blocks), taps), taps)
 
 
 def _head(trunk: nn.Module, h: torch.Tensor, taps: dict[int, torch.Tensor] | None) -> torch.Tensor:
-    pooled = trunk.forward_head(trunk.norm(h), pre_logits=True)
+    pooled = finish(trunk, h)
     if taps is not None and len(trunk.blocks) in taps:
         taps[len(trunk.blocks)] = pooled
     return pooled

@@ -2,9 +2,11 @@
 (:func:`export_peft`), or register one trained on a timm ViT with PEFT elsewhere as an adaptkit task
 (:func:`import_peft`).
 
-adaptkit's LoRA is PEFT's LoRA on the blocks' ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` (``W x +
-alpha / r * B A x``, biases frozen), its head PEFT's ``modules_to_save=["head"]``; no other method has a faithful
-PEFT form (:data:`NO_PEFT_FORM` says why).
+adaptkit's LoRA is PEFT's LoRA on the blocks' ``attn.qkv`` (or Eva's ``attn.q_proj / k_proj / v_proj``),
+``attn.proj``, ``mlp.fc1`` (SwiGLU's ``fc1_g / fc1_x``) and ``mlp.fc2``, as :data:`adaptkit.families.LINEARS` names
+them (``W x + alpha / r * B A x``, biases frozen), its head PEFT's ``modules_to_save=["head"]``; no other method has
+a faithful PEFT form (:data:`NO_PEFT_FORM` says why). A fused ``qkv`` whose attention adds its own q/v bias (Eva's,
+BEiT's ``q_bias``) is read as ``qkv.weight`` around PEFT's layer, so LoRA there has no PEFT form either.
 
 The base model a PEFT folder goes on is ``timm.create_model(BACKBONE, num_classes=N)`` holding the *same frozen
 weights* as adaptkit's backbone: ``pretrained=True`` for hub weights; otherwise load
@@ -28,10 +30,10 @@ import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
 from adaptkit.backbone import Backbone, create_backbone, recorded_image_size
 from adaptkit.errors import ArtifactError, ConfigError, param
+from adaptkit.families import LINEARS, family_of, linear_paths, outside_bias
 from adaptkit.interop.peft_checks import check_backbone, check_head, check_json_size, check_lora_fields, check_rank
 from adaptkit.metadata import given_fields_problem
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
-from adaptkit.methods.lora import TARGETS
 from adaptkit.registry import Registry, VersionRow
 from adaptkit.tempfiles import folder_beside
 
@@ -48,7 +50,8 @@ NO_PEFT_FORM = {  # why a method cannot be written as a PEFT adapter
     "vpt": "PEFT's prompt tuning works on language models' token embeddings, not a ViT's sequence",
 }
 _PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.lora_([AB])\.weight")
+_LAYERS = sorted({p for candidates in LINEARS.values() for paths in candidates for p in paths})  # every family's
+_LORA_KEY = re.compile(rf"blocks\.(\d+)\.({'|'.join(map(re.escape, _LAYERS))})\.lora_([AB])\.weight")
 _HEAD_KEYS = ("head.weight", "head.bias")
 
 
@@ -85,8 +88,19 @@ def export_peft(registry: Registry | str | None, ref: str, dest_dir: str | os.Pa
     method = get_method(meta.method, meta.method_config)
     with torch.random.fork_rng(devices=[]):  # timm's initialisation (never saved) leaves the caller's RNG alone
         model = timm.create_model(meta.backbone, pretrained=False, num_classes=len(meta.classes))
-    blocks = "|".join(str(i) for i in method.block_indices(model))
-    paths = "|".join(re.escape(TARGETS[t]) for t in method.config.targets)
+    if family_of(model).other_head:
+        raise ConfigError(f"{row.ref} is on {meta.backbone}, whose timm model is not the backbone plus one head "
+                          f"({family_of(model).other_head}), so a PEFT folder on it would not give this task's "
+                          "logits: export it with --format adaptkit or --format onnx")
+    indices = list(method.block_indices(model))
+    layers = [p for t in method.config.targets for p in linear_paths(model.blocks[indices[0]], t)]
+    bypassed = next((p for p in layers if outside_bias(model, f"blocks.{indices[0]}.{p}")), None)
+    if bypassed:
+        raise ConfigError(f"{row.ref} adapts {bypassed}, whose attention adds its q/v bias itself and reads "
+                          f"{bypassed}.weight directly, around PEFT's LoRA layer: PEFT cannot express it; export "
+                          "it with --format adaptkit or --format onnx")
+    blocks = "|".join(str(i) for i in indices)
+    paths = "|".join(re.escape(p) for p in layers)
     config = peft.LoraConfig(r=method.config.rank, lora_alpha=method.config.alpha, lora_dropout=method.config.dropout,
                              target_modules=rf"blocks\.({blocks})\.({paths})", modules_to_save=["head"], bias="none")
     model = peft.get_peft_model(model, config)
@@ -281,7 +295,7 @@ def _split(tensors: dict[str, torch.Tensor], src: Path) -> tuple[dict, dict]:
                               "with use_dora=False")
         elif ".lora_" in name:
             raise ConfigError(f"{src} adapts {name.split('.lora_')[0]}, which adaptkit's LoRA cannot: it adapts "
-                              "the blocks' attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (a regex target_modules such as "
+                              f"the blocks' {', '.join(_LAYERS)} (a regex target_modules such as "
                               r"'blocks\.\d+\.attn\.proj' keeps patch_embed.proj out)")
         else:
             raise ConfigError(f"{src} saves {name}, which is neither a LoRA update nor the head: adaptkit keeps the "
@@ -364,6 +378,6 @@ def _lora_method(config: Any, updates: dict[tuple[int, str], dict], backbone: Ba
     rank, alpha = ranks[0], float(config.lora_alpha)
     check_rank(config, rank, src)
     alpha = alpha * math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha  # alpha/sqrt(r) == alpha'/r
-    targets = tuple(t for t, p in TARGETS.items() if p in paths)
+    targets = tuple(t for t, candidates in LINEARS.items() if any(set(c) & paths for c in candidates))
     lora = LoraConfig(rank=rank, alpha=alpha, targets=targets, dropout=float(config.lora_dropout or 0.0))
     return LoraMethod(lora, blocks=None if len(blocks) == depth else len(blocks))

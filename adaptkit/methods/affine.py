@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.families import outside_bias
 from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["ChannelAffine", "AffineSite", "affine_layers", "fold_affine"]
@@ -103,7 +104,8 @@ def affine_layers(trunk: nn.Module, with_bias: bool = False,
 
     Args:
         trunk: a timm ViT.
-        with_bias: only layers that have a bias (BitFit).
+        with_bias: only layers that have a bias (BitFit), their own or one their attention adds to their output
+            (a fused ``qkv`` with ``q_bias`` / ``v_bias``: :func:`adaptkit.families.outside_bias`).
         blocks: only these blocks (default: all); the patch embedding counts as before block 0.
 
     Returns:
@@ -118,7 +120,8 @@ def affine_layers(trunk: nn.Module, with_bias: bool = False,
         layer = _innermost(getattr(trunk, name, nn.Identity()))
         if isinstance(layer, AFFINE_TYPES):
             found.append((name, layer))
-    return [(p, m) for p, m in found if not with_bias or getattr(m, "bias", None) is not None]
+    return [(p, m) for p, m in found
+            if not with_bias or getattr(m, "bias", None) is not None or outside_bias(trunk, p)]
 
 
 def inject_affine(trunk: nn.Module, ctx: TaskContext, slot: str, blocks: Sequence[int], *, scale: bool,

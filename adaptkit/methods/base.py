@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import ConfigError, param
+from adaptkit.families import family_of
 from adaptkit.methods.sites import TaskContext, TaskSite, find_site, put_rows, task_context, unwrap
 
 # TaskContext, TaskSite, find_site, put_rows, task_context and unwrap live in methods/sites.py; they stay importable
@@ -100,12 +101,20 @@ class TaskModel(nn.Module):
         unwrap(self.trunk, only_empty=True)
 
 
+KINDS: dict[str, type[Method]] = {}  # every method class by name, in the order they were defined
+
+
 class Method(ABC):
     """A way to adapt a frozen backbone to a task. Subclasses set ``name`` and ``config_class``."""
 
     name: ClassVar[str]
     config_class: ClassVar[type]
     takes_blocks: ClassVar[bool] = True  # False where the method puts nothing in the blocks (the linear probe)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            KINDS[cls.name] = cls
 
     def __init__(self, config: Any = None, blocks: int | None = None) -> None:
         """A method with its settings.
@@ -166,30 +175,57 @@ class Method(ABC):
         """
         if num_classes < 1:
             raise ConfigError(f"a task needs at least one class, got {num_classes}")
+        self.check_applies(trunk)
+        had_context = "_adaptkit_ctx" in trunk.__dict__
         ctx = task_context(trunk)
         slot = slot or ctx.new_slot()
-        with torch.device("meta") if state is not None else contextlib.nullcontext():
-            trunk, parts, sites = self.inject(trunk, ctx, slot)
-            head = nn.Linear(int(trunk.num_features), num_classes)
-            nn.init.trunc_normal_(head.weight, std=0.02)
-            nn.init.zeros_(head.bias)
-        task = TaskModel(trunk, ctx, slot, self, head, parts, sites)
-        if state is not None:
-            try:
+        try:
+            with torch.device("meta") if state is not None else contextlib.nullcontext():
+                run, parts, sites = self.inject(trunk, ctx, slot)
+                head = nn.Linear(int(run.num_features), num_classes)
+                nn.init.trunc_normal_(head.weight, std=0.02)
+                nn.init.zeros_(head.bias)
+            task = TaskModel(run, ctx, slot, self, head, parts, sites)
+            if state is not None:
                 task.load_state(state, assign=True)
-            except (ConfigError, RuntimeError):
-                task.detach_from_trunk()
-                raise
+                return task
+            device = next(run.parameters()).device
+            for module in [*parts.values(), head]:
+                module.to(device)
             return task
-        device = next(trunk.parameters()).device
-        for module in [*parts.values(), head]:
-            module.to(device)
-        return task
+        except BaseException:
+            _take_back(trunk, slot, had_context)
+            raise
+
+    def refusal(self, trunk: nn.Module) -> str | None:
+        """Why this method cannot apply to ``trunk``'s family (one clause), or None when it can."""
+        return None
+
+    def check_applies(self, trunk: nn.Module) -> None:
+        """Raise a :class:`ConfigError` saying why and which methods do apply when this one cannot apply to
+        ``trunk``; called before anything is built."""
+        why = self.refusal(trunk)
+        if why is None:
+            return
+        fits = [name for name, kind in KINDS.items() if kind().refusal(trunk) is None]
+        raise ConfigError(f"{self.name} cannot adapt a {family_of(trunk).name} backbone ({type(trunk).__name__}): "
+                          f"{why}; pick one of {', '.join(fits)}")
 
     @abstractmethod
     def inject(self, trunk: nn.Module, ctx: TaskContext,
                slot: str) -> tuple[nn.Module, dict[str, nn.Module], dict[str, TaskSite]]:
         """Add modules for ``slot``; return the trunk to run, the parts by stable name, and the sites used."""
+
+
+def _take_back(trunk: nn.Module, slot: str, had_context: bool) -> None:
+    """Undo a failed attach: every module of ``slot`` out of every site, the sites it made unwrapped (their
+    attention's flags put back), and the task context gone again if the attach brought it."""
+    for module in list(trunk.modules()):
+        if isinstance(module, TaskSite) and slot in module.tasks:
+            module.remove(slot)
+    unwrap(trunk, only_empty=True)
+    if not had_context:
+        trunk.__dict__.pop("_adaptkit_ctx", None)
 
 
 def plain_copy(trunk: nn.Module) -> nn.Module:

@@ -16,12 +16,13 @@ from torch import nn
 
 from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
+from adaptkit.families import LINEARS, linear_paths
 from adaptkit.methods.base import Method, TaskModel, plain_copy
 from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site, put_rows
 
 __all__ = ["LoraConfig", "LoraUpdate", "LoraSite", "LoraMethod", "merge_lora"]
 
-TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+TARGETS = tuple(LINEARS)  # qkv, proj, fc1, fc2: which layers each is in a block is the family's (LINEARS)
 
 
 @dataclass
@@ -112,12 +113,19 @@ class LoraMethod(Method):
     name = "lora"
     config_class = LoraConfig
 
+    def refusal(self, trunk: nn.Module) -> str | None:
+        block = trunk.blocks[-1]
+        missing = [t for t in self.config.targets if not linear_paths(block, t)]
+        if missing:
+            return f"its blocks have no {'/'.join(missing)} linear layer for LoRA's targets"
+        return None
+
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
         cfg = self.config
         parts, sites = {}, {}
         for i in self.block_indices(trunk):
-            for target in cfg.targets:
-                path = f"blocks.{i}.{TARGETS[target]}"
+            paths = [p for target in cfg.targets for p in linear_paths(trunk.blocks[i], target)]
+            for path in (f"blocks.{i}.{p}" for p in paths):
                 site = find_site(trunk, path, LoraSite, ctx)
                 base = site.layer
                 module = LoraUpdate(base.in_features, base.out_features, cfg.rank, cfg.alpha, cfg.dropout)

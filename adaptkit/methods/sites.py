@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.families import bias_flag_patch
+
 __all__ = ["Bank", "TaskContext", "TaskSite", "find_site", "put_rows", "task_context", "unwrap"]
 
 
@@ -365,6 +367,11 @@ def find_site(root: nn.Module, path: str, site_class: type[TaskSite], ctx: TaskC
             return layer
         parent, name, layer = layer, "base_layer", layer.base_layer
     site = site_class(layer, ctx)
+    patch = bias_flag_patch(root, path)  # an attention that would call around the layer calls it while wrapped
+    if patch is not None:
+        owner, flag, old = patch
+        owner.__dict__.setdefault("_adaptkit_restore", {}).setdefault(flag, old)  # put back when no site is left
+        setattr(owner, flag, True)
     setattr(parent, name, site)
     return site
 
@@ -376,4 +383,8 @@ def unwrap(root: nn.Module, only_empty: bool = False) -> nn.Module:
             child = child.base_layer
         setattr(root, name, child)
         unwrap(child, only_empty)
+    restore = root.__dict__.get("_adaptkit_restore")
+    if restore and not any(isinstance(c, TaskSite) for c in root.children()):
+        for flag, old in root.__dict__.pop("_adaptkit_restore").items():
+            setattr(root, flag, old)
     return root

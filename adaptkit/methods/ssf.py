@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adaptkit.families import bias_flag_patch
 from adaptkit.methods.affine import ChannelAffine, fold_affine, inject_affine
 from adaptkit.methods.base import Method, TaskModel, plain_copy
 from adaptkit.methods.sites import TaskContext
@@ -44,5 +45,9 @@ def merge_ssf(task: TaskModel) -> nn.Module:
     merged = plain_copy(task.trunk)
     for part_name, module in task.parts.items():
         if isinstance(module, ChannelAffine):
-            fold_affine(merged.get_submodule(part_name.rsplit(".", 1)[0]), module)
+            path = part_name.rsplit(".", 1)[0]
+            fold_affine(merged.get_submodule(path), module)
+            patch = bias_flag_patch(merged, path)  # the layer has its own bias now: its attention must call it
+            if patch is not None:
+                setattr(patch[0], patch[1], True)
     return nn.Sequential(merged, copy.deepcopy(task.head)).eval()

@@ -4,9 +4,11 @@
 * ``shallow``: prompts enter at the first block only and travel through the rest like the other tokens.
 
 Prompts are appended after the patch tokens (attention has no notion of order once positions are embedded, so this
-equals the paper's placement after the class token) and are removed after the last block, so the final norm, the
-pooling and the head see exactly the positions they see without prompts. VPT cannot start as the identity: the
-blocks attend to the prompts from the first step, whatever their values.
+equals the paper's placement after the class token; a rotary embedding gets identity rows for them, so on RoPE
+models they have no position, as register tokens have none: :func:`adaptkit.families.tokens_kwargs`)
+and are removed after the last block, so the final norm, the pooling and the head see exactly the positions they
+see without prompts. VPT cannot start as the identity: the blocks attend to the prompts from the first step,
+whatever their values.
 
 In a mixed batch the tokens are padded to the longest prompt of the batch and every key that is not a real prompt of
 the sample's task is masked out of attention, so tasks with prompts of different lengths, and tasks without prompts,
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import ConfigError
+from adaptkit.families import family_of, tokens_kwargs
 from adaptkit.methods.base import Method
 from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site
 
@@ -92,7 +95,7 @@ class PromptSite(TaskSite):
         if module.tokens is not None:
             prompts = module.prompts().to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :n], prompts], dim=1)
-        y = self.base_layer(x, *args, **kwargs)
+        y = self.base_layer(x, *args, **tokens_kwargs(kwargs, module.count))
         return y[:, :n] if module.last else y
 
     def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Bank | None, *args: Any,
@@ -118,7 +121,7 @@ class PromptSite(TaskSite):
             valid = bank["valid"][:, :width][idx]  # (B, width): which prompt slots are real prompts of the task
             keep = torch.cat([valid.new_ones(x.shape[0], n), valid], dim=1)
             mask = keep[:, None, None, :]  # (B, 1, 1, keys): True takes part in attention
-        y = self.base_layer(x, *args, attn_mask=mask, **kwargs)
+        y = self.base_layer(x, *args, **tokens_kwargs({**kwargs, "attn_mask": mask}, width))
         return y[:, :n] if held[0].last else y
 
     def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -160,6 +163,9 @@ class VptMethod(Method):
 
     def added_tokens(self) -> int:
         return self.config.tokens
+
+    def refusal(self, trunk: nn.Module) -> str | None:
+        return family_of(trunk).prompts
 
     def inject(self, trunk: nn.Module, ctx: TaskContext, slot: str):
         cfg = self.config

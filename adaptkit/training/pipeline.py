@@ -142,6 +142,7 @@ def train(
     if isinstance(backbone, BackboneSpec):
         backbone = backbone.build(device)
     backbone.model.to(device)
+    chosen.check_applies(backbone.model)  # a method that cannot adapt this family is refused before the data
     data, cfg = _task_data(dataset, task, backbone, given.resolved(chosen.name), registry, rank, data_dir=data_dir,
                            download=download, classes=classes, image_column=image_column, label_column=label_column,
                            data_roots=None if data_roots is None else resolve_roots(data_roots))
