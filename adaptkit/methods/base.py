@@ -18,6 +18,7 @@ from torch import nn
 
 from adaptkit.errors import ConfigError, param
 from adaptkit.methods.sites import TaskContext, TaskSite, find_site, put_rows, task_context, unwrap
+from adaptkit.methods.skeleton import skeleton
 
 # TaskContext, TaskSite, find_site, put_rows, task_context and unwrap live in methods/sites.py; they stay importable
 # from here (listed in __all__).
@@ -168,7 +169,7 @@ class Method(ABC):
             raise ConfigError(f"a task needs at least one class, got {num_classes}")
         ctx = task_context(trunk)
         slot = slot or ctx.new_slot()
-        with torch.device("meta") if state is not None else contextlib.nullcontext():
+        with skeleton() if state is not None else contextlib.nullcontext():
             trunk, parts, sites = self.inject(trunk, ctx, slot)
             head = nn.Linear(int(trunk.num_features), num_classes)
             nn.init.trunc_normal_(head.weight, std=0.02)
