@@ -51,10 +51,9 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def time_train_steps(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y: torch.Tensor, steps: int,
-                     cuda: bool) -> list[float]:
-    """Seconds of each of ``steps`` AdamW steps of ``net`` on one batch, after a warm-up step (which also makes the
-    optimiser's state, so it counts in the peak memory)."""
+def train_step(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y: torch.Tensor,
+               cuda: bool) -> Callable[[], None]:
+    """One AdamW step of ``net`` on one batch (forward, backward, step), as a callable; ``net`` is put in train mode."""
     net.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
 
@@ -65,6 +64,14 @@ def time_train_steps(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_train_steps(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y: torch.Tensor, steps: int,
+                     cuda: bool) -> list[float]:
+    """Seconds of each of ``steps`` AdamW steps of ``net`` on one batch, after a warm-up step (which also makes the
+    optimiser's state, so it counts in the peak memory)."""
+    step = train_step(net, params, inputs, y, cuda)
     step()
     times = []
     for _ in range(steps):
