@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for
 from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, ratio, sync
 
 SPECS = {**METHOD_SPECS, "full": ("full", {})}
+CHECKPOINTED = ", checkpointed"  # a label's suffix: the method with activation checkpointing (``--checkpointing``)
 
 
 class PeakRSS:
@@ -97,11 +98,14 @@ def peak_memory(run: Callable[[], Any], cuda: bool) -> tuple[Any, int]:
 
 
 def one_method(label: str, backbone_name: str, batch: int, steps: int, device: str) -> dict:
-    """Run in the child process: time ``steps`` training steps after one warm-up step; measure peak memory."""
+    """Run in the child process: time ``steps`` training steps after one warm-up step; measure peak memory. A label
+    ending in ``CHECKPOINTED`` runs its method with activation checkpointing in the blocks."""
     from adaptkit.backbone import create_backbone
     from adaptkit.methods import get_method
+    from adaptkit.training.checkpointing import activation_checkpointing
 
-    method, config = SPECS[label]
+    checkpointing = label.endswith(CHECKPOINTED)
+    method, config = SPECS[label.removesuffix(CHECKPOINTED)]
     backbone = create_backbone(backbone_name, pretrained=False, device=device)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -109,7 +113,8 @@ def one_method(label: str, backbone_name: str, batch: int, steps: int, device: s
 
     def run() -> tuple[Any, list[float]]:  # attaching counts: the method's own tensors are part of its cost
         task = get_method(method, config).attach(backbone.model, 10)
-        return task, time_train_steps(task, task.trainable_parameters(), x, y, steps, cuda)
+        with activation_checkpointing(task.trunk, checkpointing):
+            return task, time_train_steps(task, task.trainable_parameters(), x, y, steps, cuda)
 
     (task, times), peak = peak_memory(run, cuda)
     return {"time": statistics.median(times), "peak_mb": peak / 2**20, "trainable": task.num_trainable()}

@@ -35,13 +35,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # benchmarks/, for common
 sys.path.insert(0, str(HERE))  # the speed scripts whose pieces are reused
 from bench_peft import peft_model  # noqa: E402
-from bench_train_step import train_step  # noqa: E402
+from bench_train_step import CHECKPOINTED, train_step  # noqa: E402
 from common import base_parser, machine_line, parse, register_tasks  # noqa: E402
 
 from adaptkit.backbone import create_backbone  # noqa: E402
 from adaptkit.inference import Predictor  # noqa: E402
 from adaptkit.methods import get_method  # noqa: E402
 from adaptkit.registry import Registry  # noqa: E402
+from adaptkit.training.checkpointing import activation_checkpointing  # noqa: E402
 
 RESULTS = HERE.parent / "results" / "guard.json"
 # key -> (what it is, goal or None); every figure is better lower
@@ -49,7 +50,9 @@ FIGURES = {
     "switch_us": ("switch among {tasks} resident LoRA tasks (us, per activate)", 1.0),
     "load_ms": ("load a ViT-B r=64 adapter from its file: unload + load (ms)", 10.0),
     "train_ratio": ("adapter r=64 train step vs full fine-tuning step", 0.67),
-    "memory_ratio": ("peak memory growth while training, adapter vs full", 0.50),
+    "memory_ratio": ("peak memory growth while training, adapter vs full", None),
+    "train_ckpt_ratio": ("adapter r=64 train step with activation checkpointing vs full", None),
+    "memory_ckpt_ratio": ("peak memory growth, adapter with activation checkpointing vs full", 0.50),
     "inference_ratio": ("inference, adapter r=64 task vs bare backbone", 1.036),
     "mixed_ratio": ("mixed batch of 8 adapter tasks vs one task", 1.02),
     "lora_vs_peft": ("LoRA r=8 mixed batch of 8 tasks, adaptkit vs PEFT adapter_names", 1.00),
@@ -124,21 +127,28 @@ def load_figure(rounds: int) -> list[float]:
         return [statistics.median(cpu_seconds(reload) for _ in range(3)) * 1e3 for _ in range(rounds)]
 
 
-def train_figure(name: str, batch: int, rounds: int) -> list[float]:
-    """Per round: an adapter r=64 training step's CPU time over a full fine-tuning step's (one backbone, one batch)."""
+def train_figure(name: str, batch: int, rounds: int) -> dict[str, list[float]]:
+    """Per round: an adapter r=64 training step's CPU time over a full fine-tuning step's (one backbone, one batch),
+    and the same with activation checkpointing in the blocks."""
     backbone = create_backbone(name, pretrained=False)
     x, y = torch.randn(batch, 3, 224, 224), torch.randint(0, 10, (batch,))
     adapter = get_method("adapter", {"rank": 64}).attach(backbone.model, 10)
     full = get_method("full", {}).attach(backbone.model, 10)
-    steps = {"adapter": train_step(adapter, adapter.trainable_parameters(), x, y, False),
-             "full": train_step(full, full.trainable_parameters(), x, y, False)}
-    times = in_rounds(steps, rounds)
-    return [a / f for a, f in zip(times["adapter"], times["full"], strict=True)]
+    step = train_step(adapter, adapter.trainable_parameters(), x, y, False)
+
+    def checkpointed() -> None:
+        with activation_checkpointing(adapter.trunk):
+            step()
+
+    times = in_rounds({"adapter": step, "checkpointed": checkpointed,
+                       "full": train_step(full, full.trainable_parameters(), x, y, False)}, rounds)
+    return {"train_ratio": [a / f for a, f in zip(times["adapter"], times["full"], strict=True)],
+            "train_ckpt_ratio": [c / f for c, f in zip(times["checkpointed"], times["full"], strict=True)]}
 
 
-def memory_figure(name: str, batch: int, rounds: int) -> list[float]:
-    """Per round: peak memory growth of an adapter r=64 training run over full fine-tuning's, each in a fresh
-    process (``bench_train_step.py --child``)."""
+def memory_figure(name: str, batch: int, rounds: int) -> dict[str, list[float]]:
+    """Per round: peak memory growth of an adapter r=64 training run (and of one with activation checkpointing) over
+    full fine-tuning's, each in a fresh process (``bench_train_step.py --child``)."""
 
     def peak(label: str) -> float:
         cmd = [sys.executable, str(HERE / "bench_train_step.py"), "--device", "cpu", "--threads", "1",
@@ -146,7 +156,12 @@ def memory_figure(name: str, batch: int, rounds: int) -> list[float]:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
-    return [peak("adapter parallel r64") / peak("full") for _ in range(rounds)]
+    out: dict[str, list[float]] = {"memory_ratio": [], "memory_ckpt_ratio": []}
+    for _ in range(rounds):
+        full = peak("full")
+        out["memory_ratio"].append(peak("adapter parallel r64") / full)
+        out["memory_ckpt_ratio"].append(peak("adapter parallel r64" + CHECKPOINTED) / full)
+    return out
 
 
 def pass_figures(name: str, batch: int, rounds: int) -> dict[str, list[float]]:
@@ -222,10 +237,10 @@ def main() -> None:
         figures["load_ms"] = load_figure(rounds)
     if "train" in only:
         say("train")
-        figures["train_ratio"] = train_figure(args.backbone, args.batch, rounds)
+        figures.update(train_figure(args.backbone, args.batch, rounds))
     if "memory" in only:
         say("memory")
-        figures["memory_ratio"] = memory_figure(args.backbone, args.batch, max(2, rounds // 4))
+        figures.update(memory_figure(args.backbone, args.batch, max(2, rounds // 4)))
     if "passes" in only:
         say("passes")
         figures.update(pass_figures(args.backbone, args.batch, rounds))
