@@ -59,6 +59,7 @@ class TaskContext:
         self._state: contextvars.ContextVar[_CallState] = contextvars.ContextVar("adaptkit_task_context",
                                                                                  default=_IDLE)
         self._alone: dict[str | None, _CallState] = {None: _IDLE}  # slot -> its one frozen single-task state
+        self._grad_state: _CallState | None = None  # the last choice of a forward pass recording gradients
         self._next = 0
         self._slot_lock = threading.Lock()
         self.bank_lock = threading.Lock()  # held while a site writes rows of its bank
@@ -103,8 +104,16 @@ class TaskContext:
         return state
 
     def state(self) -> _CallState:
-        """This thread's whole choice, read once (what a site's forward reads)."""
-        return self._state.get()
+        """This thread's whole choice, read once (what a site's forward reads).
+
+        A thread that chose nothing and is running a backward pass gets the choice of the last forward pass that
+        recorded gradients: activation checkpointing recomputes blocks in the backward pass, which on CUDA runs in
+        the autograd engine's own thread, and the recomputed blocks must apply the task the forward pass applied.
+        """
+        state = self._state.get()
+        if state is _IDLE and self._grad_state is not None and torch._C._current_graph_task_id() != -1:
+            return self._grad_state
+        return state
 
     @property
     def slot_order(self) -> tuple[str, ...]:
@@ -255,6 +264,8 @@ class TaskSite(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         state = self.ctx.state()
+        if state is not _IDLE and torch.is_grad_enabled():  # a backward pass may recompute this (checkpointing)
+            self.ctx._grad_state = state
         if state.sample_slots is not None:
             return self.forward_mixed(x, self.ctx.sample_rows(), self.bank(), *args, **kwargs)
         module = self.tasks._modules.get(state.active) if state.active is not None else None
