@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from adaptkit.errors import ArtifactError, ConfigError
 from adaptkit.hashing import tensors_sha256
+from adaptkit.metadata import classes_problem, data_config_problem, dataset_problem, fingerprint_problem
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading the registry (`adaptkit list`) needs none
     import torch
@@ -35,7 +36,6 @@ TASK_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z, not $: "$"
 # Stored as written; half precision is widened exactly on load; anything else (float64, ints) is refused.
 STORED_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16")
 WEIGHT_SOURCES = ("hub", "package", "random")
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _ADDED_LATER = ("recipe",)  # metadata fields that format version 1 files may lack (they take their defaults)
 
 
@@ -113,24 +113,20 @@ def meta_problem(v: dict[str, Any]) -> str | None:
     checks = [
         (isinstance(v.get("task"), str) and TASK_NAME.fullmatch(v["task"]) is not None,
          f"task name {v.get('task')!r} is not 1-64 letters, digits, '_', '-', '.'"),
-        (isinstance(classes, list) and len(classes) > 0, "classes must be a non-empty list"),
-        (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes),
-         "every class must be a non-empty string"),
-        (isinstance(classes, list) and len({str(c) for c in classes}) == len(classes), "classes must be unique"),
+        (classes_problem(classes) is None, classes_problem(classes)),
         (isinstance(v.get("method"), str) and v["method"] != "", "method must be a name"),
         (isinstance(v.get("method_config"), dict), "method_config must be a dict"),
         (isinstance(v.get("backbone"), str) and 0 < len(v["backbone"]) <= 200, "backbone must be a model name"),
         (isinstance(v.get("backbone_weights"), str) and (v["backbone_weights"] in WEIGHT_SOURCES
                                                          or v["backbone_weights"].startswith("file:")),
          f"backbone_weights {v.get('backbone_weights')!r} is not one of hub, package, random, file:PATH"),
-        (isinstance(v.get("backbone_fingerprint"), str) and _FINGERPRINT.fullmatch(v["backbone_fingerprint"])
-         is not None, "backbone_fingerprint must be 64 hex digits"),
+        (fingerprint_problem(v.get("backbone_fingerprint")) is None, "backbone_fingerprint must be 64 hex digits"),
         (isinstance(v.get("backbone_params"), int) and not isinstance(v["backbone_params"], bool)
          and v["backbone_params"] > 0, "backbone_params must be a positive integer"),
         (isinstance(v.get("backbone_dim"), int) and not isinstance(v["backbone_dim"], bool)
          and v["backbone_dim"] > 0, "backbone_dim must be a positive integer"),
-        (isinstance(v.get("data_config"), dict), "data_config must be a dict"),
-        (isinstance(v.get("dataset", ""), str), "dataset must be a string"),
+        (data_config_problem(v.get("data_config")) is None, data_config_problem(v.get("data_config"))),
+        (dataset_problem(v.get("dataset", "")) is None, dataset_problem(v.get("dataset", ""))),
         (isinstance(v.get("metrics", {}), dict)
          and all(isinstance(k, str) and (x is None or _is_number(x)) for k, x in v.get("metrics", {}).items()),
          "metrics must be a dict of numbers"),

@@ -9,12 +9,13 @@ from typing import Any
 
 from adaptkit.errors import ConfigError
 
-__all__ = ["MAX_RANK", "MAX_EPOCHS", "MAX_BATCH", "MAX_SEED", "check_int", "check_float", "check_choice"]
+__all__ = ["MAX_RANK", "MAX_EPOCHS", "MAX_BATCH", "MAX_SEED", "MAX_WORKERS", "check_int", "check_float", "check_choice"]
 
 MAX_RANK = 4096  # wider than any ViT in timm: a larger adapter or LoRA rank is a typo, refused before anything is built
 MAX_EPOCHS = 10_000  # more passes than any adapter recipe needs: a larger count is a typo that would train for weeks
 MAX_BATCH = 65_536  # images per step: beyond any accelerator's memory for a ViT
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_WORKERS = 64  # data loader processes: more only waits on the disk and may exhaust memory or process limits
 
 
 def _num(x: float) -> str:

@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptkit.errors import BackboneError
 from adaptkit.hashing import tensors_sha256
+from adaptkit.metadata import FINGERPRINT
 
 __all__ = ["cache_dir", "legacy_cache_file", "recover_legacy", "seeded_init", "seeded_values"]
 
@@ -120,7 +122,10 @@ def cache_dir() -> Path:
 
 
 def legacy_cache_file(fingerprint: str) -> Path:
-    """Where the rebuilt legacy weights with this fingerprint are kept."""
+    """Where the rebuilt legacy weights with this fingerprint are kept (a fingerprint is 64 hex digits: any other
+    text, such as ``../x``, names no file here)."""
+    if not isinstance(fingerprint, str) or FINGERPRINT.fullmatch(fingerprint) is None:
+        raise BackboneError(f"backbone fingerprint {str(fingerprint)[:80]!r} is not 64 hex digits")
     return cache_dir() / "random-backbones" / f"{fingerprint}.safetensors"
 
 

@@ -25,13 +25,13 @@ import pandas as pd
 
 from adaptkit.compare import compare, format_bytes, format_percent
 from adaptkit.data.roots import resolve_roots
-from adaptkit.errors import AdaptkitError
-from adaptkit.inference import Predictor
+from adaptkit.errors import AdaptkitError, render
+from adaptkit.inference import Predictor, left_out_note
 from adaptkit.registry import Registry, TaskRow
 from adaptkit.training import train
 from adaptkit_app import inputs, tables, training
 from adaptkit_app.inputs import PageInputError
-from adaptkit_app.wording import open_upload, page_terms, user_errors
+from adaptkit_app.wording import open_upload, page_terms, page_words, user_errors
 
 __all__ = ["Handlers", "task_label", "picker_choices", "UPLOAD_HINT", "AUTO", "AUTO_LABEL"]
 
@@ -233,6 +233,9 @@ class Handlers:
                 notes[i] = (f"**No task fits this image**: it is less typical of the nearest task, `{r.task}`, "
                             f"than {1 - r.fit:.1%} of that task's own images. The labels are that task's guesses. "
                             + notes[i])
+            if r.left_out:
+                note = render(left_out_note(r.left_out), page_words)
+                notes[i] += f" {note[0].upper()}{note[1:]}."
 
     @user_errors
     def predict_all(self, image: str | None) -> tuple[pd.DataFrame, str]:
@@ -272,7 +275,8 @@ class Handlers:
         return self.predict_all(image)
 
     def _mark_routed(self, img: Any, ready: list[str], rows: dict[str, list]) -> None:
-        """Note the task the router would send the image to (when every task has routing statistics)."""
+        """Note the task the router would send the image to, among the tasks with routing statistics, and the tasks
+        it left out for lacking them."""
         try:
             route = self.predictor.route([img], ready)[0]
         except AdaptkitError as exc:
@@ -280,6 +284,9 @@ class Handlers:
             return
         row = rows[route.task.ref.partition("@")[0]]
         row[4] = f"router's choice ({route.confidence:.1%} sure)" + (f"; {row[4]}" if row[4] else "")
+        for ref in route.left_out:
+            left = rows[ref.partition("@")[0]]
+            left[4] = "not routed to: no routing statistics" + (f"; {left[4]}" if left[4] else "")
 
     # -- Compare -----------------------------------------------------------------------------------------------
 

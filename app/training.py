@@ -57,7 +57,8 @@ def train_arguments(dataset: str, folder: str, task: str, method: str, epochs: f
     name, backbone = inputs.text("Task name", task, max_len=200), inputs.text("Backbone", backbone, max_len=200)
     pretrained = inputs.flag("Pretrained weights", pretrained)
     return spec, {"task": name or None, "backbone": backbone, "pretrained": pretrained, "method": method,
-                  "method_config": {"rank": rank} if rank else None, "config": config}
+                  "method_config": {"rank": rank} if rank else None, "config": config,
+                  "data_roots": list(data_roots)}  # every file the data set names is checked against them too
 
 
 def dataset_spec(dataset: str | None, folder: str | None, data_roots: Sequence[Path]) -> str:

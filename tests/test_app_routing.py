@@ -89,10 +89,19 @@ def test_auto_without_statistics_says_which_command_fills_them_in(registry_db, c
     state, meta = load_adapter(reg.path_of(row))
     reg.replace_file(row, split_state(state)[0], meta)
     h = Handlers(registry_db)
-    labels, notes = h.predict([cat], [AUTO], [3])
-    assert labels == [None] and "adaptkit routing fit animals" in notes[0]
-    table, _ = h.predict_all(cat)  # the tasks still answer, unmarked
-    assert len(table) == 2 and not any("router" in n for n in table["note"])
+    labels, notes = h.predict([cat], [AUTO], [3])  # vehicles still routes; animals is named, with the command
+    assert labels[0] and "Routed to **`vehicles@1`**" in notes[0]
+    assert "Routed over the other tasks; left out animals@1" in notes[0]
+    assert "`adaptkit routing fit animals` (on the command line) to route to it too" in notes[0]
+    state_v, meta_v = load_adapter(reg.path_of(reg.get_version("vehicles")))
+    reg.replace_file(reg.get_version("vehicles"), split_state(state_v)[0], meta_v)
+    labels, notes = Handlers(registry_db).predict([cat], [AUTO], [3])  # no task has statistics: nothing to route
+    assert labels == [None] and "adaptkit routing fit animals vehicles" in notes[0]
+    reg.replace_file(reg.get_version("vehicles"), state_v, meta_v)
+    table, _ = h.predict_all(cat)  # every task answers; the router chose among those with statistics
+    notes_by_task = dict(zip(table["task"], table["note"], strict=True))
+    assert notes_by_task["animals"] == "not routed to: no routing statistics"
+    assert notes_by_task["vehicles"].startswith("router's choice")
     reg.replace_file(reg.get_version("animals"), state, meta)  # put the statistics back for other tests
 
 

@@ -40,7 +40,7 @@ TEST_CASES: list[tuple[list[str], int, str]] = [
     (["train", "-d", "digits", "--warmup-epochs", "nan"], 1, "warmup_epochs must be a finite number"),
     (["train", "-d", "digits", "--label-smoothing", "1"], 1, "label_smoothing must be a finite number in [0, 1)"),
     (["train", "-d", "digits", "--precision", "fp8"], 1, "precision must be one of auto, bf16, fp32"),
-    (["train", "-d", "digits", "--num-workers", "-1"], 1, "num_workers must be a whole number at least 0"),
+    (["train", "-d", "digits", "--num-workers", "-1"], 1, "num_workers must be a whole number in [0, 64]"),
     (["train", "-d", "digits", "--limit-train", "0"], 1, "limit_train must be a whole number at least 1"),
     (["train", "-d", "digits", "--limit-eval", "0"], 1, "limit_eval must be a whole number at least 1"),
     # method settings, checked by the method's config

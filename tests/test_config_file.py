@@ -83,7 +83,20 @@ def test_the_command_line_wins_over_the_file(cifar_mini, tmp_path):
     ("epochs: [1, 2]\n", "epochs takes one value, got list"),
     ("epochs: 1\nepochs-: {\n", "is not valid YAML"),
     ("batch_size: 8\nbatch-size: 9\n", "batch-size is given twice"),
-])
+    ("dataset: digits\nepochs: 1\nepochs: 2\n", "line 3: key 'epochs' is given twice (first on line 2)"),
+    ("log-dir: /tmp/elsewhere\n", "key 'log-dir' is chosen on the command line"),
+    ("data_dir: /tmp/elsewhere\n", "key 'data_dir' is chosen on the command line"),
+    ("adapters: s3://x/y\n", "key 'adapters' is chosen on the command line"),
+    ("dataset: &d digits\ntask: *d\n", "line 1: YAML anchors and aliases (&name, *name) are not read in recipe"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+     "g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]\nh: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]\n"
+     "epochs: [*h, *h, *h, *h, *h, *h, *h, *h, *h]\n", "YAML anchors and aliases"),  # "billion laughs"
+    ("epochs: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested more than 8 levels deep"),
+    ("epochs: {a: {b: {c: {d: {e: {f: {g: {h: {i: 1}}}}}}}}}\n", "line 1: nested more than 8 levels deep"),
+    ("num-workers: 100000\n", "num-workers: num_workers must be a whole number in [0, 64] or None, got 100000"),
+], ids=lambda value: " ".join(str(value).split())[:40])
 def test_a_bad_file_is_one_line_naming_it(tmp_path, text, fragment):
     file = tmp_path / "bad.yaml"
     file.write_text(text)
@@ -91,6 +104,19 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path, text, fragment):
     assert result.exit_code == 2, result.output
     assert fragment in " ".join(result.output.split()), result.output
     assert "bad.yaml" in result.output and "Traceback" not in result.output
+    assert len(result.output) < 2000  # no value is expanded into the message
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_num_workers_is_capped_wherever_it_is_given(tmp_path):
+    from adaptkit.errors import ConfigError
+    from adaptkit.training import TrainConfig
+
+    with pytest.raises(ConfigError, match="num_workers must be a whole number in \\[0, 64\\]"):
+        TrainConfig(num_workers=100_000)
+    assert TrainConfig(num_workers=64).num_workers == 64
+    result = _run("train", "-d", "digits", "--num-workers", "65", "--registry", str(tmp_path / "r.db"))
+    assert result.exit_code == 1 and "num_workers must be a whole number in [0, 64]" in " ".join(result.output.split())
     assert not (tmp_path / "r.db").exists()
 
 

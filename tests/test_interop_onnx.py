@@ -19,7 +19,8 @@ from adaptkit.inference import Predictor  # noqa: E402
 from adaptkit.interop.onnx import ONNX_EXTRA, export_onnx, export_onnx_registry, read_onnx_metadata  # noqa: E402
 
 TOL = 1e-4  # max abs difference of logits, onnxruntime (CPU) against torch; measured about 3e-7
-METHODS = ["lora", "adapter", "linear", "vpt"]  # merged, a site in every block, the head alone, extra tokens
+METHODS = ["lora", "adapter", "linear", "vpt", "ssf", "bitfit"]  # merged, a site in every block, the head alone,
+# extra tokens, a scale and shift per layer (merged), a shift per layer (merged)
 CLASSES = {"vpt": "0-4"}  # one task with fewer classes: the registry graph pads its logits
 
 
@@ -121,6 +122,20 @@ def test_registry_graph_runs_each_sample_through_its_own_task(trained, tmp_path,
             want = predictor.logits(x[b: b + 1], refs[i]).numpy()[0]
             assert np.abs(got[b, : len(want)] - want).max() <= TOL
             assert np.all(got[b, len(want):] == -np.inf)  # padding of a task with fewer classes
+
+
+def test_registry_graph_of_every_method_pair_equals_each_task_alone(trained, tmp_path, predictor, batch):
+    """Every exportable method in one graph; each pair of them in one batch, and each task in a batch of its own:
+    a task with nothing at a site (LoRA at SSF's sites, SSF at an adapter's) must leave the sample unchanged there."""
+    path = export_onnx_registry(trained, tmp_path, METHODS)
+    session = _session(path)
+    want = {m: predictor.logits(batch[:2], m).numpy() for m in METHODS}
+    pairs = [(i, j) for i in range(len(METHODS)) for j in range(len(METHODS))]
+    for i, j in pairs:
+        got = session.run(None, {"image": batch[:2].numpy(), "task_index": np.array([i, j], dtype=np.int64)})[0]
+        for b, k in enumerate((i, j)):
+            ref = want[METHODS[k]][b]
+            assert np.abs(got[b, : len(ref)] - ref).max() <= TOL, (METHODS[i], METHODS[j], b)
 
 
 def test_registry_graph_refuses_a_full_task(trained, tmp_path):

@@ -12,6 +12,7 @@ import sqlite3
 import pytest
 import torch
 from safetensors import safe_open
+from torchvision.transforms.functional import to_pil_image
 
 from adaptkit.artifacts import load_adapter
 from adaptkit.cli.common import cli_words
@@ -160,10 +161,26 @@ def test_versions_without_statistics_name_the_command_that_fills_them_in(two_tas
     with safe_open(str(reg.path_of(reg.get_version("photos"))), "pt") as fh:
         assert not [k for k in fh.keys() if k.startswith(ROUTING_PREFIX)]
     images = [x for x, _ in test_images]
+    routed = Predictor(reg, device="cpu").predict_auto(images)  # the other task still routes; photos is named
+    assert {r.task for r in routed} == {"digits@1"} and {r.left_out for r in routed} == {("photos@1",)}
+    assert [(r.task.ref, r.left_out) for r in Predictor(reg, device="cpu").route(images[:2])] == \
+        [("digits@1", ("photos@1",))] * 2
     with pytest.raises(RoutingError, match=r"photos@1 has no routing statistics .*fit_routing\(\['photos'\]\)") as info:
-        Predictor(reg, device="cpu").predict_auto(images)
+        Predictor(reg, device="cpu").predict_auto(images, tasks=["photos"])  # none of the candidates has them
     assert "run `adaptkit routing fit photos` to compute them, or name the task (--task NAME)" in \
         info.value.worded(cli_words)
+    from typer.testing import CliRunner
+
+    from adaptkit.cli import app
+
+    image = tmp_path / "one.png"
+    to_pil_image((images[0] * 0.25 + 0.5).clamp(0, 1)).save(image)
+    args = ["predict", str(image), "--registry", str(reg.engine.url.database), "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "note: routed over the other tasks; left out photos@1: no routing statistics" in text
+    assert "run `adaptkit routing fit photos` to route to it too" in text
 
     assert fit_routing(registry=reg, device="cpu") == ["photos@1"]
     assert fit_routing(registry=reg, device="cpu") == []  # nothing left to fill in

@@ -212,3 +212,21 @@ def test_serve_without_ray_says_which_extra_to_install(monkeypatch, tmp_path):
     result = CliRunner().invoke(app, ["serve", "--registry", str(tmp_path / "r.db")])
     assert result.exit_code == 1
     assert result.output.strip() == "error: serving needs the serve extra: pip install 'adaptkit[serve]'"
+
+
+def test_a_version_without_routing_statistics_leaves_routed_requests_answered(served):
+    """Routed requests route over the tasks that have statistics and name the one left out, instead of a 409."""
+    c, img = served.client, served.imgs[4]
+    register_random(served.reg, served.backbone, "nostats", seed=13, routing=False)
+    try:
+        deadline, body = time.monotonic() + 20, {}
+        while time.monotonic() < deadline:
+            r = c.post("/predict?topk=2", content=png(img))
+            assert r.status_code == 200, r.text
+            body = r.json()
+            if body["left_out"]:
+                break
+            time.sleep(0.1)
+        assert body["left_out"] == ["nostats@1"] and body["task"] != "nostats@1" and len(body["predictions"]) == 2
+    finally:
+        served.reg.remove("nostats")

@@ -23,8 +23,9 @@ from tests.conftest import PICO
 NAMES = ["alpha", "beta", "gamma", "delta"]
 
 
-def register_random(reg: Registry, backbone, name: str, seed: int, num_classes: int = 4, rank: int = 8):
-    """A random-weight adapter task with routing statistics (no training): its registry row."""
+def register_random(reg: Registry, backbone, name: str, seed: int, num_classes: int = 4, rank: int = 8,
+                    routing: bool = True):
+    """A random-weight adapter task with routing statistics (unless not ``routing``; no training): its row."""
     torch.manual_seed(seed)
     model = get_method("adapter", {"rank": rank}).attach(backbone.model, num_classes)
     with torch.no_grad():
@@ -38,7 +39,7 @@ def register_random(reg: Registry, backbone, name: str, seed: int, num_classes: 
                        backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
                        backbone_params=backbone.num_params, backbone_dim=d, data_config=backbone.data_config,
                        dataset="random")
-    row = reg.add_version(meta, {**model.state(), **stats.to_tensors()})
+    row = reg.add_version(meta, {**model.state(), **(stats.to_tensors() if routing else {})})
     model.detach_from_trunk()
     unwrap(backbone.model)
     return row

@@ -93,8 +93,8 @@ def test_cpu_bf16_runs(pico, registry, cifar_mini):
     assert all(t.dtype == torch.float32 for t in result.model.state().values())  # weights stay fp32
 
 
-def test_two_process_ddp_writes_one_version(tmp_path, cifar_mini):
-    """Under torchrun (gloo on the CPU) both ranks train; only rank 0 writes the file and the row."""
+def _torchrun_train(tmp_path, cifar_mini, processes: int):
+    """``adaptkit train`` under torchrun with ``processes`` ranks (gloo on the CPU); the registry it wrote."""
     import os
     import subprocess
     import sys
@@ -102,15 +102,29 @@ def test_two_process_ddp_writes_one_version(tmp_path, cifar_mini):
     from adaptkit.registry import Registry
 
     reg = tmp_path / "r.db"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "adaptkit.cli", "train",
-           "--dataset", f"folder:{cifar_mini}", "--task", "ddp", "--backbone", "vit_pico_patch4_32",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "adaptkit.cli",
+           "train", "--dataset", f"folder:{cifar_mini}", "--task", "ddp", "--backbone", "vit_pico_patch4_32",
            "--no-pretrained", "--epochs", "1", "--batch-size", "16", "--limit-train", "64", "--limit-eval", "16",
            "--registry", str(reg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    registry = Registry(reg)
+    return Registry(reg)
+
+
+def test_one_process_torchrun_trains_through_ddp(tmp_path, cifar_mini):
+    """``torchrun --nproc_per_node 1`` joins a process group and trains through DDP, as many processes do (the only
+    way a one-GPU machine runs DDP's code path on NCCL); the row records the backend."""
+    [task] = _torchrun_train(tmp_path, cifar_mini, 1).tasks()
+    assert task.versions[0].train["world_size"] == 1
+    assert task.versions[0].train["ddp_backend"] == "gloo"
+
+
+def test_two_process_ddp_writes_one_version(tmp_path, cifar_mini):
+    """Under torchrun (gloo on the CPU) both ranks train; only rank 0 writes the file and the row."""
+    registry = _torchrun_train(tmp_path, cifar_mini, 2)
     [task] = registry.tasks()
     assert [v.version for v in task.versions] == [1]
     assert task.versions[0].train["world_size"] == 2
+    assert task.versions[0].train["ddp_backend"] == "gloo"
     assert len([p for p in registry.adapter_dir.rglob("*.safetensors") if p.is_file()]) == 1

@@ -2,9 +2,13 @@
 
 A recipe file is YAML (or JSON, which YAML reads too): a mapping whose keys are `adaptkit train`'s options, spelt
 as on the command line without the dashes (``batch-size`` or ``batch_size``). Its values become the options'
-defaults (click's ``default_map``), so an option given on the command line always wins. ``show --recipe`` writes
-the file that trains the same version again: the data, the backbone, the method's settings and the recipe as it
-ran (the learning rate the version used, also when ``--lr auto`` chose it).
+defaults (click's ``default_map``), so an option given on the command line always wins. A file says what to train
+and how (the data, the backbone and its weights, the method, the recipe, the device); where a run keeps and writes
+things on this machine (the registry, the adapter store, the trackers' folder, the data sets' download folder) is
+the caller's, on the command line or in the environment (:data:`NOT_IN_FILES`). The YAML is plain data: anchors and
+aliases, repeated keys and nesting deeper than :data:`MAX_DEPTH` are refused before any value is built.
+``show --recipe`` writes the file that trains the same version again: the data, the backbone, the method's
+settings and the recipe as it ran (the learning rate the version used, also when ``--lr auto`` chose it).
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ from typing import Any
 
 import typer
 
+from adaptkit.errors import ConfigError
 from adaptkit.settings import default_of
 from adaptkit.suggest import did_you_mean
 from adaptkit.training.config import TrainConfig
 
 __all__ = ["load_config", "recipe_options", "recipe_yaml"]
 
-NOT_IN_FILES = {"config", "config_file", "registry", "adapters"}  # where a run goes is the caller's to choose
+# where a run keeps and writes things is the caller's to choose, never a file's
+NOT_IN_FILES = {"config", "config_file", "registry", "adapters", "log_dir", "data_dir"}
 MAX_BYTES = 1 << 20
+MAX_DEPTH = 8  # a recipe is a flat mapping; a list value is one level more
 
 
 def load_config(ctx: typer.Context, param: Any, value: Path | None) -> Path | None:
@@ -43,11 +50,26 @@ def load_config(ctx: typer.Context, param: Any, value: Path | None) -> Path | No
             raise typer.BadParameter(f"{value}: {key.replace('_', '-')} is given twice")
         if item is not None:
             if isinstance(item, (dict, list)) and not getattr(options[key], "multiple", False):
-                raise typer.BadParameter(f"{value}: {raw} takes one value, got {type(item).__name__} {item!r}")
+                raise typer.BadParameter(f"{value}: {raw} takes one value, got {type(item).__name__} "
+                                     f"{_short(repr(item))}")
             _check_type(options[key], ctx, item, f"{value}: {raw}")
+            _check_setting(key, item, f"{value}: {raw}")
             given[key] = item
     ctx.default_map = {**(ctx.default_map or {}), **given}
     return value
+
+
+_SETTINGS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_setting(key: str, item: Any, where: str) -> None:
+    """A number for a recipe setting passes that setting's own check (its range) here, where the file is named."""
+    check = _SETTINGS[key].metadata.get("check") if key in _SETTINGS else None
+    if check is not None and isinstance(item, (int, float)) and not isinstance(item, bool):
+        try:
+            check(key, item)
+        except ConfigError as exc:
+            raise typer.BadParameter(f"{where}: {exc}") from None
 
 
 def _check_type(param: Any, ctx: typer.Context, item: Any, where: str) -> None:
@@ -66,6 +88,51 @@ def _check_type(param: Any, ctx: typer.Context, item: Any, where: str) -> None:
         raise typer.BadParameter(f"{where}: {exc.format_message()}") from None
 
 
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _RecipeError(Exception):
+    """What the recipe loader refuses, said in one line."""
+
+
+def _recipe_loader() -> type:
+    """A safe YAML loader for plain data: no anchors or aliases (a few hundred bytes of nested aliases expand to
+    gigabytes), no nesting deeper than MAX_DEPTH, no key given twice."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise _RecipeError(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are "
+                                   "not read in recipe files: write each value out")
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise _RecipeError(f"line {event.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep: a "
+                                   "recipe is a flat mapping of option: value")
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise _RecipeError(f"line {line}: key {_short(repr(key), 40)} is given twice (first on line "
+                                       f"{seen[key]})")
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return RecipeLoader
+
+
 def _read(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -74,9 +141,11 @@ def _read(path: Path) -> dict[str, Any]:
     if path.stat().st_size > MAX_BYTES:
         raise typer.BadParameter(f"{path} is over {MAX_BYTES >> 20} MiB: a recipe file is a few lines of YAML")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise typer.BadParameter(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_recipe_loader())  # noqa: S506 (a safe loader)
+    except _RecipeError as exc:
+        raise typer.BadParameter(f"{path}: {exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise typer.BadParameter(f"{path} is not valid YAML: {_short(' '.join(str(exc).split()), 300)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

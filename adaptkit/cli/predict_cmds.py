@@ -17,7 +17,9 @@ from adaptkit.cli.common import (
     RegistryOpt,
     RouterOpt,
     app,
+    cli_words,
     echo,
+    err,
     friendly,
     out,
     registry_of,
@@ -69,7 +71,8 @@ def predict(
     adapters: AdaptersOpt = None,
 ) -> None:
     """Predict the top-k labels of images: routed to the task they belong to, or with --task."""
-    from adaptkit.inference import Predictor
+    from adaptkit.errors import render
+    from adaptkit.inference import Predictor, left_out_note
 
     reg = registry_of(registry, adapters)
     task, images = _task_and_images(reg, task, args)
@@ -82,8 +85,10 @@ def predict(
                                          reject_rate=reject_rate)
         rows = [{"image": str(p), "task": r.task, "confidence": r.confidence, "runner_up": r.runner_up,
                  "runner_up_confidence": r.runner_up_confidence, "rejected": r.rejected, "fit": r.fit,
-                 "predictions": [asdict(x) for x in r.predictions]}
+                 "left_out": list(r.left_out), "predictions": [asdict(x) for x in r.predictions]}
                 for p, r in zip(images, routed, strict=True)]
+        if routed and routed[0].left_out:
+            err.print("note: " + render(left_out_note(routed[0].left_out), cli_words), markup=False, soft_wrap=True)
     if as_json:
         out.print_json(data=rows)
         return

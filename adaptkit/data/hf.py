@@ -8,10 +8,12 @@ set without a test split gets a seeded stratified one carved out of train, as th
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import socket
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,9 +21,10 @@ from urllib.parse import urlparse
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from adaptkit.data.images import IMG_EXTENSIONS, MAX_SIDE, to_rgb
+from adaptkit.data.confine import check_image_refs, check_inside, check_regular, check_saved_dataset, is_url
+from adaptkit.data.images import IMG_EXTENSIONS, MAX_SIDE, open_image, to_rgb
 from adaptkit.data.sources import SPLIT_SEED, TEST_FRACTION, _split_by_class, _Splits
-from adaptkit.errors import DatasetError, param
+from adaptkit.errors import DatasetError, ImageError, param
 
 __all__ = ["HF_SPECS", "HFImages", "load_hf"]
 
@@ -48,9 +51,10 @@ class HFImages(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        cell = self.table[int(i)][self.image_column]  # {"bytes", "path"}: decoded here, never by datasets
         try:
-            img = self.table[int(i)][self.image_column]
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            img = _decode(cell)
+        except (OSError, ValueError, Image.DecompressionBombError, ImageError) as exc:
             raise DatasetError(f"cannot read the image in row {i} of {self.name} ({_first_line(exc)}): fix or drop "
                                "that row") from exc
         if not isinstance(img, Image.Image):
@@ -58,6 +62,42 @@ class HFImages(Dataset):
         img = to_rgb(img)
         img.thumbnail((MAX_SIDE, MAX_SIDE))  # decoded afresh for each item; the model resizes it anyway
         return img, self.targets[int(i)]
+
+
+def _decode(cell: Any) -> Image.Image | None:
+    """An image cell (``{"bytes", "path"}``, as ``datasets.Image(decode=False)`` gives it) as a loaded PIL image:
+    from its bytes, else from its local path (a regular file; a URL is never fetched); None for no image."""
+    if isinstance(cell, Image.Image):
+        return cell
+    if not isinstance(cell, dict):
+        return None
+    if cell.get("bytes"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(cell["bytes"]))
+            img.load()
+        return img
+    path = cell.get("path")
+    if not isinstance(path, str) or not path:
+        return None
+    if is_url(path):
+        raise ValueError(f"its image is named by URL ({urlparse(path).scheme}://...), which adaptkit never fetches")
+    return open_image(path)  # a regular file only: a FIFO would block
+
+
+def _image_refs(table: Any, column: str) -> list[tuple[int, str]]:
+    """(row, path) of the rows of ``table`` whose image (a ``datasets.Image(decode=False)`` column) is a path."""
+    import pyarrow.compute as pc
+
+    out: list[tuple[int, str]] = []
+    start = 0
+    for cells in table.data.column(column).chunks:  # chunk by chunk: the image bytes are never copied
+        paths, data = pc.struct_field(cells, "path"), pc.struct_field(cells, "bytes")
+        named = pc.and_(pc.is_null(data), pc.invert(pc.is_null(paths)))
+        rows = [start + r for r in pc.indices_nonzero(named).to_pylist()]
+        out += zip(rows, pc.filter(paths, named).to_pylist(), strict=True)
+        start += len(cells)
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
@@ -109,11 +149,12 @@ def _from_hub(datasets: Any, arg: str) -> Any:
                            f"config, or use {_ALTERNATIVES}") from exc
 
 
-def _from_disk(datasets: Any, arg: str) -> Any:
+def _from_disk(datasets: Any, arg: str, roots: Sequence[Path] | None = None) -> Any:
     path = Path(arg).expanduser()
     if not arg or not path.is_dir():
         raise DatasetError(f"hf-disk: path is not a folder: '{path}'. Give a folder written by save_to_disk, or "
                            "use hf-files:PATH for parquet or image files")
+    check_saved_dataset(path, roots)  # state.json names only regular files inside the folder
     try:
         return datasets.load_from_disk(str(path))
     except Exception as exc:  # noqa: BLE001
@@ -121,11 +162,16 @@ def _from_disk(datasets: Any, arg: str) -> Any:
                            "Dataset.save_to_disk or DatasetDict.save_to_disk, or use hf-files:PATH") from exc
 
 
-def _from_files(datasets: Any, arg: str) -> Any:
+def _from_files(datasets: Any, arg: str, roots: Sequence[Path] | None = None) -> Any:
     path = Path(arg).expanduser()
+    check_inside(path, roots, f"hf-files: {path.name}")
+    parquet = [path] if path.suffix.lower() == ".parquet" else sorted(path.rglob("*.parquet")) if path.is_dir() else []
+    for part in parquet:  # read by pyarrow: never a FIFO, never outside the roots
+        check_inside(part, roots, f"parquet file {part.name}")
+        check_regular(part, f"parquet file {part}")
     if arg and path.is_file() and path.suffix.lower() == ".parquet":
         how: tuple[str, dict] = ("parquet", {"data_files": {"train": str(path)}})
-    elif arg and path.is_dir() and any(path.rglob("*.parquet")):
+    elif arg and path.is_dir() and parquet:
         how = ("parquet", {"data_dir": str(path)})
     elif arg and path.is_dir() and any(p.suffix.lower() in IMG_EXTENSIONS for p in path.rglob("*")):
         how = ("imagefolder", {"data_dir": str(path)})
@@ -191,9 +237,8 @@ def _with_images(datasets: Any, parts: dict, img_col: str, lab_col: str, spec: s
             _log.warning("%s: the %s split lacks column(s) %s and is not used", spec, s, missing)
             continue
         feature = table.features[img_col]
-        try:
-            decoded = isinstance(feature, datasets.Image) and feature.decode
-            out[s] = table if decoded else table.cast_column(img_col, datasets.Image())
+        try:  # undecoded: HFImages decodes each cell itself, so a path is checked and a URL never fetched
+            out[s] = table.cast_column(img_col, datasets.Image(decode=False))
         except Exception as exc:  # noqa: BLE001 - any failed cast means the column is not images
             raise DatasetError(f"column '{img_col}' of {spec} does not hold images ({feature}): name the image "
                                f"column with {param('image_column')}") from exc
@@ -212,8 +257,8 @@ def _classes(datasets: Any, feature: Any, names: dict[str, list[Any]], spec: str
     return list(feature.names)
 
 
-def load_hf(spec: str, *, image_column: str | None = None, label_column: str | None = None
-            ) -> tuple[_Splits, list[int] | None]:
+def load_hf(spec: str, *, image_column: str | None = None, label_column: str | None = None,
+            roots: Sequence[Path] | None = None) -> tuple[_Splits, list[int] | None]:
     """Load an ``hf:``, ``hf-disk:`` or ``hf-files:`` spec as adaptkit's splits.
 
     Args:
@@ -222,6 +267,7 @@ def load_hf(spec: str, *, image_column: str | None = None, label_column: str | N
         image_column: the column of images; default the one ``datasets.Image`` column.
         label_column: the column of labels; default the one ``ClassLabel`` column, else the one int or string
             column (class names then are its sorted distinct values).
+        roots: read no file outside these folders (the page's data roots; see :mod:`adaptkit.data.confine`).
 
     Returns:
         ``(classes, train source, train indices, test source, test indices)`` and the indices into the train source
@@ -232,8 +278,11 @@ def load_hf(spec: str, *, image_column: str | None = None, label_column: str | N
     except ImportError:
         raise DatasetError("Hugging Face data sets need the hf extra: pip install 'adaptkit[hf]'") from None
     kind, _, arg = spec.strip().partition(":")
+    if kind.lower() == "hf" and roots is not None:
+        raise DatasetError("this page trains from the data roots only: hf:NAME data sets are trained on the command "
+                           "line (adaptkit train --dataset hf:NAME)")
     loader = {"hf": _from_hub, "hf-disk": _from_disk, "hf-files": _from_files}[kind.lower()]
-    loaded = loader(datasets, arg.strip())
+    loaded = loader(datasets, arg.strip()) if roots is None else loader(datasets, arg.strip(), roots)
     splits = {str(k).lower(): v for k, v in loaded.items()} if isinstance(loaded, dict) else {"train": loaded}
     if "train" not in splits:
         raise DatasetError(f"{spec} has no train split (its splits: {', '.join(splits) or 'none'}): name one "
@@ -242,6 +291,8 @@ def load_hf(spec: str, *, image_column: str | None = None, label_column: str | N
     val_name = next((v for v in VAL_SPLITS if v in splits), None)
     parts = {s: splits[k] for s, k in (("train", "train"), ("val", val_name), ("test", "test")) if k in splits}
     parts = _with_images(datasets, parts, img_col, lab_col, spec)
+    for s, table in parts.items():  # images named by path: never a URL, never outside the roots
+        check_image_refs(_image_refs(table, img_col), roots, f"the {s} split of {spec}")
     names = {s: _label_names(datasets, t, lab_col, spec, s) for s, t in parts.items()}
     classes = _classes(datasets, parts["train"].features[lab_col], names, spec)
     index = {c: i for i, c in enumerate(classes)}

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
+from adaptkit.data.confine import check_inside
 from adaptkit.data.images import IMG_EXTENSIONS
 from adaptkit.errors import DatasetError
 
@@ -128,19 +129,30 @@ def _samples(tree: dict[str, list[Path]], classes: list[str]) -> list[tuple[Path
     return [(p, label) for label, c in enumerate(classes) for p in tree[c]]
 
 
-def _load_folder(path_str: str) -> _Splits:
-    """Class folders under PATH, or under PATH/train and PATH/test (else PATH/val) when those exist."""
+def _confined(tree: dict[str, list[Path]], roots: Sequence[Path] | None, where: Path) -> dict[str, list[Path]]:
+    """``tree`` unchanged if every image resolves inside ``roots`` (None: anywhere); else a DatasetError naming the
+    class folder (a link or a linked image leads out), never where it leads."""
+    for name, files in tree.items():
+        for path in files:
+            check_inside(path, roots, f"class folder {name!r} of {where.name} (or an image in it)")
+    return tree
+
+
+def _load_folder(path_str: str, roots: Sequence[Path] | None = None) -> _Splits:
+    """Class folders under PATH, or under PATH/train and PATH/test (else PATH/val) when those exist; with ``roots``,
+    every image must resolve inside them."""
     root = Path(path_str).expanduser()
     if not path_str or not root.is_dir():
         raise DatasetError(f"folder data set path does not exist or is not a folder: '{root}'. Give "
                            "folder:PATH with one sub-folder per class, or train/ and test/ of class folders")
+    check_inside(root, roots, f"folder {root.name}")
     tree_root = root / "train" if (root / "train").is_dir() else root
     test_dir = next((d for d in (root / "test", root / "val") if d.is_dir()), None)
-    tree = _class_tree(tree_root)
+    tree = _confined(_class_tree(tree_root), roots, tree_root)
     classes = sorted(tree)
     source = ImageFiles(_samples(tree, classes))
     if tree_root != root and test_dir is not None:
-        test_tree = _class_tree(test_dir)
+        test_tree = _confined(_class_tree(test_dir), roots, test_dir)
         if set(tree) != set(test_tree):
             raise DatasetError(
                 f"train/ and {test_dir.name}/ in {root} have different class folders: only in train: "

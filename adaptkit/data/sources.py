@@ -42,6 +42,7 @@ from adaptkit.data.loaders import (  # noqa: F401  (re-exported: adaptkit.data.h
 from adaptkit.data.subsets import select_classes
 from adaptkit.data.transforms import build_transform
 from adaptkit.errors import DatasetError
+from adaptkit.metadata import classes_problem
 from adaptkit.suggest import did_you_mean
 
 _log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
                    limit_train: int | None = None, limit_eval: int | None = None,
                    crop_scale: tuple[float, float] | None = None, flip: bool = False,
                    classes: str | Sequence[str] | None = None, image_column: str | None = None,
-                   label_column: str | None = None) -> TaskData:
+                   label_column: str | None = None, data_roots: Sequence[Path] | None = None) -> TaskData:
     """Load a data set by spec and split it into train / val / test with timm transforms.
 
     Args:
@@ -183,6 +184,8 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         image_column: the image column of an hf data set; default its one ``datasets.Image`` column.
         label_column: the label column of an hf data set; default its one ``ClassLabel`` column, else its one int or
             string column (class names then are the sorted distinct values).
+        data_roots: read no file outside these folders (resolved; the web page's data roots): only folder:,
+            hf-disk: and hf-files: data sets then, each checked file by file (:mod:`adaptkit.data.confine`).
 
     Returns:
         TaskData with class names and the three splits, each yielding (tensor C x H x W, int label).
@@ -202,11 +205,14 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
     own_val: list[int] | None = None  # indices into the train source of the data set's own validation split
     if (image_column is not None or label_column is not None) and not name.startswith(HF_SPECS):
         raise DatasetError(f"image_column and label_column apply to hf:, hf-disk: and hf-files: data sets, not {spec}")
+    if data_roots is not None and not name.startswith((*HF_SPECS, "folder:")):
+        raise DatasetError(f"{spec} is not a folder inside the data roots: give folder:PATH, hf-disk:PATH or "
+                           "hf-files:PATH inside them")
     if name.startswith(HF_SPECS):
         (classes, train_src, train_idx, test_src, test_idx), own_val = load_hf(
-            key, image_column=image_column, label_column=label_column)
+            key, image_column=image_column, label_column=label_column, roots=data_roots)
     elif name.startswith("folder:"):
-        classes, train_src, train_idx, test_src, test_idx = _load_folder(key[len("folder:"):].strip())
+        classes, train_src, train_idx, test_src, test_idx = _load_folder(key[len("folder:"):].strip(), data_roots)
     elif name.startswith(BUILTIN):
         raise DatasetError(_unknown_dataset(spec))
     elif name == "digits":
@@ -222,6 +228,9 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
                                                                       train_idx + (own_val or []), test_src, test_idx)
         train_idx = [i for i in kept if i not in own]
         own_val = None if own_val is None else [i for i in kept if i in own]
+    problem = classes_problem([str(c) for c in classes])  # what a registry will accept, checked before training
+    if problem:
+        raise DatasetError(f"{spec}: {problem}: rename that class (folder) or pick other classes")
     if len(classes) < 2:
         raise DatasetError(f"{spec} has one class ({classes[0] if classes else 'none'}): a classifier needs two or "
                            "more, so add a folder of images for each other class")

@@ -13,7 +13,8 @@ from adaptkit.lazy import lazy_names
 
 _WHERE: dict[str, str] = {}
 for _module, _names in {
-    "results": ("FrozenPrefix", "ImageLike", "LoadedTask", "Prediction", "Route", "RoutedPrediction"),
+    "results": ("FrozenPrefix", "ImageLike", "LoadedTask", "Prediction", "Route", "RoutedPrediction",
+                "left_out_note"),
     "predictor": ("Predictor", "default_device"),
     "routed": ("AutoPredict",),
     "router": ("DEFAULT_ROUTER", "DEFAULT_SHRINKAGE", "ROUTERS", "Router", "Routes", "oas_shrinkage"),
@@ -27,8 +28,8 @@ __all__ = ["AutoPredict", "CALIBRATION_IMAGES", "Calibration", "ContinualReport"
            "DEFAULT_ROUTER", "DEFAULT_SHRINKAGE", "FrozenPrefix", "ImageLike", "LoadedTask", "OOD_SHRINKAGE",
            "Prediction", "Predictor", "ROUTERS", "ROUTING_PREFIX", "Route", "RoutedPrediction", "Router", "Routes",
            "RoutingStats", "Whitener", "accumulate_stats", "check_reject_rate", "collect_stats", "collect_task_stats",
-           "compare_routers", "default_device", "evaluate_continual", "fit_routing", "frozen", "oas_shrinkage",
-           "split_state", "task_order", "task_stats_from_features"]
+           "compare_routers", "default_device", "evaluate_continual", "fit_routing", "frozen", "left_out_note",
+           "oas_shrinkage", "split_state", "task_order", "task_stats_from_features"]
 
 if TYPE_CHECKING:
     from adaptkit.inference.continual import (
@@ -39,7 +40,15 @@ if TYPE_CHECKING:
         task_order,
     )
     from adaptkit.inference.predictor import Predictor, default_device
-    from adaptkit.inference.results import FrozenPrefix, ImageLike, LoadedTask, Prediction, Route, RoutedPrediction
+    from adaptkit.inference.results import (
+        FrozenPrefix,
+        ImageLike,
+        LoadedTask,
+        Prediction,
+        Route,
+        RoutedPrediction,
+        left_out_note,
+    )
     from adaptkit.inference.routed import AutoPredict
     from adaptkit.inference.router import DEFAULT_ROUTER, DEFAULT_SHRINKAGE, ROUTERS, Router, Routes, oas_shrinkage
     from adaptkit.inference.routing_stats import (

@@ -45,7 +45,9 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
         tasks: ``task`` or ``task@N`` refs (default: every task's default version).
         registry: a :class:`Registry` or its URL.
         force: recompute statistics that are there already.
-        dataset: the data set to read (default: the one each version was trained on); only with one task.
+        dataset: the data set to read (default: the one each version was trained on); only with one task. An
+            imported version's data set is the word of the file it came from, never read on trust: such a version
+            needs ``dataset`` (named alone it is an error without one; among every task it is skipped, with a note).
         device, data_dir, download, batch_size: as for training.
         on_task: called with (ref, what happened) after each version.
     """
@@ -61,6 +63,13 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
         own, stats = split_state(state)
         if stats is not None and stats.calibrated and not force:
             (on_task or (lambda *a: None))(row.ref, "has routing statistics already")
+            continue
+        if not dataset and row.train.get("imported_from"):
+            why = (f"it was imported, and the data set its file names ({meta.dataset[:80]!r}) is not read on trust: "
+                   f"pass the data set to read as {param('dataset')} with that one task")
+            if tasks:
+                raise DatasetError(f"cannot compute routing statistics of {row.ref}: {why}")
+            (on_task or (lambda *a: None))(row.ref, f"skipped: {why}")
             continue
         host = predictor.load(row.ref).host
         spec = dataset or meta.dataset

@@ -15,10 +15,11 @@ from PIL import Image
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone
+from adaptkit.errors import step
 from adaptkit.inference.routing_stats import RoutingStats
 from adaptkit.methods import TaskModel
 
-__all__ = ["Prediction", "RoutedPrediction", "Route", "LoadedTask", "FrozenPrefix", "ImageLike"]
+__all__ = ["Prediction", "RoutedPrediction", "Route", "LoadedTask", "FrozenPrefix", "ImageLike", "left_out_note"]
 
 ImageLike = Image.Image | str | Path | torch.Tensor | np.ndarray
 
@@ -45,6 +46,17 @@ class RoutedPrediction:
     predictions: list[Prediction]
     rejected: bool = False  # no task fits the image (never with accept_all, or for versions without percentiles)
     fit: float | None = None  # share of ``task``'s own images less typical than this one; None: not calibrated
+    left_out: tuple[str, ...] = ()  # candidate versions not routed over: their files have no routing statistics
+
+
+def left_out_note(refs: tuple[str, ...] | list[str]) -> str:
+    """What routed prediction says of the versions it left out (:attr:`RoutedPrediction.left_out`), with the step
+    that adds them (:func:`adaptkit.errors.step`: render it with :func:`adaptkit.errors.render` and a front end's
+    words)."""
+    names = " ".join(sorted({r.partition("@")[0] for r in refs}))
+    return (f"routed over the other tasks; left out {', '.join(refs)}: no routing statistics (trained before routing "
+            f"existed, or imported): run {step('routing_fit', names)} to route to {'it' if len(refs) == 1 else 'them'}"
+            " too")
 
 
 @dataclass
@@ -57,6 +69,7 @@ class Route:
     runner_up_confidence: float
     fit: float | None = None  # share of the task's own images less typical than this one (None: not calibrated)
     rejected: bool = False  # fit below the rejection rate: the image belongs to none of the tasks
+    left_out: tuple[str, ...] = ()  # candidate versions not routed over (no routing statistics): task@N
 
 
 @dataclass

@@ -27,8 +27,10 @@ class AutoPredict:
                      reject_rate: float = DEFAULT_REJECT_RATE) -> list[RoutedPrediction]:
         """Top-k labels of images with no task given: route each image to a task, then run it through that task.
 
-        One frozen pass per backbone scores every class of every task (see :mod:`adaptkit.inference.router`); one
-        mixed pass per backbone then runs each image through its chosen task's adapter and head.
+        Only versions with routing statistics are routed over; the others are named in each answer's ``left_out``
+        (a :class:`~adaptkit.errors.RoutingError` only when no candidate has statistics). One frozen pass per
+        backbone scores every class of every task (see :mod:`adaptkit.inference.router`); one mixed pass per
+        backbone then runs each image through its chosen task's adapter and head.
 
         Args:
             images: PIL images, paths, or tensors already transformed (tensors: tasks on one backbone only).
@@ -55,7 +57,8 @@ class AutoPredict:
             for i, row in zip(members, logits, strict=True):
                 r = routes[i]
                 out[i] = RoutedPrediction(r.task.ref, r.confidence, r.runner_up.ref if r.runner_up else None,
-                                          r.runner_up_confidence, self._topk(row, r.task, topk), r.rejected, r.fit)
+                                          r.runner_up_confidence, self._topk(row, r.task, topk), r.rejected, r.fit,
+                                          r.left_out)
         return out  # type: ignore[return-value]
 
     def route(self, images: list[ImageLike], tasks: list[str] | None = None, router: str = DEFAULT_ROUTER,
@@ -68,11 +71,15 @@ class AutoPredict:
                ) -> tuple[list[Route], dict[int, torch.Tensor], dict[int, FrozenPrefix | None]]:
         if reject_rate is not None:
             check_reject_rate(reject_rate)
-        hosts = self.by_backbone(self._candidates(tasks))
+        routable, left_out = self._candidates(tasks)
+        hosts = self.by_backbone(routable)
         batches = {key: self.preprocess(images, members[0]) for key, members in hosts.items()}
         passes = {key: self.frozen_prefix(batches[key], members) for key, members in hosts.items()}
         feats = {key: f for key, (f, _) in passes.items()}
-        return self.pick(hosts, feats, router, reject_rate), batches, {key: p for key, (_, p) in passes.items()}
+        routes = self.pick(hosts, feats, router, reject_rate)
+        for r in routes:
+            r.left_out = left_out
+        return routes, batches, {key: p for key, (_, p) in passes.items()}
 
     @staticmethod
     def by_backbone(tasks: list[LoadedTask]) -> dict[int, list[LoadedTask]]:
@@ -124,19 +131,21 @@ class AutoPredict:
                     best[b] = (typical[b], route)
         return [r for _, r in best]
 
-    def _candidates(self, tasks: list[str] | None) -> list[LoadedTask]:
+    def _candidates(self, tasks: list[str] | None) -> tuple[list[LoadedTask], tuple[str, ...]]:
+        """The candidate versions that have routing statistics, and the refs of those left out for lacking them
+        (trained before routing existed, or imported); an error only when none has them."""
         refs = tasks if tasks is not None else [t.name for t in self.registry.tasks() if t.versions]
         if not refs:
             raise ConfigError(f"no tasks to route to: train one first ({step('train')}) or name a task "
                               f"({param('task')})")
         loaded = list({id(t): t for t in (self._task(r) for r in refs)}.values())
-        missing = [t.ref for t in loaded if t.routing is None]
-        if missing:
+        missing = tuple(t.ref for t in loaded if t.routing is None)
+        if len(missing) == len(loaded):
             names = " ".join(sorted({m.partition("@")[0] for m in missing}))
             raise RoutingError(f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} no routing statistics "
                                f"(trained before routing existed, or imported): run {step('routing_fit', names)} "
                                f"to compute them, or name the task ({param('task')})")
-        return loaded
+        return [t for t in loaded if t.routing is not None], missing
 
     def _router(self, tasks: list[LoadedTask], kind: str) -> Router:
         key = (kind, *(id(t) for t in tasks))

@@ -30,6 +30,7 @@ import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
 from adaptkit.backbone import Backbone, create_backbone
 from adaptkit.errors import ArtifactError, ConfigError, param
+from adaptkit.metadata import given_fields_problem
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.methods.lora import TARGETS
 from adaptkit.registry import Registry, VersionRow
@@ -147,7 +148,7 @@ def import_peft(registry: Registry | str | None, src_dir: str | os.PathLike, *, 
     check_task_name(name)
     head, updates = _split(tensors, src)
     labels = _class_names(classes, labels_file, side, head["head.weight"].shape[0], src)
-    backbone = _backbone(backbone, side, config, src)
+    backbone = _backbone(backbone, side, config, src, registry)
     if side.get("backbone_fingerprint", backbone.fingerprint) != backbone.fingerprint:
         raise ArtifactError(f"{src} was exported from a backbone with fingerprint {side['backbone_fingerprint'][:12]}"
                             f", not this one ({backbone.fingerprint[:12]}): pass the backbone it was trained on")
@@ -216,7 +217,11 @@ def _read_side_file(src: Path) -> dict[str, Any]:
         side = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is not readable JSON ({exc}): fix or delete it") from exc
-    return side if isinstance(side, dict) else {}
+    side = side if isinstance(side, dict) else {}
+    problem = given_fields_problem(side)
+    if problem:
+        raise ArtifactError(f"{path}: {problem}: fix or delete it (its values are read at import only)")
+    return side
 
 
 def _read_config(peft: Any, src: Path) -> Any:
@@ -317,15 +322,21 @@ def _class_names(classes: list[str] | str | None, labels_file: str | os.PathLike
     return names
 
 
-def _backbone(given: Backbone | str | None, side: dict[str, Any], config: Any, src: Path) -> Backbone:
-    """The backbone the adapter was trained on: the argument, else adaptkit.json's, else the config's base model."""
+def _backbone(given: Backbone | str | None, side: dict[str, Any], config: Any, src: Path,
+              registry: Registry) -> Backbone:
+    """The backbone the adapter was trained on: the argument, else adaptkit.json's, else the config's base model.
+
+    adaptkit.json's fingerprint is the file's word: it is compared with the backbone built, and only a fingerprint
+    this registry records already may rebuild legacy random weights to match it (minutes, in child processes).
+    """
     if isinstance(given, Backbone):
         return given
     if given is not None:
         return create_backbone(str(given))
     if isinstance(side.get("backbone"), str) and side.get("backbone_weights") in WEIGHT_SOURCES:
+        expect = side.get("backbone_fingerprint")
         return create_backbone(side["backbone"], weights=side["backbone_weights"],
-                               expect=side.get("backbone_fingerprint"))
+                               expect=expect if expect and registry.known_backbone(expect) else None)
     name = getattr(config, "base_model_name_or_path", None)
     if not name:
         raise ConfigError(f"{src}/adapter_config.json names no base model: pass backbone= (an adaptkit Backbone or "

@@ -2,7 +2,9 @@
 
 A BitFit bias delta ``db`` on ``y = W x + b`` gives ``W x + (b + db) = y + db``, the same as a shift after the layer,
 so both methods are one :class:`ChannelAffine` per layer in one kind of site. Tasks of either method (and several
-of each) then share a site, and a mixed batch applies every sample's own scale and shift in one ``addcmul``.
+of each) then share a site, and a mixed batch applies every sample's own scale and shift in one ``addcmul``. The
+bank holds ``scale - 1``, so that a row of zeros (a task with nothing here) leaves its samples unchanged, as at every
+other kind of site: a pass over every sample (an exported ONNX graph's) needs no special case.
 """
 
 from __future__ import annotations
@@ -68,17 +70,19 @@ class AffineSite(TaskSite):
         y = self.base_layer(x, *args, **kwargs)
         if bank is None:
             return y
-        scale, shift = bank["scale"], bank["shift"]
+        delta, shift = bank["scale_delta"], bank["shift"]
         rows = self.ctx.rows(bank.present())
-        if rows is None:
-            return torch.addcmul(self._view(shift[idx], y), y, self._view(scale[idx], y))
+        if rows is None:  # every sample (an exported graph's too): a row of zeros leaves its samples unchanged
+            return torch.addcmul(y + self._view(shift[idx], y), y, self._view(delta[idx], y))
         idx, part = idx[rows], y[rows]  # only the samples whose task has a module here
-        return put_rows(y, rows, torch.addcmul(self._view(shift[idx], part), part, self._view(scale[idx], part)))
+        return put_rows(y, rows, torch.addcmul(part + self._view(shift[idx], part), part, self._view(delta[idx], part)))
 
     def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """(C,) scale and shift; a module without a scale gets 1."""
+        """(C,) ``scale - 1`` and shift, so that a row of zeros (no task here, or row 0) is the identity, as at every
+        other kind of site; a module without a scale gets a delta of 0."""
         shift = module.shift.detach()
-        return {"scale": torch.ones_like(shift) if module.scale is None else module.scale.detach(), "shift": shift}
+        delta = torch.zeros_like(shift) if module.scale is None else module.scale.detach() - 1
+        return {"scale_delta": delta, "shift": shift}
 
 
 def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:

@@ -18,6 +18,7 @@ from sqlalchemy.types import TypeDecorator
 
 from adaptkit.artifacts import TASK_NAME, meta_problem
 from adaptkit.errors import RegistryError
+from adaptkit.metadata import classes_problem, dataset_problem
 from adaptkit.registry.storage import check_rel
 
 __all__ = ["TolerantJSON", "TolerantDateTime", "task_problem", "version_problem"]
@@ -66,13 +67,11 @@ def task_problem(task: Any) -> str | None:
     """What is wrong with a task row (name, classes), or None."""
     if not isinstance(task.name, str) or not TASK_NAME.fullmatch(task.name):
         return f"task name {task.name!r} is not a valid name"
-    classes = task.classes
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)
-            and len(set(classes)) == len(classes)):
-        return "its classes are not a list of unique names"
-    if not isinstance(task.dataset, str):
-        return "its dataset is not a string"
-    return None
+    problem = classes_problem(task.classes)
+    if problem:
+        return f"its classes are not a list of unique clean names ({problem})"
+    problem = dataset_problem(task.dataset)
+    return f"its data set name is bad ({problem})" if problem else None
 
 
 def version_problem(version: Any) -> str | None:

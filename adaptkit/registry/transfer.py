@@ -87,6 +87,13 @@ class Transfers:
                 raise ConfigError(f"{where} is identical to {meta.task}@{same.version} already in this registry: "
                                   "nothing to import")
 
+    def known_backbone(self, fingerprint: str) -> bool:
+        """Whether a version of this registry was trained on the backbone with ``fingerprint``."""
+        if not self.exists:
+            return False
+        with self.session() as s:
+            return s.scalar(select(BackboneRow.id).where(BackboneRow.fingerprint == fingerprint)) is not None
+
     def _check_weights_source(self, meta: AdapterMeta, path: Path) -> None:
         """A ``file:`` backbone source from a file is a path on someone else's disk: never read it on trust.
 
@@ -95,11 +102,7 @@ class Transfers:
         """
         if not meta.backbone_weights.startswith("file:"):
             return
-        known = None
-        if self.exists:
-            with self.session() as s:
-                known = s.scalar(select(BackboneRow).where(BackboneRow.fingerprint == meta.backbone_fingerprint))
-        if known is None:
+        if not self.known_backbone(meta.backbone_fingerprint):
             raise ArtifactError(f"{path} was trained on {meta.backbone} with weights from a local file "
                                 f"({meta.backbone_weights[5:]}) this registry does not know: train any task here "
                                 f"with {param('weights')} for that backbone first, then import it")

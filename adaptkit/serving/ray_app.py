@@ -7,7 +7,7 @@ Start it with ``adaptkit serve``, ``serve run adaptkit.serving.ray_app:build_app
   multipart field (``file``), the raw body, or JSON ``{"image": "<base64>"}``.
 - ``POST /predict?topk=5``: the same with no task named: the router picks it (``Predictor.predict_auto``); the
   answer says ``rejected: true`` when the image fits none of the tasks (``fit``: see
-  ``adaptkit.inference.routing_stats``).
+  ``adaptkit.inference.routing_stats``), and ``left_out`` names the tasks not routed over (no routing statistics).
 - ``GET /tasks``: every task and its default version; ``GET /health``: the device and the adapter cache's counters.
 
 Every request is checked before it joins a batch (its image decoded and bounded, its task resolved against the
@@ -227,7 +227,7 @@ class AdaptkitServer:
             raise _http(result)
         return {"task": result.task, "confidence": result.confidence, "runner_up": result.runner_up,
                 "runner_up_confidence": result.runner_up_confidence, "predictions": _labels(result.predictions),
-                "rejected": result.rejected, "fit": result.fit, "batch": size}
+                "rejected": result.rejected, "fit": result.fit, "left_out": list(result.left_out), "batch": size}
 
     @api.get("/tasks", summary="Every task and its default version")
     async def tasks(self) -> list[dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from adaptkit.checks import MAX_BATCH, MAX_EPOCHS, MAX_SEED, check_float
+from adaptkit.checks import MAX_BATCH, MAX_EPOCHS, MAX_SEED, MAX_WORKERS, check_float
 from adaptkit.errors import ConfigError
 from adaptkit.settings import check_settings, choices, floats, ints, setting
 
@@ -107,7 +107,7 @@ class TrainConfig:
     device: str | None = setting(None, "cpu, cuda, cuda:N or mps [default: cuda if available]",
                                  check=_check_device)
     precision: str = setting("auto", "auto (bf16 on CUDA), bf16 or fp32", check=choices("auto", "bf16", "fp32"))
-    num_workers: int | None = setting(None, "Data loader workers", check=ints(0, optional=True))
+    num_workers: int | None = setting(None, "Data loader workers", check=ints(0, MAX_WORKERS, optional=True))
     val_fraction: float = setting(0.1, "The share of the training images held out for validation",
                                   check=floats(0, 1, high_open=True))
     augment: str | bool = setting("light", "none, light (random crops of 60-100%) or strong (8-100% and colour "

@@ -19,7 +19,7 @@ from adaptkit.training import feature_cache
 from adaptkit.training.checkpointing import activation_checkpointing
 from adaptkit.training.checks import fit_batch
 from adaptkit.training.config import TrainConfig, TrainEvent
-from adaptkit.training.loop import _autocast, _fit, _loader, _search_lr, _workers, run_eval
+from adaptkit.training.loop import _autocast, _fit, _loader, _search_lr, _workers, data_parallel, run_eval
 from adaptkit.training.lr_search import LrSearch
 
 __all__ = ["FitResult", "fit"]
@@ -67,7 +67,7 @@ def fit(model: TaskModel, data: Any, config: TrainConfig, *, device: torch.devic
     started = time.perf_counter()
     feats, net = feature_cache.prepare(model, data, batch_size=cfg.batch_size * 2, workers=_workers(cfg),
                                       device=device, autocast=lambda: _autocast(device, cfg.precision),
-                                      enabled=cfg.feature_cache and world == 1)
+                                      enabled=cfg.feature_cache and not data_parallel(world))
     with activation_checkpointing(model.trunk, cfg.checkpointing):
         search = _search_lr(model, feats, cfg, model.method.name, device, world, on_event, net) \
             if cfg.lr == "auto" else None

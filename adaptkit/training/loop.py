@@ -28,7 +28,7 @@ from adaptkit.training.checks import DivergenceGuard
 from adaptkit.training.config import TrainConfig, TrainEvent
 from adaptkit.training.lr_search import LR_FACTORS, LrSearch, search_budget, search_lr
 
-__all__ = ["seed_everything", "lr_factor", "run_eval"]
+__all__ = ["seed_everything", "lr_factor", "run_eval", "train_step", "make_optimizer", "data_parallel"]
 
 
 def seed_everything(seed: int) -> None:
@@ -146,17 +146,44 @@ def _set_rng_state(state: tuple) -> None:
     torch.set_rng_state(state[2])
 
 
+def data_parallel(world: int) -> bool:
+    """Whether training runs under DDP: several processes, or one launched by ``torchrun`` (its process group
+    joined, so that the same code path runs as with many)."""
+    return world > 1 or (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+def train_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+               criterion: nn.Module, params: list[torch.Tensor], cfg: TrainConfig,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step on a batch already on ``device``: forward under autocast, loss in float32, backward,
+    gradient clipping, optimiser step. Returns (logits, loss), still on the device (nothing waits for the GPU)."""
+    with _autocast(device, cfg.precision):
+        logits = net(x)
+        loss = criterion(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    return logits, loss
+
+
+def make_optimizer(model: TaskModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the task's trainable tensors (no weight decay on 1-d ones) at the recipe's rate."""
+    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+
+
 def _fit(model: TaskModel, data: Any, cfg: TrainConfig, device: torch.device, world: int,
          on_event: Callable[[TrainEvent], None] | None, net: nn.Module | None = None) -> tuple[dict, list, dict]:
     """The epochs: train, validate, keep the best state (``net`` maps a batch to logits: the task, or the task on
     cached features). Returns (best, history, timing)."""
     emit = on_event or (lambda e: None)
     net = net or model
-    if world > 1:
+    if data_parallel(world):
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     train_loader = _loader(data.train, cfg.batch_size, True, cfg, world, device)
     val_loader = _loader(data.val, cfg.batch_size * 2, False, cfg, 1, device, seed_offset=1)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(train_loader)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, cfg.min_lr_ratio))
@@ -177,14 +204,7 @@ def _fit(model: TaskModel, data: Any, cfg: TrainConfig, device: torch.device, wo
         tick = time.perf_counter()
         for step, (x, y) in enumerate(train_loader, start=1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device, cfg.precision):
-                logits = net(x)
-                loss = criterion(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            logits, loss = train_step(net, x, y, optimizer, criterion, params, cfg, device)
             used_lr = schedule.get_last_lr()[0]
             schedule.step()
             seen += y.numel()

@@ -26,6 +26,7 @@ from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
 from adaptkit.checks import check_int
 from adaptkit.data import load_task_data, without_builtin
+from adaptkit.data.roots import resolve_roots
 from adaptkit.devices import resolve_device
 from adaptkit.errors import ConfigError, DatasetError, param
 from adaptkit.inference import RoutingStats, collect_task_stats, task_stats_from_features
@@ -36,7 +37,7 @@ from adaptkit.training import feature_cache, warmstart
 from adaptkit.training.checks import check_train_args, fit_batch
 from adaptkit.training.config import TrainConfig, TrainEvent, TrainResult
 from adaptkit.training.fitting import FitResult, fit
-from adaptkit.training.loop import _reduced_precision, run_eval, seed_everything
+from adaptkit.training.loop import _reduced_precision, data_parallel, run_eval, seed_everything
 from adaptkit.training.lr_search import LrSearch
 from adaptkit.training.tracking import Trackers, check_trackers, open_trackers
 
@@ -45,20 +46,22 @@ _log = logging.getLogger(__name__)
 __all__ = ["train", "evaluate"]
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun / accelerate."""
+def _distributed(device: str | None) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun / accelerate, one process too (so
+    ``torchrun --nproc_per_node 1`` runs the same DDP code path as many processes do): NCCL when training on CUDA,
+    gloo otherwise (``--device cpu`` on a GPU machine too)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
+    if (world > 1 or launched) and not dist.is_initialized():
+        dist.init_process_group("nccl" if resolve_device(device).type == "cuda" else "gloo")
+    return (dist.get_rank(), world) if dist.is_initialized() else (0, 1)
 
 
 def _device(choice: str | None, rank: int, world: int) -> torch.device:
     device = resolve_device(choice)
-    if device.type == "cuda":
-        if world > 1:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-            torch.cuda.set_device(device)
+    if device.type == "cuda" and data_parallel(world):  # one GPU per process: the launcher's local rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     return device
 
 
@@ -92,6 +95,7 @@ def train(
     log_dir: str | os.PathLike | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    data_roots: Sequence[str | os.PathLike] | None = None,
 ) -> TrainResult:
     """Train one task on a frozen backbone and register it as the task's next version.
 
@@ -113,6 +117,8 @@ def train(
         log_dir: where the trackers write (default: TensorBoard ``runs/``, MLflow its own default).
         image_column, label_column: the columns of a Hugging Face data set (``hf:``, ``hf-disk:``, ``hf-files:``)
             where they cannot be found from its features; recorded with the version.
+        data_roots: read no data outside these folders (a server's, such as the web page's data roots): only
+            ``folder:``, ``hf-disk:`` and ``hf-files:`` data sets inside them, every file they name checked.
     """
     check_train_args(dataset, task, config, TrainConfig, pretrained=pretrained, classes=classes,
                      init_from=init_from)
@@ -123,14 +129,15 @@ def train(
     chosen = get_method(method, method_config)  # validates the method's settings before anything slow
     check_trackers(log_to)
     given = config or TrainConfig()
-    rank, world = _distributed()
+    rank, world = _distributed(given.device)
     device = _device(given.device, rank, world)
     registry = registry if isinstance(registry, Registry) else Registry(registry)
     if not isinstance(backbone, Backbone):
         backbone = create_backbone(backbone, weights=weights, pretrained=pretrained, device=device)
     backbone.model.to(device)
     data, cfg = _task_data(dataset, task, backbone, given.resolved(chosen.name), registry, rank, data_dir=data_dir,
-                           download=download, classes=classes, image_column=image_column, label_column=label_column)
+                           download=download, classes=classes, image_column=image_column, label_column=label_column,
+                           data_roots=None if data_roots is None else resolve_roots(data_roots))
     warm = warmstart.choose(init_from, registry=registry, backbone=backbone, method=chosen,
                             data=data) if init_from else None
     trackers = open_trackers(log_to if rank == 0 else None, run_name=task, log_dir=log_dir)
@@ -164,12 +171,13 @@ def train(
 
 def _task_data(dataset: str, task: str, backbone: Backbone, cfg: TrainConfig, registry: Registry, rank: int, *,
                data_dir: str | None, download: bool, classes: str | list[str] | None, image_column: str | None,
-               label_column: str | None) -> tuple[Any, TrainConfig]:
+               label_column: str | None, data_roots: list[Path] | None) -> tuple[Any, TrainConfig]:
     """The task's data, checked against its classes and the registry, and the recipe with its batch fitted to it."""
     data = load_task_data(dataset, backbone.data_config, data_dir=data_dir, download=download and rank == 0,
                           val_fraction=cfg.val_fraction, seed=cfg.seed, augment=cfg.augment,
                           limit_train=cfg.limit_train, limit_eval=cfg.limit_eval, crop_scale=cfg.crop_scale,
-                          flip=cfg.flip, classes=classes, image_column=image_column, label_column=label_column)
+                          flip=cfg.flip, classes=classes, image_column=image_column, label_column=label_column,
+                          data_roots=data_roots)
     if len(data.train) < len(data.classes):
         raise DatasetError(f"{len(data.train)} training image(s) for {len(data.classes)} classes: every class needs "
                            f"some, so raise {param('limit_train')} (or leave it out) or train on fewer "
@@ -190,6 +198,8 @@ def _register(registry: Registry, task: str, dataset: str, backbone: Backbone, m
                        data_config=backbone.data_config, dataset=dataset, metrics=result.metrics, recipe=recipe)
     stats = _routing_stats(backbone, data, result.features, result.net, result.config, device)
     info: dict[str, Any] = {**result.timing, "recipe": recipe, "world_size": world, "train_images": len(data.train)}
+    if data_parallel(world):
+        info["ddp_backend"] = str(dist.get_backend())
     if classes:
         info["classes"] = classes if isinstance(classes, str) else ",".join(classes)
     info.update({k: v for k, v in zip(("image_column", "label_column"), columns, strict=True) if v})

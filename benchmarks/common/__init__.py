@@ -22,8 +22,8 @@ from adaptkit.methods import TaskModel, get_method, unwrap
 from adaptkit.registry import Registry
 from adaptkit.trunk import run_prefix
 
-__all__ = ["METHOD_SPECS", "randomize", "register_task", "register_tasks", "median_time", "round_robin", "ratio",
-           "print_table", "machine_line", "base_parser", "parse", "sync", "block_features", "lbfgs_linear"]
+__all__ = ["METHOD_SPECS", "randomize", "task_meta", "register_task", "register_tasks", "median_time", "round_robin",
+           "ratio", "print_table", "machine_line", "base_parser", "parse", "sync", "block_features", "lbfgs_linear"]
 
 # name -> (method, config): the configurations the benchmarks compare
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -49,18 +49,22 @@ def randomize(task: TaskModel, std: float = 0.05) -> None:
             torch.nn.init.normal_(p, std=std)
 
 
+def task_meta(backbone: Backbone, task: str, model: TaskModel, num_classes: int) -> AdapterMeta:
+    """The metadata of ``model``, a task with classes ``c0 ..`` on ``backbone``, trained on no data set."""
+    return AdapterMeta(task=task, classes=[f"c{i}" for i in range(num_classes)], method=model.method.name,
+                       method_config=model.method.config_dict(), backbone=backbone.name,
+                       backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
+                       backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
+                       data_config=backbone.data_config, dataset="random", metrics={})
+
+
 def register_task(reg: Registry, backbone: Backbone, task: str, method: str, config: dict[str, Any] | None = None,
                   num_classes: int = 10, seed: int = 0) -> TaskModel:
     """Attach a randomly initialised task to ``backbone``, write it to ``reg`` and take it off the backbone again."""
     torch.manual_seed(seed)
     model = get_method(method, config).attach(backbone.model, num_classes)
     randomize(model)
-    meta = AdapterMeta(task=task, classes=[f"c{i}" for i in range(num_classes)], method=method,
-                       method_config=model.method.config_dict(), backbone=backbone.name,
-                       backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
-                       backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
-                       data_config=backbone.data_config, dataset="random", metrics={})
-    reg.add_version(meta, model.state())
+    reg.add_version(task_meta(backbone, task, model, num_classes), model.state())
     model.detach_from_trunk()
     unwrap(backbone.model)
     return model

@@ -188,12 +188,11 @@ def make_emoji(root: Path = ROOT, train: int = 300, test: int = 100, seed: int =
 
 
 def _from_archive(out: Path, classes: tuple[str, ...], train: int, test: int, skip: int = 0,
-                  look=None) -> Path:
+                  look=None, archive: Path = SHARED / "cifar10.tar.gz") -> Path:
     """Images ``skip`` .. ``skip + train`` (``test``) of each class of the shared CIFAR-10 archive's train (test)
     split, each passed through ``look`` (PIL image -> PIL image) if given, into ``out/{train,test}/<class>/``."""
     if (out / "test" / classes[-1]).is_dir():
         return out
-    archive = SHARED / "cifar10.tar.gz"
     if not archive.is_file():
         raise SystemExit(f"{archive} is missing: clone the repository beside shared/")
     want = {"train": train, "test": test}

@@ -24,20 +24,22 @@ from adaptkit.registry import Registry
 
 
 def register_routed(reg: Registry, backbone: Backbone, refs: list[str], num_classes: int, rank: int,
-                    x: torch.Tensor, blocks: int | None = None) -> None:
+                    x: torch.Tensor, blocks: int | None = None,
+                    methods: list[tuple[str, dict]] | None = None) -> None:
     """Random adapter tasks with routing statistics whose class means sit near the features of images b = i mod K,
-    so that the batch ``x`` spreads over every task."""
+    so that the batch ``x`` spreads over every task (``methods``: task i is ``(method, config)`` i instead)."""
     d = backbone.embed_dim
     with torch.inference_mode():
         feats = backbone.model(x).float().cpu()
     for i, ref in enumerate(refs):
         torch.manual_seed(i)
-        model = get_method("adapter", {"rank": rank, "blocks": blocks}).attach(backbone.model, num_classes)
+        method, config = methods[i] if methods else ("adapter", {"rank": rank, "blocks": blocks})
+        model = get_method(method, config).attach(backbone.model, num_classes)
         randomize(model)
         means = feats[i % len(feats)] + 0.01 * torch.randn(num_classes, d) * feats.std()
         stats = RoutingStats(means=means, counts=torch.full((num_classes,), 100),
                              scatter=torch.eye(d) * feats.var() * 100 * num_classes)
-        meta = AdapterMeta(task=ref, classes=[f"c{i}" for i in range(num_classes)], method="adapter",
+        meta = AdapterMeta(task=ref, classes=[f"c{i}" for i in range(num_classes)], method=method,
                            method_config=model.method.config_dict(), backbone=backbone.name,
                            backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
                            backbone_params=backbone.num_params, backbone_dim=d, data_config=backbone.data_config,

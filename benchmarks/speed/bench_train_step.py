@@ -87,14 +87,15 @@ def time_train_steps(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y:
 def peak_memory(run: Callable[[], Any], cuda: bool) -> tuple[Any, int]:
     """``run()`` and the bytes of memory it added at its peak: on CUDA the allocator's peak, on the CPU the resident
     set size sampled every millisecond, both above what the process held when it started."""
-    if cuda:
+    if cuda:  # no sampling thread on CUDA: it would contend for the GIL with the loop that launches the kernels
         sync()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        return run(), torch.cuda.max_memory_allocated() - before
     with PeakRSS() as rss:
         start_rss = rss.peak
         out = run()
-    return out, (torch.cuda.max_memory_allocated() - before if cuda else rss.peak - start_rss)
+    return out, rss.peak - start_rss
 
 
 def one_method(label: str, backbone_name: str, batch: int, steps: int, device: str) -> dict:
