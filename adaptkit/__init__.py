@@ -11,21 +11,23 @@ import types
 from typing import TYPE_CHECKING, Any
 
 from adaptkit.lazy import lazy_names
+from adaptkit.timm_registry import register_with_timm
 
 __version__ = "0.1.0"
 
 _WHERE = {
     "DEFAULT_BACKBONE": "adaptkit.backbone", "Backbone": "adaptkit.backbone", "create_backbone": "adaptkit.backbone",
+    "BackboneSpec": "adaptkit.backbone",
     "fingerprint": "adaptkit.backbone", "compare": "adaptkit.compare", "AdaptkitError": "adaptkit.errors",
     "METHODS": "adaptkit.methods", "get_method": "adaptkit.methods", "Prediction": "adaptkit.inference",
     "Predictor": "adaptkit.inference", "Registry": "adaptkit.registry", "TrainConfig": "adaptkit.training",
     "evaluate": "adaptkit.training", "train": "adaptkit.training",
 }
-__all__ = ["DEFAULT_BACKBONE", "METHODS", "AdaptkitError", "Backbone", "Prediction", "Predictor", "Registry",
-           "TrainConfig", "compare", "create_backbone", "evaluate", "fingerprint", "get_method", "train"]
+__all__ = ["DEFAULT_BACKBONE", "METHODS", "AdaptkitError", "Backbone", "BackboneSpec", "Prediction", "Predictor",
+           "Registry", "TrainConfig", "compare", "create_backbone", "evaluate", "fingerprint", "get_method", "train"]
 
 if TYPE_CHECKING:
-    from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone, fingerprint
+    from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, BackboneSpec, create_backbone, fingerprint
     from adaptkit.compare import compare
     from adaptkit.errors import AdaptkitError
     from adaptkit.inference import Prediction, Predictor
@@ -48,3 +50,4 @@ sys.modules[__name__].__class__ = _Package
 
 
 __getattr__, __dir__ = lazy_names(__name__, _WHERE)
+register_with_timm()  # adaptkit's ViTs (the packaged backbone) are timm models once timm is imported

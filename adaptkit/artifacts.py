@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from adaptkit.errors import ArtifactError, ConfigError
 from adaptkit.hashing import tensors_sha256
 from adaptkit.metadata import classes_problem, data_config_problem, dataset_problem, fingerprint_problem
+from adaptkit.tempfiles import hold, remove_stale, temp_beside
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: reading the registry (`adaptkit list`) needs none
     import torch
@@ -81,8 +81,9 @@ class AdapterMeta:
                     continue
                 raw = meta[name]
                 values[name] = raw if f.type in ("str", str) else json.loads(raw)
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{where} has damaged metadata ({exc}); re-export it from its registry") from exc
+        except (KeyError, TypeError, json.JSONDecodeError, RecursionError) as exc:  # Recursion: nested too deep
+            raise ArtifactError(f"{where} has damaged metadata ({str(exc)[:200]}); re-export it from its "
+                                "registry") from None
         problem = meta_problem(values)
         if problem:
             raise ArtifactError(f"{where} has bad metadata: {problem}; re-export it from its registry")
@@ -143,9 +144,22 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def adapter_bytes(state: dict[str, torch.Tensor], meta: AdapterMeta) -> bytes:
-    """The bytes of the adapter file for ``state`` and ``meta``: equal inputs give equal bytes."""
+    """The bytes of the adapter file for ``state`` and ``meta``: equal inputs give equal bytes.
+
+    Raises:
+        ArtifactError: ``state`` is empty, or not a mapping of names to tensors.
+    """
+    import torch
     from safetensors.torch import save
 
+    if not isinstance(state, dict) or not state:
+        raise ArtifactError(f"the adapter state of {meta.task!r} holds no tensors: give the tensors the method "
+                            "trained (Method.state()) and its head")
+    wrong = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)),
+                 None)
+    if wrong is not None:
+        raise ArtifactError(f"the adapter state of {meta.task!r} maps {wrong[0]!r} to a {type(wrong[1]).__name__}, "
+                            "not a tensor: give only tensors, by name")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     return _canonical(save(tensors, metadata=meta.to_strings(tensors_sha256(tensors))))
 
@@ -154,18 +168,21 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
     The temporary name is ``.<name>.<random>.tmp`` (what the registry's sweep recognises as its own); the file is
-    created like any other (mode 0666 less the umask), not 0600 as ``mkstemp`` would.
+    created like any other (mode 0666 less the umask), not 0600 as ``mkstemp`` would. It is held while written, and
+    what killed writers of ``path`` left is removed first (see :mod:`adaptkit.tempfiles`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = temp_beside(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
+            hold(fh.fileno())
+            remove_stale(path)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # while still held
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

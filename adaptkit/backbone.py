@@ -6,6 +6,12 @@ Weights come from one of three places, and where they came from is recorded with
 * ``"file:<path>"``: a local ``.safetensors`` file or torch checkpoint (read with ``weights_only=True``);
 * ``"random"``: seeded random weights, only when asked for explicitly; the same bits on every machine
   (:mod:`adaptkit.random_weights`), so a registry trained on them keeps working after a move.
+
+A backbone may be built at another input size than its own (``image_size``): timm builds it with ``img_size`` and
+resamples the position embedding (or BEiT's relative position tables) of the weights it loads. A backbone is its
+weights *at its input size*: at the architecture's own size the fingerprint is the hash of the weights alone, at any
+other size it also covers the size, so two sizes are two backbones (two registry rows, two predictor hosts) even for
+RoPE models whose tensors do not change with it. See ``docs/backbones.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import timm
 import torch
 from torch import nn
 
+from adaptkit.backbone_info import check_image_size, check_size_value, hub_cached
 from adaptkit.devices import resolve_device
 from adaptkit.errors import BackboneError, OfflineError, param
 from adaptkit.hashing import tensors_sha256
@@ -29,7 +36,8 @@ from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.random_weights import legacy_cache_file, recover_legacy, seeded_init
 from adaptkit.suggest import closest
 
-__all__ = ["DEFAULT_BACKBONE", "Backbone", "create_backbone", "fingerprint", "resolve_weights"]
+__all__ = ["DEFAULT_BACKBONE", "Backbone", "BackboneSpec", "create_backbone", "fingerprint", "recorded_image_size",
+           "resolve_weights"]
 
 _log = logging.getLogger(__name__)
 
@@ -58,6 +66,11 @@ class Backbone:
         return next(self.model.parameters()).device
 
     @property
+    def image_size(self) -> int:
+        """The side of the square input it takes (its data config's ``input_size``)."""
+        return int(self.data_config["input_size"][-1])
+
+    @property
     def label(self) -> str:
         """Name plus weight source, e.g. ``vit_tiny_patch16_224 (random weights)``."""
         return self.name if self.weights in ("hub", "package") else f"{self.name} ({describe_weights(self.weights)})"
@@ -72,9 +85,43 @@ def describe_weights(weights: str) -> str:
     return f"{weights} weights"
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over every tensor of ``model.state_dict()`` (name, dtype, shape, bytes) in sorted name order."""
-    return tensors_sha256(model.state_dict())
+def fingerprint(model: nn.Module, image_size: int | None = None) -> str:
+    """sha256 over every tensor of ``model.state_dict()`` (name, dtype, shape, bytes) in sorted name order; a model
+    built at another input size than its architecture's own passes that ``image_size``, which the hash covers too."""
+    state = model.state_dict()
+    if image_size is not None:
+        state = {**state, "adaptkit.image_size": torch.tensor([image_size, image_size])}
+    return tensors_sha256(state)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A backbone to build: name, where its weights come from, and its input size (None: the architecture's own).
+
+    What :func:`adaptkit.training.train` takes instead of a name when the size is not the default; checked when made,
+    built by :meth:`build`.
+    """
+
+    name: str = DEFAULT_BACKBONE
+    weights: str | os.PathLike | None = None
+    pretrained: bool = True
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            check_size_value(self.image_size)
+
+    def build(self, device: str | torch.device = "cpu", expect: str | None = None) -> Backbone:
+        return create_backbone(self.name, weights=self.weights, pretrained=self.pretrained, device=device,
+                               expect=expect, image_size=self.image_size)
+
+
+def recorded_image_size(data_config: dict) -> int | None:
+    """The input size a backbone was built at, from the data config recorded with it (None if it names none)."""
+    size = data_config.get("input_size") if isinstance(data_config, dict) else None
+    if isinstance(size, list | tuple) and size and isinstance(size[-1], int) and size[-1] == size[-2]:
+        return int(size[-1])
+    return None
 
 
 def resolve_weights(weights: str | os.PathLike | None, pretrained: bool) -> str:
@@ -98,6 +145,7 @@ def create_backbone(
     pretrained: bool = True,
     device: str | torch.device = "cpu",
     expect: str | None = None,
+    image_size: int | None = None,
 ) -> Backbone:
     """Build a frozen timm ViT by name.
 
@@ -108,6 +156,8 @@ def create_backbone(
         device: where to put the model.
         expect: the fingerprint the weights must have (a registry's record); random weights of an older adaptkit
             are rebuilt to match it, any other mismatch is a :class:`BackboneError`.
+        image_size: the side of the square input, if not the architecture's own: a whole number of patches, at
+            most :data:`adaptkit.backbone_info.MAX_IMAGE_SIZE`; the weights' position embedding is resampled to it.
 
     Returns:
         The backbone in eval mode with every parameter frozen.
@@ -117,23 +167,24 @@ def create_backbone(
     if source == "package":
         source = "hub"  # a packaged model's pretrained weights are a file timm already knows about
     _check_known(name)
+    size = check_image_size(name, image_size)  # None at the architecture's own size
     if source == "random":
         with torch.random.fork_rng(devices=[]):  # timm's draws, overwritten below, leave the caller's RNG as it was
-            model = seeded_init(_create(name, pretrained=False), RANDOM_SEED)
+            model = seeded_init(_create(name, pretrained=False, size=size), RANDOM_SEED)
     elif source == "hub":
         source = _hub_or_package(name)
-        model = _create(name, pretrained=True)
+        model = _create(name, pretrained=True, size=size)
     else:
-        model = _create(name, pretrained=False)
+        model = _create(name, pretrained=False, size=size)
         load_weights_file(model, Path(source[5:]))
     if not hasattr(model, "blocks") or not hasattr(model, "forward_features"):
         raise BackboneError(f"{name} is not a Vision Transformer with `blocks`; pick a timm ViT such as "
                             "vit_base_patch16_224")
-    found = fingerprint(model)
+    found = fingerprint(model, size)
     if expect is not None and found != expect:
-        _match(model, name, source, found, expect)
+        _match(model, name, source if size is None else "resampled", found, expect)
     model.requires_grad_(False).eval().to(device)
-    data_config = timm.data.resolve_data_config({}, model=model)
+    data_config = timm.data.resolve_data_config({"input_size": (3, size, size)} if size else {}, model=model)
     return Backbone(name=name, model=model, weights=source, fingerprint=expect or found, data_config=data_config,
                     num_params=sum(p.numel() for p in model.parameters()))
 
@@ -150,6 +201,10 @@ def _match(model: nn.Module, name: str, source: str, found: str, expect: str) ->
                             f"trained on {expect[:12]}, which no CPU path of this machine gives (adaptkit 0.1 hashed "
                             f"timm's initialisation): predict once on the machine that trained them and copy {cached} "
                             "here, or retrain the tasks")
+    if source == "resampled":  # resampling is deterministic for given weights, timm and torch
+        raise BackboneError(f"backbone {name} at another input size has fingerprint {found[:12]}, but its tasks were "
+                            f"trained on {expect[:12]}: restore the original weights file, or the timm and torch "
+                            "versions that resampled them")
     raise BackboneError(f"backbone {name} ({describe_weights(source)}) has fingerprint {found[:12]}, but its tasks "
                         f"were trained on {expect[:12]}: restore the original weights file")
 
@@ -176,9 +231,9 @@ def _has_tag(name: str) -> bool:
         return False
 
 
-def _create(name: str, pretrained: bool) -> nn.Module:
+def _create(name: str, pretrained: bool, size: int | None = None) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **({"img_size": size} if size else {}))
     except (OSError, RuntimeError, ValueError) as exc:  # hub, file and config failures all surface here
         if pretrained and _looks_offline(exc):
             raise OfflineError(_offline_message(name)) from exc
@@ -196,18 +251,11 @@ def _hub_or_package(name: str) -> str:
                             f"{param('pretrained', False)}")
     if cfg.file or cfg.state_dict:
         return "package"
-    if cfg.hf_hub_id and _hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename):
+    if cfg.hf_hub_id and hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename):
         return "hub"
     if _offline_env() or not _hub_reachable():
         raise OfflineError(_offline_message(name))
     return "hub"
-
-
-def _hub_cached(repo_id: str, filename: str | None) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    names = [filename] if filename else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
-    return any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in names)
 
 
 def _offline_env() -> bool:

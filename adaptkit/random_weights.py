@@ -154,13 +154,18 @@ def recover_legacy(name: str, seed: int, fingerprint: str, *, in_process: bool =
     Looks in the cache, then rebuilds timm's initialisation here (``in_process``), then in a child process per CPU
     path in ``capabilities`` (default: every x86 path but this one). A found state dict is cached.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     cached = legacy_cache_file(fingerprint)
     if cached.is_file():
-        state = load_file(str(cached))
-        if tensors_sha256(state) == fingerprint:
-            return state
+        try:
+            state = load_file(str(cached))
+            if tensors_sha256(state) == fingerprint:
+                return state
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # a damaged copy: rebuilt below
+            _log.warning("the cached weights %s are unreadable (%s): rebuilding them", cached, exc)
+            cached.unlink(missing_ok=True)
     if in_process:
         state = legacy_model(name, seed).state_dict()
         if tensors_sha256(state) == fingerprint:

@@ -45,3 +45,12 @@ def test_commands_that_read_do_not_import_torch(tmp_path, argv):
     code = ("import sys\nfrom adaptkit.cli import app\n"
             f"try:\n    app({argv!r}, standalone_mode=False)\nexcept SystemExit:\n    pass")
     assert imported_after(code) & set(HEAVY) == set()
+
+
+@pytest.mark.parametrize("code", ["import adaptkit\nimport timm", "import timm\nimport adaptkit",
+                                  "import adaptkit\nfrom timm.models import create_model\nimport timm"])
+def test_import_adaptkit_registers_its_vits_with_timm_whichever_comes_first(code):
+    probe = f"{code}\nprint(timm.is_model('vit_cifar_tiny_patch4_32'), timm.is_model('vit_pico_patch4_32'))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stderr
+    assert imported_after("import adaptkit") == set()  # and timm is not paid for until it is used

@@ -1,4 +1,5 @@
 """Hugging Face data sets as sources (hf-disk:, hf-files:, hf:), built here from real cifar10-mini images."""
+import os
 import pickle
 import shutil
 import sys
@@ -253,3 +254,30 @@ def test_the_page_reads_hf_sets_only_inside_its_data_roots(saved_dict, tmp_path)
         with pytest.raises(gr.Error, match=message):
             dataset_spec(spec, "", h.data_roots)
     assert [name for _, name in dataset_choices() if name.startswith("hf")] == []
+
+
+def test_a_classlabel_value_beyond_its_names_is_one_line(tmp_path):
+    import pyarrow as pa
+
+    paths, labels = _files("train", 0, 2)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    table = datasets.Dataset.from_dict({"img": paths, "label": labels}, features=features).data.table
+    table = table.set_column(1, "label", pa.array(labels[:-1] + [len(CLASSES) + 4], pa.int64()))
+    datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(str(tmp_path / "bad"))
+    _refused(rf"row {len(labels) - 1} of hf-disk:.* has label {len(CLASSES) + 4} in column 'label', whose ClassLabel "
+             rf"has {len(CLASSES)} names", f"hf-disk:{tmp_path / 'bad'}", CFG)
+
+
+def test_the_first_load_prints_no_progress_bar_into_piped_output(tmp_path):
+    import subprocess
+
+    files = tmp_path / "files"
+    files.mkdir()
+    _labelled("train", 0, 4).to_parquet(str(files / "train.parquet"))
+    code = ("import datasets; datasets.config.HF_DATASETS_CACHE = sys.argv[2]\n"
+            "from adaptkit.data.hf import load_hf; load_hf('hf-files:' + sys.argv[1])\n"
+            "assert not datasets.are_progress_bars_disabled()  # the caller's setting is restored")
+    run = subprocess.run([sys.executable, "-c", "import sys\n" + code, str(files), str(tmp_path / "cache")],
+                         capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "Generating train split" not in run.stderr and "\r" not in run.stderr, run.stderr

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +85,7 @@ BAD_FILES = [  # (what is changed, the error's text)
     ({"backbone_fingerprint": "zz"}, "64 hex digits"),
     ({"backbone_dim": "-3"}, "backbone_dim must be a positive integer"),
     ({"method_config": '{"rank": 3}'}, "has shape"),  # the tensors are rank 2
+    ({"method_config": "[" * 100_000 + "]" * 100_000}, "has damaged metadata"),  # deeper than json reads
 ]
 BAD_TENSORS = [  # (how the tensors are changed, the error's text)
     ("head of 10 classes", "head head.weight has shape (10, 64), expected (2, 64)"),
@@ -92,6 +94,7 @@ BAD_TENSORS = [  # (how the tensors are changed, the error's text)
     ("float64", "is torch.float64"),
     ("int8", "is torch.int8"),
     ("nan", "NaN or infinite"),
+    ("huge head", "tensor head.weight holds values up to 3e+38, beyond 10000"),  # finite, but logits overflow
 ]
 
 
@@ -110,6 +113,8 @@ def _bad_tensors(state: dict[str, torch.Tensor], how: str) -> dict[str, torch.Te
         state[first] = state[first].to(torch.int8)
     elif how == "nan":
         state[first] = state[first].clone().fill_(float("nan"))
+    elif how == "huge head":
+        state["head.weight"] = torch.full_like(state["head.weight"], 3e38)
     return state
 
 
@@ -460,3 +465,91 @@ def test_a_read_only_registry_reads_and_refuses_writes_in_one_line(read_only_lat
         out = _cli(*command, "--registry", folder / "r.db", code=1)
         assert "read-only" in out and out.count("\n") == 1, out
     assert [t.name for t in Registry(folder / "r.db").tasks()] == ["demo"]
+
+
+def test_doctor_leaves_a_live_writers_files_even_at_min_age_0(registry, tmp_path):
+    registry.add_version(_meta("ok"), _state(1))
+    temp = registry.adapter_dir / "ok" / ".x.safetensors.0123456789ab.tmp"
+    orphan = registry.adapter_dir / "ok" / f"{'b' * 64}.safetensors"
+    with registry.storage.writing():  # a writer is between its first byte and its commit
+        temp.write_bytes(b"half")
+        orphan.write_bytes(adapter_bytes(_state(9), _meta("ok")))
+        out = _cli("doctor", "--repair", "--min-age", "0", "--registry", registry.url)
+        assert temp.exists() and orphan.exists(), out
+        assert "a write is in flight (the adapter folder's lock is held), left alone" in " ".join(out.split())
+    out = _cli("doctor", "--repair", "--min-age", "0", "--registry", registry.url)  # the writer died: now they go
+    assert not temp.exists() and not orphan.exists(), out
+
+
+def test_a_fresh_store_is_claimed_under_the_writers_lock(tmp_path):
+    reg = Registry(tmp_path / "r.db")
+    put, seen = reg.storage.put, []
+
+    def watched_put(rel, data):
+        if rel == OWNER_FILE:
+            with reg.storage.sweeping() as alone:  # could a sweep run now, and take REGISTRY's temporary file?
+                seen.append(alone)
+        put(rel, data)
+
+    reg.storage.put = watched_put
+    reg.add_version(_meta("first"), _state(1))
+    assert seen == [False] and (reg.adapter_dir / OWNER_FILE).is_file()
+
+
+KILLED_EXPORT = """
+import os, sys, time
+from pathlib import Path
+from adaptkit.tempfiles import hold, temp_beside
+tmp = temp_beside(Path(sys.argv[1]))
+fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+hold(fd)
+os.write(fd, b"half an adapter")
+print(tmp, flush=True)
+time.sleep(600)
+"""
+
+
+def test_kill_9_during_an_export_leaves_nothing_the_next_export_keeps(registry, tmp_path):
+    registry.add_version(_meta("demo"), _state(1))
+    dest = tmp_path / "out" / "demo.safetensors"
+    dest.parent.mkdir()
+    writers = [subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(dest)], stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    try:
+        dead, live = (Path(w.stdout.readline().strip()) for w in writers)
+        os.kill(writers[0].pid, signal.SIGKILL)
+        writers[0].wait(30)
+        for tmp in (dead, live):
+            os.utime(tmp, (1e9, 1e9))  # old enough to be anybody's
+        registry.export("demo", dest)
+        assert not dead.exists() and live.exists()  # the killed writer's goes; a live writer's stays
+        assert dest.read_bytes() == registry.path_of(registry.get_version("demo")).read_bytes()
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait(30)
+
+
+@pytest.mark.parametrize("state, message", [({}, "holds no tensors"),
+                                            ({"head.weight": [[1.0]]}, "maps 'head.weight' to a list, not a tensor"),
+                                            ({"head.weight": None}, "maps 'head.weight' to a NoneType")])
+def test_add_version_refuses_a_state_that_is_no_tensors(registry, state, message):
+    with pytest.raises(ArtifactError, match=message):
+        registry.add_version(_meta("demo"), state)
+    assert registry.tasks() == [] and _files(registry) == set()
+
+
+def test_a_registry_in_a_folder_that_does_not_exist_is_refused_and_nothing_is_made(tmp_path):
+    reg = Registry(tmp_path / "no" / "such" / "r.db")
+    with pytest.raises(RegistryError, match=r"registry folder .*no/such does not exist: create it or pass another"):
+        reg.add_version(_meta("demo"), _state(1))
+    assert list(tmp_path.iterdir()) == []  # no adapter folder made on the way
+
+
+@pytest.mark.parametrize("version", ["9" * 5000, "9" * 20])  # past int()'s 4,300 digits; past a database integer
+def test_a_version_number_too_long_is_one_line(registry, version):
+    registry.add_version(_meta("demo"), _state(1))
+    with pytest.raises(ConfigError, match=r"bad version in .*at most 9 digits"):
+        registry.get_version(f"demo@{version}")
+    out = _cli("show", f"demo@{version}", "--registry", registry.url, code=1)
+    assert "at most 9 digits" in out and len(out) < 400

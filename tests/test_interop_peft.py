@@ -23,6 +23,7 @@ from adaptkit.backbone import create_backbone  # noqa: E402
 from adaptkit.errors import ArtifactError, ConfigError  # noqa: E402
 from adaptkit.inference import Predictor  # noqa: E402
 from adaptkit.interop.peft import PEFT_EXTRA, export_peft, import_peft  # noqa: E402
+from adaptkit.registry import Registry  # noqa: E402
 
 PICO = "vit_pico_patch4_32"
 N = 10
@@ -172,6 +173,72 @@ def test_import_refusals_are_one_line(case, tmp_path, registry, backbone, base_s
     assert not registry.exists or not registry.tasks()  # nothing was registered
 
 
+HEAD = "base_model.model.head.weight"
+BAD_FILES = {  # name: (an edit of adapter_config.json, an edit of the tensors, error, message)
+    "alpha_text": ({"lora_alpha": "16"}, None, "lora_alpha must be a finite number greater than 0, got '16'"),
+    "alpha_list": ({"lora_alpha": [16]}, None, "lora_alpha must be a finite number"),
+    "dropout_text": ({"lora_dropout": "0.1"}, None, "lora_dropout must be a finite number"),
+    "dropout_one": ({"lora_dropout": 1.5}, None, "lora_dropout must be a finite number"),
+    "alpha_pattern_list": ({"alpha_pattern": ["fc1", 32]}, None, "alpha_pattern must be a mapping"),
+    "rank_pattern_list": ({"rank_pattern": [2]}, None, "rank_pattern must be a mapping"),
+    "r_text": ({"r": "8"}, None, "r must be a whole number"),
+    "r_disagrees": ({"r": 4}, None, "the LoRA tensors have rank 8, but adapter_config.json says r=4"),
+    "scalar_head": ({}, lambda t: {**t, HEAD: torch.tensor(1.0)}, r"the head is not a classifier \(head.weight \(\)"),
+    "huge_head": ({}, lambda t: {**t, HEAD: torch.full_like(t[HEAD], 3e38)}, "values up to 3e\\+38, beyond 10000"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_folders_are_one_line_artifact_errors(case, tmp_path, registry, backbone, base_state):
+    config_edit, edit, message = BAD_FILES[case]
+    folder = save_peft(base_state, tmp_path / "p", steps=0, target_modules=["qkv"])
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config_edit}))
+    if edit is not None:
+        _edit_tensors(folder, edit)
+    with pytest.raises(ArtifactError) as info:
+        import_peft(registry, folder, classes=CLASSES, backbone=backbone)
+    assert re.search(message, one_line(info)), one_line(info)
+    assert not registry.exists or not registry.tasks()
+
+
+def _deep(path) -> None:
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _huge(path) -> None:
+    with open(path, "wb") as f:
+        f.truncate(17 << 20)  # sparse: over the cap, on no disk
+
+
+@pytest.mark.parametrize("name", ["adaptkit.json", "adapter_config.json"])
+@pytest.mark.parametrize("spoil, message", [(_deep, "not (readable JSON|a PEFT config PEFT can read)"),
+                                            (_huge, "is 17,825,792 bytes, over the 16 MiB")])
+def test_deep_or_huge_json_in_a_folder_is_one_line(name, spoil, message, tmp_path, registry, backbone, base_state):
+    folder = save_peft(base_state, tmp_path / "p", steps=0, target_modules=["qkv"])
+    spoil(folder / name)
+    with pytest.raises(ArtifactError) as info:
+        import_peft(registry, folder, classes=CLASSES, backbone=backbone)
+    assert re.search(message, one_line(info)), one_line(info)
+
+
+def test_the_wrong_backbone_is_named_so(tmp_path, registry, backbone, base_state):
+    folder = save_peft(base_state, tmp_path / "p", steps=0, target_modules=["qkv"])
+    other = create_backbone("vit_cifar_tiny_patch4_32", pretrained=False)  # 6 blocks of 192, pico: 4 of 64
+    with pytest.raises(ArtifactError) as info:
+        import_peft(registry, folder, classes=CLASSES, backbone=other)
+    assert one_line(info).startswith("wrong backbone: ") and "reads 64 features, but vit_cifar_tiny_patch4_32 gives " \
+        "192" in one_line(info)
+    path = folder / "adapter_config.json"
+    named = {**json.loads(path.read_text()), "base_model_name_or_path": "timm/vit_small_patch16_224"}
+    path.write_text(json.dumps(named))
+    with pytest.raises(ArtifactError) as info:
+        import_peft(registry, folder, classes=CLASSES, backbone=backbone)
+    assert re.search(r"^wrong backbone: .* was trained on timm/vit_small_patch16_224, not vit_pico_patch4_32",
+                     one_line(info)), one_line(info)
+    assert not registry.exists or not registry.tasks()
+
+
 def test_folder_refusals(tmp_path, registry, backbone, base_state):
     folder = save_peft(base_state, tmp_path / "bin", steps=0, safe=False, target_modules=["qkv"])
     cases = [(folder, "holds adapter_model.bin, a pickle.*safe_serialization=True"),
@@ -269,6 +336,19 @@ def test_export_refusals_are_one_line(trained, tmp_path):
     shutil.rmtree(full)
 
 
+def test_a_forced_export_over_a_folder_in_a_files_place_writes_nothing(trained, tmp_path):
+    dest = tmp_path / "dest"
+    (dest / "adapter_model.safetensors").mkdir(parents=True)  # a folder where PEFT's weights go
+    (dest / "adapter_config.json").write_text("mine")
+    with pytest.raises(ConfigError) as info:
+        export_peft(trained, "lora_all", dest, overwrite=True)
+    assert re.search(r"holds adapter_model\.safetensors as something other than a file.*move that away",
+                     one_line(info)), one_line(info)
+    assert (dest / "adapter_config.json").read_text() == "mine" and sorted(p.name for p in dest.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]  # not half an export
+    assert [p.name for p in tmp_path.iterdir()] == ["dest"]  # no temporary folder left
+
+
 def test_missing_extra(monkeypatch, tmp_path, registry):
     monkeypatch.setitem(sys.modules, "peft", None)
     for call in (lambda: export_peft(registry, "t", tmp_path / "x"), lambda: import_peft(registry, tmp_path)):
@@ -302,3 +382,18 @@ def test_cli_exports_and_imports_peft_folders(trained, images, tmp_path):
     assert code == 1 and "adapts no layer" in text and not (tmp_path / "lin").exists()
     code, text = cli("import", tmp_path / "x.safetensors", "--classes", "a,b", "--registry", other)
     assert code == 1 and "--classes apply to PEFT adapter folders" in text
+
+
+def test_cli_import_of_a_folder_trained_on_random_weights_takes_no_pretrained(tmp_path, base_state):
+    from typer.testing import CliRunner
+
+    from adaptkit.cli import app
+
+    folder = save_peft(base_state, tmp_path / "p", target_modules=["qkv"])  # on pico's seeded random weights
+    reg = tmp_path / "r.db"
+    base = ["import", str(folder), "--classes", ",".join(CLASSES), "--registry", str(reg)]
+    result = CliRunner().invoke(app, [*base, "--no-pretrained"])
+    assert result.exit_code == 1 and "--no-pretrained needs --backbone NAME" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*base, "--backbone", PICO, "--no-pretrained"])
+    assert result.exit_code == 0, result.output
+    assert Registry(reg).get_version("p").backbone.weights == "random"

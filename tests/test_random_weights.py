@@ -120,3 +120,13 @@ def test_a_changed_weights_file_is_a_one_line_error(tmp_path, pico):
     with pytest.raises(BackboneError, match=r"^backbone vit_pico_patch4_32 \(weights from .*pico.safetensors\) has "
                                             r"fingerprint \w{12}, but its tasks were trained on \w{12}: restore"):
         create_backbone(PICO, weights=path, expect=pico.fingerprint)
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not a safetensors file at all", b"\xff" * 8 + b"{}"])
+def test_a_garbage_cache_file_is_rebuilt_not_an_error(tmp_path, monkeypatch, garbage):
+    monkeypatch.setenv("ADAPTKIT_CACHE", str(tmp_path))
+    cached = tmp_path / "random-backbones" / f"{PICO_V01}.safetensors"
+    cached.parent.mkdir()
+    cached.write_bytes(garbage)
+    assert recover_legacy(PICO, 0, PICO_V01, in_process=False, capabilities=[]) is None  # no CPU path asked for
+    assert not cached.exists()  # the damaged copy is gone, so a rebuild can take its place

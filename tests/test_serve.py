@@ -128,6 +128,9 @@ def test_bad_requests_get_one_line_reasons_and_spare_the_good_ones_batched_with_
         ("/predict/alpha", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
          "malformed JSON"),
         ("/predict/alpha", {"json": {"picture": "x"}}, 400, "no \"image\""),
+        ("/predict/alpha", {"content": b"[" * 50_000 + b"]" * 50_000, "headers": {
+            "content-type": "application/json"}}, 400, "malformed JSON"),  # nested deeper than json reads
+        ("/predict/alpha@" + "9" * 5000, {"content": png(imgs[0])}, 400, "at most 9 digits"),
         ("/predict/alpha", {"files": {"other": (None, "text")}}, 400, "no file"),
         ("/predict/alpha", {"content": b"--x\r\nbroken", "headers": {
             "content-type": "multipart/form-data; boundary=x"}}, 400, "multipart"),
@@ -209,9 +212,22 @@ def test_serve_without_ray_says_which_extra_to_install(monkeypatch, tmp_path):
     from adaptkit.cli import app
 
     monkeypatch.setitem(sys.modules, "ray", None)
+    for name in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):  # serve sets them for Ray: undone after
+        monkeypatch.delenv(name, raising=False)
     result = CliRunner().invoke(app, ["serve", "--registry", str(tmp_path / "r.db")])
     assert result.exit_code == 1
     assert result.output.strip() == "error: serving needs the serve extra: pip install 'adaptkit[serve]'"
+
+
+def test_requests_leave_no_info_line_each_in_the_replica_logs(served):
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    for i in range(3):
+        assert served.client.post("/predict/alpha?topk=1", content=png(served.imgs[i])).status_code == 200
+    time.sleep(1)  # the replica's log handler flushes
+    replica_logs = sorted(logs.glob("replica_main_*.log"))
+    assert replica_logs, sorted(p.name for p in logs.iterdir())
+    lines = [line for p in replica_logs for line in p.read_text(errors="replace").splitlines()]
+    assert not [line for line in lines if "/predict" in line and line.startswith("INFO")], lines[-5:]
 
 
 def test_a_version_without_routing_statistics_leaves_routed_requests_answered(served):

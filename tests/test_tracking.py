@@ -3,7 +3,9 @@ event reader and MLflow's client), the registry row names them, and bad trackers
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import pytest
 from conftest import PICO
@@ -26,10 +28,18 @@ TRAIN = ["--backbone", PICO, "--no-pretrained", "--method", "lora", "--epochs", 
 def tracked(cifar_mini, tmp_path_factory):
     """One task trained with both trackers into a temporary log folder."""
     root = tmp_path_factory.mktemp("track")
-    reg, logs = root / "r.db", root / "logs"
-    result = runner.invoke(app, ["train", "-d", f"folder:{cifar_mini}", "--task", "pets", *TRAIN, "--log-to",
-                                 "tensorboard", "--log-to", "mlflow", "--log-dir", str(logs), "--registry", str(reg)])
+    reg, logs, work = root / "r.db", root / "logs", root / "work"
+    work.mkdir()
+    here = os.getcwd()
+    os.chdir(work)  # where MLflow's own defaults would put files
+    try:
+        result = runner.invoke(app, ["train", "-d", f"folder:{cifar_mini}", "--task", "pets", *TRAIN, "--log-to",
+                                     "tensorboard", "--log-to", "mlflow", "--log-dir", str(logs), "--registry",
+                                     str(reg)])
+    finally:
+        os.chdir(here)
     assert result.exit_code == 0, result.output
+    assert list(work.iterdir()) == []  # nothing outside --log-dir (MLflow's ./mlruns was)
     return reg, logs, result.output
 
 
@@ -63,10 +73,26 @@ def test_tensorboard_holds_steps_epochs_and_the_recipe(tracked):
     assert "recipe/text_summary" in events.Tags()["tensors"]
 
 
+def test_tensorboard_hparams_say_what_was_trained(tracked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    reg, _, _ = tracked
+    version = Registry(reg).get_version("pets")
+    events = EventAccumulator(version.train["tracking"]["tensorboard"]["log_dir"]).Reload()
+    hparams = {}
+    for content in events.PluginTagToContent("hparams").values():
+        data = HParamsPluginData.FromString(content)
+        if data.HasField("session_start_info"):
+            hparams.update({k: v.string_value or v.number_value for k, v in data.session_start_info.hparams.items()})
+    assert hparams["task"] == "pets" and hparams["dataset"].startswith("folder:") and hparams["backbone"] == PICO
+    assert hparams["method"] == "lora" and hparams["method_config.rank"] == 8
+
+
 def test_mlflow_holds_params_metrics_and_the_adapter_file(tracked, tmp_path):
     from mlflow import MlflowClient
 
-    reg, _, _ = tracked
+    reg, logs, _ = tracked
     registry = Registry(reg)
     version = registry.get_version("pets")
     run_info = version.train["tracking"]["mlflow"]
@@ -79,6 +105,7 @@ def test_mlflow_holds_params_metrics_and_the_adapter_file(tracked, tmp_path):
     history = client.get_metric_history(run.info.run_id, "train_step_loss")
     assert [m.step for m in history] == [1, 2, 3, 4]
     (artifact,) = client.list_artifacts(run.info.run_id)
+    assert run.info.artifact_uri.startswith((logs / "mlartifacts").resolve().as_uri())
     local = client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path))
     exported = registry.export("pets", tmp_path / "again.safetensors")
     assert load_file(local).keys() == load_file(exported).keys()
@@ -105,3 +132,18 @@ def test_a_missing_extra_names_it(monkeypatch, tmp_path):
     with pytest.raises(ConfigError) as info:
         open_trackers(["mlflow"], run_name="x", log_dir=tmp_path)
     assert str(info.value) == "logging to mlflow needs the tracking extra: pip install 'adaptkit[tracking]'"
+
+
+@pytest.mark.parametrize("uri, words", [("http://127.0.0.1:{port}", "no MLflow server answers at"),
+                                        ("file:///dev/null", "cannot start an MLflow run at file:///dev/null")])
+def test_an_unusable_mlflow_store_is_one_line_within_seconds(monkeypatch, tmp_path, uri, words):
+    from ports import free_port
+
+    from adaptkit.training.tracking import open_trackers
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(port=free_port()))  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        open_trackers(["mlflow"], run_name="x")
+    assert time.monotonic() - start < 30  # MLflow's own retries took 150-250 s
+    assert words in str(info.value) and "\n" not in str(info.value)

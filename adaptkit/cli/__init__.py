@@ -8,8 +8,8 @@ import importlib
 
 from adaptkit.cli.common import app
 
-for _module in ("train_cmd", "inspect_cmds", "predict_cmds", "continual_cmds", "manage", "ui_cmd", "doctor_cmd",
-                "serve_cmd"):
+for _module in ("train_cmd", "inspect_cmds", "backbones_cmd", "predict_cmds", "continual_cmds", "manage", "ui_cmd",
+                "doctor_cmd", "serve_cmd"):
     importlib.import_module(f"adaptkit.cli.{_module}")
 
 __all__ = ["app"]

@@ -15,8 +15,9 @@ def doctor(
     repair: Annotated[bool, typer.Option("--repair", help="Fix what is found: remove unusable versions, set "
                                          "defaults, delete crash leftovers")] = False,
     min_age: Annotated[float | None, typer.Option("--min-age", min=0, help="Seconds: a file no row refers to "
-                                                  "counts as a leftover only when older, while a write may be "
-                                                  "in flight (default 3600)")] = None,
+                                                  "counts as a leftover only when older, on a store without "
+                                                  "locks (S3) where a write may be in flight (default 3600); a "
+                                                  "local folder whose lock a writer holds is left alone")] = None,
     registry: RegistryOpt = None,
     adapters: AdaptersOpt = None,
 ) -> None:

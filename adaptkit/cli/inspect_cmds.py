@@ -79,7 +79,8 @@ def show(ref: RefArg, recipe: Annotated[bool, typer.Option("--recipe", help="Pri
              f"{x.train_time_s:.0f} s" if x.train_time_s else "-", x.device or "-"] for x in t.versions]
     print_table(out, cols, rows, title="versions (* = default)")
     b = v.backbone
-    for line in (f"v{v.version}: backbone {b.name} ({b.weights}), fingerprint {b.fingerprint[:16]}",
+    size = (b.data_config or {}).get("input_size") or ["?"]
+    for line in (f"v{v.version}: backbone {b.name} ({b.weights}) at {size[-1]} px, fingerprint {b.fingerprint[:16]}",
                  f"file {reg.location_of(v)} sha256 {v.sha256[:16]}", f"metrics {json.dumps(v.metrics)}"):
         echo(escape(line))
     echo(escape(f"recipe {describe_recipe(v.train)}"))

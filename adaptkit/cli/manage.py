@@ -112,6 +112,8 @@ def import_file(
                                                  "base_model_name_or_path]")] = None,
     weights: Annotated[Path | None, typer.Option(metavar="FILE", help="PEFT folders: local weights of that "
                                                  "backbone instead of the hub")] = None,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="PEFT folders: --no-pretrained "
+                                             "for a backbone with random weights (trained on no data)")] = True,
     registry: RegistryOpt = None,
     adapters: AdaptersOpt = None,
 ) -> None:
@@ -121,19 +123,22 @@ def import_file(
     if file.is_dir():
         from adaptkit.interop.peft import import_peft
 
-        if weights is not None and backbone is None:
-            raise ConfigError("--weights needs --backbone NAME: the timm ViT those weights are for")
-        if weights is not None:
+        if (weights is not None or not pretrained) and backbone is None:
+            given = "--weights" if weights is not None else "--no-pretrained"
+            raise ConfigError(f"{given} needs --backbone NAME: the timm ViT those weights are for")
+        if weights is not None or not pretrained:
             from adaptkit.backbone import create_backbone
 
-            chosen: object = create_backbone(backbone, weights=str(weights), device="cpu")
+            chosen: object = create_backbone(backbone, weights=None if weights is None else str(weights),
+                                             pretrained=pretrained, device="cpu")
         else:
             chosen = backbone
         v = import_peft(reg, file, task=task, classes=classes, labels_file=labels_file, backbone=chosen)
         echo(f"imported PEFT adapter {file} as {v.ref}")
         return
     extra = [name for name, value in (("--classes", classes), ("--labels-file", labels_file),
-                                      ("--backbone", backbone), ("--weights", weights)) if value is not None]
+                                      ("--backbone", backbone), ("--weights", weights),
+                                      ("--no-pretrained", None if pretrained else True)) if value is not None]
     if extra:
         raise ConfigError(f"{', '.join(extra)} apply to PEFT adapter folders; {file} is a file, which names its "
                           "own classes and backbone")

@@ -52,6 +52,16 @@ def serve(
     check_int("--replicas", replicas, 1)
     check_float("--cache-mb", cache_mb, 0)
     check_float("--batch-wait-ms", batch_wait_ms, 0)
+    from importlib.metadata import PackageNotFoundError, version
+
+    from adaptkit.serving import ray_cluster
+
+    try:
+        ray_cluster.check_version(version("ray"))
+    except PackageNotFoundError:
+        raise ConfigError(SERVE_EXTRA) from None
+    for note in ray_cluster.prepare(host):  # before Ray is imported: it reads these settings then
+        err.print(f"note: {note}")
     try:
         import ray
         from ray import serve as ray_serve
@@ -69,6 +79,8 @@ def serve(
             "threads": max(1, cpus // replicas)}
     ray.init(address="local", num_cpus=max(cpus, replicas), include_dashboard=False, logging_level="warning",
              configure_logging=False)
+    if ray_cluster.is_loopback(host) and not ray_cluster.is_loopback(ray.util.get_node_ip_address()):
+        err.print(f"note: Ray's control plane listens on {ray.util.get_node_ip_address()}, not only on {host}")
     try:
         ray_serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         ray_serve.run(build_app(args), name="adaptkit", route_prefix="/")

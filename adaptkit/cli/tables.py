@@ -88,8 +88,27 @@ def _plain_lines(cols: Sequence[Col], rows: Sequence[Sequence[str]]) -> list[str
     return lines
 
 
-def print_table(console: Console, cols: Sequence[Col], rows: Sequence[Sequence[str]], title: str | None = None) -> None:
-    """Print a table: fitted to the terminal, or plain (no borders, no title, nothing cut) when piped."""
+def _grouped(cols: Sequence[Col], rows: Sequence[Sequence[str]], group: int) -> tuple[list[Col], list[list[str]]]:
+    """Column ``group`` taken out: its value heads each run of rows that share it, on a row of its own."""
+    rest = [c for i, c in enumerate(cols) if i != group]
+    out, last = [], None
+    for row in rows:
+        if row[group] != last:
+            out.append([f"{row[group]}:", *[""] * (len(rest) - 1)])
+            last = row[group]
+        out.append([v for i, v in enumerate(row) if i != group])
+    return rest, out
+
+
+def print_table(console: Console, cols: Sequence[Col], rows: Sequence[Sequence[str]], title: str | None = None,
+                group: int | None = None) -> None:
+    """Print a table: fitted to the terminal, or plain (no borders, no title, nothing cut) when piped.
+
+    ``group``: the index of a column the rows come sorted by; its value heads each group on a row of its own, so
+    the table is only as wide as the other columns.
+    """
+    if group is not None:
+        cols, rows = _grouped(cols, rows, group)
     if not console.is_terminal:
         for line in _plain_lines(cols, rows):
             console.print(line, markup=False, highlight=False, soft_wrap=True)

@@ -43,6 +43,9 @@ def train(
                                                   "instead of the hub")] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="--no-pretrained: random "
                                              "backbone weights (recorded as such)")] = True,
+    image_size: Annotated[int | None, typer.Option(metavar="N", help="Input size in px, a multiple of the patch "
+                                                   "(position embedding resampled; the task predicts at it) "
+                                                   "[default: the backbone's own]")] = None,
     method: Annotated[str, typer.Option(metavar="NAME", help=METHOD_HELP)] = "adapter",
     rank: Annotated[int | None, typer.Option(metavar="R", help="Adapter bottleneck / LoRA rank "
                                              "[default: 64 / 8]")] = None,
@@ -102,6 +105,7 @@ def train(
 
     Only the adapter and the head train; the backbone stays frozen and shared by every task.
     """
+    from adaptkit.backbone import BackboneSpec
     from adaptkit.training import train as run
 
     method_config = _method_config(method, rank=rank, placement=placement, scale=scale, alpha=alpha,
@@ -114,8 +118,9 @@ def train(
                          precision=precision, limit_train=limit_train, limit_eval=limit_eval,
                          num_workers=num_workers, checkpointing=checkpointing, feature_cache=feature_cache)
     with train_progress(err, plain()) as on_event:
-        result = run(dataset, task=task, backbone=backbone, weights=str(weights) if weights else None,
-                     pretrained=pretrained, method=method, method_config=method_config, config=config,
+        spec = BackboneSpec(backbone, weights=str(weights) if weights else None, pretrained=pretrained,
+                            image_size=image_size)
+        result = run(dataset, task=task, backbone=spec, method=method, method_config=method_config, config=config,
                      registry=registry_of(registry, adapters), data_dir=str(data_dir) if data_dir else None,
                      download=download, on_event=on_event, classes=classes, init_from=init_from,
                      log_to=log_to or None, log_dir=log_dir, image_column=image_column,

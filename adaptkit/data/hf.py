@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import socket
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -129,6 +130,20 @@ def _offline_mode(datasets: Any) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
+@contextlib.contextmanager
+def _bars_at_a_terminal(datasets: Any) -> Iterator[None]:
+    """``datasets``' own progress bars (generating splits, loading shards) only when stderr is a terminal: piped or
+    logged, they would be lines of carriage returns in someone's output. Restored afterwards."""
+    quiet = not sys.stderr.isatty() and not datasets.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
 def _from_hub(datasets: Any, arg: str) -> Any:
     name, _, config = (s.strip() for s in arg.partition(":"))
     if not name:
@@ -210,6 +225,10 @@ def _label_names(datasets: Any, table: Any, column: str, spec: str, split: str) 
     feature = table.features[column]
     values = table.with_format("arrow")[column].to_pylist()  # the one column, without decoding any image
     if isinstance(feature, datasets.ClassLabel):
+        bad = next((i for i, v in enumerate(values) if v is not None and v >= len(feature.names)), None)
+        if bad is not None:
+            raise DatasetError(f"row {bad} of {spec} ({split}) has label {values[bad]} in column '{column}', whose "
+                               f"ClassLabel has {len(feature.names)} names: fix the row's label or the names")
         return [feature.names[v] if v is not None and v >= 0 else None for v in values]
     if not _is_plain_label(datasets, feature):
         raise DatasetError(f"label column '{column}' of {spec} ({split}) holds {feature}: give a ClassLabel, int or "
@@ -282,7 +301,8 @@ def load_hf(spec: str, *, image_column: str | None = None, label_column: str | N
         raise DatasetError("this page trains from the data roots only: hf:NAME data sets are trained on the command "
                            "line (adaptkit train --dataset hf:NAME)")
     loader = {"hf": _from_hub, "hf-disk": _from_disk, "hf-files": _from_files}[kind.lower()]
-    loaded = loader(datasets, arg.strip()) if roots is None else loader(datasets, arg.strip(), roots)
+    with _bars_at_a_terminal(datasets):
+        loaded = loader(datasets, arg.strip()) if roots is None else loader(datasets, arg.strip(), roots)
     splits = {str(k).lower(): v for k, v in loaded.items()} if isinstance(loaded, dict) else {"train": loaded}
     if "train" not in splits:
         raise DatasetError(f"{spec} has no train split (its splits: {', '.join(splits) or 'none'}): name one "
@@ -290,7 +310,8 @@ def load_hf(spec: str, *, image_column: str | None = None, label_column: str | N
     img_col, lab_col = _columns(datasets, splits["train"].features, image_column, label_column, spec)
     val_name = next((v for v in VAL_SPLITS if v in splits), None)
     parts = {s: splits[k] for s, k in (("train", "train"), ("val", val_name), ("test", "test")) if k in splits}
-    parts = _with_images(datasets, parts, img_col, lab_col, spec)
+    with _bars_at_a_terminal(datasets):
+        parts = _with_images(datasets, parts, img_col, lab_col, spec)
     for s, table in parts.items():  # images named by path: never a URL, never outside the roots
         check_image_refs(_image_refs(table, img_col), roots, f"the {s} split of {spec}")
     names = {s: _label_names(datasets, t, lab_col, spec, s) for s, t in parts.items()}

@@ -184,8 +184,10 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
         image_column: the image column of an hf data set; default its one ``datasets.Image`` column.
         label_column: the label column of an hf data set; default its one ``ClassLabel`` column, else its one int or
             string column (class names then are the sorted distinct values).
-        data_roots: read no file outside these folders (resolved; the web page's data roots): only folder:,
-            hf-disk: and hf-files: data sets then, each checked file by file (:mod:`adaptkit.data.confine`).
+        data_roots: read no file a data set names outside these folders (resolved; the web page's data roots):
+            folder:, hf-disk: and hf-files: data sets are checked file by file (:mod:`adaptkit.data.confine`); the
+            built-in sets and torchvision's (read from ``data_dir``, never from a path the spec names) are kept;
+            an hf: set from the hub is refused.
 
     Returns:
         TaskData with class names and the three splits, each yielding (tensor C x H x W, int label).
@@ -205,9 +207,9 @@ def load_task_data(spec: str, data_config: dict, *, data_dir: str | Path | None 
     own_val: list[int] | None = None  # indices into the train source of the data set's own validation split
     if (image_column is not None or label_column is not None) and not name.startswith(HF_SPECS):
         raise DatasetError(f"image_column and label_column apply to hf:, hf-disk: and hf-files: data sets, not {spec}")
-    if data_roots is not None and not name.startswith((*HF_SPECS, "folder:")):
-        raise DatasetError(f"{spec} is not a folder inside the data roots: give folder:PATH, hf-disk:PATH or "
-                           "hf-files:PATH inside them")
+    if data_roots is not None and name.startswith("hf:"):
+        raise DatasetError(f"{spec} comes from the Hugging Face hub, which is not inside the data roots: train it on "
+                           "the command line, or save it inside the data roots and give hf-disk:PATH")
     if name.startswith(HF_SPECS):
         (classes, train_src, train_idx, test_src, test_idx), own_val = load_hf(
             key, image_column=image_column, label_column=label_column, roots=data_roots)

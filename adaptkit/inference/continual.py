@@ -21,6 +21,7 @@ from adaptkit.inference.predictor import Predictor
 from adaptkit.inference.results import LoadedTask
 from adaptkit.inference.router import DEFAULT_ROUTER, Router
 from adaptkit.inference.routing_stats import collect_task_stats, split_state
+from adaptkit.inference.token_stats import tapped_blocks
 from adaptkit.registry import Registry, TaskRow
 
 __all__ = ["fit_routing", "evaluate_continual", "compare_routers", "ContinualReport", "task_order"]
@@ -38,8 +39,8 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
                 dataset: str | None = None, device: str | None = None, data_dir: str | None = None,
                 download: bool = True, batch_size: int = 128,
                 on_task: Callable[[str, str], None] | None = None) -> list[str]:
-    """Compute routing statistics for registered versions that lack them, or lack the rejection percentiles (see
-    :mod:`adaptkit.inference.routing_stats`); returns the refs that got new files.
+    """Compute routing statistics for registered versions that lack them, the rejection percentiles or the token
+    statistics (see :mod:`adaptkit.inference.routing_stats`); returns the refs that got new files.
 
     Args:
         tasks: ``task`` or ``task@N`` refs (default: every task's default version).
@@ -61,7 +62,10 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
         row = registry.get_version(ref)
         state, meta = registry.load_version(row)
         own, stats = split_state(state)
-        if stats is not None and stats.calibrated and not force:
+        complete = stats is not None and stats.calibrated and stats.tokens is not None
+        if stats is not None and stats.calibrated and not complete:  # no token statistics: their trunk may lack them
+            complete = not tapped_blocks(predictor.load(row.ref).host.backbone.model)
+        if complete and not force:
             (on_task or (lambda *a: None))(row.ref, "has routing statistics already")
             continue
         if not dataset and row.train.get("imported_from"):
@@ -195,6 +199,7 @@ class _TestSet:
     labels: torch.Tensor
     features: dict[int, torch.Tensor]  # by backbone (key of Predictor.by_backbone)
     batch_size: int
+    taps: dict[int, dict[int, torch.Tensor] | None] = field(default_factory=dict)  # by backbone: block tokens
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # by task index: (N, C_t), NaN where not run
 
     @classmethod
@@ -207,21 +212,23 @@ class _TestSet:
             raise DatasetError(f"{own.ref}: its data set {own.meta.dataset} has no test images")
         pairs = [data.test[i] for i in range(len(data.test))]
         images, labels = torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
-        features = {}
+        features, taps = {}, {}
         for key, members in hosts.items():
             x = images
             if members[0].host.backbone.data_config != own.host.backbone.data_config:
                 raw = TransformedSubset(data.test.source, data.test.indices, None)
                 x = predictor.preprocess([raw[i][0] for i in range(len(raw))], members[0])
-            features[key] = torch.cat([predictor.frozen_features(x[i:i + batch_size].to(predictor.device),
-                                                                 members[0]).cpu()
-                                       for i in range(0, len(x), batch_size)])
-        return cls(task=j, images=images, labels=labels, features=features, batch_size=batch_size)
+            blocks = tuple(sorted({b for t in members if t.routing.tokens for b in t.routing.tokens.blocks}))
+            parts = [predictor.frozen_pass(x[i:i + batch_size].to(predictor.device), members, blocks)
+                     for i in range(0, len(x), batch_size)]
+            features[key] = torch.cat([f.cpu() for f, _, _ in parts])
+            taps[key] = {b: torch.cat([t[b].cpu() for _, _, t in parts]) for b in blocks} if parts[0][2] else None
+        return cls(task=j, images=images, labels=labels, features=features, batch_size=batch_size, taps=taps)
 
     def stage(self, predictor: Predictor, tasks: list[LoadedTask], hosts: dict[int, list[LoadedTask]],
               router: str, refine: bool) -> dict[str, int]:
         """Counts of correct answers on this set with the tasks of ``hosts`` registered."""
-        routes = predictor.pick(hosts, self.features, router)
+        routes = predictor.pick(hosts, self.features, router, taps=self.taps)
         own = tasks[self.task]
         routed_home = torch.tensor([r.task is own for r in routes])
         given = self.task_logits(predictor, tasks, self.task, list(range(len(self.labels)))).argmax(1)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from adaptkit.backbone import create_backbone
+from adaptkit.backbone import create_backbone, recorded_image_size
 from adaptkit.checks import check_int
 from adaptkit.devices import resolve_device
 from adaptkit.errors import ArtifactError, ConfigError
@@ -167,7 +167,8 @@ class Predictor(AutoPredict):
             for k in [k for k, v in self._refs.items() if v.host is old]:
                 del self._refs[k]
             _log.info("dropped backbone %s from memory", old.backbone.name)
-        backbone = create_backbone(row.backbone.name, weights=row.backbone.weights, device=self.device, expect=fp)
+        backbone = create_backbone(row.backbone.name, weights=row.backbone.weights, device=self.device, expect=fp,
+                                   image_size=recorded_image_size(row.backbone.data_config))  # as it trained
         from adaptkit.data import build_transform
 
         host = _Host(backbone=backbone, transform=build_transform(backbone.data_config, train=False))

@@ -74,12 +74,15 @@ class AutoPredict:
         routable, left_out = self._candidates(tasks)
         hosts = self.by_backbone(routable)
         batches = {key: self.preprocess(images, members[0]) for key, members in hosts.items()}
-        passes = {key: self.frozen_prefix(batches[key], members) for key, members in hosts.items()}
-        feats = {key: f for key, (f, _) in passes.items()}
-        routes = self.pick(hosts, feats, router, reject_rate)
+        # one frozen pass per backbone gives the router its features and the blocks' tokens its rejection reads
+        passes = {key: self.frozen_pass(batches[key], members, self._router(members, router).blocks)
+                  for key, members in hosts.items()}
+        feats = {key: f for key, (f, _, _) in passes.items()}
+        taps = {key: t for key, (_, _, t) in passes.items()}
+        routes = self.pick(hosts, feats, router, reject_rate, taps)
         for r in routes:
             r.left_out = left_out
-        return routes, batches, {key: p for key, (_, p) in passes.items()}
+        return routes, batches, {key: p for key, (_, p, _) in passes.items()}
 
     @staticmethod
     def by_backbone(tasks: list[LoadedTask]) -> dict[int, list[LoadedTask]]:
@@ -98,25 +101,37 @@ class AutoPredict:
         """The bare backbone's (B, d) features of a batch, and its tokens at the first block any of ``tasks`` (all
         on one backbone) changes, for their own pass to start from (None when one of them changes something
         before the first block)."""
+        return self.frozen_pass(x, tasks)[:2]  # type: ignore[return-value]
+
+    def frozen_pass(self, x: torch.Tensor, tasks: list[LoadedTask], blocks: tuple[int, ...] = ()
+                    ) -> tuple[torch.Tensor, FrozenPrefix | None, dict[int, torch.Tensor] | None]:
+        """:meth:`frozen_prefix`, and from the same pass the mean patch tokens (B, d) after ``blocks`` (the index
+        ``depth``: the pooled output) that the rejection score reads; None when the trunk cannot be split or none
+        are asked for."""
         trunk = tasks[0].host.backbone.model
         depth = len(getattr(trunk, "blocks", ()))
         starts = [first_changed_block(t.model.parts, depth) for t in tasks if t.model.trunk is trunk]
-        if not starts or None in starts or not splittable(trunk):
-            return self.frozen_features(x, tasks[0]), None
-        start = min(starts)  # type: ignore[type-var]
+        shareable = bool(starts) and None not in starts and splittable(trunk)
+        taps = dict.fromkeys(blocks) if blocks and splittable(trunk) else None
+        if not shareable and taps is None:
+            return self.frozen_features(x, tasks[0]), None, None
+        start = min(starts) if shareable else 0  # type: ignore[type-var]
         with self._gate.reading(), torch.inference_mode(), self._autocast(), frozen(trunk):
-            tokens = run_prefix(trunk, x, start)
-            feats = run_suffix(trunk, tokens, start).float()
-        return feats, FrozenPrefix(trunk, start, tokens)
+            tokens = run_prefix(trunk, x, start, taps)
+            feats = run_suffix(trunk, tokens, start, taps).float()
+        return (feats, FrozenPrefix(trunk, start, tokens) if shareable else None,
+                taps and {b: t.float() for b, t in taps.items()})
 
     def pick(self, hosts: dict[int, list[LoadedTask]], feats: dict[int, torch.Tensor], router: str,
-             reject_rate: float | None = None) -> list[Route]:
+             reject_rate: float | None = None, taps: dict[int, dict[int, torch.Tensor] | None] | None = None
+             ) -> list[Route]:
         """Route each image: within a backbone by the router's task posterior; across backbones to the one whose
         classes the image is most typical of (smallest standardised Mahalanobis distance). With ``reject_rate``
-        an image whose chosen task fits it less than that (see :class:`Route`) is marked rejected."""
+        an image whose chosen task fits it less than that (see :class:`Route`) is marked rejected; ``taps``: per
+        backbone the mean patch tokens the tasks' rejection scores read (:attr:`Router.blocks`)."""
         best: list[tuple[float, Route]] = []
         for key, members in hosts.items():
-            routes = self._router(members, router).route(feats[key])
+            routes = self._router(members, router).route(feats[key], (taps or {}).get(key))
             (values, indices), typical = routes.ranked(), routes.typicality.tolist()
             fits = routes.fit.tolist() if routes.fit is not None else None
             for b, (v, i) in enumerate(zip(values.tolist(), indices.tolist(), strict=True)):

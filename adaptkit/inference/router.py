@@ -169,11 +169,17 @@ class Router:
             return nn.functional.normalize(f, dim=1) @ self.weight / _NCM_TEMPERATURE
         return f @ self.weight + self.bias
 
-    def route(self, feats: torch.Tensor) -> Routes:
-        """(B, d) frozen features -> the posterior over tasks and classes, and the images' typicality."""
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The blocks whose mean patch token the tasks' rejection scores read (see :meth:`fit`)."""
+        return tuple(sorted({b for s in self.stats if s.tokens is not None for b in s.tokens.blocks}))
+
+    def route(self, feats: torch.Tensor, taps: dict[int, torch.Tensor] | None = None) -> Routes:
+        """(B, d) frozen features (and the mean patch tokens of :attr:`blocks`, block -> (B, d)) -> the posterior
+        over tasks and classes, the images' typicality and their fit to each task."""
         f = feats.float().to(self.weight.device)
         class_probs = self.scores(f).softmax(dim=1)
-        fit = self.fit(f)
+        fit = self.fit(f, taps)
         if self.by_fit and self.num_tasks > 1 and bool((~fit.isnan()).any()):
             # posterior x fit: each class weighed by how well the image fits its task's held-out spread
             weight = fit.nan_to_num(UNCALIBRATED_FIT).clamp(min=FIT_FLOOR)[:, self.task_of_class]
@@ -197,14 +203,17 @@ class Router:
                 out[:, t] = w.scores(feats).cpu()
         return out
 
-    def fit(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, d) frozen features -> (B, T): the share of each task's own images that lie farther out than the
-        image (1: as typical as any, 0: farther than all); NaN for tasks without rejection percentiles."""
-        scores = self.ood_scores(feats)
-        out = torch.full_like(scores, float("nan"))
+    def fit(self, feats: torch.Tensor, taps: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, d) frozen features (and the mean patch tokens of :attr:`blocks`) -> (B, T): the share of each task's
+        own images that lie farther out than the image (1: as typical as any, 0: farther than all), on the blocks'
+        tokens where the task has their statistics and ``taps`` holds them, else on the pooled output; NaN for tasks
+        without rejection percentiles."""
+        out = torch.full((len(feats), self.num_tasks), float("nan"))
         for t, (s, w) in enumerate(zip(self.stats, self.whiteners, strict=True)):
-            if w is not None:
-                out[:, t] = s.fit(scores[:, t]).float()
+            if s.tokens is not None and taps is not None and all(b in taps for b in s.tokens.blocks):
+                out[:, t] = s.tokens.fit(s.tokens.scores(taps)).float()
+            elif w is not None:
+                out[:, t] = s.fit(w.scores(feats).cpu()).float()
         return out
 
 

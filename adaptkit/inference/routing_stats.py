@@ -13,6 +13,11 @@ most :data:`CALIBRATION_IMAGES` images scored). An image's *fit* to a task is th
 that lie farther out; routed prediction rejects an image whose chosen task fits it less than a stated false-rejection
 rate (default 5 %: beyond the 95th percentile). The statistics are the task's alone, so the threshold never changes
 when tasks are added; versions without the percentiles (trained before they existed) are never rejected.
+
+Where the trunk can be split (:func:`adaptkit.trunk.splittable`), a version also keeps the same kind of score read on
+the mean patch token of a few blocks, which tells broad photo tasks from other kinds of image far better
+(:mod:`adaptkit.inference.token_stats`); when a version has it, its fit is read from it. Versions without it (older
+files, other trunks) are scored on the pooled output as before.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from torch.utils.data import DataLoader
 from adaptkit.artifacts import ROUTING_PREFIX
 from adaptkit.data import TaskData, TransformedSubset
 from adaptkit.errors import ConfigError, step
+from adaptkit.inference.token_stats import TokenCalibration, TokenStats, fit_from_quantiles, interp, tapped_blocks
 from adaptkit.methods import task_context
+from adaptkit.trunk import run_prefix
 
 __all__ = ["ROUTING_PREFIX", "RoutingStats", "split_state", "frozen", "collect_stats", "accumulate_stats",
            "collect_task_stats", "task_stats_from_features", "Calibration", "DEFAULT_REJECT_RATE", "OOD_SHRINKAGE",
@@ -53,6 +60,7 @@ class RoutingStats:
         ood_quantiles: (101,) percentiles 0..100 of the rejection score (:class:`Whitener`) of the task's own
             training images, each scored by the statistics of the other folds; None: never reject (older files).
         ood_shrinkage: the share of the identity in the covariance of that score.
+        tokens: the rejection score on the blocks' tokens and its percentiles (None: score the pooled output).
     """
 
     means: torch.Tensor
@@ -60,6 +68,7 @@ class RoutingStats:
     scatter: torch.Tensor
     ood_quantiles: torch.Tensor | None = None
     ood_shrinkage: float = OOD_SHRINKAGE
+    tokens: TokenStats | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -71,15 +80,14 @@ class RoutingStats:
         if self.ood_quantiles is None:
             return None
         q = self.ood_quantiles.double()
-        return float(_interp(torch.tensor([100 * (1 - reject_rate)]).double(),
+        return float(interp(torch.tensor([100 * (1 - reject_rate)]).double(),
                              torch.linspace(0, 100, len(q)).double(), q)[0])
 
     def fit(self, scores: torch.Tensor) -> torch.Tensor | None:
         """(B,) rejection scores -> (B,) the share of the task's own images that score higher (lie farther out)."""
         if self.ood_quantiles is None:
             return None
-        q = self.ood_quantiles.double()
-        return 1 - _interp(scores.double().cpu(), q, torch.linspace(0, 1, len(q)).double())
+        return fit_from_quantiles(self.ood_quantiles, scores)
 
     @property
     def dim(self) -> int:
@@ -94,6 +102,8 @@ class RoutingStats:
         if self.ood_quantiles is not None:
             out[f"{ROUTING_PREFIX}ood_quantiles"] = self.ood_quantiles.float().contiguous()
             out[f"{ROUTING_PREFIX}ood_shrinkage"] = torch.tensor([float(self.ood_shrinkage)], dtype=torch.float64)
+        if self.tokens is not None:
+            out.update(self.tokens.to_tensors(ROUTING_PREFIX))
         return out
 
     @classmethod
@@ -116,7 +126,8 @@ class RoutingStats:
                 raise ConfigError("routing statistics have bad rejection percentiles: refit them with "
                                   + step("routing_refit"))
         return cls(means=means, counts=counts, scatter=scatter, ood_quantiles=quantiles,
-                   ood_shrinkage=float(shrinkage) if shrinkage is not None else OOD_SHRINKAGE)
+                   ood_shrinkage=float(shrinkage) if shrinkage is not None else OOD_SHRINKAGE,
+                   tokens=TokenStats.from_tensors(tensors, ROUTING_PREFIX, d))
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], RoutingStats | None]:
@@ -145,17 +156,28 @@ def collect_stats(trunk: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.
         device: where to run.
         calibration: also compute the rejection percentiles (see :class:`Calibration`).
     """
+    blocks = tapped_blocks(trunk) if calibration is not None else ()
+
+    def features(x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        taps = dict.fromkeys(blocks)
+        return run_prefix(trunk, x.to(device), len(trunk.blocks), taps) if blocks else trunk(x.to(device)), taps
+
     with frozen(trunk):
         trunk.eval()
-        return accumulate_stats(((trunk(x.to(device)), y) for x, y in batches), num_classes, calibration)
+        return accumulate_stats(((f, y, taps) for x, y in batches for f, taps in [features(x)]), num_classes,
+                                calibration, blocks=blocks)
 
 
-def accumulate_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-                     calibration: Calibration | None = None) -> RoutingStats:
-    """(frozen features (B, d), labels) batches -> :class:`RoutingStats`, summed in float64 in the batches' order;
-    with ``calibration`` (built for as many images as the batches hold) the rejection percentiles too."""
-    sums = counts = second = None
-    for f, y in batches:
+def accumulate_stats(batches: Iterable[tuple], num_classes: int, calibration: Calibration | None = None,
+                     blocks: tuple[int, ...] = ()) -> RoutingStats:
+    """(frozen features (B, d), labels[, mean patch tokens per block]) batches -> :class:`RoutingStats`, summed in
+    float64 in the batches' order; with ``calibration`` (built for as many images as the batches hold) the rejection
+    percentiles too, and with ``blocks`` too (the batches' third item: block -> (B, d)) the token statistics
+    (:mod:`adaptkit.inference.token_stats`)."""
+    sums = counts = second = tokens = None
+    if calibration is not None and blocks:
+        tokens = TokenCalibration(calibration.total, num_classes, tuple(blocks))
+    for f, y, *rest in batches:
         f = f.double().cpu()
         if sums is None:
             d = f.shape[1]
@@ -166,6 +188,8 @@ def accumulate_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_c
         second += f.T @ f
         if calibration is not None:
             calibration.add(f, y.long().cpu())
+        if tokens is not None:
+            tokens.add(rest[0], y)
     if sums is None:
         raise ConfigError("no images to collect routing statistics from")
     means = sums / counts.clamp(min=1)[:, None].double()
@@ -173,15 +197,8 @@ def accumulate_stats(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_c
     stats = RoutingStats(means=means.float(), counts=counts.long(), scatter=scatter.float())
     if calibration is not None:
         stats.ood_quantiles, stats.ood_shrinkage = calibration.quantiles(), calibration.shrinkage
+        stats.tokens = tokens.stats(MIN_CALIBRATION) if tokens is not None else None
     return stats
-
-
-def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation of ``x`` on the increasing ``xp`` -> ``fp``, constant beyond the ends."""
-    i = torch.searchsorted(xp.contiguous(), x.contiguous(), right=True).clamp(1, len(xp) - 1)
-    x0, x1, y0, y1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
-    t = ((x - x0) / (x1 - x0).clamp(min=1e-300)).clamp(0, 1)
-    return y0 + t * (y1 - y0)
 
 
 def check_reject_rate(rate: float) -> float:
@@ -315,7 +332,8 @@ def collect_task_stats(trunk: nn.Module, data: TaskData, device: torch.device | 
 
 
 def task_stats_from_features(data: TaskData, features: torch.Tensor, labels: torch.Tensor,
-                             batch_size: int = 128, calibrate: bool = True) -> RoutingStats:
+                             tokens: dict[int, torch.Tensor] | None = None, batch_size: int = 128,
+                             calibrate: bool = True) -> RoutingStats:
     """:func:`collect_task_stats` from frozen features already computed, with no pass over the images.
 
     Args:
@@ -323,6 +341,8 @@ def task_stats_from_features(data: TaskData, features: torch.Tensor, labels: tor
         features: (N, d) the bare backbone's pooled features of ``data.train`` then ``data.val``, in their order,
             in the eval transform.
         labels: (N,) their labels.
+        tokens: the mean patch tokens of :func:`tapped_blocks` (block -> (N, d)) of the same images, in their
+            order; None: no token statistics (the version is scored on the pooled output).
         batch_size: as for :func:`collect_task_stats`: the same images summed in the same order and batches.
         calibrate: also compute the rejection percentiles (as :func:`collect_task_stats` does).
     """
@@ -332,4 +352,6 @@ def task_stats_from_features(data: TaskData, features: torch.Tensor, labels: tor
     order = torch.tensor(sorted(range(len(indices)), key=indices.__getitem__))
     batches = (order[i:i + batch_size] for i in range(0, len(order), batch_size))
     calibration = Calibration(len(order), len(data.classes)) if calibrate else None
-    return accumulate_stats(((features[rows], labels[rows]) for rows in batches), len(data.classes), calibration)
+    tokens = tokens or {}
+    return accumulate_stats(((features[rows], labels[rows], {b: t[rows] for b, t in tokens.items()})
+                             for rows in batches), len(data.classes), calibration, blocks=tuple(sorted(tokens)))

@@ -18,8 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +26,14 @@ import torch
 
 import adaptkit
 from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, check_task_name
-from adaptkit.backbone import Backbone, create_backbone
+from adaptkit.backbone import Backbone, create_backbone, recorded_image_size
 from adaptkit.errors import ArtifactError, ConfigError, param
+from adaptkit.interop.peft_checks import check_backbone, check_head, check_json_size, check_lora_fields, check_rank
 from adaptkit.metadata import given_fields_problem
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.methods.lora import TARGETS
 from adaptkit.registry import Registry, VersionRow
+from adaptkit.tempfiles import folder_beside
 
 __all__ = ["export_peft", "import_peft", "PEFT_EXTRA", "NO_PEFT_FORM", "SIDE_FILE"]
 
@@ -96,20 +96,12 @@ def export_peft(registry: Registry | str | None, ref: str, dest_dir: str | os.Pa
     if result.unexpected_keys:
         raise ConfigError(f"{row.ref}: PEFT's model has no place for {result.unexpected_keys[0]}: re-export it "
                           "with --format adaptkit")
-    tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp"  # written whole, then moved in
     try:
-        os.mkdir(tmp, 0o777)
-        model.save_pretrained(str(tmp), save_embedding_layers=False)  # False: no hub look-up of the base's config
-        (tmp / SIDE_FILE).write_text(json.dumps(_side_info(row, meta), indent=2) + "\n")
-        if dest.exists():
-            for f in tmp.iterdir():
-                os.replace(f, dest / f.name)
-        else:
-            os.replace(tmp, dest)
+        with folder_beside(dest) as tmp:  # written whole, then moved in (never half an export)
+            model.save_pretrained(str(tmp), save_embedding_layers=False)  # False: no hub look-up of the base
+            (tmp / SIDE_FILE).write_text(json.dumps(_side_info(row, meta), indent=2) + "\n")
     except OSError as exc:
-        raise ConfigError(f"cannot write {dest}: {exc.strerror}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"cannot write {dest}: {exc.strerror or exc}") from exc
     return dest
 
 
@@ -152,6 +144,8 @@ def import_peft(registry: Registry | str | None, src_dir: str | os.PathLike, *, 
     if side.get("backbone_fingerprint", backbone.fingerprint) != backbone.fingerprint:
         raise ArtifactError(f"{src} was exported from a backbone with fingerprint {side['backbone_fingerprint'][:12]}"
                             f", not this one ({backbone.fingerprint[:12]}): pass the backbone it was trained on")
+    check_backbone(side.get("backbone") or getattr(config, "base_model_name_or_path", None),
+                   head["head.weight"].shape[1], backbone, src)
     method = _lora_method(config, updates, backbone, src)
     state = {f"blocks.{i}.{path}.lora.lora_{ab}": t for (i, path), pair in updates.items() for ab, t in pair.items()}
     meta = AdapterMeta(task=name, classes=labels, method="lora", method_config=method.config_dict(),
@@ -214,9 +208,9 @@ def _read_side_file(src: Path) -> dict[str, Any]:
                             "PEFT save_pretrained wrote")
     path = src / SIDE_FILE
     try:
-        side = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is not readable JSON ({exc}): fix or delete it") from exc
+        side = json.loads(path.read_text()) if path.is_file() and check_json_size(path) else {}
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json can read
+        raise ArtifactError(f"{path} is not readable JSON ({str(exc)[:200]}): fix or delete it") from None
     side = side if isinstance(side, dict) else {}
     problem = given_fields_problem(side)
     if problem:
@@ -227,12 +221,15 @@ def _read_side_file(src: Path) -> dict[str, Any]:
 def _read_config(peft: Any, src: Path) -> Any:
     if not (src / "adapter_config.json").is_file():
         raise ArtifactError(f"{src} has no adapter_config.json: give the folder a PEFT save_pretrained wrote")
+    check_json_size(src / "adapter_config.json")
     try:
         config = peft.PeftConfig.from_pretrained(str(src))
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ArtifactError(f"{src}/adapter_config.json is not a PEFT config PEFT can read ({first})") from exc
     c, kind = vars(config), str(getattr(config, "peft_type", "?")).rpartition(".")[2]
+    if kind == "LORA":
+        check_lora_fields(c, src)
     problems = [
         (kind != "LORA", f"is a {kind} adapter: only LoRA maps onto adaptkit"),
         (c.get("use_dora"), "uses DoRA, whose magnitude vector adaptkit's LoRA lacks: retrain with use_dora=False"),
@@ -292,6 +289,7 @@ def _split(tensors: dict[str, torch.Tensor], src: Path) -> tuple[dict, dict]:
     if "head.weight" not in head or "head.bias" not in head:
         raise ConfigError(f"the adapter saves no head: {src} needs the classifier, saved by training with "
                           "modules_to_save=['head'] on timm.create_model(..., num_classes=N)")
+    check_head(head, src)
     half = next((f"blocks.{i}.{p}" for (i, p), pair in updates.items() if len(pair) != 2), None)
     if half or not updates:
         what = f"{half} has lora_A or lora_B alone" if half else "holds no LoRA update"
@@ -336,7 +334,8 @@ def _backbone(given: Backbone | str | None, side: dict[str, Any], config: Any, s
     if isinstance(side.get("backbone"), str) and side.get("backbone_weights") in WEIGHT_SOURCES:
         expect = side.get("backbone_fingerprint")
         return create_backbone(side["backbone"], weights=side["backbone_weights"],
-                               expect=expect if expect and registry.known_backbone(expect) else None)
+                               expect=expect if expect and registry.known_backbone(expect) else None,
+                               image_size=recorded_image_size(side.get("data_config") or {}))
     name = getattr(config, "base_model_name_or_path", None)
     if not name:
         raise ConfigError(f"{src}/adapter_config.json names no base model: pass backbone= (an adaptkit Backbone or "
@@ -363,6 +362,7 @@ def _lora_method(config: Any, updates: dict[tuple[int, str], dict], backbone: Ba
         raise ConfigError(f"{src} adapts blocks {blocks} of {depth}: adaptkit's LoRA adapts every block or the last "
                           "N (layers_to_transform must be the last blocks)")
     rank, alpha = ranks[0], float(config.lora_alpha)
+    check_rank(config, rank, src)
     alpha = alpha * math.sqrt(rank) if getattr(config, "use_rslora", False) else alpha  # alpha/sqrt(r) == alpha'/r
     targets = tuple(t for t, p in TARGETS.items() if p in paths)
     lora = LoraConfig(rank=rank, alpha=alpha, targets=targets, dropout=float(config.lora_dropout or 0.0))

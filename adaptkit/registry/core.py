@@ -41,13 +41,19 @@ def default_url() -> str:
     return os.environ.get("ADAPTKIT_REGISTRY") or "sqlite:///registry.db"
 
 
+MAX_VERSION_DIGITS = 9  # a task's versions are counted one by one: no task reaches a billion
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
     """``task`` or ``task@version`` -> (task, version or None)."""
     if not isinstance(ref, str):
         raise ConfigError(f"a version is named by a string, TASK or TASK@N, got {ref!r}")
     name, sep, version = ref.partition("@")
-    if sep and not (version.isascii() and version.isdigit()):  # "²".isdigit() is True, int("²") fails
-        raise ConfigError(f"bad version in {ref!r}: write TASK or TASK@N with N a version number, e.g. {name}@1")
+    # "²".isdigit() is True, int("²") fails; 5,000 digits exceed int()'s limit, 20 a database integer's
+    if sep and not (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS):
+        shown = ref if len(ref) <= 80 else f"{ref[:60]}... ({len(ref):,} characters)"
+        raise ConfigError(f"bad version in {shown!r}: write TASK or TASK@N with N a version number (at most "
+                          f"{MAX_VERSION_DIGITS} digits), e.g. {name[:64]}@1")
     return name, int(version) if sep else None
 
 
@@ -240,12 +246,12 @@ class Registry(Transfers, Housekeeping):
         """
         check_task_name(meta.task)
         meta.check(f"adapter of task {meta.task}")
+        self._check_creatable()  # before the adapter folder is made beside a registry that cannot be
         info = dict(train_info or {})
         data = adapter_bytes(state, meta)
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
         rel = f"{meta.task}/{sha}.safetensors"
         trainable = sum(t.numel() for k, t in state.items() if not k.startswith(ROUTING_PREFIX))
-        self._check_store()
         with self._storing(rel, data):
             row = self._retry(lambda: self._insert(meta, Path(rel), sha, size, trainable, info, make_default))
         self._ensure_stored(rel, data)
@@ -293,7 +299,6 @@ class Registry(Transfers, Housekeeping):
         data = adapter_bytes(state, meta)
         sha, size = hashlib.sha256(data).hexdigest(), len(data)
         rel = f"{version.task.name}/{sha}.safetensors"
-        self._check_store()
 
         def _swap() -> None:
             with self.transaction() as s:

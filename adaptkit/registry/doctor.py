@@ -12,6 +12,7 @@ nothing else refers to them), defaults are set again, empty tasks go, leftovers 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -179,8 +180,7 @@ def _files(registry: Registry, repair: bool, min_age_s: float | None) -> list[Fi
                                                   f"{OWNER_FILE} file names it): left alone", repairable=False))
                 continue
             if f.age_s < age:  # else a leftover, as Registry.leftovers counts them
-                found.append(Finding(kind, f.rel, f"{f.age_s:.0f} s old: a write may be in flight, left alone "
-                                                  "(pass a smaller minimum age to repair it)", repairable=False))
+                found.append(Finding(kind, f.rel, _in_flight(f.age_s, age), repairable=False))
                 continue
             finding = Finding(kind, f.rel, "a crash leftover" if kind == "temporary" else "no row refers to it")
             if repair:
@@ -189,6 +189,12 @@ def _files(registry: Registry, repair: bool, min_age_s: float | None) -> list[Fi
             found.append(finding)
         found += _uploads(registry, repair, age)
     return found
+
+
+def _in_flight(age_s: float, limit: float) -> str:
+    if math.isinf(limit):
+        return "a write is in flight (the adapter folder's lock is held), left alone: run doctor again once it is done"
+    return f"{age_s:.0f} s old: a write may be in flight, left alone (pass a smaller minimum age to repair it)"
 
 
 def _uploads(registry: Registry, repair: bool, age: float) -> list[Finding]:

@@ -9,6 +9,7 @@ flight.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -66,6 +67,7 @@ class Housekeeping:
     def _storing(self, rel: str, data: bytes) -> Iterator[None]:
         """Put ``data`` at ``rel`` for a row committed inside the block; take the file away if the block fails."""
         with self.storage.writing():
+            self._check_store()  # a fresh store is claimed (REGISTRY written) under the lock, out of a sweep's reach
             existed = self.storage.exists(rel)
             self.storage.put(rel, data)
             try:
@@ -100,8 +102,13 @@ class Housekeeping:
 
     def leftover_age(self, alone: bool, min_age_s: float | None = None) -> float:
         """How old (seconds) a file or upload no row refers to must be to count as a leftover: any age when
-        ``alone``, else ``min_age_s`` (default: the storage's in-flight time)."""
-        return 0.0 if alone else (self.storage.in_flight_s if min_age_s is None else min_age_s)
+        ``alone``; none at all while a writer holds a locking store's lock (any file may be that live writer's,
+        whatever ``min_age_s`` says); else ``min_age_s`` (default: the storage's in-flight time)."""
+        if alone:
+            return 0.0
+        if self.storage.locks:
+            return math.inf
+        return self.storage.in_flight_s if min_age_s is None else min_age_s
 
     def own_uploads(self) -> list[Upload]:
         """The unfinished writes of adapter files in an object store (S3 multipart uploads), whoever left them."""

@@ -3,9 +3,9 @@
 :meth:`AdapterMeta.check <adaptkit.artifacts.AdapterMeta.check>` covers the metadata's types and values; this adds
 what needs the methods and timm: the method exists and its config is valid for it (through the method's own config
 dataclass), the backbone is a model timm knows, and the tensors are exactly what the method builds on that backbone
-for that many classes (names, shapes), finite. The expected tensors come from attaching the method to the backbone
-built on the meta device (no memory, no weights, about 0.1 s for ViT-B, cached), so every method, present or future,
-is checked by the same code.
+for that many classes (names, shapes), finite and of a sane magnitude (:data:`MAX_ABS`). The expected tensors come
+from attaching the method to the backbone built on the meta device (no memory, no weights, about 0.1 s for ViT-B,
+cached), so every method, present or future, is checked by the same code.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ __all__ = ["check_adapter", "expected_shapes"]
 
 # an adapter bigger than this many backbones is no adapter (``full`` is one backbone plus its head)
 MAX_TRAINABLE_SHARE = 1.5
+# a weight beyond this is no trained weight (ViTs' are below 100): its products overflow float32 logits
+MAX_ABS = 1e4
 
 
 def check_adapter(state: dict[str, torch.Tensor], meta: AdapterMeta, where: str) -> None:
@@ -64,6 +66,10 @@ def check_adapter(state: dict[str, torch.Tensor], meta: AdapterMeta, where: str)
             raise ArtifactError(f"{where}: tensor {name} is {t.dtype}, not floating point")
         if not bool(torch.isfinite(t).all()):
             raise ArtifactError(f"{where}: tensor {name} holds NaN or infinite values (training diverged?); "
+                                "retrain it")
+        if t.numel() and float(t.abs().max()) > MAX_ABS:
+            raise ArtifactError(f"{where}: tensor {name} holds values up to {float(t.abs().max()):.3g}, beyond "
+                                f"{MAX_ABS:g}: no trained weight comes near, and the logits would overflow; "
                                 "retrain it")
 
 

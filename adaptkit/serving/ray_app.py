@@ -156,7 +156,7 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
         try:
             value = json.loads(body)["image"]
             return base64.b64decode(value, validate=True)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # Recursion: nested too deep to read
             raise HTTPException(400, "malformed JSON: send {\"image\": \"<base64>\"}") from None
         except (KeyError, TypeError):
             raise HTTPException(400, "the JSON has no \"image\" field: send {\"image\": \"<base64>\"}") from None
@@ -169,7 +169,8 @@ def _labels(preds: list) -> list[dict]:
     return [asdict(p) for p in preds]
 
 
-@serve.deployment(name="adaptkit", ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="adaptkit", ray_actor_options={"num_cpus": 1},
+                  logging_config={"log_level": "WARNING"})  # no INFO line per request; a config may ask for it
 @serve.ingress(api)
 class AdaptkitServer:
     """One replica: a backbone, an :class:`~adaptkit.serving.cache.AdapterCache` and two batch queues (named tasks,

@@ -6,6 +6,9 @@ the eval transform) its output for an image never changes. :func:`prepare` then 
 train, val and test splits, keeps its outputs (in memory, or in a temporary file when they would not fit) and gives
 back data sets of features with a module that runs only the rest: the blocks from ``k`` on, the final norm, the
 pooling and the task's head. The steps, their order and the head are the same as without the cache.
+When only the head trains (the linear probe), the same pass also keeps the mean patch tokens that the rejection
+score reads (:mod:`adaptkit.inference.token_stats`) for the training images, so routing statistics need no pass of
+their own.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from adaptkit.inference.token_stats import tapped_blocks
 from adaptkit.methods import TaskModel
 from adaptkit.trunk import first_changed_block, run_prefix, run_suffix, splittable
 
@@ -61,10 +65,12 @@ def cache_start(task: TaskModel, data: Any) -> int:
 
 
 class FeatureSet(Dataset):
-    """Cached features and their labels; ``features`` is a tensor or a memory-mapped array on disk."""
+    """Cached features and their labels; ``features`` is a tensor or a memory-mapped array on disk; ``tokens`` the
+    mean patch tokens of some blocks (block -> (N, d)), when kept."""
 
-    def __init__(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor, folder: Any = None) -> None:
-        self.features, self.labels = features, labels
+    def __init__(self, features: torch.Tensor | np.ndarray, labels: torch.Tensor, folder: Any = None,
+                 tokens: dict[int, torch.Tensor] | None = None) -> None:
+        self.features, self.labels, self.tokens = features, labels, tokens
         self._folder = folder  # a TemporaryDirectory kept alive as long as its memory map
 
     def __len__(self) -> int:
@@ -101,13 +107,18 @@ def _memory_bytes() -> int:
 
 @torch.no_grad()
 def _cache_split(task: TaskModel, split: Dataset, start: int, batch_size: int, workers: int, device: torch.device,
-                 autocast: Callable[[], contextlib.AbstractContextManager]) -> FeatureSet:
+                 autocast: Callable[[], contextlib.AbstractContextManager], blocks: tuple[int, ...] = ()
+                 ) -> FeatureSet:
     loader = DataLoader(split, batch_size=batch_size, shuffle=False, num_workers=workers)
     n, store, labels, folder, at = len(split), None, torch.empty(len(split), dtype=torch.long), None, 0
+    tokens: dict[int, list[torch.Tensor]] = {b: [] for b in blocks}
     task.ctx.active = task.slot
     for x, y in loader:
+        taps = dict.fromkeys(blocks)
         with autocast():
-            h = run_prefix(task.trunk, x.to(device, non_blocking=True), start).float().cpu()
+            h = run_prefix(task.trunk, x.to(device, non_blocking=True), start, taps).float().cpu()
+        for b in blocks:
+            tokens[b].append(taps[b].float().cpu())
         if store is None:
             store, folder = _allocate(n, tuple(h.shape[1:]))
         store[at:at + len(y)] = h.numpy() if isinstance(store, np.ndarray) else h
@@ -115,7 +126,7 @@ def _cache_split(task: TaskModel, split: Dataset, start: int, batch_size: int, w
         at += len(y)
     if store is None:
         store = torch.empty(0)
-    return FeatureSet(store, labels, folder)
+    return FeatureSet(store, labels, folder, {b: torch.cat(t) for b, t in tokens.items()} if blocks and at else None)
 
 
 def _allocate(n: int, shape: tuple[int, ...]) -> tuple[torch.Tensor | np.ndarray, Any]:
@@ -147,14 +158,19 @@ def prepare(task: TaskModel, data: Any, *, batch_size: int, workers: int, device
     start = cache_start(task, data) if enabled else 0
     if start == 0:
         return data, task
-    splits = {name: _cache_split(task, getattr(data, name), start, batch_size, workers, device, autocast)
+    # the linear probe's pass is the bare backbone's: it keeps the training images' block tokens for routing
+    blocks = tapped_blocks(task.trunk) if start == len(task.trunk.blocks) and not task.parts else ()
+    splits = {name: _cache_split(task, getattr(data, name), start, batch_size, workers, device, autocast,
+                                 blocks if name != "test" else ())
               for name in ("train", "val", "test")}
     _log.info("cached the frozen blocks 0-%d for %d images", start - 1, sum(len(s) for s in splits.values()))
     return dataclasses.replace(data, **splits), CachedTask(task, start)
 
 
-def frozen_pooled(data: Any, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The cached (features, labels) of the train then val split when they are the bare backbone's pooled features.
+def frozen_pooled(data: Any, net: nn.Module
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor] | None] | None:
+    """The cached (features, labels, mean patch tokens per block or None) of the train then val split when they are
+    the bare backbone's pooled features.
 
     That is when ``net`` runs only the head on them (a task with nothing in the trunk: the linear probe); then
     routing statistics need no second pass over the images. None otherwise.
@@ -162,4 +178,7 @@ def frozen_pooled(data: Any, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor
     if not isinstance(net, CachedTask) or net.start != len(net.task.trunk.blocks) or net.task.parts:
         return None
     splits = (data.train, data.val)
-    return torch.cat([torch.as_tensor(s.features) for s in splits]), torch.cat([s.labels for s in splits])
+    tokens = None
+    if all(s.tokens for s in splits):
+        tokens = {b: torch.cat([s.tokens[b] for s in splits]) for b in splits[0].tokens}
+    return torch.cat([torch.as_tensor(s.features) for s in splits]), torch.cat([s.labels for s in splits]), tokens

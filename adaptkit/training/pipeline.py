@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from adaptkit.artifacts import AdapterMeta
-from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, create_backbone
+from adaptkit.backbone import DEFAULT_BACKBONE, Backbone, BackboneSpec
 from adaptkit.checks import check_int
 from adaptkit.data import load_task_data, without_builtin
 from adaptkit.data.roots import resolve_roots
@@ -79,7 +79,7 @@ def train(
     dataset: str,
     *,
     task: str | None = None,
-    backbone: str | Backbone = DEFAULT_BACKBONE,
+    backbone: str | BackboneSpec | Backbone = DEFAULT_BACKBONE,
     weights: str | None = None,
     pretrained: bool = True,
     method: str = "adapter",
@@ -102,8 +102,10 @@ def train(
     Args:
         dataset: a data set spec (``cifar100``, ``folder:PATH``, ``digits`` ...; see ``adaptkit datasets``).
         task: the task's name (default: the data set's name).
-        backbone: a timm model name, or a :class:`Backbone` already built (it is shared, never changed).
-        weights, pretrained: where the backbone's weights come from (see :func:`create_backbone`).
+        backbone: a timm model name, a :class:`BackboneSpec` (name, weights and input size, e.g.
+            ``BackboneSpec("vit_small_patch14_dinov2.lvd142m", image_size=224)``), or a :class:`Backbone` already
+            built (it is shared, never changed). The version records the input size; it predicts at that size.
+        weights, pretrained: where the backbone's weights come from, with a name (see :func:`create_backbone`).
         method, method_config: the method and its settings (missing settings take their defaults).
         config: the training recipe.
         registry: where to record the version (a :class:`Registry` or URL).
@@ -128,12 +130,17 @@ def train(
                           f"(pass {param('task')})")
     chosen = get_method(method, method_config)  # validates the method's settings before anything slow
     check_trackers(log_to)
+    if not isinstance(backbone, BackboneSpec | Backbone):  # a name (create_backbone says what a name must be)
+        backbone = BackboneSpec(backbone, weights=weights, pretrained=pretrained)
+    elif weights is not None or not pretrained:
+        raise ConfigError(f"{param('weights')} and {param('pretrained')} go with a backbone name; a BackboneSpec or "
+                          "Backbone carries its own weights")
     given = config or TrainConfig()
     rank, world = _distributed(given.device)
     device = _device(given.device, rank, world)
     registry = registry if isinstance(registry, Registry) else Registry(registry)
-    if not isinstance(backbone, Backbone):
-        backbone = create_backbone(backbone, weights=weights, pretrained=pretrained, device=device)
+    if isinstance(backbone, BackboneSpec):
+        backbone = backbone.build(device)
     backbone.model.to(device)
     data, cfg = _task_data(dataset, task, backbone, given.resolved(chosen.name), registry, rank, data_dir=data_dir,
                            download=download, classes=classes, image_column=image_column, label_column=label_column,

@@ -7,7 +7,9 @@ and loss); :meth:`Trackers.finish` logs the final metrics and the adapter file, 
 
 Where runs go: TensorBoard writes ``LOG_DIR/TASK-TIMESTAMP`` (``LOG_DIR`` default ``runs``, as ``SummaryWriter``);
 MLflow uses ``$MLFLOW_TRACKING_URI`` or MLflow's own default (``sqlite:///mlflow.db`` in the working folder), the
-experiment ``$MLFLOW_EXPERIMENT_NAME`` or ``adaptkit``; ``log_dir`` given, the store is ``LOG_DIR/mlflow.db``.
+experiment ``$MLFLOW_EXPERIMENT_NAME`` or ``adaptkit``; ``log_dir`` given, the store is ``LOG_DIR/mlflow.db`` and a
+new experiment keeps its files in ``LOG_DIR/mlartifacts``. A tracking server is probed first: one that does not
+answer within :data:`PROBE_TIMEOUT_S` is an error at once.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from adaptkit.errors import ConfigError, param
 
 __all__ = ["TRACKERS", "Trackers", "check_trackers", "open_trackers"]
 
 TRACKERS = ("tensorboard", "mlflow")
+PROBE_TIMEOUT_S = 3.0  # a tracking server that accepts no connection within this is reported unreachable
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 EXTRA = "logging to {kind} needs the tracking extra: pip install 'adaptkit[tracking]'"
 
 
@@ -92,6 +98,21 @@ class _TensorBoard:
         return {"log_dir": str(self.path.resolve())}
 
 
+def _probe(uri: str) -> None:
+    """One TCP connect to an MLflow server within :data:`PROBE_TIMEOUT_S`, so an unreachable one is reported in
+    seconds instead of after MLflow's minutes of retries; behind a proxy the client is left to find out."""
+    url = urlparse(uri)
+    if url.scheme not in ("http", "https") or any(os.environ.get(v) for v in _PROXIES):
+        return
+    try:
+        with socket.create_connection((url.hostname or "localhost", url.port or (443 if url.scheme == "https" else
+                                                                                   80)), PROBE_TIMEOUT_S):
+            return
+    except OSError as exc:
+        raise ConfigError(f"no MLflow server answers at {uri} within {PROBE_TIMEOUT_S:g} s ({exc.strerror or exc})")\
+            from None
+
+
 class _MLflow:
     def __init__(self, log_dir: Path | None, run: str) -> None:
         try:
@@ -101,16 +122,19 @@ class _MLflow:
         for name in ("mlflow.store.db.utils", "alembic"):  # "Creating initial MLflow database tables...": noise
             logging.getLogger(name).setLevel(logging.WARNING)
         uri = f"sqlite:///{(log_dir / 'mlflow.db').resolve()}" if log_dir is not None else None
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        artifacts = (log_dir / "mlartifacts").resolve().as_uri() if log_dir is not None else None
         self.uri = uri or mlflow.get_tracking_uri()
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "adaptkit"
         try:
+            _probe(self.uri)
+            self.client = mlflow.MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name, artifacts)
             self.run_id = self.client.create_run(exp_id, run_name=run).info.run_id
         except Exception as exc:  # noqa: BLE001  (a store that cannot be reached or written)
-            raise ConfigError(f"cannot start an MLflow run at {self.uri}: {str(exc).splitlines()[0][:200]} (set "
-                              f"MLFLOW_TRACKING_URI, or pass {param('log_dir')} for a local store)") from exc
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ConfigError(f"cannot start an MLflow run at {self.uri}: {first[:200]} (set "
+                              f"MLFLOW_TRACKING_URI, or pass {param('log_dir')} for a local store)") from None
         self.experiment = name
 
     def params(self, params: dict[str, Any]) -> None:
@@ -146,6 +170,7 @@ class Trackers:
     def __init__(self, runs: dict[str, Any]) -> None:
         self.runs, self._global = runs, 0
         self._epoch: dict[str, float] = {}
+        self._params: dict[str, Any] = {}  # what the run is (task, data set, backbone, method ...), kept for finish
 
     def __bool__(self) -> bool:
         return bool(self.runs)
@@ -155,6 +180,7 @@ class Trackers:
             run.scalars(values, step)
 
     def params(self, params: dict[str, Any]) -> None:
+        self._params = dict(params)
         for run in self.runs.values():
             run.params(params)
 
@@ -179,7 +205,7 @@ class Trackers:
 
     def finish(self, params: dict[str, Any], metrics: dict[str, Any], artifact: Path | None) -> None:
         for run in self.runs.values():
-            run.finish(params, _numbers(metrics), artifact)
+            run.finish({**self._params, **params}, _numbers(metrics), artifact)
 
     def fail(self) -> None:
         for run in self.runs.values():

@@ -329,6 +329,53 @@ def make_split(root: Path = ROOT) -> Path:
     return _from_archive(root / "cifar10-split", CIFAR10, 200, 100, 400)
 
 
+def _inverted(img: Image.Image) -> Image.Image:
+    """A photo as its colour negative."""
+    return Image.eval(img, lambda v: 255 - v)
+
+
+def _rotated(img: Image.Image) -> Image.Image:
+    """A photo turned a quarter (the turn picked from the image's own pixels, so the set is deterministic)."""
+    return img.rotate(90 if sum(img.getpixel((0, 0))) % 2 else 270)
+
+
+def _texture(rng: np.random.Generator, blur: float, size: int = 32) -> Image.Image:
+    """A texture-like image of no data set: coloured noise smoothed at scale ``blur``, contrast-stretched."""
+    arr = np.stack([np.asarray(Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8))
+                               .filter(ImageFilter.GaussianBlur(blur)), dtype=np.float64) for _ in range(3)], -1)
+    arr = (arr - arr.min()) / max(arr.max() - arr.min(), 1e-6)
+    mix = rng.dirichlet(np.ones(3), 3)  # channels mixed, so the colours are not grey
+    return Image.fromarray((255 * np.clip(arr @ mix, 0, 1)).astype(np.uint8))
+
+
+TEXTURES = {"fine": (0.5, 1.5), "coarse": (1.5, 4.0)}  # the smoothing scale of each class, in pixels
+
+
+def make_textures(root: Path = ROOT, train: int = 10, test: int = 100, seed: int = 1) -> Path:
+    """``train`` + ``test`` texture-like images (:func:`_texture`) per class of :data:`TEXTURES` in
+    ``root/texture/{train,test}/<class>/``."""
+    out = root / "texture"
+    if (out / "test" / "coarse").is_dir():
+        return out
+    rng = np.random.default_rng(seed)
+    for part, n in (("train", train), ("test", test)):
+        for name, (low, high) in TEXTURES.items():
+            folder = out / part / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                _texture(rng, rng.uniform(low, high)).save(folder / f"{i:04d}.png")
+    return out
+
+
+def unknown_specs(root: Path = ROOT) -> dict[str, str]:
+    """Kinds of images no choice for rejection was made on (issue 37), only ever offered as images of no task:
+    ``inverted`` (CIFAR-10 photos as colour negatives) and ``rotated`` (turned a quarter), 20 images a class from
+    the archive's test split past the 600th (none in any other set); ``texture`` (smoothed coloured noise)."""
+    return {"inverted": f"folder:{_from_archive(root / 'inverted', CIFAR10, 4, 20, 600, _inverted)}",
+            "rotated": f"folder:{_from_archive(root / 'rotated', CIFAR10, 4, 20, 600, _rotated)}",
+            "texture": f"folder:{make_textures(root)}"}
+
+
 def specs(root: Path = ROOT, emoji: bool = False) -> dict[str, str]:
     """The data sets as ``--dataset`` specs, made first if needed (``emoji`` only when asked: it needs two Debian
     packages)."""

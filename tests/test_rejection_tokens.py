@@ -1,0 +1,170 @@
+""""No task fits" read on the blocks' tokens (issue 37): broad colour-photo tasks reject images of another kind,
+keep their own at the stated rate, and older files without the token statistics are read and routed as before.
+
+The packaged backbone (pretrained, offline) and real photos from ../shared/data/cifar10-mini; the images of another
+kind are made here: uniform noise and line drawings of the test photos.
+"""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from adaptkit.artifacts import load_adapter
+from adaptkit.data import load_task_data
+from adaptkit.errors import ConfigError
+from adaptkit.inference import ROUTING_PREFIX, Predictor, Router, Whitener, collect_task_stats, fit_routing, split_state
+from adaptkit.inference.routing_stats import RoutingStats, frozen
+from adaptkit.inference.token_stats import token_blocks
+from adaptkit.models import PACKAGED_BACKBONE
+from adaptkit.registry import Registry
+from adaptkit.training import TrainConfig, train
+from adaptkit.trunk import run_prefix, run_suffix
+
+CONFIG = TrainConfig(epochs=1, batch_size=64, lr=3e-3, num_workers=0, augment=False)
+FIRST, SECOND = "airplane,automobile,bird,cat,deer", "dog,frog,horse,ship,truck"
+
+
+@pytest.fixture(scope="module")
+def reg(tmp_path_factory, cifar_mini) -> Registry:
+    """Two broad colour-photo tasks: a linear probe (statistics from its feature cache) and an adapter in the last
+    block (statistics from a frozen pass after training)."""
+    reg = Registry(tmp_path_factory.mktemp("tokens") / "reg.db")
+    for task, method, classes, cfg in (("photos-a", "linear", FIRST, None), ("photos-b", "adapter", SECOND,
+                                                                              {"blocks": 1})):
+        train(f"folder:{cifar_mini}", task=task, backbone=PACKAGED_BACKBONE, method=method, method_config=cfg,
+              config=CONFIG, registry=reg, classes=classes)
+    return reg
+
+
+def _test_photos(cifar_mini, classes: str) -> list[Image.Image]:
+    data = load_task_data(f"folder:{cifar_mini}", {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3},
+                          augment=False, classes=classes)
+    test = data.test
+    return [test.source[i][0].convert("RGB") for i in test.indices]
+
+
+def _noise(n: int = 40) -> list[Image.Image]:
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def _drawing(img: Image.Image) -> Image.Image:
+    """A photo as a line drawing: dark edges on white."""
+    edges = img.convert("L").filter(ImageFilter.GaussianBlur(0.7)).filter(ImageFilter.FIND_EDGES)
+    return Image.eval(edges, lambda v: 255 - min(255, 2 * v)).convert("RGB")
+
+
+def _stats(reg: Registry, ref: str) -> RoutingStats:
+    row = reg.get_version(ref)
+    return split_state(load_adapter(reg.path_of(row), sha256=row.sha256)[0])[1]
+
+
+def _rejected(results) -> float:
+    return sum(r.rejected for r in results) / len(results)
+
+
+def test_images_of_another_kind_are_rejected_beside_broad_photo_tasks(reg, cifar_mini):
+    predictor = Predictor(reg, device="cpu")
+    drawings = [_drawing(p) for p in _test_photos(cifar_mini, FIRST)[:40]]
+    for kind, images in (("noise", _noise()), ("line drawings", drawings)):
+        results = predictor.predict_auto(images, topk=1)
+        assert _rejected(results) >= 0.9, (kind, [round(r.fit, 2) for r in results])
+        assert all(r.fit is not None and r.rejected == (r.fit < 0.05) for r in results)
+
+
+def test_own_held_out_images_are_rejected_at_about_the_stated_rate(reg, cifar_mini):
+    predictor = Predictor(reg, device="cpu")
+    for ref, classes in (("photos-a", FIRST), ("photos-b", SECOND)):
+        own = _test_photos(cifar_mini, classes)  # 100 test images, never seen in training
+        default = predictor.predict_auto(own, topk=1, tasks=[ref])
+        assert _rejected(default) <= 0.12, ref  # 5 % stated; 100 images
+        wider = predictor.predict_auto(own, topk=1, tasks=[ref], reject_rate=0.3)
+        assert 0.15 <= _rejected(wider) <= 0.45, ref
+
+
+def test_both_ways_of_making_statistics_agree_and_are_stored(reg, cifar_mini):
+    """The linear probe's come from its feature cache, the adapter's from a frozen pass: a pass over the probe's
+    images gives the same token statistics."""
+    blocks = token_blocks(6)
+    for ref in ("photos-a", "photos-b"):
+        tokens = _stats(reg, ref).tokens
+        assert tokens is not None and tokens.blocks == blocks and tokens.quantiles.shape == (101,)
+    stored = _stats(reg, "photos-a").tokens
+    predictor = Predictor(reg, device="cpu")
+    host = predictor.load("photos-a").host
+    data = load_task_data(f"folder:{cifar_mini}", host.backbone.data_config, augment=False, classes=FIRST,
+                          val_fraction=0.1, seed=0)
+    again = collect_task_stats(host.backbone.model, data).tokens
+    for a, b in zip(stored.gaussians, again.gaussians, strict=True):
+        torch.testing.assert_close(a.means, b.means, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.var, b.var, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a.quantiles, b.quantiles, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(stored.quantiles, again.quantiles, rtol=1e-3, atol=1e-3)
+
+
+def test_an_older_file_without_token_statistics_is_routed_as_before(reg, tmp_path, cifar_mini):
+    from tests.test_routing import _copy
+
+    reg = _copy(reg, tmp_path)
+    row = reg.get_version("photos-a")
+    state, meta = load_adapter(reg.path_of(row))
+    older = {k: v for k, v in state.items() if not k.startswith(f"{ROUTING_PREFIX}tokens.")}
+    reg.replace_file(row, older, meta)
+    stats = _stats(reg, "photos-a")
+    assert stats.tokens is None and stats.calibrated
+    images = _noise(8) + _test_photos(cifar_mini, FIRST)[:8]
+    predictor = Predictor(reg, device="cpu")
+    routes = predictor.route(images, tasks=["photos-a"])
+    # as before: the fit of the pooled output's Mahalanobis score
+    task = predictor.load("photos-a")
+    with torch.inference_mode(), frozen(task.host.backbone.model) as trunk:
+        feats = trunk(predictor.preprocess(images, task)).float()
+    whitener = Whitener.of(stats.means, stats.counts, stats.scatter, stats.ood_shrinkage)
+    expected = stats.fit(whitener.scores(feats)).float()
+    torch.testing.assert_close(torch.tensor([r.fit for r in routes]), expected, rtol=1e-4, atol=1e-5)
+    assert fit_routing(["photos-a", "photos-b"], registry=reg, device="cpu") == ["photos-a@1"]  # b is complete
+    assert _stats(reg, "photos-a").tokens is not None
+
+
+def test_bad_token_statistics_are_refused_where_they_are_read(reg):
+    row = reg.get_version("photos-a")
+    state = load_adapter(reg.path_of(row))[0]
+    routing = {k: v for k, v in state.items() if k.startswith(ROUTING_PREFIX)}
+    key = f"{ROUTING_PREFIX}tokens.quantiles"
+    for broken in ({**routing, key: routing[key].flip(0)},  # percentiles must not decrease
+                   {k: v for k, v in routing.items() if not k.endswith(".basis")}):  # a part missing
+        with pytest.raises(ConfigError, match="token statistics"):
+            RoutingStats.from_tensors(broken)
+
+
+def test_the_frozen_pass_hands_back_the_tokens_without_changing_its_output(reg):
+    predictor = Predictor(reg, device="cpu")
+    trunk = predictor.load("photos-a").host.backbone.model.eval()
+    x = torch.randn(3, 3, 32, 32)
+    depth = len(trunk.blocks)
+    with torch.inference_mode(), frozen(trunk):
+        plain = trunk(x)
+        taps = dict.fromkeys(token_blocks(depth))
+        split = run_suffix(trunk, run_prefix(trunk, x, 2, taps), 2, taps)
+        h = run_prefix(trunk, x, 0)
+        means = {}
+        for i, block in enumerate(trunk.blocks):
+            h = block(h)
+            means[i] = h[:, trunk.num_prefix_tokens:].mean(1)
+    assert torch.equal(split, plain) and torch.equal(taps[depth], plain)
+    for b in token_blocks(depth)[:-1]:
+        assert torch.equal(taps[b], means[b])
+
+
+def test_a_router_reads_the_tokens_it_is_given_and_the_pooled_score_without_them(reg):
+    stats = [_stats(reg, "photos-a"), _stats(reg, "photos-b")]
+    router = Router(stats)
+    assert router.blocks == token_blocks(6)
+    feats = torch.randn(4, 192)
+    taps = {b: torch.randn(4, 192) * 50 for b in router.blocks}  # far from any photo's tokens
+    assert bool((router.fit(feats, taps) < 0.05).all())
+    pooled = router.fit(feats)  # no tokens: the pooled output's score, as for older files
+    for t, s in enumerate(stats):
+        w = Whitener.of(s.means, s.counts, s.scatter, s.ood_shrinkage)
+        torch.testing.assert_close(pooled[:, t], s.fit(w.scores(feats)).float())
