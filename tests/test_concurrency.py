@@ -183,3 +183,83 @@ def test_the_gate_lets_readers_in_together_and_a_writer_alone():
     with gate.reading(), pytest.raises(RuntimeError, match="load it first"):
         with gate.writing():
             pass
+
+
+def test_threads_assigning_their_own_active_task_never_see_each_others():
+    """``ctx.active = slot`` is the calling thread's alone, even when threads assign in lock step on one context; an
+    assignment inside a mixed choice keeps the mix, and the previous choice comes back after ``using``."""
+    from adaptkit.methods.sites import TaskContext
+
+    ctx = TaskContext()
+    slots = [ctx.new_slot() for _ in range(4)]
+    step = threading.Barrier(len(slots), timeout=20)
+    seen: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            got = []
+            for r in range(50):
+                ctx.active = slots[(i + r) % len(slots)]  # every thread assigns, then every thread reads
+                step.wait()
+                got.append(ctx.active)
+                step.wait()
+            seen[i] = got
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(slots))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for i, got in seen.items():
+        assert got == [slots[(i + r) % len(slots)] for r in range(50)], i
+    assert ctx.active is None  # this thread assigned nothing
+
+    order = torch.tensor([1, 0, 1])
+    with ctx.using(slot_order=tuple(slots[:2]), sample_slots=order):
+        ctx.active = slots[3]
+        assert ctx.active == slots[3] and ctx.slot_order == tuple(slots[:2]) and ctx.sample_slots is order
+        with ctx.using(active=slots[2]):
+            assert ctx.active == slots[2] and ctx.sample_slots is None and ctx.slot_order == ()
+        assert ctx.sample_slots is order
+    assert ctx.active is None and ctx.sample_slots is None
+
+
+def test_checkpointed_backward_in_another_thread_gives_the_same_gradients():
+    """As on CUDA, where the autograd engine runs the backward pass in its own thread: with activation checkpointing
+    the blocks are recomputed there, and must apply the task that the forward pass applied (before the fix, the
+    recomputed blocks ran without the adapter and torch.utils.checkpoint refused the backward pass)."""
+    from adaptkit.methods import get_method
+    from adaptkit.training.checkpointing import activation_checkpointing
+
+    torch.manual_seed(0)
+    task = get_method("adapter", {"rank": 4}).attach(create_backbone(PICO, pretrained=False).model, 3)
+    for p in task.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    task.train()
+    x = torch.randn(2, 3, 32, 32)
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        task.zero_grad(set_to_none=True)
+        with activation_checkpointing(task.trunk, checkpointing):
+            loss = task(x).pow(2).sum()
+            errors: list[BaseException] = []
+
+            def backward() -> None:
+                try:
+                    loss.backward()
+                except BaseException as exc:  # noqa: BLE001 - raised below, in the test's thread
+                    errors.append(exc)
+
+            worker = threading.Thread(target=backward)
+            worker.start()
+            worker.join(60)
+            if errors:
+                raise errors[0]
+        return [p.grad.clone() for p in task.trainable_parameters()]
+
+    want = grads(False)
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(grads(True), want, strict=True))

@@ -208,3 +208,33 @@ def test_mixed_heads_give_each_sample_its_own_heads_logits(monkeypatch, gather):
         for b, i in enumerate(owner):
             assert got[b].dtype == torch.float32
             torch.testing.assert_close(got[b], heads[i](feats[b]), atol=1e-6, rtol=1e-5)
+
+
+def test_a_registered_file_is_hashed_once_and_its_modules_built_without_initialising(own_registry, images,
+                                                                                      monkeypatch):
+    """Loading a registered file checks the whole file's recorded sha256 and does not hash its tensors a second
+    time (a file with no recorded hash still checks its own tensor hash); the modules the saved tensors go into are
+    built on the meta device without running ``torch.nn.init``, and the task still answers as before."""
+    from adaptkit import artifacts
+    from adaptkit.methods.skeleton import skeleton
+
+    x = images[:2]
+    predictor = Predictor(own_registry, device="cpu")
+    before = predictor.logits(x, "par8")
+    predictor.unload("par8")
+    hashed, inits = [], []
+    real_hash, real_normal = artifacts.tensors_sha256, torch.nn.init.normal_
+    monkeypatch.setattr(artifacts, "tensors_sha256", lambda t: hashed.append(1) or real_hash(t))
+    real_fan = torch.nn.init._calculate_correct_fan  # what kaiming_uniform_ computes once it runs
+    monkeypatch.setattr(torch.nn.init, "_calculate_correct_fan", lambda t, m: inits.append(t) or real_fan(t, m))
+    assert torch.equal(predictor.logits(x, "par8"), before)
+    assert hashed == [] and inits == []
+    row = own_registry.get_version("par8")
+    artifacts.load_adapter(own_registry.path_of(row))  # no recorded hash: the tensors are hashed
+    assert hashed == [1]
+
+    real = torch.zeros(3)
+    with skeleton():
+        layer = torch.nn.Linear(4, 2)
+        real_normal(real)  # a tensor on a real device is initialised as usual
+    assert layer.weight.is_meta and not torch.equal(real, torch.zeros(3))

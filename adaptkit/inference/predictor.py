@@ -183,7 +183,9 @@ class Predictor(AutoPredict):
                                                                        state=state)
         except ConfigError as exc:
             raise ArtifactError(f"adapter file of {key} does not fit its method: {exc}") from exc
-        model.eval().requires_grad_(False)  # a served task does not train (and its bank rows need no change checks)
+        model.eval()
+        for p in model.trainable_parameters():  # its own tensors only: the shared trunk's many tasks are not walked
+            p.requires_grad_(False)  # a served task does not train (and its bank rows need no change checks)
         task = LoadedTask(ref=key, meta=meta, model=model, host=host, routing=stats)
         host.tasks[row.sha256] = task
         return task

@@ -19,6 +19,7 @@ from torch import nn
 from adaptkit.errors import ConfigError, param
 from adaptkit.families import family_of
 from adaptkit.methods.sites import TaskContext, TaskSite, find_site, put_rows, task_context, unwrap
+from adaptkit.methods.skeleton import skeleton
 
 # TaskContext, TaskSite, find_site, put_rows, task_context and unwrap live in methods/sites.py; they stay importable
 # from here (listed in __all__).
@@ -180,7 +181,7 @@ class Method(ABC):
         ctx = task_context(trunk)
         slot = slot or ctx.new_slot()
         try:
-            with torch.device("meta") if state is not None else contextlib.nullcontext():
+            with skeleton() if state is not None else contextlib.nullcontext():
                 run, parts, sites = self.inject(trunk, ctx, slot)
                 head = nn.Linear(int(run.num_features), num_classes)
                 nn.init.trunc_normal_(head.weight, std=0.02)

@@ -46,6 +46,7 @@ class _CallState:
 
 
 _IDLE = _CallState()
+_ALONE_MAX = 65536  # single-task states kept per context before the cache starts again
 
 
 class TaskContext:
@@ -59,6 +60,8 @@ class TaskContext:
     def __init__(self) -> None:
         self._state: contextvars.ContextVar[_CallState] = contextvars.ContextVar("adaptkit_task_context",
                                                                                  default=_IDLE)
+        self._alone: dict[str | None, _CallState] = {None: _IDLE}  # slot -> its one frozen single-task state
+        self._grad_state: _CallState | None = None  # the last choice of a forward pass recording gradients
         self._next = 0
         self._slot_lock = threading.Lock()
         self.bank_lock = threading.Lock()  # held while a site writes rows of its bank
@@ -77,7 +80,8 @@ class TaskContext:
         self._next, self._rows = saved["next"], saved["rows"]
         self._row_of, self._holders, self._free = saved["row_of"], saved["holders"], saved["free"]
         state = saved["state"]
-        self._state.set(dataclasses.replace(state, rows={}))
+        self._state.set(self._alone_state(state.active) if state.sample_slots is None and not state.slot_order
+                        else dataclasses.replace(state, rows={}))
 
     @property
     def active(self) -> str | None:
@@ -85,7 +89,33 @@ class TaskContext:
 
     @active.setter
     def active(self, slot: str | None) -> None:
-        self._state.set(dataclasses.replace(self._state.get(), active=slot))
+        state = self._state.get()
+        if state.sample_slots is None and not state.slot_order:  # a task alone: its state is built once per slot
+            self._state.set(self._alone_state(slot))
+        else:
+            self._state.set(dataclasses.replace(state, active=slot))
+
+    def _alone_state(self, slot: str | None) -> _CallState:
+        """The state of ``slot`` applied alone: frozen and shared by every thread that sets it (its ``rows`` cache
+        is written by mixed batches only), so switching builds nothing."""
+        state = self._alone.get(slot)
+        if state is None:
+            if len(self._alone) > _ALONE_MAX:  # slots of tasks that attached no site are never released
+                self._alone = {None: _IDLE}
+            state = self._alone[slot] = _CallState(slot)
+        return state
+
+    def state(self) -> _CallState:
+        """This thread's whole choice, read once (what a site's forward reads).
+
+        A thread that chose nothing and is running a backward pass gets the choice of the last forward pass that
+        recorded gradients: activation checkpointing recomputes blocks in the backward pass, which on CUDA runs in
+        the autograd engine's own thread, and the recomputed blocks must apply the task the forward pass applied.
+        """
+        state = self._state.get()
+        if state is _IDLE and self._grad_state is not None and torch._C._current_graph_task_id() != -1:
+            return self._grad_state
+        return state
 
     @property
     def slot_order(self) -> tuple[str, ...]:
@@ -110,7 +140,9 @@ class TaskContext:
               sample_slots: torch.Tensor | None = None) -> Iterator[None]:
         """Apply ``active`` (or the mixed batch ``slot_order`` / ``sample_slots``) inside the block, in this thread
         only; the previous choice comes back after it."""
-        token = self._state.set(_CallState(active, tuple(slot_order), sample_slots, {}))
+        alone = sample_slots is None and not slot_order
+        token = self._state.set(self._alone_state(active) if alone else
+                                _CallState(active, tuple(slot_order), sample_slots, {}))
         try:
             yield
         finally:
@@ -141,6 +173,7 @@ class TaskContext:
             self._holders[slot] -= 1
             if self._holders[slot] <= 0:
                 del self._holders[slot]
+                self._alone.pop(slot, None)
                 heapq.heappush(self._free, self._row_of.pop(slot))
 
     def row(self, slot: str) -> int | None:
@@ -232,10 +265,12 @@ class TaskSite(nn.Module):
                         pool[row].zero_()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        ctx = self.ctx
-        if ctx.sample_slots is not None:
-            return self.forward_mixed(x, ctx.sample_rows(), self.bank(), *args, **kwargs)
-        module = self.tasks[ctx.active] if ctx.active is not None and ctx.active in self.tasks else None
+        state = self.ctx.state()
+        if state is not _IDLE and torch.is_grad_enabled():  # a backward pass may recompute this (checkpointing)
+            self.ctx._grad_state = state
+        if state.sample_slots is not None:
+            return self.forward_mixed(x, self.ctx.sample_rows(), self.bank(), *args, **kwargs)
+        module = self.tasks._modules.get(state.active) if state.active is not None else None
         return self.forward_task(x, module, *args, **kwargs)
 
     def bank(self) -> Bank | None:

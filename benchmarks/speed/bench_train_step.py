@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for
 from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, ratio, sync
 
 SPECS = {**METHOD_SPECS, "full": ("full", {})}
+CHECKPOINTED = ", checkpointed"  # a label's suffix: the method with activation checkpointing (``--checkpointing``)
 
 
 class PeakRSS:
@@ -51,10 +52,9 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def time_train_steps(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y: torch.Tensor, steps: int,
-                     cuda: bool) -> list[float]:
-    """Seconds of each of ``steps`` AdamW steps of ``net`` on one batch, after a warm-up step (which also makes the
-    optimiser's state, so it counts in the peak memory)."""
+def train_step(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y: torch.Tensor,
+               cuda: bool) -> Callable[[], None]:
+    """One AdamW step of ``net`` on one batch (forward, backward, step), as a callable; ``net`` is put in train mode."""
     net.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
 
@@ -65,6 +65,14 @@ def time_train_steps(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_train_steps(net: torch.nn.Module, params: Any, inputs: torch.Tensor, y: torch.Tensor, steps: int,
+                     cuda: bool) -> list[float]:
+    """Seconds of each of ``steps`` AdamW steps of ``net`` on one batch, after a warm-up step (which also makes the
+    optimiser's state, so it counts in the peak memory)."""
+    step = train_step(net, params, inputs, y, cuda)
     step()
     times = []
     for _ in range(steps):
@@ -91,11 +99,14 @@ def peak_memory(run: Callable[[], Any], cuda: bool) -> tuple[Any, int]:
 
 
 def one_method(label: str, backbone_name: str, batch: int, steps: int, device: str) -> dict:
-    """Run in the child process: time ``steps`` training steps after one warm-up step; measure peak memory."""
+    """Run in the child process: time ``steps`` training steps after one warm-up step; measure peak memory. A label
+    ending in ``CHECKPOINTED`` runs its method with activation checkpointing in the blocks."""
     from adaptkit.backbone import create_backbone
     from adaptkit.methods import get_method
+    from adaptkit.training.checkpointing import activation_checkpointing
 
-    method, config = SPECS[label]
+    checkpointing = label.endswith(CHECKPOINTED)
+    method, config = SPECS[label.removesuffix(CHECKPOINTED)]
     backbone = create_backbone(backbone_name, pretrained=False, device=device)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -103,7 +114,8 @@ def one_method(label: str, backbone_name: str, batch: int, steps: int, device: s
 
     def run() -> tuple[Any, list[float]]:  # attaching counts: the method's own tensors are part of its cost
         task = get_method(method, config).attach(backbone.model, 10)
-        return task, time_train_steps(task, task.trainable_parameters(), x, y, steps, cuda)
+        with activation_checkpointing(task.trunk, checkpointing):
+            return task, time_train_steps(task, task.trainable_parameters(), x, y, steps, cuda)
 
     (task, times), peak = peak_memory(run, cuda)
     return {"time": statistics.median(times), "peak_mb": peak / 2**20, "trainable": task.num_trainable()}
