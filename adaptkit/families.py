@@ -10,7 +10,7 @@ A :class:`Family` says, for the timm classes it covers:
 * how the sequence is built and how positions apply: the prefix tokens (class and register tokens, no position),
   absolute position embeddings (added once, before the blocks), rotary embeddings (``rope``, passed to every block
   and applied inside attention to the tokens after the prefix) or a relative position bias (BEiT: sized for the
-  backbone's own tokens, so no token can be added);
+  backbone's own tokens; added tokens get zero bias rows and columns, :func:`tokens_kwargs` and :func:`added_tokens`);
 * the pooling and the final norm (``forward_head``), through :func:`embed`, :func:`block_kwargs` and :func:`finish`,
   which reproduce the class's own ``forward_features`` op for op (:mod:`adaptkit.trunk`).
 
@@ -19,15 +19,19 @@ Adding a family is one entry in :data:`FAMILIES` plus its case in ``tests/family
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from timm.models import beit as timm_beit
 from torch import nn
 
 __all__ = ["Family", "FAMILIES", "family_of", "LINEARS", "linear_paths", "outside_bias", "bias_flag_patch",
-           "tokens_kwargs", "split_supported", "embed", "block_kwargs", "finish"]
+           "tokens_kwargs", "added_tokens", "split_supported", "embed", "block_kwargs", "finish"]
 
 # a block's linear layers by role: the first candidate whose layers all exist (fused, else separate layers)
 LINEARS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -130,10 +134,7 @@ FAMILIES: tuple[Family, ...] = (  # a subclass before its base: the first class 
     Family("vit", ("VisionTransformer",), embed=_vit_embed, block_kwargs=_no_kwargs, finish=_norm_head),
     Family("eva", ("Eva",), positions="rotary", outside_bias=True, embed=_eva_embed, block_kwargs=_eva_kwargs,
            finish=_eva_finish),
-    Family("beit", ("Beit",), positions="relative", outside_bias=True,
-           prompts="its attention adds a relative position bias sized for the backbone's own tokens, so no prompt "
-                   "token can join the sequence",
-           embed=_beit_embed, block_kwargs=_beit_kwargs, finish=_norm_head),
+    Family("beit", ("Beit",), positions="relative", outside_bias=True, embed=_beit_embed, block_kwargs=_beit_kwargs, finish=_norm_head),
 )
 
 OTHER = Family("other", ())  # a timm ViT class not listed: the methods that need nothing of it, no split
@@ -217,7 +218,11 @@ def bias_flag_patch(root: nn.Module, path: str) -> tuple[nn.Module, str, Any] | 
 def tokens_kwargs(kwargs: dict[str, Any], added: int) -> dict[str, Any]:
     """A block's keyword arguments for a sequence with ``added`` tokens appended after its own (VPT's prompts): a
     rotary embedding gets identity rows (sin 0, cos 1) for them, so they have no position, as prefix tokens have
-    none."""
+    none; a shared relative position bias (BEiT) gets zero rows and columns for them, and a boolean ``attn_mask``
+    (``(B, 1, 1, keys)``, True takes part), which BEiT's blocks do not take, is folded into that bias as ``-inf``.
+    Run the block inside :func:`added_tokens` so that a bias its attention computes itself is padded too."""
+    if "shared_rel_pos_bias" in kwargs:
+        return _beit_tokens_kwargs(kwargs, added)
     rope = kwargs.get("rope")
     if rope is None or added == 0:
         return kwargs
@@ -225,3 +230,49 @@ def tokens_kwargs(kwargs: dict[str, Any], added: int) -> dict[str, Any]:
     pad = rope.new_zeros(*rope.shape[:-2], added, rope.shape[-1])
     pad[..., half:] = 1
     return {**kwargs, "rope": torch.cat([rope, pad], dim=-2)}
+
+
+# -- BEiT's relative position bias with tokens added after the backbone's own ---------------------------------------
+
+_ADDED: ContextVar[int] = ContextVar("adaptkit_added_tokens", default=0)
+
+
+@contextmanager
+def added_tokens(added: int) -> Iterator[None]:
+    """Inside, a BEiT attention's own relative position bias gets ``added`` zero rows and columns (the tokens a block
+    sees after the backbone's own: prompts have no position). Per thread and per context, so concurrent calls
+    without added tokens see the bias unchanged."""
+    token = _ADDED.set(added)
+    try:
+        yield
+    finally:
+        _ADDED.reset(token)
+
+
+def _beit_tokens_kwargs(kwargs: dict[str, Any], added: int) -> dict[str, Any]:
+    bias, mask = kwargs.get("shared_rel_pos_bias"), kwargs.get("attn_mask")
+    if bias is not None and added:
+        bias = F.pad(bias, (0, added, 0, added))
+    if mask is not None:
+        dtype = bias.dtype if bias is not None else torch.get_default_dtype()
+        fold = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+        bias = fold if bias is None else bias + fold
+    return {**{k: v for k, v in kwargs.items() if k != "attn_mask"}, "shared_rel_pos_bias": bias}
+
+
+def _install_beit_padding() -> None:
+    """Wrap timm's ``beit.Attention._get_rel_pos_bias`` once: the same bias, padded with zero rows and columns for
+    the tokens of :func:`added_tokens` (none outside it, so every other call is unchanged, op for op)."""
+    own = timm_beit.Attention._get_rel_pos_bias
+    if getattr(own, "_adaptkit_padded", False):
+        return
+
+    def padded(self: nn.Module) -> torch.Tensor:
+        bias, added = own(self), _ADDED.get()
+        return F.pad(bias, (0, added, 0, added)) if added else bias
+
+    padded._adaptkit_padded = True
+    timm_beit.Attention._get_rel_pos_bias = padded
+
+
+_install_beit_padding()

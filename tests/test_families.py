@@ -44,8 +44,8 @@ def fam(request, tmp_path_factory):
     torch.manual_seed(0)
     model = timm.create_model(case.name, num_classes=0)
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() < 2 else p.mul_(1.5)
+        for name, p in model.named_parameters():  # BEiT's relative position tables start at zero: random too
+            p.normal_(0, 0.2) if p.dim() < 2 or "relative_position" in name else p.mul_(1.5)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "w.safetensors")
     backbone = create_backbone(case.name, weights=folder / "w.safetensors")
     registry = folder / "r.db"
@@ -76,7 +76,7 @@ def fam(request, tmp_path_factory):
 
 def test_every_method_backpropagates_at_the_input_size(fam):
     case, backbone, _, tasks, x = fam
-    assert set(tasks) >= set(METHODS) - {"vpt"}, f"{case.key}: a method was refused"
+    assert set(tasks) >= set(METHODS), f"{case.key}: a method was refused"
     for method, task in tasks.items():
         task.train()
         task(x).logsumexp(1).sum().backward()
@@ -184,16 +184,50 @@ def test_a_failed_attach_leaves_the_backbone_bit_identical(case, monkeypatch):
     assert _structure(trunk)[:-1] == before_plain[:-1]
 
 
-def test_vpt_on_beit_is_refused_before_anything_is_built(tmp_path):
-    from adaptkit.training import train
+@pytest.mark.parametrize("shared", [False, True], ids=["bias-per-block", "shared-bias"])
+def test_vpt_prompts_on_beit_have_zero_relative_position_bias_and_mix(shared):
+    """BEiT's relative position bias (each attention's own, or one shared by the blocks) gets zero rows and columns
+    for VPT's prompts, the backbone's own tokens keep theirs; a batch mixing VPT tasks of 2 (deep), 4 (shallow) and 3
+    (last block) prompts with LoRA and adapter tasks gives each sample its task's answer alone."""
+    from adaptkit.families import added_tokens, tokens_kwargs
 
-    case = next(c for c in CASES if family_of(timm.create_model(c.name)).prompts)
-    backbone = create_backbone(case.name, pretrained=False)
-    before = _structure(backbone.model)
-    with pytest.raises(ConfigError, match=r"^vpt cannot adapt a beit backbone .*: its attention adds a relative "
-                                          r"position bias.*; pick one of adapter, .*lora"):
-        train("folder:/does/not/exist", task="t", backbone=backbone, method="vpt", registry=tmp_path / "r.db")
-    assert _structure(backbone.model) == before
+    case = next(c for c in CASES if c.key == "beit")
+    kwargs = {"use_shared_rel_pos_bias": True, "use_rel_pos_bias": False} if shared else {}
+    torch.manual_seed(0)
+    trunk = timm.create_model(case.name, **kwargs)
+    with torch.no_grad():
+        for name, p in trunk.named_parameters():
+            if "relative_position" in name:
+                p.normal_(0, 1.0)
+    assert family_of(trunk).prompts is None
+    owner = trunk.rel_pos_bias if shared else trunk.blocks[0].attn
+    own = owner() if shared else owner._get_rel_pos_bias()
+    n = own.shape[-1]
+    with added_tokens(4):
+        padded = tokens_kwargs({"shared_rel_pos_bias": own}, 4)["shared_rel_pos_bias"] if shared else \
+            owner._get_rel_pos_bias()
+    assert padded.shape[-2:] == (n + 4, n + 4) and torch.equal(padded[..., :n, :n], own)
+    assert not padded[..., n:, :].any() and not padded[..., n:].any(), "a prompt row or column has a bias"
+    configs = [("vpt", {"tokens": 2}), ("vpt", {"tokens": 4, "mode": "shallow"}), ("vpt", {"tokens": 3, "blocks": 1}),
+               ("lora", {"targets": "qkv,proj", "rank": 2}), ("adapter", {"placement": "houlsby", "rank": 4})]
+    tasks = []
+    for method, config in configs:
+        task = get_method(method, config).attach(trunk, 3)
+        with torch.no_grad():
+            for p in task.trainable_parameters():
+                p.normal_(0, 0.1)
+        tasks.append(task.eval())
+    x = torch.randn(7, 3, 32, 32)
+    owners = (0, 1, 2, 3, 4, 1, 0)
+    ctx = tasks[0].ctx
+    with torch.no_grad():
+        with ctx.using(slot_order=tuple(t.slot for t in tasks), sample_slots=torch.tensor(owners)):
+            mixed = trunk(x)
+        for b, i in enumerate(owners):
+            ctx.active = tasks[i].slot
+            torch.testing.assert_close(mixed[b], trunk(x[b : b + 1])[0], **TOL, msg=f"sample {b} {configs[i]}")
+    for task in tasks:
+        task.detach_from_trunk()
 
 
 def test_train_runs_every_method_and_caches_the_frozen_blocks(fam, cifar_mini, monkeypatch):

@@ -5,7 +5,8 @@
 
 Prompts are appended after the patch tokens (attention has no notion of order once positions are embedded, so this
 equals the paper's placement after the class token; a rotary embedding gets identity rows for them, so on RoPE
-models they have no position, as register tokens have none: :func:`adaptkit.families.tokens_kwargs`)
+models they have no position, as register tokens have none, and a relative position bias gets zero rows and columns
+for them: :func:`adaptkit.families.tokens_kwargs`, :func:`adaptkit.families.added_tokens`)
 and are removed after the last block, so the final norm, the pooling and the head see exactly the positions they
 see without prompts. VPT cannot start as the identity: the blocks attend to the prompts from the first step,
 whatever their values.
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from adaptkit.errors import ConfigError
-from adaptkit.families import family_of, tokens_kwargs
+from adaptkit.families import added_tokens, family_of, tokens_kwargs
 from adaptkit.methods.base import Method
 from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site
 
@@ -95,7 +96,8 @@ class PromptSite(TaskSite):
         if module.tokens is not None:
             prompts = module.prompts().to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :n], prompts], dim=1)
-        y = self.base_layer(x, *args, **tokens_kwargs(kwargs, module.count))
+        with added_tokens(module.count):
+            y = self.base_layer(x, *args, **tokens_kwargs(kwargs, module.count))
         return y[:, :n] if module.last else y
 
     def forward_mixed(self, x: torch.Tensor, idx: torch.Tensor, bank: Bank | None, *args: Any,
@@ -121,7 +123,8 @@ class PromptSite(TaskSite):
             valid = bank["valid"][:, :width][idx]  # (B, width): which prompt slots are real prompts of the task
             keep = torch.cat([valid.new_ones(x.shape[0], n), valid], dim=1)
             mask = keep[:, None, None, :]  # (B, 1, 1, keys): True takes part in attention
-        y = self.base_layer(x, *args, **tokens_kwargs({**kwargs, "attn_mask": mask}, width))
+        with added_tokens(width):
+            y = self.base_layer(x, *args, **tokens_kwargs({**kwargs, "attn_mask": mask}, width))
         return y[:, :n] if held[0].last else y
 
     def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
