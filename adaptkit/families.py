@@ -134,7 +134,8 @@ FAMILIES: tuple[Family, ...] = (  # a subclass before its base: the first class 
     Family("vit", ("VisionTransformer",), embed=_vit_embed, block_kwargs=_no_kwargs, finish=_norm_head),
     Family("eva", ("Eva",), positions="rotary", outside_bias=True, embed=_eva_embed, block_kwargs=_eva_kwargs,
            finish=_eva_finish),
-    Family("beit", ("Beit",), positions="relative", outside_bias=True, embed=_beit_embed, block_kwargs=_beit_kwargs, finish=_norm_head),
+    Family("beit", ("Beit",), positions="relative", outside_bias=True, embed=_beit_embed, block_kwargs=_beit_kwargs,
+           finish=_norm_head),
 )
 
 OTHER = Family("other", ())  # a timm ViT class not listed: the methods that need nothing of it, no split

@@ -230,6 +230,25 @@ def test_vpt_prompts_on_beit_have_zero_relative_position_bias_and_mix(shared):
         task.detach_from_trunk()
 
 
+def test_a_family_that_cannot_take_prompts_refuses_vpt_before_anything_is_built(tmp_path, monkeypatch):
+    """The refusal stays generic: a family entry whose ``prompts`` says why (none does today) makes ``train`` refuse
+    VPT in one line naming the methods that apply, with the backbone untouched."""
+    from dataclasses import replace
+
+    from adaptkit import families
+    from adaptkit.training import train
+
+    backbone = create_backbone(CASES[0].name, pretrained=False)
+    name = family_of(backbone.model).name
+    monkeypatch.setattr(families, "FAMILIES", tuple(replace(f, prompts="no token can join its sequence")
+                                                    if f.name == name else f for f in families.FAMILIES))
+    before = _structure(backbone.model)
+    with pytest.raises(ConfigError, match=rf"^vpt cannot adapt a {name} backbone .*: no token can join its sequence; "
+                                          r"pick one of adapter, .*lora"):
+        train("folder:/does/not/exist", task="t", backbone=backbone, method="vpt", registry=tmp_path / "r.db")
+    assert _structure(backbone.model) == before and not (tmp_path / "r.db").exists()
+
+
 def test_train_runs_every_method_and_caches_the_frozen_blocks(fam, cifar_mini, monkeypatch):
     from adaptkit.training import TrainConfig, train
 
