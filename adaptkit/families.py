@@ -19,6 +19,7 @@ Adding a family is one entry in :data:`FAMILIES` plus its case in ``tests/family
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import beit as timm_beit
 from torch import nn
 
 __all__ = ["Family", "FAMILIES", "family_of", "LINEARS", "linear_paths", "outside_bias", "bias_flag_patch",
@@ -243,6 +243,8 @@ def added_tokens(added: int) -> Iterator[None]:
     """Inside, a BEiT attention's own relative position bias gets ``added`` zero rows and columns (the tokens a block
     sees after the backbone's own: prompts have no position). Per thread and per context, so concurrent calls
     without added tokens see the bias unchanged."""
+    if added:
+        _install_beit_padding()
     token = _ADDED.set(added)
     try:
         yield
@@ -263,9 +265,11 @@ def _beit_tokens_kwargs(kwargs: dict[str, Any], added: int) -> dict[str, Any]:
 
 def _install_beit_padding() -> None:
     """Wrap timm's ``beit.Attention._get_rel_pos_bias`` once: the same bias, padded with zero rows and columns for
-    the tokens of :func:`added_tokens` (none outside it, so every other call is unchanged, op for op)."""
-    own = timm_beit.Attention._get_rel_pos_bias
-    if getattr(own, "_adaptkit_padded", False):
+    the tokens of :func:`added_tokens` (none outside it, so every other call is unchanged, op for op). Until timm's
+    BEiT module is imported no BEiT exists, and there is nothing to wrap."""
+    timm_beit = sys.modules.get("timm.models.beit")
+    own = getattr(getattr(timm_beit, "Attention", None), "_get_rel_pos_bias", None)
+    if own is None or getattr(own, "_adaptkit_padded", False):
         return
 
     def padded(self: nn.Module) -> torch.Tensor:
@@ -274,6 +278,3 @@ def _install_beit_padding() -> None:
 
     padded._adaptkit_padded = True
     timm_beit.Attention._get_rel_pos_bias = padded
-
-
-_install_beit_padding()
