@@ -17,6 +17,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from adaptkit.errors import BackboneError, param
+from adaptkit.families import FAMILIES
 
 __all__ = ["MAX_IMAGE_SIZE", "ArchInfo", "check_image_size", "default_input_size", "describe_arch", "hub_cached",
            "supported_classes"]
@@ -25,12 +26,10 @@ MAX_IMAGE_SIZE = 1024  # px: a ViT/14 at 1024 already runs 5,329 tokens, 21x the
 
 
 def supported_classes() -> tuple[type, ...]:
-    """The timm model classes adaptkit adapts (subclasses included, e.g. DeiT's distilled ViT)."""
-    from timm.models.beit import Beit
-    from timm.models.eva import Eva
-    from timm.models.vision_transformer import VisionTransformer
-
-    return (VisionTransformer, Eva, Beit)
+    """The timm model classes adaptkit adapts (subclasses included): those :data:`adaptkit.families.FAMILIES`
+    lists, found by name among ``timm.models``' exports."""
+    return tuple(getattr(timm.models, name) for family in FAMILIES for name in family.classes
+                 if isinstance(getattr(timm.models, name, None), type))
 
 
 @dataclass(frozen=True)

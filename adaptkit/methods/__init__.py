@@ -1,6 +1,6 @@
 """Adaptation methods, one file each (adapter, lora, ssf, bitfit, vpt, linear; ``METHODS`` maps a name to its class),
-on the shared machinery: the wrapped layers and the per-call task context (``sites``), the scale-and-shift site of
-SSF and BitFit (``affine``), ``Method`` and ``TaskModel`` (``base``)."""
+on the shared machinery: the per-call task context (``context``), the wrapped layers (``sites``), the scale-and-shift
+site of SSF and BitFit (``affine``), ``Method`` and ``TaskModel`` (``base``)."""
 
 from __future__ import annotations
 

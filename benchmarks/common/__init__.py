@@ -18,12 +18,13 @@ import torch
 
 from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import Backbone, create_backbone
-from adaptkit.methods import TaskModel, get_method, unwrap
+from adaptkit.methods import TaskModel, get_method, merge_lora, merge_ssf, unwrap
 from adaptkit.registry import Registry
 from adaptkit.trunk import run_prefix
 
-__all__ = ["METHOD_SPECS", "randomize", "task_meta", "register_task", "register_tasks", "median_time", "round_robin",
-           "ratio", "print_table", "machine_line", "base_parser", "parse", "sync", "block_features", "lbfgs_linear"]
+__all__ = ["METHOD_SPECS", "randomize", "method_runs", "task_meta", "register_task", "register_tasks", "median_time",
+           "round_robin", "ratio", "print_table", "machine_line", "base_parser", "parse", "sync", "block_features",
+           "lbfgs_linear"]
 
 # name -> (method, config): the configurations the benchmarks compare
 METHOD_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -47,6 +48,20 @@ def randomize(task: TaskModel, std: float = 0.05) -> None:
             p.add_(torch.randn_like(p) * 0.01)
         else:
             torch.nn.init.normal_(p, std=std)
+
+
+def method_runs(trunk: torch.nn.Module, label: str, method: str, config: dict) -> dict[str, torch.nn.Module]:
+    """The task of one :data:`METHOD_SPECS` row attached to ``trunk`` (random weights, eval mode), and its merged
+    copy where the method merges: label -> model to time."""
+    task = get_method(method, config).attach(trunk, 10)
+    randomize(task)
+    task.eval()
+    runs: dict[str, torch.nn.Module] = {label: task}
+    if method == "lora":
+        runs["lora r8 qkv, merged"] = merge_lora(task)
+    if method == "ssf":
+        runs["ssf, merged"] = merge_ssf(task)
+    return runs
 
 
 def task_meta(backbone: Backbone, task: str, model: TaskModel, num_classes: int) -> AdapterMeta:

@@ -25,10 +25,9 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
-from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, randomize, ratio, sync
+from common import METHOD_SPECS, base_parser, machine_line, method_runs, parse, print_table, ratio, sync
 
 from adaptkit.backbone_info import default_input_size, describe_arch
-from adaptkit.methods import get_method, merge_lora, merge_ssf
 
 # family -> the timm architecture whose default input size and layout the row uses (ViT-B-sized, random weights)
 FAMILIES: dict[str, str] = {
@@ -92,14 +91,7 @@ def configs(bare: torch.nn.Module, only: list[str] | None) -> tuple[dict[str, An
         if only and label not in only:
             continue
         try:
-            task = get_method(method, config).attach(copy.deepcopy(bare), 10)
-            randomize(task)
-            task.eval()
-            runs[label] = task
-            if method == "lora":
-                runs["lora r8 qkv, merged"] = merge_lora(task)
-            if method == "ssf":
-                runs["ssf, merged"] = merge_ssf(task)
+            runs.update(method_runs(copy.deepcopy(bare), label, method, config))
         except Exception as exc:  # noqa: BLE001  (the row reports the failure; the benchmark goes on)
             failed[label] = f"fails: {type(exc).__name__}"
     return runs, failed

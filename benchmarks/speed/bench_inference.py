@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
-from common import METHOD_SPECS, base_parser, machine_line, parse, print_table, randomize, ratio, sync
+from common import METHOD_SPECS, base_parser, machine_line, method_runs, parse, print_table, ratio, sync
 
 from adaptkit.backbone import create_backbone
-from adaptkit.methods import get_method, merge_lora, merge_ssf
 
 
 def run(backbone_name: str, batch: int, repeats: int, device: str, only: list[str] | None) -> list[list[str]]:
@@ -28,14 +27,7 @@ def run(backbone_name: str, batch: int, repeats: int, device: str, only: list[st
     for label, (method, config) in METHOD_SPECS.items():
         if only and label not in only:
             continue
-        task = get_method(method, config).attach(backbone.model, 10)
-        randomize(task)
-        task.eval()
-        configs[label] = task
-        if method == "lora":
-            configs["lora r8 qkv, merged"] = merge_lora(task)
-        if method == "ssf":
-            configs["ssf, merged"] = merge_ssf(task)
+        configs.update(method_runs(backbone.model, label, method, config))
     x = torch.randn(batch, 3, 224, 224, device=device)
     times: dict[str, list[float]] = {k: [] for k in configs}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
