@@ -18,6 +18,16 @@ CIFAR_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-
 PICO = "vit_pico_patch4_32"  # adaptkit's 32x32 test ViT (random weights)
 
 
+def task_meta(backbone, task: str, model, classes: list[str]):
+    """The metadata of ``model``, an attached task with ``classes`` on ``backbone``, trained on no data set."""
+    from adaptkit.artifacts import AdapterMeta
+
+    return AdapterMeta(task=task, classes=classes, method=model.method.name, method_config=model.method.config_dict(),
+                       backbone=backbone.name, backbone_weights=backbone.weights,
+                       backbone_fingerprint=backbone.fingerprint, backbone_params=backbone.num_params,
+                       backbone_dim=backbone.embed_dim, data_config=backbone.data_config, dataset="random")
+
+
 @pytest.fixture(scope="session")
 def cifar_mini() -> Path:
     if not CIFAR_MINI.is_dir():

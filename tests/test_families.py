@@ -11,10 +11,10 @@ import os
 import pytest
 import timm
 import torch
+from conftest import task_meta
 from family_cases import CASES, FamilyCase
 from safetensors.torch import save_file
 
-from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import create_backbone
 from adaptkit.errors import ConfigError
 from adaptkit.families import family_of, outside_bias
@@ -64,11 +64,7 @@ def fam(request, tmp_path_factory):
                 if method != "full" or not name.startswith("backbone.blocks.0.attn"):  # full: change a few
                     p.add_(torch.randn_like(p) * 0.05)
         task.eval()
-        meta = AdapterMeta(task=ref, classes=["a", "b", "c"], method=method, method_config=task.method.config_dict(),
-                           backbone=backbone.name, backbone_weights=backbone.weights,
-                           backbone_fingerprint=backbone.fingerprint, backbone_params=backbone.num_params,
-                           backbone_dim=backbone.embed_dim, data_config=backbone.data_config, dataset="random")
-        reg.add_version(meta, task.state())
+        reg.add_version(task_meta(backbone, ref, task, ["a", "b", "c"]), task.state())
         tasks[ref] = task
     x = torch.randn(4, *backbone.data_config["input_size"])
     return case, backbone, reg, tasks, x
@@ -328,12 +324,7 @@ def test_peft_export_and_import_equal_adaptkit(fam, tmp_path):
     with torch.no_grad():
         for p in task.trainable_parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    meta = AdapterMeta(task="peftable", classes=["a", "b", "c"], method="lora",
-                       method_config=task.method.config_dict(), backbone=backbone.name,
-                       backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
-                       backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
-                       data_config=backbone.data_config, dataset="random")
-    reg.add_version(meta, task.state())
+    reg.add_version(task_meta(backbone, "peftable", task, ["a", "b", "c"]), task.state())
     task.detach_from_trunk()
     folder = export_peft(reg, "peftable", tmp_path / "peft")
     base = timm.create_model(case.name, num_classes=3)

@@ -6,8 +6,8 @@ zero), so that each task changes the output and a wrong slot, a missing module o
 
 import pytest
 import torch
+from conftest import task_meta
 
-from adaptkit.artifacts import AdapterMeta
 from adaptkit.backbone import create_backbone
 from adaptkit.inference import Predictor
 from adaptkit.methods import get_method, merge_lora, merge_ssf, unwrap
@@ -44,12 +44,7 @@ def _register(reg: Registry, tasks: dict) -> None:
                     p.add_(torch.randn_like(p) * 0.01)
                 else:
                     torch.nn.init.normal_(p, std=0.05)
-        meta = AdapterMeta(task=name, classes=[f"c{i}" for i in range(num_classes)], method=method,
-                           method_config=task.method.config_dict(), backbone=backbone.name,
-                           backbone_weights=backbone.weights, backbone_fingerprint=backbone.fingerprint,
-                           backbone_params=backbone.num_params, backbone_dim=backbone.embed_dim,
-                           data_config=backbone.data_config, dataset="random")
-        reg.add_version(meta, task.state())
+        reg.add_version(task_meta(backbone, name, task, [f"c{i}" for i in range(num_classes)]), task.state())
         task.detach_from_trunk()
     unwrap(backbone.model)
 
