@@ -19,7 +19,7 @@ from adaptkit.inference.token_stats import token_blocks
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.registry import Registry
 from adaptkit.training import TrainConfig, train
-from adaptkit.trunk import run_prefix, run_suffix
+from adaptkit.trunk import SPECTRUM, run_prefix, run_suffix
 
 CONFIG = TrainConfig(epochs=1, batch_size=64, lr=3e-3, num_workers=0, augment=False)
 FIRST, SECOND = "airplane,automobile,bird,cat,deer", "dog,frog,horse,ship,truck"
@@ -152,9 +152,15 @@ def test_the_frozen_pass_hands_back_the_tokens_without_changing_its_output(reg):
         for i, block in enumerate(trunk.blocks):
             h = block(h)
             means[i] = h[:, trunk.num_prefix_tokens:].mean(1)
+        patches = trunk.patch_embed(x).double().numpy()  # (3, 64, 192): the embeddings before positions
     assert torch.equal(split, plain) and torch.equal(taps[depth], plain)
-    for b in token_blocks(depth)[:-1]:
+    for b in token_blocks(depth)[1:-1]:
         assert torch.equal(taps[b], means[b])
+    # the spectrum: each image's 192 x 192 covariance, of rank 48 (4 x 4 pixels x 3 colours), its eigenvalues
+    lam = np.stack([np.linalg.eigvalsh(np.cov(p.T))[::-1][:48] for p in patches]).clip(0)
+    expected = np.log(lam + 1e-4 * lam.mean(1, keepdims=True))
+    assert taps[SPECTRUM].shape == (3, 48)
+    np.testing.assert_allclose(taps[SPECTRUM].numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_router_reads_the_tokens_it_is_given_and_the_pooled_score_without_them(reg):
@@ -162,7 +168,7 @@ def test_a_router_reads_the_tokens_it_is_given_and_the_pooled_score_without_them
     router = Router(stats)
     assert router.blocks == token_blocks(6)
     feats = torch.randn(4, 192)
-    taps = {b: torch.randn(4, 192) * 50 for b in router.blocks}  # far from any photo's tokens
+    taps = {b: torch.randn(4, 48 if b == SPECTRUM else 192) * 50 for b in router.blocks}  # far from any photo's
     assert bool((router.fit(feats, taps) < 0.05).all())
     pooled = router.fit(feats)  # no tokens: the pooled output's score, as for older files
     for t, s in enumerate(stats):
