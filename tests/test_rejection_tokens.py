@@ -11,10 +11,10 @@ import torch
 from PIL import Image, ImageFilter
 
 from adaptkit.artifacts import load_adapter
-from adaptkit.data import load_task_data
+from adaptkit.data import TransformedSubset, load_task_data
 from adaptkit.errors import ConfigError
 from adaptkit.inference import ROUTING_PREFIX, Predictor, Router, Whitener, collect_task_stats, fit_routing, split_state
-from adaptkit.inference.routing_stats import RoutingStats, frozen
+from adaptkit.inference.routing_stats import Calibration, RoutingStats, accumulate_stats, frozen
 from adaptkit.inference.token_stats import token_blocks
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.registry import Registry
@@ -174,3 +174,69 @@ def test_a_router_reads_the_tokens_it_is_given_and_the_pooled_score_without_them
     for t, s in enumerate(stats):
         w = Whitener.of(s.means, s.counts, s.scatter, s.ood_shrinkage)
         torch.testing.assert_close(pooled[:, t], s.fit(w.scores(feats)).float())
+
+
+def _digits(n: int = 60) -> list[Image.Image]:
+    """Handwritten digits (scikit-learn's bundled 8 x 8 scans), blown up to 32 x 32: grey images of another kind."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images[:n]
+    return [Image.fromarray((255 - 255 * im / 16).astype(np.uint8)).resize((32, 32)).convert("RGB") for im in images]
+
+
+@pytest.fixture(scope="module")
+def first_fix(reg, tmp_path_factory, cifar_mini) -> Registry:
+    """A copy of ``reg`` whose files hold the token statistics as the first fix of issue 37 made them: the five
+    places without the patch spectrum, computed from the same training images by the same code."""
+    from tests.test_routing import _copy
+
+    reg = _copy(reg, tmp_path_factory.mktemp("first-fix"))
+    predictor = Predictor(reg, device="cpu")
+    for ref, classes in (("photos-a", FIRST), ("photos-b", SECOND)):
+        backbone = predictor.load(ref).host.backbone
+        data = load_task_data(f"folder:{cifar_mini}", backbone.data_config, augment=False, classes=classes,
+                              val_fraction=0.1, seed=0)
+        images = TransformedSubset(data.val.source, sorted([*data.train.indices, *data.val.indices]),
+                                   data.val.transform)
+        x = torch.stack([images[i][0] for i in range(len(images))])
+        y = torch.tensor([images[i][1] for i in range(len(images))])
+        places = token_blocks(6)[1:]
+        with torch.inference_mode(), frozen(backbone.model) as trunk:
+            taps = dict.fromkeys(places)
+            feats = run_prefix(trunk, x, 6, taps)
+        stats = accumulate_stats([(feats, y, taps)], len(data.classes), Calibration(len(y), len(data.classes)),
+                                 blocks=places)
+        row = reg.get_version(ref)
+        state, meta = load_adapter(reg.path_of(row))
+        reg.replace_file(row, {**split_state(state)[0], **stats.to_tensors()}, meta)
+    return reg
+
+
+def test_grey_images_beside_broad_colour_photo_tasks_are_rejected_with_the_spectrum(reg, first_fix, cifar_mini):
+    """Digits and grey photos look typical to a colour-photo task's mean tokens (the first fix rejects 0-1 % of
+    them); the spectrum of their patch embeddings lacks the colour directions (measured: 100 % and 64 %)."""
+    grey = [p.convert("L").convert("RGB") for p in _test_photos(cifar_mini, SECOND)]  # 100 photos, never trained on
+    before, now = Predictor(first_fix, device="cpu"), Predictor(reg, device="cpu")
+    for kind, images, old_at_most, new_at_least in (("digits", _digits(), 0.2, 0.9), ("grey", grey, 0.15, 0.4)):
+        old, new = _rejected(before.predict_auto(images, topk=1)), _rejected(now.predict_auto(images, topk=1))
+        assert old <= old_at_most and new >= new_at_least, (kind, old, new)
+
+
+def test_a_file_of_the_first_fix_is_scored_on_its_own_places_and_completed_by_routing_fit(first_fix, tmp_path,
+                                                                                         cifar_mini):
+    from tests.test_routing import _copy
+
+    stats = _stats(first_fix, "photos-a")
+    assert stats.tokens.blocks == token_blocks(6)[1:]
+    images = _digits(8) + _test_photos(cifar_mini, FIRST)[:8]
+    predictor = Predictor(first_fix, device="cpu")
+    routes = predictor.route(images, tasks=["photos-a"])
+    task = predictor.load("photos-a")
+    with torch.inference_mode(), frozen(task.host.backbone.model) as trunk:
+        taps = dict.fromkeys(stats.tokens.blocks)
+        run_prefix(trunk, predictor.preprocess(images, task), 6, taps)
+    expected = stats.tokens.fit(stats.tokens.scores(taps)).float()
+    torch.testing.assert_close(torch.tensor([r.fit for r in routes]), expected, rtol=1e-4, atol=1e-5)
+    copy = _copy(first_fix, tmp_path)
+    assert fit_routing(["photos-a", "photos-b"], registry=copy, device="cpu") == ["photos-a@1", "photos-b@1"]
+    assert _stats(copy, "photos-a").tokens.blocks == token_blocks(6)
