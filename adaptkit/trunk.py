@@ -60,16 +60,15 @@ def patch_mean(trunk: nn.Module, h: torch.Tensor) -> torch.Tensor:
 def patch_spectrum(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) images -> (B, k) the log eigenvalues, largest first, of the covariance of each image's patch
     embeddings (the patch projection's output, before positions are added), each eigenvalue raised by
-    :data:`SPECTRUM_FLOOR` of their mean. ``k`` = min(patches - 1, width, the projection's input size): the
-    eigenvalues that are not zero by construction. An image with fewer colours or less detail than the task's (a
-    grey photo: a third of the colour directions; a drawing, a blurred photo) has a spectrum that falls off
-    sooner; the covariance is computed as the patches' Gram matrix when there are fewer patches than channels."""
+    :data:`SPECTRUM_FLOOR` of their mean. ``k`` = min(patches - 1, width, the values of a patch: channels x
+    pixels), the eigenvalues that are not zero by construction. An image with fewer colours or less detail than the
+    task's (a grey photo: a third of the colour directions; a drawing, a blurred photo) has a spectrum that falls off
+    sooner. The covariance is computed as the patches' Gram matrix when there are fewer patches than channels."""
     p = trunk.patch_embed(x)
     p = (p.flatten(1, -2) if p.dim() == 4 else p).double()
     p = p - p.mean(1, keepdim=True)
     n, d = p.shape[1], p.shape[2]
-    weight = getattr(getattr(trunk.patch_embed, "proj", None), "weight", None)
-    k = min(n - 1, d, weight[0].numel() if weight is not None else d)
+    k = min(n - 1, d, x[0].numel() // n)  # the values of one patch: channels x its pixels
     gram = p @ p.transpose(1, 2) if n <= d else p.transpose(1, 2) @ p
     lam = torch.linalg.eigvalsh(gram / (n - 1)).flip(-1)[:, :k].clamp(min=0)
     return (lam + SPECTRUM_FLOOR * lam.mean(1, keepdim=True).clamp(min=1e-300)).log().float()

@@ -52,6 +52,7 @@ from adaptkit.models import PACKAGED_BACKBONE
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import block_features, lbfgs_linear, print_table  # noqa: E402
 from common.data import ROOT, heldout_specs, make_split, routing_specs  # noqa: E402
+from common.photos import make_other_photos  # noqa: E402
 
 REGISTERED = ("digits", "glyphs", "photos5", "grey5")
 OVERLAP = {frozenset(("glyphs", "glyphs20")), frozenset(("photos2", "photos5"))}  # pairs that share classes
@@ -277,7 +278,9 @@ def table_task_id(feats: dict, stats: dict, sets: list[tuple[str, ...]]) -> tupl
     return ["tasks", "router", "mean over tasks %", "over images %", "each task's test images routed home %"], rows
 
 
-PHOTO_PAIRS = [("photos2", "photos3"), ("photos2", "photos3", "grey2")]  # colour photos of two pools, disjoint classes
+# colour photos of two CIFAR-10 pools with disjoint classes, and beside crops of six photos of another source
+PHOTO_PAIRS = [("photos2", "photos3"), ("photos2", "photos3", "grey2"), ("photos5", "other"), ("photos3", "other"),
+               ("photos2", "photos3", "other")]
 
 
 def table_ceiling(feats: dict, stats: dict, sets: list[tuple[str, ...]]) -> tuple[list[str], list[list[str]]]:
@@ -324,7 +327,9 @@ def main() -> None:
     feats = dump(args.features, routing_specs)
     more = dump(args.features.with_name("routing-heldout-features.pt"),
                 lambda: {**heldout_specs(), "split": f"folder:{make_split()}"})
-    more = {**{k: v for k, v in more.items() if k != "split"}, **split_tasks(more["split"])}
+    more = {**{k: v for k, v in more.items() if k != "split"}, **split_tasks(more["split"]),
+            **dump(args.features.with_name("routing-other-features.pt"),  # common/photos.py: another source
+                   lambda: {"other": f"folder:{make_other_photos(ROOT)}"})}
     stats = {t: task_stats(e) for t, e in feats.items()}
     more_stats = {t: task_stats(e) for t, e in more.items()}
     sizes = ", ".join(f"{t} {len(e['train'][1]) + len(e['val'][1])}/{len(e['test'][1])}" for t, e in feats.items())
