@@ -28,12 +28,12 @@ its test images are never seen.
    one data set, which QDA gives one covariance, as routed prediction does for tasks trained on one data set; the
    "no groups" row gives each its own).
 
-5. The rejection score by layer: the same per-task Mahalanobis score on the mean patch token after each block,
-   against the pooled output the shipped score reads (AUROC, each broad task against sets of no task of its own).
+5. The rejection score by layer: the per-task Mahalanobis score on the mean patch token after each block against
+   the pooled output (AUROC, each broad task against sets of no task of its own).
+6. The default router against a joint linear probe over every class of each group, with groups of colour photos of
+   two sources (CIFAR-10 beside ``common/photos.py``'s crops, which need scikit-image: ``pip install -e .[bench]``).
 
-    python benchmarks/common/data.py --no-emoji      # optional: the folders are made on first use anyway
-    # about a minute the first time, seconds from the cache:
-    OMP_NUM_THREADS=2 python benchmarks/accuracy/routing_ood.py
+    OMP_NUM_THREADS=2 python benchmarks/accuracy/routing_ood.py  # about a minute the first time, then seconds
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def table_task_id(feats: dict, stats: dict, sets: list[tuple[str, ...]]) -> tupl
     return ["tasks", "router", "mean over tasks %", "over images %", "each task's test images routed home %"], rows
 
 
-# colour photos of two CIFAR-10 pools with disjoint classes, and beside crops of six photos of another source
+# colour photos of two CIFAR-10 pools with disjoint classes; beside crops of six photos of another source
 PHOTO_PAIRS = [("photos2", "photos3"), ("photos2", "photos3", "grey2"), ("photos5", "other"), ("photos3", "other"),
                ("photos2", "photos3", "other")]
 
