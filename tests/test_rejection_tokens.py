@@ -240,3 +240,26 @@ def test_a_file_of_the_first_fix_is_scored_on_its_own_places_and_completed_by_ro
     copy = _copy(first_fix, tmp_path)
     assert fit_routing(["photos-a", "photos-b"], registry=copy, device="cpu") == ["photos-a@1", "photos-b@1"]
     assert _stats(copy, "photos-a").tokens.blocks == token_blocks(6)
+
+
+@pytest.mark.parametrize("width", [16, 96])  # fewer channels than patches (its covariance), more (the Gram matrix)
+def test_the_patch_spectrum_is_the_covariance_spectrum_and_a_grey_image_lacks_two_thirds_of_it(width):
+    import timm
+
+    from adaptkit.trunk import patch_spectrum
+
+    trunk = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4,
+                              embed_dim=width, depth=1, num_heads=2).eval()
+    colour = torch.rand(2, 3, 32, 32)
+    grey = colour.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    with torch.inference_mode():
+        spectra = patch_spectrum(trunk, torch.cat([colour, grey]))
+        patches = trunk.patch_embed(colour).double().numpy()
+    k = min(63, width, 48)  # patches - 1, channels, values of a 4 x 4 colour patch
+    assert spectra.shape == (4, k)
+    lam = np.stack([np.linalg.eigvalsh(np.cov(p.T))[::-1][:k] for p in patches]).clip(0)
+    np.testing.assert_allclose(spectra[:2].numpy(), np.log(lam + 1e-4 * lam.mean(1, keepdims=True)), rtol=1e-4,
+                               atol=1e-4)
+    if k > 16:  # a grey patch has 16 values, not 48: its other eigenvalues sit at the floor (1e-4 of the mean)
+        relative = spectra - spectra.exp().mean(1, keepdim=True).log()
+        assert bool((relative[2:, 16:] < -6).all()) and bool((relative[:2, 16] > -5).all())
