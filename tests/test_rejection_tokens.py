@@ -83,6 +83,32 @@ def test_own_held_out_images_are_rejected_at_about_the_stated_rate(reg, cifar_mi
         assert 0.15 <= _rejected(wider) <= 0.45, ref
 
 
+def test_an_image_is_rejected_only_when_every_task_rejects_it(reg, cifar_mini):
+    """Its nearest task rejecting it, an image goes to the most probable task that fits it; "no task fits" (with
+    the nearest task and its fit) only when none does. At a 50 % rate many images fit one task and not the other."""
+    predictor = Predictor(reg, device="cpu")
+    images = _test_photos(cifar_mini, FIRST) + _test_photos(cifar_mini, SECOND) + _noise(10)
+    refs, rate = ["photos-a", "photos-b"], 0.5
+    alone = {ref: [r.fit for r in predictor.route(images, tasks=[ref])] for ref in refs}  # each task's own fit
+    nearest = [r.task.ref.partition("@")[0] for r in predictor.route(images, tasks=refs, accept_all=True)]
+    routes = predictor.route(images, tasks=refs, reject_rate=rate)
+    elsewhere = 0
+    for i, r in enumerate(routes):
+        ref = r.task.ref.partition("@")[0]
+        fits = {t: alone[t][i] for t in refs}
+        assert r.rejected == all(f < rate for f in fits.values()), (i, fits)
+        assert r.fit == pytest.approx(fits[ref], abs=1e-6)
+        if r.rejected or fits[nearest[i]] >= rate:
+            assert ref == nearest[i]  # rejected: the nearest task is named; fitting its nearest task: as before
+        else:
+            assert r.fit >= rate and ref != nearest[i]
+            assert r.runner_up.ref.partition("@")[0] == nearest[i]
+            elsewhere += 1
+    assert elsewhere >= 5 and sum(r.rejected for r in routes) >= 20  # both cases are exercised
+    answers = predictor.predict_auto(images, topk=1, tasks=refs, reject_rate=rate)
+    assert [(a.task, a.rejected) for a in answers] == [(r.task.ref, r.rejected) for r in routes]
+
+
 def test_both_ways_of_making_statistics_agree_and_are_stored(reg, cifar_mini):
     """The linear probe's come from its feature cache, the adapter's from a frozen pass: a pass over the probe's
     images gives the same token statistics."""

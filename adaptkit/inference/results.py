@@ -35,11 +35,12 @@ class Prediction:
 class RoutedPrediction:
     """An image's answer with no task given: the task the router chose, how sure it was, and the labels.
 
-    ``rejected``: the image fits none of the tasks: it is less typical of the chosen (nearest) task than all but
-    the rejection rate of the task's own images (``task`` and ``predictions`` are still the nearest task's).
+    ``task`` is the most probable task the image fits (it is at least as typical of it as the rejection rate of
+    the task's own images). ``rejected``: the image fits none of the tasks (``task`` and ``predictions`` are then
+    the most probable, nearest, task's).
     """
 
-    task: str  # task@N; when rejected, the nearest task
+    task: str  # task@N: the most probable task that fits the image; when rejected, the nearest task
     confidence: float  # the routing posterior of ``task``
     runner_up: str | None  # the next most likely task (None when only one task was asked)
     runner_up_confidence: float
@@ -68,7 +69,7 @@ class Route:
     runner_up: LoadedTask | None
     runner_up_confidence: float
     fit: float | None = None  # share of the task's own images less typical than this one (None: not calibrated)
-    rejected: bool = False  # fit below the rejection rate: the image belongs to none of the tasks
+    rejected: bool = False  # every candidate's fit below the rejection rate: the image belongs to none
     left_out: tuple[str, ...] = ()  # candidate versions not routed over (no routing statistics): task@N
 
 

@@ -127,23 +127,25 @@ class AutoPredict:
              ) -> list[Route]:
         """Route each image: within a backbone by the router's task posterior; across backbones to the one whose
         classes the image is most typical of (smallest standardised Mahalanobis distance). With ``reject_rate``
-        an image whose chosen task fits it less than that (see :class:`Route`) is marked rejected; ``taps``: per
-        backbone the mean patch tokens the tasks' rejection scores read (:attr:`Router.blocks`)."""
-        best: list[tuple[float, Route]] = []
+        an image goes to the most probable task it fits (see :meth:`Routes.choose`), and is marked rejected only
+        when it fits no candidate task (its task is then the nearest one); ``taps``: per backbone the mean patch
+        tokens the tasks' rejection scores read (:attr:`Router.blocks`)."""
+        best: list[tuple[tuple[bool, float], Route]] = []
         for key, members in hosts.items():
             routes = self._router(members, router).route(feats[key], (taps or {}).get(key))
-            (values, indices), typical = routes.ranked(), routes.typicality.tolist()
+            chosen, runner, rejected = (v.tolist() for v in routes.choose(reject_rate))
+            probs, typical = routes.task_probs.tolist(), routes.typicality.tolist()
             fits = routes.fit.tolist() if routes.fit is not None else None
-            for b, (v, i) in enumerate(zip(values.tolist(), indices.tolist(), strict=True)):
-                runner = members[i[1]] if len(members) > 1 else None
-                fit = fits[b][i[0]] if fits is not None else None
+            for b, (c, u, no) in enumerate(zip(chosen, runner, rejected, strict=True)):
+                other = members[u] if len(members) > 1 else None
+                fit = fits[b][c] if fits is not None else None
                 fit = None if fit is None or fit != fit else fit  # NaN: the version has no percentiles
-                rejected = reject_rate is not None and fit is not None and fit < reject_rate
-                route = Route(members[i[0]], v[0], runner, v[1] if runner else 0.0, fit, rejected)
+                route = Route(members[c], probs[b][c], other, probs[b][u] if other else 0.0, fit, no)
+                rank = (no, typical[b])  # a backbone with a task the image fits first, then the most typical
                 if b == len(best):
-                    best.append((typical[b], route))
-                elif typical[b] < best[b][0]:
-                    best[b] = (typical[b], route)
+                    best.append((rank, route))
+                elif rank < best[b][0]:
+                    best[b] = (rank, route)
         return [r for _, r in best]
 
     def _candidates(self, tasks: list[str] | None) -> tuple[list[LoadedTask], tuple[str, ...]]:

@@ -57,6 +57,24 @@ class Routes:
     typicality: torch.Tensor  # (B,) standardised distance to the nearest class mean; lower is more typical
     fit: torch.Tensor | None = None  # (B, T) share of each task's own images farther out (NaN: not calibrated)
 
+    def choose(self, reject_rate: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each image's task, its runner-up and whether no task fits it, (B,) each: the most probable task among
+        those the image fits (``fit`` at least ``reject_rate``; a task without percentiles always fits); when it
+        fits none, it is rejected and its task is the most probable one. ``reject_rate`` None: never rejected, the
+        most probable task. The runner-up is the most probable other task (the task itself when there is one)."""
+        probs = self.task_probs
+        nearest = probs.argmax(1)
+        if reject_rate is None or self.fit is None:
+            accepts = torch.ones_like(probs, dtype=torch.bool)
+        else:
+            accepts = ~(self.fit < reject_rate)  # NaN (not calibrated) accepts
+        fits_some = accepts.any(1)
+        chosen = torch.where(fits_some, probs.masked_fill(~accepts, -1.0).argmax(1), nearest)
+        if probs.shape[1] == 1:
+            return chosen, chosen, ~fits_some
+        runner = probs.scatter(1, chosen[:, None], -1.0).argmax(1)
+        return chosen, runner, ~fits_some
+
     def ranked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(values, indices) of the best two tasks, (B, 2); with one task the runner-up is itself at 0."""
         k = min(2, self.task_probs.shape[1])
