@@ -31,7 +31,9 @@ its test images are never seen.
 5. The rejection score by layer: the per-task Mahalanobis score on the mean patch token after each block against
    the pooled output (AUROC, each broad task against sets of no task of its own).
 6. The default router against a joint linear probe over every class of each group, with groups of colour photos of
-   two sources (CIFAR-10 beside ``common/photos.py``'s crops, which need scikit-image: ``pip install -e .[bench]``).
+   two sources (CIFAR-10 beside ``common/photos.py``'s crops, which need scikit-image: ``pip install -e .[bench]``);
+   and for photos5 + other, the one group beyond the goal, the same with other's test crops drawn from the part of
+   each photo its training crops come from (``make_other_photos(shifted=False)``).
 
     OMP_NUM_THREADS=2 python benchmarks/accuracy/routing_ood.py  # about a minute the first time, then seconds
 """
@@ -39,6 +41,7 @@ its test images are never seen.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -318,6 +321,40 @@ def table_ceiling(feats: dict, stats: dict, sets: list[tuple[str, ...]]) -> tupl
             "joint probe: CIL %", "gap"], rows
 
 
+def _mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value of b against c discordant pairs."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+
+
+def table_shift(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
+    """photos5 + other, its test crops from the part of each photo the training crops come from or from the rest:
+    the share of each task's test images routed home by ``qda`` (the default), ``lda`` and the joint probe, and
+    the exact McNemar p-value of the default router against the probe (images one gets right and the other not)."""
+    rows = []
+    for other, where in (("other-same", "the training crops' part (left 60 %)"), ("other", "the rest (right 40 %)")):
+        tasks = ("photos5", other)
+        train = [torch.cat([feats[t]["train"][0], feats[t]["val"][0]]) for t in tasks]
+        labels = [torch.cat([feats[t]["train"][1], feats[t]["val"][1]]) + o for t, o in zip(tasks, (0, 5),
+                                                                                            strict=True)]
+        joint = _probe(torch.cat(train), torch.cat(labels), 5 + len(feats[other]["classes"]))
+        routers = [Router([stats[t] for t in tasks], kind=kind) for kind in ("qda", "lda")]
+        homes = [*(lambda x, r=r: r.route(x).task_probs.argmax(1) for r in routers),
+                 lambda x, joint=joint: (joint(x).argmax(1) >= 5).long()]
+        right = dict(zip(("qda", "lda", "joint probe"), ([home(feats[t]["test"][0]) == j for j, t in enumerate(tasks)]
+                                                         for home in homes), strict=True))
+        row = [where]
+        for ok in right.values():
+            total = 100 * torch.cat(ok).double().mean().item()
+            row.append(f"{total:.1f} ({', '.join(f'{100 * o.double().mean().item():.0f}' for o in ok)})")
+        q, jp = torch.cat(right["qda"]), torch.cat(right["joint probe"])
+        b, c = int((q & ~jp).sum()), int((~q & jp).sum())
+        row.append(f"{b} / {c}, p = {_mcnemar(b, c):.2f}")
+        rows.append(row)
+    return ["other's test crops from", "qda (default): task id % (photos5, other)", "lda", "joint probe",
+            "qda right & probe wrong / the reverse"], rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, default=ROOT / "routing-features.pt",
@@ -329,7 +366,9 @@ def main() -> None:
                 lambda: {**heldout_specs(), "split": f"folder:{make_split()}"})
     more = {**{k: v for k, v in more.items() if k != "split"}, **split_tasks(more["split"]),
             **dump(args.features.with_name("routing-other-features.pt"),  # common/photos.py: another source
-                   lambda: {"other": f"folder:{make_other_photos(ROOT)}"})}
+                   lambda: {"other": f"folder:{make_other_photos(ROOT)}"}),
+            **dump(args.features.with_name("routing-other-same-features.pt"),
+                   lambda: {"other-same": f"folder:{make_other_photos(ROOT, shifted=False)}"})}
     stats = {t: task_stats(e) for t, e in feats.items()}
     more_stats = {t: task_stats(e) for t, e in more.items()}
     sizes = ", ".join(f"{t} {len(e['train'][1]) + len(e['val'][1])}/{len(e['test'][1])}" for t, e in feats.items())
@@ -351,6 +390,8 @@ def main() -> None:
     print("\n6. The default router against its ceiling, a joint linear probe over every class of the group (over "
           "images)\n")
     print_table(*table_ceiling(both, both_stats, [*TASK_ID_SETS, *HELDOUT_SETS, SPLIT, *PHOTO_PAIRS]))
+    print("\n   photos5 + other: where the gap comes from (other's training crops from the left 60 % of each photo)\n")
+    print_table(*table_shift(both, both_stats))
     print("\n5. The rejection score by layer (shipped since issue 37, combined over blocks: rejection.py)\n")
     print_table(*table_layers(dump(args.features.with_name("routing-layer-features.pt"), layer_specs, _layers)))
 

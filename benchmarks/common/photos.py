@@ -52,15 +52,18 @@ def _crops(photo: np.ndarray, n: int, left: float, right: float, rng: np.random.
     return out
 
 
-def make_other_photos(root: Path, train: int = 50, test: int = 20, seed: int = 2) -> Path:
-    """Crops of :data:`OTHER_PHOTOS` (see the module's docstring) into ``root/other-photos/{train,test}/<photo>/``."""
-    out = root / "other-photos"
+def make_other_photos(root: Path, train: int = 50, test: int = 20, seed: int = 2, shifted: bool = True) -> Path:
+    """Crops of :data:`OTHER_PHOTOS` (see the module's docstring) into ``root/other-photos/{train,test}/<photo>/``;
+    ``shifted=False``: test crops from the training crops' part of each photo too (another draw, seed 3), into
+    ``root/other-photos-same-part/`` (what ``routing_ood.py`` tells the shift's share of the router's miss by)."""
+    out = root / ("other-photos" if shifted else "other-photos-same-part")
     if (out / "test" / OTHER_PHOTOS[-1]).is_dir():
         return out
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if shifted else 3)
+    test_part = (TRAIN_SHARE, 1) if shifted else (0, TRAIN_SHARE)
     for name in OTHER_PHOTOS:
         photo = _photo(name)
-        for part, n, (left, right) in (("train", train, (0, TRAIN_SHARE)), ("test", test, (TRAIN_SHARE, 1))):
+        for part, n, (left, right) in (("train", train, (0, TRAIN_SHARE)), ("test", test, test_part)):
             folder = out / part / name
             folder.mkdir(parents=True, exist_ok=True)
             for i, crop in enumerate(_crops(photo, n, left, right, rng)):
