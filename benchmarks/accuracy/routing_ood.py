@@ -12,8 +12,9 @@ its test images are never seen.
    for every other data set the AUROC of the rejection score (own test images against the other set's) and the
    share rejected. Pairs that share classes (glyphs A-J inside glyphs20; photos2's airplane and ship inside
    photos5) are marked: rejecting them would be wrong.
-2. Routed, as ``predict_auto`` does: over digits, glyphs, photos5 and grey5, then over all but one of them, the
-   share of each test set rejected (the held-out set, and synthetic images, belong to no task).
+2. Routed, as ``predict_auto`` did before issue 37 (the nearest task's pooled score decides): over digits, glyphs,
+   photos5 and grey5, then over all but one of them, the share of each test set rejected (the held-out set, and
+   synthetic images, belong to no task).
 3. Other scores, for comparison: the energy and max-softmax of a linear head trained on the task's frozen features
    (what the task's own head would offer), and the z-score of the distance under the covariance pooled over every
    task (the warning measured before, which depends on the other tasks); mean AUROC over the pairs that share no
@@ -180,7 +181,8 @@ def table_alone(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _routed(router: Router, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) each image's chosen task, and whether that task rejects it at the default rate (as predict_auto)."""
+    """(B,) each image's most probable task, and whether that task rejects it at the default rate (the rule before
+    issue 37's second fix; ``rejection.py`` compares it with the shipped one, :meth:`Routes.choose`)."""
     routes = router.route(feats)
     chosen = routes.task_probs.argmax(1)
     return chosen, routes.fit.gather(1, chosen[:, None])[:, 0] < DEFAULT_REJECT_RATE
