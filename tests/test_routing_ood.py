@@ -229,3 +229,46 @@ def test_routing_weighs_each_task_by_the_images_fit_to_it():
     want = plain.task_probs * half / (plain.task_probs * half).sum(1, keepdim=True)
     torch.testing.assert_close(mixed.task_probs, want, rtol=1e-4, atol=1e-5)
     assert torch.equal(Router([broad]).route(feats).task_probs, torch.ones(10, 1))
+
+
+def test_choose_takes_the_most_probable_task_that_fits_and_rejects_only_when_none_does():
+    from adaptkit.inference.router import Routes
+
+    nan = float("nan")
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.3, 0.2]])
+    fit = torch.tensor([[0.5, 0.5, 0.5], [0.01, 0.02, 0.5], [0.01, 0.02, 0.03], [0.2, 0.9, 0.04], [0.01, nan, 0.9]])
+    routes = Routes(task_probs=probs, class_probs=probs, typicality=torch.zeros(5), fit=fit)
+    chosen, runner, rejected = routes.choose(0.05)
+    assert chosen.tolist() == [0, 2, 0, 1, 1]  # a task without percentiles (NaN) fits every image
+    assert runner.tolist() == [1, 0, 1, 2, 0]
+    assert rejected.tolist() == [False, False, True, False, False]
+    chosen, _, rejected = routes.choose(None)  # accept_all: the most probable task, never rejected
+    assert chosen.tolist() == [0, 0, 0, 2, 0] and not rejected.any()
+    alone = Routes(task_probs=torch.ones(2, 1), class_probs=torch.ones(2, 1), typicality=torch.zeros(2),
+                   fit=torch.tensor([[0.01], [0.5]]))
+    assert [v.tolist() for v in alone.choose(0.05)] == [[0, 0], [0, 0], [True, False]]
+
+
+def test_across_backbones_an_image_goes_where_a_task_fits_it(reg, tests_of):
+    """Routed over backbones (here the two tasks as if on two: one group each), the most typical backbone wins
+    among those with a task that fits the image; rejected, with the most typical, only when none has."""
+    predictor = Predictor(reg, device="cpu")
+    digits, photos = predictor.load("digits"), predictor.load("photos")
+    x = torch.stack(tests_of["digits"][:50] + tests_of["photos"][:50]
+                    + [predictor.preprocess(_foreign(), digits)[i] for i in range(6)])
+    hosts = {1: [digits], 2: [photos]}
+    passes = {k: predictor.frozen_pass(x, members, predictor._router(members, "qda").blocks)
+              for k, members in hosts.items()}
+    feats, taps = {k: p[0] for k, p in passes.items()}, {k: p[2] for k, p in passes.items()}
+    alone = {k: predictor._router(m, "qda").route(feats[k], taps[k]) for k, m in hosts.items()}
+    routes = predictor.pick(hosts, feats, "qda", 0.3, taps)
+    moved = 0
+    for i, r in enumerate(routes):
+        fits = {k: alone[k].fit[i, 0].item() for k in hosts}
+        typical = {k: alone[k].typicality[i].item() for k in hosts}
+        nearest = min(hosts, key=typical.get)
+        fitting = [k for k in hosts if fits[k] >= 0.3]
+        want = min(fitting, key=typical.get) if fitting else nearest
+        assert (r.task, r.rejected) == (hosts[want][0], not fitting), (i, fits, typical)
+        moved += want != nearest
+    assert moved >= 3 and any(r.rejected for r in routes), moved  # both cases are exercised
