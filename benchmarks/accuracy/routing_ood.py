@@ -34,7 +34,7 @@ its test images are never seen.
 6. The default router against a joint linear probe over every class of each group, with groups of colour photos of
    two sources (CIFAR-10 beside ``common/photos.py``'s crops, which need scikit-image: ``pip install -e .[bench]``);
    and for photos5 + other, the one group beyond the goal, the same with other's test crops drawn from the part of
-   each photo its training crops come from (``make_other_photos(shifted=False)``).
+   each photo its training crops come from (``make_other_photos(shifted=False)``); in ``routing_ceiling.py``.
 
     OMP_NUM_THREADS=2 python benchmarks/accuracy/routing_ood.py  # about a minute the first time, then seconds
 """
@@ -42,7 +42,6 @@ its test images are never seen.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -54,9 +53,10 @@ from adaptkit.inference import DEFAULT_REJECT_RATE, Calibration, Router, Routing
 from adaptkit.models import PACKAGED_BACKBONE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
-from common import block_features, lbfgs_linear, print_table  # noqa: E402
+from common import block_features, print_table  # noqa: E402
 from common.data import ROOT, heldout_specs, make_split, routing_specs  # noqa: E402
 from common.photos import make_other_photos  # noqa: E402
+from routing_ceiling import PHOTO_PAIRS, probe, table_ceiling, table_shift  # noqa: E402
 
 REGISTERED = ("digits", "glyphs", "photos5", "grey5")
 OVERLAP = {frozenset(("glyphs", "glyphs20")), frozenset(("photos2", "photos5"))}  # pairs that share classes
@@ -220,13 +220,6 @@ def table_routed_heldout(more: dict, stats: dict) -> tuple[list[str], list[list[
     return ["held-out set", "what it is", "rejected %", "routed to (% of its images)"], rows
 
 
-def _probe(x: torch.Tensor, y: torch.Tensor, classes: int):
-    """A linear head trained by L-BFGS on standardised frozen features: (N, d) -> (N, C) logits."""
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    lin = lbfgs_linear((x - mu) / sd, y, classes, max_iter=200, l2=1e-3)
-    return lambda z: lin((z - mu) / sd).detach()
-
-
 def table_scores(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
     names = list(feats)
     sums: dict[str, list[float]] = {}
@@ -234,7 +227,7 @@ def table_scores(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
     old = Router([stats[t] for t in names], kind="lda", shrinkage=0.1, prior="class", pooling="images")
     for t in names:
         entry = feats[t]
-        head = _probe(torch.cat([entry["train"][0], entry["val"][0]]), torch.cat([entry["train"][1],
+        head = probe(torch.cat([entry["train"][0], entry["val"][0]]), torch.cat([entry["train"][1],
                                                                                  entry["val"][1]]),
                       len(entry["classes"]))
         w = Whitener.of(stats[t].means, stats[t].counts, stats[t].scatter, stats[t].ood_shrinkage)
@@ -283,80 +276,6 @@ def table_task_id(feats: dict, stats: dict, sets: list[tuple[str, ...]]) -> tupl
     return ["tasks", "router", "mean over tasks %", "over images %", "each task's test images routed home %"], rows
 
 
-# colour photos of two CIFAR-10 pools with disjoint classes; beside crops of six photos of another source
-PHOTO_PAIRS = [("photos2", "photos3"), ("photos2", "photos3", "grey2"), ("photos5", "other"), ("photos3", "other"),
-               ("photos2", "photos3", "other")]
-
-
-def table_ceiling(feats: dict, stats: dict, sets: list[tuple[str, ...]]) -> tuple[list[str], list[list[str]]]:
-    """Per group, the default router against a joint linear probe over every class of the group (L-BFGS on the
-    pooled features of all its training images at once): task identified, and class-incremental accuracy (the
-    router's: the chosen task's own linear probe on the frozen features, right only when the task is)."""
-    rows = []
-    for tasks in sets:
-        groups = ["cifar10" if t in SPLIT else t for t in tasks]
-        router = Router([stats[t] for t in tasks], groups=groups)
-        offsets = [sum(len(feats[u]["classes"]) for u in tasks[:j]) for j in range(len(tasks))]
-        train = [torch.cat([feats[t]["train"][0], feats[t]["val"][0]]) for t in tasks]
-        labels = [torch.cat([feats[t]["train"][1], feats[t]["val"][1]]) + o for t, o in zip(tasks, offsets,
-                                                                                                strict=True)]
-        joint = _probe(torch.cat(train), torch.cat(labels), offsets[-1] + len(feats[tasks[-1]]["classes"]))
-        owns = [_probe(x, y - o, len(feats[t]["classes"])) for x, y, o, t in zip(train, labels, offsets, tasks,
-                                                                                 strict=True)]
-        task_of = torch.cat([torch.full((len(feats[t]["classes"]),), j) for j, t in enumerate(tasks)])
-        n = r_id = r_cil = j_id = j_cil = 0
-        for j, t in enumerate(tasks):
-            x, y = feats[t]["test"]
-            chosen = router.route(x).task_probs.argmax(1)
-            right = torch.zeros(len(y), dtype=torch.bool)
-            for k in range(len(tasks)):
-                rows_k = chosen == k
-                if rows_k.any() and k == j:
-                    right[rows_k] = owns[k](x[rows_k]).argmax(1) == y[rows_k]
-            pred = joint(x).argmax(1)
-            n, r_id, r_cil = n + len(y), r_id + int((chosen == j).sum()), r_cil + int(right.sum())
-            j_id, j_cil = j_id + int((task_of[pred] == j).sum()), j_cil + int((pred == y + offsets[j]).sum())
-        pct = lambda a, n=n: 100 * a / n  # noqa: E731
-        rows.append([" + ".join(tasks), f"{pct(r_id):.1f}", f"{pct(j_id):.1f}", f"{pct(r_id) - pct(j_id):+.1f}",
-                     f"{pct(r_cil):.1f}", f"{pct(j_cil):.1f}", f"{pct(r_cil) - pct(j_cil):+.1f}"])
-    return ["tasks", "router: task id %", "joint probe: task id %", "gap", "router + task probe: CIL %",
-            "joint probe: CIL %", "gap"], rows
-
-
-def _mcnemar(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value of b against c discordant pairs."""
-    n = b + c
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
-
-
-def table_shift(feats: dict, stats: dict) -> tuple[list[str], list[list[str]]]:
-    """photos5 + other, its test crops from the part of each photo the training crops come from or from the rest:
-    the share of each task's test images routed home by ``qda`` (the default), ``lda`` and the joint probe, and
-    the exact McNemar p-value of the default router against the probe (images one gets right and the other not)."""
-    rows = []
-    for other, where in (("other-same", "the training crops' part (left 60 %)"), ("other", "the rest (right 40 %)")):
-        tasks = ("photos5", other)
-        train = [torch.cat([feats[t]["train"][0], feats[t]["val"][0]]) for t in tasks]
-        labels = [torch.cat([feats[t]["train"][1], feats[t]["val"][1]]) + o for t, o in zip(tasks, (0, 5),
-                                                                                            strict=True)]
-        joint = _probe(torch.cat(train), torch.cat(labels), 5 + len(feats[other]["classes"]))
-        routers = [Router([stats[t] for t in tasks], kind=kind) for kind in ("qda", "lda")]
-        homes = [*(lambda x, r=r: r.route(x).task_probs.argmax(1) for r in routers),
-                 lambda x, joint=joint: (joint(x).argmax(1) >= 5).long()]
-        right = dict(zip(("qda", "lda", "joint probe"), ([home(feats[t]["test"][0]) == j for j, t in enumerate(tasks)]
-                                                         for home in homes), strict=True))
-        row = [where]
-        for ok in right.values():
-            total = 100 * torch.cat(ok).double().mean().item()
-            row.append(f"{total:.1f} ({', '.join(f'{100 * o.double().mean().item():.0f}' for o in ok)})")
-        q, jp = torch.cat(right["qda"]), torch.cat(right["joint probe"])
-        b, c = int((q & ~jp).sum()), int((~q & jp).sum())
-        row.append(f"{b} / {c}, p = {_mcnemar(b, c):.2f}")
-        rows.append(row)
-    return ["other's test crops from", "qda (default): task id % (photos5, other)", "lda", "joint probe",
-            "qda right & probe wrong / the reverse"], rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, default=ROOT / "routing-features.pt",
@@ -391,7 +310,7 @@ def main() -> None:
     print_table(*table_task_id(both, both_stats, [*HELDOUT_SETS, SPLIT]))
     print("\n6. The default router against its ceiling, a joint linear probe over every class of the group (over "
           "images)\n")
-    print_table(*table_ceiling(both, both_stats, [*TASK_ID_SETS, *HELDOUT_SETS, SPLIT, *PHOTO_PAIRS]))
+    print_table(*table_ceiling(both, both_stats, [*TASK_ID_SETS, *HELDOUT_SETS, SPLIT, *PHOTO_PAIRS], SPLIT))
     print("\n   photos5 + other: where the gap comes from (other's training crops from the left 60 % of each photo)\n")
     print_table(*table_shift(both, both_stats))
     print("\n5. The rejection score by layer (shipped since issue 37, combined over blocks: rejection.py)\n")
