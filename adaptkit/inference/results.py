@@ -42,7 +42,7 @@ class RoutedPrediction:
 
     task: str  # task@N: the most probable task that fits the image; when rejected, the nearest task
     confidence: float  # the routing posterior of ``task``
-    runner_up: str | None  # the next most likely task (None when only one task was asked)
+    runner_up: str | None  # the most likely other task (None when only one task was asked)
     runner_up_confidence: float
     predictions: list[Prediction]
     rejected: bool = False  # no task fits the image (never with accept_all, or for versions without percentiles)
