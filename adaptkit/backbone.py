@@ -28,7 +28,7 @@ import timm
 import torch
 from torch import nn
 
-from adaptkit.backbone_info import check_image_size, check_size_value, hub_cached
+from adaptkit.backbone_info import check_image_size, check_size_value, hub_cached, recorded_image_size
 from adaptkit.devices import resolve_device
 from adaptkit.errors import BackboneError, OfflineError, param
 from adaptkit.hashing import tensors_sha256
@@ -114,14 +114,6 @@ class BackboneSpec:
     def build(self, device: str | torch.device = "cpu", expect: str | None = None) -> Backbone:
         return create_backbone(self.name, weights=self.weights, pretrained=self.pretrained, device=device,
                                expect=expect, image_size=self.image_size)
-
-
-def recorded_image_size(data_config: dict) -> int | None:
-    """The input size a backbone was built at, from the data config recorded with it (None if it names none)."""
-    size = data_config.get("input_size") if isinstance(data_config, dict) else None
-    if isinstance(size, list | tuple) and size and isinstance(size[-1], int) and size[-1] == size[-2]:
-        return int(size[-1])
-    return None
 
 
 def resolve_weights(weights: str | os.PathLike | None, pretrained: bool) -> str:

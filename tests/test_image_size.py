@@ -116,6 +116,14 @@ def test_cli_image_size(tmp_path, cifar_mini):
     assert out.exit_code == 0 and "(random) at 48 px, fingerprint" in out.output, out.output
     out = runner.invoke(app, ["show", "big", "--recipe", "--registry", str(reg)])
     assert out.exit_code == 0 and "image-size: 48" in out.output, out.output
+    out = runner.invoke(app, ["train", "--dataset", f"folder:{cifar_mini}", "--task", "own", "--image-size", "32",
+                              *map(str, quick)])  # the backbone's own size: the same backbone as no --image-size
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["list", "--registry", str(reg)])  # piped: plain, one task a line
+    rows = {line.split()[0]: line.split() for line in out.output.splitlines()[1:]}
+    assert rows["big"][4] == f"{PICO}@48px" and rows["own"][4] == PICO, out.output
+    out = runner.invoke(app, ["show", "own", "--recipe", "--registry", str(reg)])
+    assert out.exit_code == 0 and "image-size" not in out.output, out.output
     image = cifar_mini / "test" / "cat" / "0000.jpg"
     out = runner.invoke(app, ["predict", "big", str(image), "--json", "--registry", str(reg)])
     assert out.exit_code == 0 and '"predictions"' in out.output, out.output
