@@ -103,6 +103,11 @@ def test_task_predicts_at_the_size_it_trained_at(tmp_path, cifar_mini):
         assert task.host.backbone.image_size == size
         assert predictor.preprocess([image], task).shape == (1, 3, size, size)
         assert len(predictor.predict([image], ref, topk=3)[0]) == 3
+    mixed = predictor.predict_mixed([image] * 3, ["big", "own", "big"], topk=3)  # two sizes in one request batch
+    for got, ref in zip(mixed, ["big", "own", "big"], strict=True):
+        alone = predictor.predict([image], ref, topk=3)[0]
+        assert [p.label for p in got] == [p.label for p in alone]
+        assert [p.prob for p in got] == pytest.approx([p.prob for p in alone], abs=1e-5)
 
 
 def test_cli_image_size(tmp_path, cifar_mini):
