@@ -20,7 +20,7 @@ from adaptkit.errors import BackboneError, param
 from adaptkit.families import FAMILIES
 
 __all__ = ["MAX_IMAGE_SIZE", "ArchInfo", "check_image_size", "default_input_size", "describe_arch", "hub_cached",
-           "other_image_size", "recorded_image_size", "supported_classes"]
+           "other_image_size", "recorded_image_size", "sized_name", "supported_classes"]
 
 MAX_IMAGE_SIZE = 1024  # px: a ViT/14 at 1024 already runs 5,329 tokens, 21x the cost of 224 (attention: more)
 
@@ -100,6 +100,13 @@ def other_image_size(name: str, data_config: dict) -> int | None:
     or when the data config names none): what tells two sizes of one backbone apart in a listing or a recipe."""
     size = recorded_image_size(data_config)
     return None if size is None or size == default_input_size(name) else size
+
+
+def sized_name(name: str, data_config: dict) -> str:
+    """The backbone's name as listings show it: ``vit_small_patch14_dinov2.lvd142m@224px`` at another size than its
+    own, the bare name at its own."""
+    size = other_image_size(name, data_config)
+    return name if size is None else f"{name}@{size}px"
 
 
 def check_image_size(name: str, image_size: object) -> int | None:

@@ -25,18 +25,12 @@ def _config_text(config: dict[str, Any]) -> str:
                     if quiet.get(k, object()) != v) or "-"
 
 
-def _backbone_text(b: Any) -> str:
-    """The backbone's name, with ``@384px`` where it was built at another size than its own."""
-    from adaptkit.backbone_info import other_image_size
-
-    size = other_image_size(b.name, b.data_config or {})
-    return b.name if size is None else f"{b.name}@{size}px"
-
-
 @app.command("list")
 @friendly
 def list_tasks(registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> None:
     """List the registered tasks and their default versions."""
+    from adaptkit.backbone_info import sized_name
+
     reg = registry_of(registry, adapters)
     tasks = reg.tasks()
     if not tasks:
@@ -54,9 +48,9 @@ def list_tasks(registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> No
             broken.append(f"{t.name}: {t.broken}")
             rows.append([str(t.name), "-", str(len(t.versions)), "broken", *["-"] * 5])
             continue
-        rows.append([t.name, f"v{d.version}", str(len(t.versions)), d.method, _backbone_text(d.backbone),
-                     count(d.trainable_params), format_bytes(d.bytes), format_percent(d.metrics.get("test_top1")),
-                     t.dataset])
+        rows.append([t.name, f"v{d.version}", str(len(t.versions)), d.method,
+                     sized_name(d.backbone.name, d.backbone.data_config), count(d.trainable_params),
+                     format_bytes(d.bytes), format_percent(d.metrics.get("test_top1")), t.dataset])
     print_table(out, cols, rows, title=f"tasks in {reg.location}")
     for line in broken:
         echo(escape(f"broken {line}: run `adaptkit doctor`"))
