@@ -189,10 +189,10 @@ def _match(model: nn.Module, name: str, source: str, found: str, expect: str) ->
             model.load_state_dict(state)
             return
         cached = legacy_cache_file(expect)
-        raise BackboneError(f"backbone {name} (random weights) rebuilds here as {found[:12]}, but its tasks were "
-                            f"trained on {expect[:12]}, which no CPU path of this machine gives (adaptkit 0.1 hashed "
-                            f"timm's initialisation): predict once on the machine that trained them and copy {cached} "
-                            "here, or retrain the tasks")
+        raise BackboneError(f"backbone {name} (random weights) rebuilds here as {found[:12]}, not the {expect[:12]} "
+                            "its tasks were trained on, and no CPU path here gives adaptkit 0.1's random weights "
+                            "either: export the tasks again from the registry that trained them, or retrain them "
+                            f"(from adaptkit 0.1 on another machine: predict once there and copy {cached} here)")
     if source == "resampled":  # resampling is deterministic for given weights, timm and torch
         raise BackboneError(f"backbone {name} at another input size has fingerprint {found[:12]}, but its tasks were "
                             f"trained on {expect[:12]}: restore the original weights file, or the timm and torch "

@@ -18,7 +18,7 @@ import torch
 from adaptkit.backbone import create_backbone, recorded_image_size
 from adaptkit.checks import check_int
 from adaptkit.devices import resolve_device
-from adaptkit.errors import ArtifactError, ConfigError
+from adaptkit.errors import ArtifactError, BackboneError, ConfigError
 from adaptkit.inference.gate import Gate
 from adaptkit.inference.results import FrozenPrefix, ImageLike, LoadedTask, Prediction, _Host
 from adaptkit.inference.routed import AutoPredict
@@ -167,8 +167,14 @@ class Predictor(AutoPredict):
             for k in [k for k, v in self._refs.items() if v.host is old]:
                 del self._refs[k]
             _log.info("dropped backbone %s from memory", old.backbone.name)
-        backbone = create_backbone(row.backbone.name, weights=row.backbone.weights, device=self.device, expect=fp,
-                                   image_size=recorded_image_size(row.backbone.data_config))  # as it trained
+        try:
+            backbone = create_backbone(row.backbone.name, weights=row.backbone.weights, device=self.device,
+                                       expect=fp, image_size=recorded_image_size(row.backbone.data_config))
+        except BackboneError as exc:  # an imported task's backbone is the file's word: say where it came from
+            source = (row.train or {}).get("imported_from")
+            if not source or not exc.args:
+                raise
+            raise type(exc)(f"{row.ref} was imported from {source}: {exc.args[0]}") from exc
         from adaptkit.data import build_transform
 
         host = _Host(backbone=backbone, transform=build_transform(backbone.data_config, train=False))

@@ -160,7 +160,9 @@ def import_peft(registry: Registry | str | None, src_dir: str | os.PathLike, *, 
     backbone = _backbone(backbone, side, config, src, registry)
     if side.get("backbone_fingerprint", backbone.fingerprint) != backbone.fingerprint:
         raise ArtifactError(f"{src} was exported from a backbone with fingerprint {side['backbone_fingerprint'][:12]}"
-                            f", not this one ({backbone.fingerprint[:12]}): pass the backbone it was trained on")
+                            f", not this one ({backbone.fingerprint[:12]}): pass the backbone it was trained on "
+                            f"({param('backbone')} with {param('weights')} for a weights file or "
+                            f"{param('pretrained', False)} for random ones)")
     check_backbone(side.get("backbone") or getattr(config, "base_model_name_or_path", None),
                    head["head.weight"].shape[1], backbone, src)
     method = _lora_method(config, updates, backbone, src)
