@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from adaptkit.backbone import BackboneSpec, create_backbone, fingerprint
 from adaptkit.backbone_info import MAX_IMAGE_SIZE, check_image_size
 from adaptkit.cli import app
+from adaptkit.compare import compare
 from adaptkit.errors import BackboneError
 from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
@@ -93,6 +94,7 @@ def test_task_predicts_at_the_size_it_trained_at(tmp_path, cifar_mini):
     own = train(data, task="own", backbone=PICO, pretrained=False, method="linear", config=QUICK,
                 registry=reg).version
     assert big.backbone.fingerprint != own.backbone.fingerprint  # two registry rows
+    assert big.device == "cpu (1 thread)"  # QUICK's threads=1, as `show` prints it
     assert list(big.backbone.data_config["input_size"]) == [3, 48, 48]
     _, meta = reg.load_version(big)
     assert list(meta.data_config["input_size"]) == [3, 48, 48]  # the file says it too
@@ -103,6 +105,8 @@ def test_task_predicts_at_the_size_it_trained_at(tmp_path, cifar_mini):
         assert task.host.backbone.image_size == size
         assert predictor.preprocess([image], task).shape == (1, 3, size, size)
         assert len(predictor.predict([image], ref, topk=3)[0]) == 3
+    report = compare(reg)  # the weights are stored once, whatever sizes they run at
+    assert (report.backbones, report.backbone_bytes) == (1, own.backbone.num_params * 4)
     mixed = predictor.predict_mixed([image] * 3, ["big", "own", "big"], topk=3)  # two sizes in one request batch
     for got, ref in zip(mixed, ["big", "own", "big"], strict=True):
         alone = predictor.predict([image], ref, topk=3)[0]
