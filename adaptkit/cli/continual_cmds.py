@@ -7,8 +7,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from adaptkit.cli.common import ROUTER_NAMES, AdaptersOpt, RegistryOpt, RouterOpt, app, err, friendly, out, registry_of
+from adaptkit.cli.common import (
+    ROUTER_NAMES,
+    AdaptersOpt,
+    RegistryOpt,
+    RouterOpt,
+    app,
+    echo,
+    err,
+    friendly,
+    out,
+    registry_of,
+)
 
 routing_app = typer.Typer(help="Routing statistics: what `predict` with no task needs of every task.",
                           no_args_is_help=True)
@@ -35,7 +47,7 @@ def routing_fit(
     done = fit_routing(tasks or None, registry=registry_of(registry, adapters), force=force, dataset=dataset,
                        device=device, data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
                        on_task=lambda ref, what: err.print(f"{ref}: {what}", soft_wrap=True))
-    out.print(f"wrote routing statistics for {len(done)} version(s)" + (f": {', '.join(done)}" if done else ""))
+    echo(escape(f"wrote routing statistics for {len(done)} version(s)" + (f": {', '.join(done)}" if done else "")))
 
 
 @app.command()
