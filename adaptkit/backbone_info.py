@@ -102,11 +102,11 @@ def other_image_size(name: str, data_config: dict) -> int | None:
     return None if size is None or size == default_input_size(name) else size
 
 
-def sized_name(name: str, data_config: dict) -> str:
+def sized_name(name: str, data_config: dict, sep: str = "") -> str:
     """The backbone's name as listings show it: ``vit_small_patch14_dinov2.lvd142m@224px`` at another size than its
-    own, the bare name at its own."""
+    own, the bare name at its own (``sep=" "``: a place a terminal's table may break the line)."""
     size = other_image_size(name, data_config)
-    return name if size is None else f"{name}@{size}px"
+    return name if size is None else f"{name}{sep}@{size}px"
 
 
 def check_image_size(name: str, image_size: object) -> int | None:

@@ -143,6 +143,31 @@ def test_cli_image_size(tmp_path, cifar_mini):
         assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
 
 
+def test_list_in_a_terminal_never_cuts_the_size_of_a_long_backbone_name(tmp_path, cifar_mini, monkeypatch):
+    import io
+
+    from adaptkit.cli import common as cli_common
+    from adaptkit.models import PACKAGED_BACKBONE
+
+    reg = Registry(tmp_path / "registry.db")
+    train(f"folder:{cifar_mini}", task="big", backbone=BackboneSpec(PACKAGED_BACKBONE, image_size=48),
+          method="linear", config=QUICK, registry=reg)
+    monkeypatch.setattr(cli_common.out, "_force_terminal", True)
+    monkeypatch.setattr(cli_common.out, "_color_system", None)
+    shown = 0
+    for width in range(100, 200, 2):  # most are too narrow for the name and its size on one line
+        buf = io.StringIO()
+        monkeypatch.setattr(cli_common.out, "_file", buf)
+        monkeypatch.setattr(cli_common.out, "_width", width)
+        assert runner.invoke(app, ["list", "--registry", reg.url]).exit_code == 0
+        text = buf.getvalue()
+        if "hidden at" in text and "backbone" in text.split("hidden at")[1]:
+            continue
+        shown += 1
+        assert "@48px" in text, (width, text)  # a long name folds (tables.WORD_MAX), its size stays whole
+    assert shown
+
+
 def test_train_takes_weights_with_a_name_only(tmp_path, cifar_mini):
     from adaptkit.errors import ConfigError
 

@@ -49,7 +49,8 @@ def list_tasks(registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> No
             rows.append([str(t.name), "-", str(len(t.versions)), "broken", *["-"] * 5])
             continue
         rows.append([t.name, f"v{d.version}", str(len(t.versions)), d.method,
-                     sized_name(d.backbone.name, d.backbone.data_config), count(d.trainable_params),
+                     sized_name(d.backbone.name, d.backbone.data_config, " " if out.is_terminal else ""),
+                     count(d.trainable_params),
                      format_bytes(d.bytes), format_percent(d.metrics.get("test_top1")), t.dataset])
     print_table(out, cols, rows, title=f"tasks in {reg.location}")
     for line in broken:
