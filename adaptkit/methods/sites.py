@@ -226,11 +226,14 @@ def find_site(root: nn.Module, path: str, site_class: type[TaskSite], ctx: TaskC
 
 def unwrap(root: nn.Module, only_empty: bool = False) -> nn.Module:
     """Replace every site under ``root`` (in place; with ``only_empty``, those with no task) by its base layer."""
-    for name, child in list(root.named_children()):
-        while isinstance(child, TaskSite) and not (only_empty and len(child.tasks)):
-            child = child.base_layer
-        setattr(root, name, child)
-        unwrap(child, only_empty)
+    for name, child in list(root._modules.items()):
+        kept = child
+        while isinstance(kept, TaskSite) and not (only_empty and len(kept.tasks)):
+            kept = kept.base_layer
+        if kept is not child:  # a module's __setattr__ is costly: one unload walks the whole trunk
+            setattr(root, name, kept)
+        if kept is not None:
+            unwrap(kept, only_empty)
     restore = root.__dict__.get("_adaptkit_restore")
     if restore and not any(isinstance(c, TaskSite) for c in root.children()):
         for flag, old in root.__dict__.pop("_adaptkit_restore").items():
