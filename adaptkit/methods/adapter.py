@@ -27,7 +27,7 @@ from torch import nn
 from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
 from adaptkit.methods.base import Method
-from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site, put_rows
+from adaptkit.methods.sites import Bank, TaskContext, TaskSite, add_product, find_site, put_rows
 
 __all__ = ["AdapterConfig", "Bottleneck", "AdapterSite", "AdapterMethod"]
 
@@ -115,7 +115,7 @@ class Bottleneck(nn.Module):
         """``y + self(x)`` in one pass over ``y``: the up-projection's bias rides on a column of ones."""
         h = _with_ones(self.drop(ACTIVATIONS[self.act](self.down(x))))  # (..., 1 + r)
         w = torch.cat([self.up.bias[None], self.up.weight.t()]) * self.scale  # (1 + r, d)
-        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), w.to(h.dtype)).view_as(y)
+        return add_product(y, h, w.to(h.dtype))
 
 
 def _with_ones(h: torch.Tensor) -> torch.Tensor:
@@ -185,7 +185,7 @@ def _apply_bank(bank: Bank, kinds: list[_Kind], x: torch.Tensor, idx: torch.Tens
     else:
         which = bank["act"][idx].tolist()
         h = torch.stack([ACTIVATIONS[ACT_NAMES[which[b]]](h[b]) for b in range(h.shape[0])])
-    return torch.baddbmm(y, _with_ones(h), bank["up"][:, :rank + 1][idx].to(h.dtype))  # (B, N, 1 + r) -> (B, N, d)
+    return add_product(y, _with_ones(h), bank["up"][:, :rank + 1][idx].to(h.dtype))  # (B, N, 1 + r) -> (B, N, d)
 
 
 class AdapterMethod(Method):
