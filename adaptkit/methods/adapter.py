@@ -99,6 +99,8 @@ class Bottleneck(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale: float | nn.Parameter = nn.Parameter(torch.full((dim,), scale)) if channel else scale
         self.act, self.parallel = act, parallel
+        if self.down.weight.is_meta:  # built for saved tensors (Method.attach with a state): nothing to initialise
+            return
         if init == "houlsby":
             for w in (self.down.weight, self.up.weight):
                 nn.init.trunc_normal_(w, std=0.01, a=-0.02, b=0.02)

@@ -204,8 +204,9 @@ class Method(ABC):
             with skeleton() if state is not None else contextlib.nullcontext():
                 run, parts, sites = self.inject(trunk, ctx, slot)
                 head = nn.Linear(int(run.num_features), num_classes)
-                nn.init.trunc_normal_(head.weight, std=0.02)
-                nn.init.zeros_(head.bias)
+                if state is None:
+                    nn.init.trunc_normal_(head.weight, std=0.02)
+                    nn.init.zeros_(head.bias)
             task = TaskModel(run, ctx, slot, self, head, parts, sites)
             if state is not None:
                 task.load_state(state, assign=True)

@@ -60,7 +60,8 @@ class LoraUpdate(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / rank
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if not self.lora_A.is_meta:  # built for saved tensors (Method.attach with a state): nothing to initialise
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.drop(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
