@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000, help="resident tasks to switch among")
     parser.add_argument("--core", type=int, default=None, help="the core to pin to (default: the last allowed)")
     parser.add_argument("--only", nargs="+", choices=["switch", "load", "train", "memory", "passes"])
-    parser.add_argument("--save", action="store_true", help=f"write this run to {RESULTS.relative_to(Path.cwd())}")
+    parser.add_argument("--save", action="store_true", help="write this run to benchmarks/results/guard.json")
     parser.add_argument("--note", default="", help="saved with the run (e.g. 'machine busy')")
     args = parse(parser)
     if args.quick:
