@@ -233,3 +233,56 @@ def test_a_registered_file_is_hashed_once_and_its_modules_built_without_initiali
         layer = torch.nn.Linear(4, 2)
         real_normal(real)  # a tensor on a real device is initialised as usual
     assert layer.weight.is_meta and not torch.equal(real, torch.zeros(3))
+
+
+def test_loading_a_version_reads_the_registry_once_and_takes_the_files_tensors(own_registry):
+    """``get_version`` reads the task, its versions and their backbones in one SQL statement (a load paid for three),
+    and a task attached with a saved state holds that state's tensors themselves (no copy), trainable as before."""
+    from sqlalchemy import event
+
+    statements = []
+    listener = lambda *args: statements.append(args[2])  # noqa: E731  (conn, cursor, statement, ...)
+    event.listen(own_registry.engine, "before_cursor_execute", listener)
+    try:
+        row = own_registry.get_version("par8")
+        assert row.ref == "par8@1" and row.backbone.name == BACKBONE and row.problem is None
+    finally:
+        event.remove(own_registry.engine, "before_cursor_execute", listener)
+    assert [q.split()[0] for q in statements if q != "BEGIN"] == ["SELECT"], statements
+
+    backbone = create_backbone(BACKBONE, pretrained=False)
+    state, meta = own_registry.load_version(row)
+    task = get_method(meta.method, meta.method_config).attach(backbone.model, len(meta.classes), state=state)
+    own = dict(task.named_trainable_parameters())
+    assert own.keys() == state.keys()
+    for name, p in own.items():
+        assert p.data_ptr() == state[name].data_ptr() and p.requires_grad and isinstance(p, torch.nn.Parameter), name
+
+
+@pytest.mark.parametrize("ref", ["lora4", "par8", "houlsby"])
+def test_serving_adds_the_update_into_the_layers_output_and_training_does_not(own_registry, images, ref):
+    """Without autograd (serving) a site adds its task's update into its layer's fresh output, alone and in a mixed
+    batch, so no second tensor of the output's size is made; with autograd on the sum is a new tensor (the output
+    may be saved for the backward pass) and the two agree."""
+    predictor = Predictor(own_registry, device="cpu")
+    task = predictor.load(ref)
+    site = next(iter(task.model.sites.values()))
+    outputs = []
+    handle = site.base_layer.register_forward_hook(lambda m, i, out: outputs.append(out))
+    returned = []
+    site_hook = site.register_forward_hook(lambda m, i, out: returned.append(out))
+    x = images[:2]
+    try:
+        with torch.inference_mode():
+            alone = predictor.logits(x, ref)
+            mixed = predictor.logits_mixed(x, [ref, "ssf"])
+        assert len(outputs) == 2 and all(o is r for o, r in zip(outputs, returned, strict=True))
+        outputs.clear(), returned.clear()
+        task.model.ctx.active = task.model.slot
+        with torch.enable_grad():
+            graded = task.model(x)
+        assert len(outputs) == 1 and outputs[0] is not returned[0]
+    finally:
+        handle.remove(), site_hook.remove()
+    torch.testing.assert_close(graded.detach(), alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[0], alone[0], atol=1e-5, rtol=1e-5)

@@ -27,7 +27,7 @@ from torch import nn
 from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
 from adaptkit.methods.base import Method
-from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site, put_rows
+from adaptkit.methods.sites import Bank, TaskContext, TaskSite, add_product, find_site, put_rows
 
 __all__ = ["AdapterConfig", "Bottleneck", "AdapterSite", "AdapterMethod"]
 
@@ -99,6 +99,8 @@ class Bottleneck(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale: float | nn.Parameter = nn.Parameter(torch.full((dim,), scale)) if channel else scale
         self.act, self.parallel = act, parallel
+        if self.down.weight.is_meta:  # built for saved tensors (Method.attach with a state): nothing to initialise
+            return
         if init == "houlsby":
             for w in (self.down.weight, self.up.weight):
                 nn.init.trunc_normal_(w, std=0.01, a=-0.02, b=0.02)
@@ -115,7 +117,7 @@ class Bottleneck(nn.Module):
         """``y + self(x)`` in one pass over ``y``: the up-projection's bias rides on a column of ones."""
         h = _with_ones(self.drop(ACTIVATIONS[self.act](self.down(x))))  # (..., 1 + r)
         w = torch.cat([self.up.bias[None], self.up.weight.t()]) * self.scale  # (1 + r, d)
-        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), w.to(h.dtype)).view_as(y)
+        return add_product(y, h, w.to(h.dtype))
 
 
 def _with_ones(h: torch.Tensor) -> torch.Tensor:
@@ -185,7 +187,7 @@ def _apply_bank(bank: Bank, kinds: list[_Kind], x: torch.Tensor, idx: torch.Tens
     else:
         which = bank["act"][idx].tolist()
         h = torch.stack([ACTIVATIONS[ACT_NAMES[which[b]]](h[b]) for b in range(h.shape[0])])
-    return torch.baddbmm(y, _with_ones(h), bank["up"][:, :rank + 1][idx].to(h.dtype))  # (B, N, 1 + r) -> (B, N, d)
+    return add_product(y, _with_ones(h), bank["up"][:, :rank + 1][idx].to(h.dtype))  # (B, N, 1 + r) -> (B, N, d)
 
 
 class AdapterMethod(Method):

@@ -89,11 +89,31 @@ class TaskModel(nn.Module):
         if bad:
             raise ConfigError(f"adapter tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
                               f"expected {tuple(expected[bad[0]].shape)}")
-        for prefix, module in [*self.parts.items(), ("head", self.head)]:
-            own = {k[len(prefix) + 1:]: t for k, t in state.items() if k.startswith(prefix + ".")}
-            module.load_state_dict(own, assign=assign)
+        if assign:
+            self._assign(state)
+        else:
+            for prefix, module in [*self.parts.items(), ("head", self.head)]:
+                own = {k[len(prefix) + 1:]: t for k, t in state.items() if k.startswith(prefix + ".")}
+                module.load_state_dict(own)
         for site in self.sites.values():  # its rows in the sites' banks hold the old tensors
             site.forget(self.slot)
+
+    def _assign(self, state: dict[str, torch.Tensor]) -> None:
+        """``load_state_dict(assign=True)`` for names already checked against :meth:`state`: each tensor set on the
+        module that holds it, as a parameter where it replaces one (keeping its ``requires_grad``), else a buffer.
+        One walk instead of one ``load_state_dict`` per part (its hooks and checks per submodule were a tenth of
+        loading a ViT-B adapter file)."""
+        owners = {f"{prefix}.{path}" if path else prefix: m
+                  for prefix, module in [*self.parts.items(), ("head", self.head)]
+                  for path, m in module.named_modules()}
+        for key, tensor in state.items():
+            owner_name, _, leaf = key.rpartition(".")
+            owner = owners[owner_name]
+            old = owner._parameters.get(leaf)
+            if old is not None:
+                owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+            else:
+                owner._buffers[leaf] = tensor
 
     def detach_from_trunk(self) -> None:
         """Take this task's modules out of the shared trunk's sites; sites left empty are removed."""
@@ -184,8 +204,9 @@ class Method(ABC):
             with skeleton() if state is not None else contextlib.nullcontext():
                 run, parts, sites = self.inject(trunk, ctx, slot)
                 head = nn.Linear(int(run.num_features), num_classes)
-                nn.init.trunc_normal_(head.weight, std=0.02)
-                nn.init.zeros_(head.bias)
+                if state is None:
+                    nn.init.trunc_normal_(head.weight, std=0.02)
+                    nn.init.zeros_(head.bias)
             task = TaskModel(run, ctx, slot, self, head, parts, sites)
             if state is not None:
                 task.load_state(state, assign=True)

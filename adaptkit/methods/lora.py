@@ -18,7 +18,7 @@ from adaptkit.checks import MAX_RANK, check_float, check_int
 from adaptkit.errors import ConfigError
 from adaptkit.families import LINEARS, linear_paths
 from adaptkit.methods.base import Method, TaskModel, plain_copy
-from adaptkit.methods.sites import Bank, TaskContext, TaskSite, find_site, put_rows
+from adaptkit.methods.sites import Bank, TaskContext, TaskSite, add_product, find_site, put_rows
 
 __all__ = ["LoraConfig", "LoraUpdate", "LoraSite", "LoraMethod", "merge_lora"]
 
@@ -60,7 +60,8 @@ class LoraUpdate(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling = alpha / rank
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if not self.lora_A.is_meta:  # built for saved tensors (Method.attach with a state): nothing to initialise
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.drop(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
@@ -68,7 +69,7 @@ class LoraUpdate(nn.Module):
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y + self(x)`` in one pass over ``y`` (scaling folded into the rank-r intermediate)."""
         h = (self.drop(x) @ self.lora_A.t()) * self.scaling  # (..., r)
-        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.t().to(h.dtype)).view_as(y)
+        return add_product(y, h, self.lora_B.t().to(h.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -97,7 +98,7 @@ class LoraSite(TaskSite):
     def _update(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 scaling: torch.Tensor) -> torch.Tensor:
         h = torch.bmm(x, a[idx]) * scaling[idx]  # (B, N, r)
-        return torch.baddbmm(y, h, b[idx])  # (B, N, out), one pass over y
+        return add_product(y, h, b[idx])  # (B, N, out), one pass over y
 
     def bank_row(self, module: nn.Module) -> dict[str, torch.Tensor]:
         a = module.lora_A.detach()

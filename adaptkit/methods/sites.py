@@ -28,13 +28,28 @@ from torch import nn
 from adaptkit.families import bias_flag_patch
 from adaptkit.methods.context import TaskContext, task_context
 
-__all__ = ["Bank", "TaskContext", "TaskSite", "find_site", "put_rows", "task_context", "unwrap"]
+__all__ = ["Bank", "TaskContext", "TaskSite", "add_product", "find_site", "put_rows", "task_context", "unwrap"]
 
 
 def put_rows(y: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``y`` with ``values`` at ``rows``: written in place when no autograd graph records ``y`` (serving), so the
     samples without a module here cost nothing."""
     return y.index_copy(0, rows, values) if y.requires_grad else y.index_copy_(0, rows, values)
+
+
+def add_product(y: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``y + h @ w`` in one pass over ``y``: a batched product for 3-d ``w`` (one matrix per sample), else over the
+    last dimension. ``y`` must be a fresh output of the caller's layer that nothing else holds: when no autograd
+    graph is recorded (serving) the sum is written into it, so no second tensor of ``y``'s size is allocated and
+    written (a ViT-S qkv site: the update cost 19 ms out of place, 9 ms in place, 16 images on one CPU core)."""
+    in_place = not torch.is_grad_enabled() and y.is_contiguous()
+    if w.dim() == 3:
+        return y.baddbmm_(h, w) if in_place else torch.baddbmm(y, h, w)
+    flat, rows = y.flatten(0, -2), h.flatten(0, -2)  # a view of a contiguous y
+    if in_place:
+        flat.addmm_(rows, w)
+        return y
+    return torch.addmm(flat, rows, w).view_as(y)
 
 
 class TaskSite(nn.Module):
@@ -226,11 +241,14 @@ def find_site(root: nn.Module, path: str, site_class: type[TaskSite], ctx: TaskC
 
 def unwrap(root: nn.Module, only_empty: bool = False) -> nn.Module:
     """Replace every site under ``root`` (in place; with ``only_empty``, those with no task) by its base layer."""
-    for name, child in list(root.named_children()):
-        while isinstance(child, TaskSite) and not (only_empty and len(child.tasks)):
-            child = child.base_layer
-        setattr(root, name, child)
-        unwrap(child, only_empty)
+    for name, child in list(root._modules.items()):
+        kept = child
+        while isinstance(kept, TaskSite) and not (only_empty and len(kept.tasks)):
+            kept = kept.base_layer
+        if kept is not child:  # a module's __setattr__ is costly: one unload walks the whole trunk
+            setattr(root, name, kept)
+        if kept is not None:
+            unwrap(kept, only_empty)
     restore = root.__dict__.get("_adaptkit_restore")
     if restore and not any(isinstance(c, TaskSite) for c in root.children()):
         for flag, old in root.__dict__.pop("_adaptkit_restore").items():

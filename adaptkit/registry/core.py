@@ -3,7 +3,8 @@
 Every change is one transaction. Adding a version writes its file first (atomically) and removes it again if the
 row cannot be committed; removing a version deletes its row first and its file after the commit. So no row ever
 points at a missing file because of adaptkit, and no file is left behind by a failed add. The file side of that
-protocol and the sweeps are in :mod:`.housekeeping`, export and import in :mod:`.transfer`.
+protocol and the sweeps are in :mod:`.housekeeping`, export and import in :mod:`.transfer`, finding versions and
+reading their files in :mod:`.reading`.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from adaptkit.artifacts import ROUTING_PREFIX, AdapterMeta, adapter_bytes, check_task_name, load_adapter, parse_adapter
-from adaptkit.errors import ArtifactError, ConfigError, NotFoundError, RegistryError, param, step
+from adaptkit.artifacts import ROUTING_PREFIX, AdapterMeta, adapter_bytes, check_task_name
+from adaptkit.errors import NotFoundError, RegistryError, param, step
 from adaptkit.registry import db
 from adaptkit.registry.dberrors import explain_database_errors
 from adaptkit.registry.housekeeping import Housekeeping
+from adaptkit.registry.reading import Reading, check_task_classes, parse_ref
 from adaptkit.registry.storage import Storage, open_storage
 from adaptkit.registry.tables import BackboneRow, Base, TaskRow, VersionRow
 from adaptkit.registry.transfer import Transfers
-from adaptkit.suggest import did_you_mean
 
 __all__ = ["Registry", "default_url", "parse_ref"]
 
@@ -41,40 +42,7 @@ def default_url() -> str:
     return os.environ.get("ADAPTKIT_REGISTRY") or "sqlite:///registry.db"
 
 
-MAX_VERSION_DIGITS = 9  # a task's versions are counted one by one: no task reaches a billion
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """``task`` or ``task@version`` -> (task, version or None)."""
-    if not isinstance(ref, str):
-        raise ConfigError(f"a version is named by a string, TASK or TASK@N, got {ref!r}")
-    name, sep, version = ref.partition("@")
-    # "²".isdigit() is True, int("²") fails; 5,000 digits exceed int()'s limit, 20 a database integer's
-    if sep and not (version.isascii() and version.isdigit() and len(version) <= MAX_VERSION_DIGITS):
-        shown = ref if len(ref) <= 80 else f"{ref[:60]}... ({len(ref):,} characters)"
-        raise ConfigError(f"bad version in {shown!r}: write TASK or TASK@N with N a version number (at most "
-                          f"{MAX_VERSION_DIGITS} digits), e.g. {name[:64]}@1")
-    return name, int(version) if sep else None
-
-
-def _no_task(name: str, known: list[str]) -> str:
-    """What to say about a task that is not there: the closest names for a typo, how to train only when none is."""
-    hint = did_you_mean(name, known)
-    if hint:
-        return f"no task {name!r} in the registry: {hint} (tasks: {', '.join(known)})"
-    if known:
-        return f"no task {name!r} in the registry (tasks: {', '.join(known[:20])}{' ...' if len(known) > 20 else ''})"
-    return f"no task {name!r} in the registry, which has no tasks yet: train one with {step('train')}"
-
-
-def _check_classes(row: TaskRow | None, task: str, classes: list[str]) -> None:
-    if row is not None and list(row.classes) != list(classes):
-        raise ConfigError(f"task {task!r} already has {len(row.classes)} classes from {row.dataset} "
-                          f"({', '.join(row.classes[:4])}...); a version with other classes "
-                          f"({', '.join(classes[:4])}...) cannot join it: pick another {param('task')}")
-
-
-class Registry(Transfers, Housekeeping):
+class Registry(Reading, Transfers, Housekeeping):
     """A registry at ``url`` (default: :func:`default_url`), with adapter files in ``adapter_dir``.
 
     ``adapter_dir`` (or ``$ADAPTKIT_ADAPTERS``) is a folder or an fsspec URL such as ``s3://bucket/prefix``
@@ -153,82 +121,6 @@ class Registry(Transfers, Housekeeping):
                     raise RegistryError(f"registry {self.location} is busy or unwritable: {exc.orig}") from exc
                 raise
 
-    # -- reading -----------------------------------------------------------------------------------------------
-
-    def tasks(self) -> list[TaskRow]:
-        """Every task with its versions and their backbones loaded."""
-        if not self.exists:
-            return []
-        with self.session() as s:
-            rows = list(s.scalars(select(TaskRow).order_by(TaskRow.name)))
-            for t in rows:
-                for v in t.versions:
-                    _ = v.backbone, v.task
-            return rows
-
-    def get_version(self, ref: str, *, allow_broken: bool = False) -> VersionRow:
-        """The version named by ``task`` (its default) or ``task@N``; a broken row is an error unless allowed."""
-        name, number = parse_ref(ref)
-        if not self.exists:
-            raise NotFoundError(f"no task {name!r}: there is no registry at {self.location} yet; train it with "
-                                f"{step('train', name)} or pass {param('registry')}")
-        with self.session() as s:
-            task = s.scalar(select(TaskRow).where(TaskRow.name == name))
-            if task is None:
-                raise NotFoundError(_no_task(name, list(s.scalars(select(TaskRow.name).order_by(TaskRow.name)))))
-            version = task.default if number is None else next((v for v in task.versions if v.version == number), None)
-            if version is None:
-                have = ", ".join(str(v.version) for v in task.versions) or "none"
-                raise NotFoundError(f"task {name!r} has no version {number} (versions: {have})")
-            _ = version.backbone, version.task
-        problem = None if allow_broken else version.problem
-        if problem:
-            raise RegistryError(f"{name}@{version.version} is broken: {problem}; run `adaptkit doctor` to see and "
-                                f"repair it, or `adaptkit remove {name}@{version.version}`")
-        return version
-
-    def check_classes(self, task: str, classes: list[str]) -> None:
-        """Refuse, before any training, a new version whose classes differ from the task's."""
-        if not self.exists:
-            self._check_creatable()
-            return
-        with self.session() as s:
-            _check_classes(s.scalar(select(TaskRow).where(TaskRow.name == task)), task, classes)
-
-    def path_of(self, version: VersionRow) -> Path:
-        """The local path of a version's file, proven inside the adapter folder (local storage only)."""
-        path = self.storage.local_path(version.file)
-        if path is None:
-            raise RegistryError(f"adapter files of this registry live in {self.storage.url}, not on a local disk: "
-                                "use `adaptkit export` to get a copy")
-        return path
-
-    def location_of(self, version: VersionRow) -> str:
-        """Where a version's file is (a path or URL), for people to read."""
-        return self.storage.location(version.file)
-
-    def load_version(self, version: VersionRow, *, fingerprint: str | None = None,
-                     device: str | Any = "cpu") -> tuple[dict, AdapterMeta]:
-        """A version's tensors and metadata, checked against its row's sha256 (and ``fingerprint``, if given)."""
-        path = self.storage.local_path(version.file) if not version.problem else None
-        if path is not None:  # a local file is read in place, as before storage had kinds
-            return load_adapter(path, sha256=version.sha256, fingerprint=fingerprint, device=device)
-        data, where = self._stored_bytes(version)
-        return parse_adapter(data, where, sha256=version.sha256, fingerprint=fingerprint, device=device)
-
-    def _stored_bytes(self, version: VersionRow) -> tuple[bytes, str]:
-        """A usable version's file as bytes, and where it is (for messages); a broken row or a missing file is an
-        error that says what to do."""
-        problem = version.problem
-        if problem:
-            raise RegistryError(f"version {version.id} is broken: {problem}; run `adaptkit doctor`")
-        where = self.storage.location(version.file)
-        try:
-            return self.storage.get(version.file), where
-        except FileNotFoundError as exc:
-            raise ArtifactError(f"adapter file {where} is missing: remove this version (adaptkit remove) or run "
-                                "`adaptkit doctor`") from exc
-
     # -- writing -----------------------------------------------------------------------------------------------
 
     def add_version(self, meta: AdapterMeta, state: dict, *, train_info: dict | None = None,
@@ -268,7 +160,7 @@ class Registry(Transfers, Housekeeping):
                                        fingerprint=meta.backbone_fingerprint, data_config=meta.data_config)
                 s.add(backbone)
             task = s.scalar(select(TaskRow).where(TaskRow.name == meta.task))
-            _check_classes(task, meta.task, meta.classes)
+            check_task_classes(task, meta.task, meta.classes)
             if task is None:
                 task = TaskRow(name=meta.task, dataset=meta.dataset, classes=list(meta.classes))
                 s.add(task)
