@@ -227,6 +227,8 @@ class Handlers:
         took = time.perf_counter() - tick
         for (i, _, _), r in zip(ready, routed, strict=True):
             runner = f"; runner-up `{r.runner_up}` {r.runner_up_confidence:.1%}" if r.runner_up else ""
+            if r.passed_over:
+                runner = f"; the likelier `{r.passed_over}` ({r.runner_up_confidence:.1%}) does not fit this image"
             labels[i] = {p.label: p.prob for p in r.predictions[:max(topks[i], 1)]}
             notes[i] = (f"Routed to **`{r.task}`** ({r.confidence:.1%} sure{runner}), predicted in "
                         f"**{took * 1000:.1f} ms** on {self.predictor.device.type}.")

@@ -107,6 +107,9 @@ def test_an_image_is_rejected_only_when_every_task_rejects_it(reg, cifar_mini):
     assert elsewhere >= 5 and sum(r.rejected for r in routes) >= 20  # both cases are exercised
     answers = predictor.predict_auto(images, topk=1, tasks=refs, reject_rate=rate)
     assert [(a.task, a.rejected) for a in answers] == [(r.task.ref, r.rejected) for r in routes]
+    for a, r in zip(answers, routes, strict=True):  # the likelier task passed over is named, and only then
+        moved = not r.rejected and r.runner_up is not None and r.runner_up_confidence > r.confidence
+        assert a.passed_over == (r.runner_up.ref if moved else None)
 
 
 def test_both_ways_of_making_statistics_agree_and_are_stored(reg, cifar_mini):

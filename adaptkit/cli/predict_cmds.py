@@ -85,7 +85,7 @@ def predict(
                                          reject_rate=reject_rate)
         rows = [{"image": str(p), "task": r.task, "confidence": r.confidence, "runner_up": r.runner_up,
                  "runner_up_confidence": r.runner_up_confidence, "rejected": r.rejected, "fit": r.fit,
-                 "left_out": list(r.left_out), "predictions": [asdict(x) for x in r.predictions]}
+                 "passed_over": r.passed_over, "left_out": list(r.left_out), "predictions": [asdict(x) for x in r.predictions]}
                 for p, r in zip(images, routed, strict=True)]
         if routed and routed[0].left_out:
             err.print("note: " + render(left_out_note(routed[0].left_out), cli_words), markup=False, soft_wrap=True)
@@ -98,6 +98,8 @@ def predict(
                         f"{_share(1 - row['fit'])} of its own images)"))
             continue
         sure = f" ({100 * row['confidence']:.1f}% sure)" if "confidence" in row else ""
+        if row.get("passed_over"):
+            sure = f"{sure[:-1]}; the likelier {row['passed_over']} does not fit it)"
         labels = ", ".join(f"{p['label']} {100 * p['prob']:.1f}%" for p in row["predictions"])
         echo(escape(f"{row['image']}: {row['task']}{sure}: {labels}"))
 

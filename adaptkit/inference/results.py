@@ -49,6 +49,14 @@ class RoutedPrediction:
     fit: float | None = None  # share of ``task``'s own images less typical than this one; None: not calibrated
     left_out: tuple[str, ...] = ()  # candidate versions not routed over: their files have no routing statistics
 
+    @property
+    def passed_over(self) -> str | None:
+        """The task the router found likelier than ``task`` but that the image does not fit (so ``task`` got it),
+        or None when ``task`` is the most probable."""
+        if self.rejected or self.runner_up is None or self.runner_up_confidence <= self.confidence:
+            return None
+        return self.runner_up
+
 
 def left_out_note(refs: tuple[str, ...] | list[str]) -> str:
     """What routed prediction says of the versions it left out (:attr:`RoutedPrediction.left_out`), with the step

@@ -228,7 +228,8 @@ class AdaptkitServer:
             raise _http(result)
         return {"task": result.task, "confidence": result.confidence, "runner_up": result.runner_up,
                 "runner_up_confidence": result.runner_up_confidence, "predictions": _labels(result.predictions),
-                "rejected": result.rejected, "fit": result.fit, "left_out": list(result.left_out), "batch": size}
+                "rejected": result.rejected, "fit": result.fit, "passed_over": result.passed_over,
+                "left_out": list(result.left_out), "batch": size}
 
     @api.get("/tasks", summary="Every task and its default version")
     async def tasks(self) -> list[dict]:
