@@ -85,7 +85,8 @@ def predict(
                                          reject_rate=reject_rate)
         rows = [{"image": str(p), "task": r.task, "confidence": r.confidence, "runner_up": r.runner_up,
                  "runner_up_confidence": r.runner_up_confidence, "rejected": r.rejected, "fit": r.fit,
-                 "passed_over": r.passed_over, "left_out": list(r.left_out), "predictions": [asdict(x) for x in r.predictions]}
+                 "passed_over": r.passed_over, "left_out": list(r.left_out),
+                 "predictions": [asdict(x) for x in r.predictions]}
                 for p, r in zip(images, routed, strict=True)]
         if routed and routed[0].left_out:
             err.print("note: " + render(left_out_note(routed[0].left_out), cli_words), markup=False, soft_wrap=True)
