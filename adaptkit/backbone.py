@@ -28,7 +28,7 @@ import timm
 import torch
 from torch import nn
 
-from adaptkit.backbone_info import check_image_size, check_size_value, hub_cached
+from adaptkit.backbone_info import check_image_size, check_size_value, hub_cached, recorded_image_size
 from adaptkit.devices import resolve_device
 from adaptkit.errors import BackboneError, OfflineError, param
 from adaptkit.hashing import tensors_sha256
@@ -116,14 +116,6 @@ class BackboneSpec:
                                expect=expect, image_size=self.image_size)
 
 
-def recorded_image_size(data_config: dict) -> int | None:
-    """The input size a backbone was built at, from the data config recorded with it (None if it names none)."""
-    size = data_config.get("input_size") if isinstance(data_config, dict) else None
-    if isinstance(size, list | tuple) and size and isinstance(size[-1], int) and size[-1] == size[-2]:
-        return int(size[-1])
-    return None
-
-
 def resolve_weights(weights: str | os.PathLike | None, pretrained: bool) -> str:
     """Turn the user's choice into a weight source string: ``hub``, ``random`` or ``file:<absolute path>``."""
     if weights is not None:
@@ -197,10 +189,10 @@ def _match(model: nn.Module, name: str, source: str, found: str, expect: str) ->
             model.load_state_dict(state)
             return
         cached = legacy_cache_file(expect)
-        raise BackboneError(f"backbone {name} (random weights) rebuilds here as {found[:12]}, but its tasks were "
-                            f"trained on {expect[:12]}, which no CPU path of this machine gives (adaptkit 0.1 hashed "
-                            f"timm's initialisation): predict once on the machine that trained them and copy {cached} "
-                            "here, or retrain the tasks")
+        raise BackboneError(f"backbone {name} (random weights) rebuilds here as {found[:12]}, not the {expect[:12]} "
+                            "its tasks were trained on, and no CPU path here gives adaptkit 0.1's random weights "
+                            "either: export the tasks again from the registry that trained them, or retrain them "
+                            f"(from adaptkit 0.1 on another machine: predict once there and copy {cached} here)")
     if source == "resampled":  # resampling is deterministic for given weights, timm and torch
         raise BackboneError(f"backbone {name} at another input size has fingerprint {found[:12]}, but its tasks were "
                             f"trained on {expect[:12]}: restore the original weights file, or the timm and torch "

@@ -44,7 +44,7 @@ class CostReport:
     rows: list[CostRow]
     tasks: int
     backbones: int
-    backbone_bytes: int  # every backbone the tasks use, stored once
+    backbone_bytes: int  # the weights of every backbone the tasks use, stored once (a resized one is no copy)
     adapters_bytes: int  # the default version of each task
     shared_total_bytes: int  # backbone(s) + one adapter per task
     full_total_bytes: int  # one fully fine-tuned copy per task
@@ -104,6 +104,7 @@ def compare(registry: Registry | str) -> CostReport:
     Args:
         registry: a :class:`Registry`, or its path or URL.
     """
+    from adaptkit.backbone_info import other_image_size
     from adaptkit.registry import Registry
 
     if not isinstance(registry, Registry):
@@ -122,7 +123,9 @@ def compare(registry: Registry | str) -> CostReport:
         full = next((v for v in reversed(good) if v.method == "full" and "blocks" not in v.config), None)
         rows.extend(_row(task, v, full) for v in good)
         default = task.default
-        backbones[default.backbone.fingerprint] = default.backbone.num_params * FP32
+        bb, key = default.backbone, (default.backbone.name, default.backbone.weights)
+        if key not in backbones or other_image_size(bb.name, bb.data_config or {}) is None:
+            backbones[key] = bb.num_params * FP32  # one stored copy, at its own size, whatever sizes it runs at
         params, size = _full_cost(default, len(task.classes))
         full_total_params += params
         full_total_bytes += full.bytes if full else size

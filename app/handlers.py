@@ -23,6 +23,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from adaptkit.backbone_info import sized_name
 from adaptkit.compare import compare, format_bytes, format_percent
 from adaptkit.data.roots import resolve_roots
 from adaptkit.errors import AdaptkitError, render
@@ -58,7 +59,7 @@ def task_label(task: TaskRow) -> str:
     v = task.default
     acc = v.metrics.get("test_top1")
     acc_text = f"test {acc:.1%}" if acc is not None else "not tested"
-    return f"{task.name} · {v.method} · {v.backbone.name} · {acc_text}"
+    return f"{task.name} · {v.method} · {sized_name(v.backbone.name, v.backbone.data_config)} · {acc_text}"
 
 
 def picker_choices(tasks: Sequence[TaskRow]) -> list[tuple[str, str]]:
@@ -319,15 +320,18 @@ class Handlers:
     @user_errors
     def train(self, dataset: str, folder: str, task: str, method: str, epochs: float, batch_size: float,
               lr: float | None, rank: float | None, backbone: str, pretrained: bool, limit_train: float | None,
-              limit_eval: float | None, progress: gr.Progress = gr.Progress()) -> tuple[str, dict, dict]:
+              limit_eval: float | None, image_size: float | None = None,
+              progress: gr.Progress = gr.Progress()) -> tuple[str, dict, dict]:
         """Train a task, register it, and return a status line with the refreshed picker."""
         spec, arguments = training.train_arguments(dataset, folder, task, method, epochs, batch_size, lr, rank,
-                                                   backbone, pretrained, limit_train, limit_eval, self.data_roots)
+                                                   backbone, pretrained, limit_train, limit_eval, self.data_roots,
+                                                   image_size)
         progress(0, desc="Building the backbone and loading the data")
         result = train(spec, **arguments, registry=self.registry, on_event=training.progress_reporter(progress))
         v = result.version
         tasks = self._sync(force=True)
-        status = (f"Trained **{v.task.name}** version {v.version}: {v.method} on {v.backbone.name}, "
+        status = (f"Trained **{v.task.name}** version {v.version}: {v.method} on "
+                  f"{sized_name(v.backbone.name, v.backbone.data_config)}, "
                   f"{v.trainable_params:,} trainable parameters, {format_bytes(v.bytes)} on disk, test top-1 "
                   f"{format_percent(result.metrics.get('test_top1'))}. It is in the task picker now.")
         picker, note = self._picker(v.task.name, tasks)

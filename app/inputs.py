@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-__all__ = ["PageInputError", "whole", "number", "text", "flag", "upload", "MAX_TEXT"]
+__all__ = ["PageInputError", "integer", "whole", "number", "text", "flag", "upload", "MAX_TEXT"]
 
 MAX_TEXT = 4096  # characters in a text field: a path, a task or backbone name is far shorter
 
@@ -45,6 +45,18 @@ def _as_number(field: str, value: Any) -> float | None:
     return number
 
 
+def integer(field: str, value: Any) -> int | None:
+    """A whole number whose range the library checks (its message then names the field); an empty box gives None.
+
+    Raises:
+        PageInputError: not a number, or not whole (2.5).
+    """
+    number = _as_number(field, value)
+    if number is not None and number != int(number):
+        raise PageInputError(f"{field} must be a whole number, got {_shown(value)}.")
+    return None if number is None else int(number)
+
+
 def whole(field: str, value: Any, low: int, high: int, *, default: int | None = None,
           empty_below: int | None = None) -> int | None:
     """A whole number in ``[low, high]``; an empty box (or a value below ``empty_below``, e.g. 0 for "no limit")
@@ -56,8 +68,7 @@ def whole(field: str, value: Any, low: int, high: int, *, default: int | None = 
     number = _as_number(field, value)
     if number is None or (empty_below is not None and number < empty_below):
         return default
-    if number != int(number):
-        raise PageInputError(f"{field} must be a whole number, got {_shown(value)}.")
+    number = integer(field, number)
     if not low <= number <= high:
         raise PageInputError(f"{field} must be from {low:,} to {high:,}, got {_shown(value)}.")
     return int(number)

@@ -20,6 +20,7 @@ import gradio as gr
 import pandas as pd
 
 from adaptkit.backbone import DEFAULT_BACKBONE
+from adaptkit.backbone_info import MAX_IMAGE_SIZE
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.settings import bounds_of
 from adaptkit.training import TrainConfig
@@ -150,6 +151,10 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
                                                     "others need the model hub or random weights")
                         pretrained = gr.Checkbox(True, label="Pretrained weights (from the package or the hub)",
                                                  elem_id="pretrained")
+                        image_size = gr.Number(0, label="Image size in px (0: the backbone's own)", precision=0,
+                                               minimum=0, elem_id="image-size",
+                                               info=f"A whole number of patches, at most {MAX_IMAGE_SIZE}; the "
+                                                    "task predicts at this size")
                     with gr.Column():
                         with gr.Row():
                             epochs = gr.Number(3, label="Epochs", precision=0,  # a quick first run
@@ -183,7 +188,7 @@ def build_app(registry: str | None = None, data_roots: Sequence[str | Path] | No
         busy = train_btn.click(lambda: (gr.update(interactive=False, value="Training..."), ""), None,
                                [train_btn, train_status], api_visibility="private", queue=False)
         trained = busy.then(h.train, inputs=[dataset, folder, task_name, method, epochs, batch_size, lr, rank,
-                                             backbone, pretrained, limit_train, limit_eval],
+                                             backbone, pretrained, limit_train, limit_eval, image_size],
                             outputs=[train_status, task, empty_note], api_name="train", concurrency_limit=1,
                             show_progress_on=train_status)
         for after in (trained.then, trained.failure):  # this Gradio skips .then after an error

@@ -10,6 +10,7 @@ from typing import Any
 
 import gradio as gr
 
+from adaptkit.backbone import BackboneSpec
 from adaptkit.checks import MAX_RANK
 from adaptkit.data import BUILTIN, builtin_name, default_data_dir, list_datasets
 from adaptkit.data.roots import folder_in_roots
@@ -37,11 +38,13 @@ def default_data_roots() -> list[Path]:
 
 def train_arguments(dataset: str, folder: str, task: str, method: str, epochs: float, batch_size: float,
                     lr: float | None, rank: float | None, backbone: str, pretrained: bool, limit_train: float | None,
-                    limit_eval: float | None, data_roots: Sequence[Path]) -> tuple[str, dict[str, Any]]:
+                    limit_eval: float | None, data_roots: Sequence[Path],
+                    image_size: float | None = None) -> tuple[str, dict[str, Any]]:
     """The tab's fields as ``train``'s data set spec and keyword arguments (every field checked, in its own words).
 
     Raises:
-        PageInputError: a field out of its range; gr.Error: a data set the page cannot train on.
+        PageInputError: a field out of its range; gr.Error: a data set the page cannot train on;
+        BackboneError: an image size the backbone cannot take (the library's check, as ``--image-size``'s).
     """
     spec = dataset_spec(inputs.text("Data set", dataset), inputs.text("Folder", folder), data_roots)
     method = inputs.text("Method", method) or "adapter"
@@ -56,7 +59,9 @@ def train_arguments(dataset: str, folder: str, task: str, method: str, epochs: f
     rank = inputs.whole("Rank", rank, 1, MAX_RANK, empty_below=1) if method in RANKED_METHODS else None
     name, backbone = inputs.text("Task name", task, max_len=200), inputs.text("Backbone", backbone, max_len=200)
     pretrained = inputs.flag("Pretrained weights", pretrained)
-    return spec, {"task": name or None, "backbone": backbone, "pretrained": pretrained, "method": method,
+    size = inputs.integer("Image size", image_size) or None  # 0: the backbone's own
+    backbone = BackboneSpec(backbone, pretrained=pretrained, image_size=size)  # checks the size as the CLI does
+    return spec, {"task": name or None, "backbone": backbone, "method": method,
                   "method_config": {"rank": rank} if rank else None, "config": config,
                   "data_roots": list(data_roots)}  # every file the data set names is checked against them too
 

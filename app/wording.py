@@ -25,6 +25,7 @@ _PAGE_WORDS = {
     ("pretrained", "True"): 'tick "Pretrained weights"',
     ("weights", None): "a weights file (on the command line: the page has no field for one)",
     ("backbone", None): '"Backbone"',
+    ("image_size", None): '"Image size"',
     ("task", None): '"Task name"',
     ("epochs", None): '"Epochs"',
     ("batch_size", None): '"Batch size"',

@@ -176,6 +176,7 @@ def test_training_shows_progress_and_disables_the_button(page):
     page.get_by_label("Task name").fill("digits-small")
     page.get_by_label("Epochs").fill("2")
     page.get_by_label("Batch size").fill("16")
+    page.get_by_label("Image size in px (0: the backbone's own)").fill("48")  # pico's own is 32
     page.get_by_text("Quick run: fewer images").click()
     page.get_by_label("Training images (0: all)").fill("320")
     page.get_by_label("Validation and test images (0: all)").fill("64")
@@ -197,7 +198,8 @@ def test_training_shows_progress_and_disables_the_button(page):
                 shoot(page, "training")
         page.wait_for_timeout(250)
     assert len(seen) >= 2, f"progress text never changed: {seen}"
-    expect(page.locator("#train-status")).to_contain_text("Trained digits-small version 1", timeout=TIMEOUT_MS)
+    expect(page.locator("#train-status")).to_contain_text("Trained digits-small version 1: adapter on "
+                                                          "vit_pico_patch4_32@48px", timeout=TIMEOUT_MS)
     expect(page.locator("#train")).to_be_enabled()
 
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from adaptkit.backbone import BackboneSpec, create_backbone, fingerprint
 from adaptkit.backbone_info import MAX_IMAGE_SIZE, check_image_size
 from adaptkit.cli import app
+from adaptkit.compare import compare
 from adaptkit.errors import BackboneError
 from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
@@ -93,6 +94,7 @@ def test_task_predicts_at_the_size_it_trained_at(tmp_path, cifar_mini):
     own = train(data, task="own", backbone=PICO, pretrained=False, method="linear", config=QUICK,
                 registry=reg).version
     assert big.backbone.fingerprint != own.backbone.fingerprint  # two registry rows
+    assert big.device == "cpu (1 thread)"  # QUICK's threads=1, as `show` prints it
     assert list(big.backbone.data_config["input_size"]) == [3, 48, 48]
     _, meta = reg.load_version(big)
     assert list(meta.data_config["input_size"]) == [3, 48, 48]  # the file says it too
@@ -103,6 +105,13 @@ def test_task_predicts_at_the_size_it_trained_at(tmp_path, cifar_mini):
         assert task.host.backbone.image_size == size
         assert predictor.preprocess([image], task).shape == (1, 3, size, size)
         assert len(predictor.predict([image], ref, topk=3)[0]) == 3
+    report = compare(reg)  # the weights are stored once, whatever sizes they run at
+    assert (report.backbones, report.backbone_bytes) == (1, own.backbone.num_params * 4)
+    mixed = predictor.predict_mixed([image] * 3, ["big", "own", "big"], topk=3)  # two sizes in one request batch
+    for got, ref in zip(mixed, ["big", "own", "big"], strict=True):
+        alone = predictor.predict([image], ref, topk=3)[0]
+        assert [p.label for p in got] == [p.label for p in alone]
+        assert [p.prob for p in got] == pytest.approx([p.prob for p in alone], abs=1e-5)
 
 
 def test_cli_image_size(tmp_path, cifar_mini):
@@ -116,6 +125,14 @@ def test_cli_image_size(tmp_path, cifar_mini):
     assert out.exit_code == 0 and "(random) at 48 px, fingerprint" in out.output, out.output
     out = runner.invoke(app, ["show", "big", "--recipe", "--registry", str(reg)])
     assert out.exit_code == 0 and "image-size: 48" in out.output, out.output
+    out = runner.invoke(app, ["train", "--dataset", f"folder:{cifar_mini}", "--task", "own", "--image-size", "32",
+                              *map(str, quick)])  # the backbone's own size: the same backbone as no --image-size
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["list", "--registry", str(reg)])  # piped: plain, one task a line
+    rows = {line.split()[0]: line.split() for line in out.output.splitlines()[1:]}
+    assert rows["big"][4] == f"{PICO}@48px" and rows["own"][4] == PICO, out.output
+    out = runner.invoke(app, ["show", "own", "--recipe", "--registry", str(reg)])
+    assert out.exit_code == 0 and "image-size" not in out.output, out.output
     image = cifar_mini / "test" / "cat" / "0000.jpg"
     out = runner.invoke(app, ["predict", "big", str(image), "--json", "--registry", str(reg)])
     assert out.exit_code == 0 and '"predictions"' in out.output, out.output
@@ -124,6 +141,31 @@ def test_cli_image_size(tmp_path, cifar_mini):
         out = runner.invoke(app, ["train", "--dataset", f"folder:{cifar_mini}", "--image-size", size,
                                   *map(str, quick)])
         assert out.exit_code == 1 and message in out.output and "Traceback" not in out.output, out.output
+
+
+def test_list_in_a_terminal_never_cuts_the_size_of_a_long_backbone_name(tmp_path, cifar_mini, monkeypatch):
+    import io
+
+    from adaptkit.cli import common as cli_common
+    from adaptkit.models import PACKAGED_BACKBONE
+
+    reg = Registry(tmp_path / "registry.db")
+    train(f"folder:{cifar_mini}", task="big", backbone=BackboneSpec(PACKAGED_BACKBONE, image_size=48),
+          method="linear", config=QUICK, registry=reg)
+    monkeypatch.setattr(cli_common.out, "_force_terminal", True)
+    monkeypatch.setattr(cli_common.out, "_color_system", None)
+    shown = 0
+    for width in range(100, 200, 2):  # most are too narrow for the name and its size on one line
+        buf = io.StringIO()
+        monkeypatch.setattr(cli_common.out, "_file", buf)
+        monkeypatch.setattr(cli_common.out, "_width", width)
+        assert runner.invoke(app, ["list", "--registry", reg.url]).exit_code == 0
+        text = buf.getvalue()
+        if "hidden at" in text and "backbone" in text.split("hidden at")[1]:
+            continue
+        shown += 1
+        assert "@48px" in text, (width, text)  # a long name folds (tables.WORD_MAX), its size stays whole
+    assert shown
 
 
 def test_train_takes_weights_with_a_name_only(tmp_path, cifar_mini):

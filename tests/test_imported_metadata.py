@@ -5,11 +5,12 @@ version's data set never drives `routing fit` on trust."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 
 import pytest
-from conftest import PICO
+from conftest import CIFAR_MINI, PICO
 from safetensors.torch import save_file
 
 from adaptkit.artifacts import AdapterMeta, tensors_sha256
@@ -66,6 +67,75 @@ def test_an_adapter_file_with_bad_metadata_is_refused_at_import(case, adapter_fi
     assert "\x1b" not in text and "\u202e" not in text
     assert not registry.tasks()  # nothing was registered
     assert registry.import_file(adapter_file("good")).ref == "probe@1"  # the same file, untouched, is fine
+
+
+FOREIGN = "ab" * 32  # well formed, and no backbone adaptkit builds
+CAT = CIFAR_MINI / "test" / "cat" / "0000.jpg"
+
+
+def test_a_file_of_its_own_backbone_imports_without_a_word(adapter_file, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="adaptkit"):
+        Registry(tmp_path / "r.db").import_file(adapter_file())
+    assert not caplog.records
+
+
+def test_random_weights_no_backbone_has_are_told_at_import_and_at_the_first_prediction(adapter_file, tmp_path, pico,
+                                                                                        caplog, monkeypatch):
+    import adaptkit.random_weights
+    from adaptkit.errors import BackboneError
+    from adaptkit.inference import Predictor
+
+    registry = Registry(tmp_path / "r.db")
+    path = adapter_file(backbone_fingerprint=FOREIGN)
+    with caplog.at_level(logging.WARNING, logger="adaptkit"):
+        v = registry.import_file(path)  # kept: it may be adaptkit 0.1's random weights, found at prediction
+    [record] = caplog.records
+    text = record.getMessage()
+    assert text.startswith(f"probe@1: {path} says it was trained on {PICO} (random weights) of fingerprint "
+                           f"{FOREIGN[:12]}, but adaptkit's random weights of {PICO} are {pico.fingerprint[:12]}")
+    assert "export it again from the registry that trained it, or retrain it here" in text
+    monkeypatch.setattr(adaptkit.random_weights, "_capabilities", lambda: [])  # no child process per CPU path
+    with pytest.raises(BackboneError) as info:
+        Predictor(registry).predict([CAT], v.ref)
+    text = str(info.value)
+    assert text.startswith(f"probe@1 was imported from {path}: backbone {PICO} (random weights) rebuilds here as "
+                           f"{pico.fingerprint[:12]}, not the {FOREIGN[:12]} its tasks were trained on")
+    assert "export the tasks again from the registry that trained them, or retrain them" in text and "\n" not in text
+
+
+def test_random_weights_too_large_to_rebuild_at_import_get_a_warning_saying_what_comes(adapter_file, tmp_path,
+                                                                                         caplog, monkeypatch):
+    import adaptkit.registry.transfer
+
+    monkeypatch.setattr(adaptkit.registry.transfer, "CHECK_PARAMS", 0)  # pico stands in for a ViT-B
+    with caplog.at_level(logging.WARNING, logger="adaptkit"):
+        Registry(tmp_path / "r.db").import_file(adapter_file(backbone_fingerprint=FOREIGN))
+    [record] = caplog.records
+    assert "too large to rebuild now: the first prediction rebuilds it and refuses the task if the weights " \
+           "differ" in record.getMessage()
+
+
+def test_packaged_weights_that_differ_are_refused_at_import(tmp_path):
+    from adaptkit.backbone import create_backbone
+    from adaptkit.models import PACKAGED_BACKBONE
+
+    packaged = create_backbone(PACKAGED_BACKBONE)
+    assert packaged.weights == "package"
+    task = get_method("linear", {}).attach(packaged.model, 2)
+    state = {k: v.contiguous() for k, v in task.state().items()}
+    meta = AdapterMeta(task="pkg", classes=["a", "b"], method="linear", method_config={}, backbone=PACKAGED_BACKBONE,
+                       backbone_weights="package", backbone_fingerprint=FOREIGN, backbone_params=packaged.num_params,
+                       backbone_dim=packaged.embed_dim, data_config=packaged.data_config, dataset="digits")
+    path = tmp_path / "pkg.safetensors"
+    save_file(state, str(path), metadata=meta.to_strings(tensors_sha256(state)))
+    registry = Registry(tmp_path / "r.db")
+    with pytest.raises(ArtifactError, match=f"with packaged weights of fingerprint {FOREIGN[:12]}, but this "
+                                            f"adaptkit's are {packaged.fingerprint[:12]}: export it again"):
+        registry.import_file(path)
+    assert not registry.tasks()
+    meta.backbone_fingerprint = packaged.fingerprint  # the packaged weights' own: imported
+    save_file(state, str(path), metadata=meta.to_strings(tensors_sha256(state)))
+    assert registry.import_file(path).ref == "pkg@1"
 
 
 def test_cli_import_of_a_bad_file_prints_one_clean_line(adapter_file, tmp_path):

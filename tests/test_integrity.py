@@ -399,6 +399,14 @@ def test_kill_9_during_a_save_then_the_next_command_leaves_a_clean_registry(tmp_
         assert {t.name for t in reg.tasks()} == {"before", "after"} | crashed, point
 
 
+def test_doctor_piped_says_all_is_well_on_one_line(registry, monkeypatch):
+    registry.add_version(_meta("ok"), _state())
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = _cli("doctor", "--registry", registry.url).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("registry sqlite") and len(lines[0]) > 80, lines
+    assert lines[0].endswith(": every row has its file, nothing left over")
+
+
 def test_doctor_reports_and_repairs_everything(registry, tmp_path):
     for i, name in enumerate(["ok", "gone", "flipped", "tampered", "mistyped"]):
         registry.add_version(_meta(name), _state(i))

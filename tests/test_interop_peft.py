@@ -312,6 +312,7 @@ def test_export_then_import_needs_no_arguments(trained, images, tmp_path):
     with pytest.raises(ArtifactError) as info:
         import_peft(tmp_path / "other.db", dest, task="copy2", backbone=other)
     assert "exported from a backbone with fingerprint" in one_line(info)
+    assert one_line(info).endswith("(backbone with weights for a weights file or pretrained=False for random ones)")
 
 
 def test_export_refusals_are_one_line(trained, tmp_path):

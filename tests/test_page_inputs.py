@@ -45,6 +45,11 @@ TRAIN = dict(dataset="folder", folder=str(CIFAR_MINI), task="x", method="linear"
     ("pretrained", "maybe", "Pretrained weights must be ticked or not"),
     ("method", "lasso", "Method must be one of adapter, lora"),
     ("backbone", None, "model name"),  # empty: the library's own refusal, in one line
+    ("image_size", 30, '"Image size" is not a multiple of vit_pico_patch4_32\'s patch size 4: use 32'),  # the CLI's
+    ("image_size", -8, '"Image size": the input size must be between 1 and 1024 px'),
+    ("image_size", 1e300, '"Image size": the input size must be between 1 and 1024 px'),
+    ("image_size", 2.5, "Image size must be a whole number, got 2.5"),
+    ("image_size", "big", "Image size must be a number, got 'big'"),
 ], ids=lambda v: str(v)[:20])
 def test_train_fields_are_refused_by_their_page_names(tmp_path, field, value, message):
     h = Handlers(str(tmp_path / "registry.db"), data_roots=[CIFAR_MINI.parent])
@@ -63,6 +68,18 @@ def test_pretrained_as_text_is_read_not_taken_as_true(tmp_path):
     status, _, _ = h.train(**{**TRAIN, "pretrained": "false"})
     assert "Trained **x** version 1" in status
     assert Registry(tmp_path / "registry.db").get_version("x").backbone.weights == "random"
+
+
+def test_image_size_trains_at_that_size_and_the_page_says_so(tmp_path):
+    h = Handlers(str(tmp_path / "registry.db"), data_roots=[CIFAR_MINI.parent])
+    status, picker, _ = h.train(**{**TRAIN, "image_size": 48.0})  # a number box sends a float
+    assert "Trained **x** version 1: linear on vit_pico_patch4_32@48px," in status
+    assert "vit_pico_patch4_32@48px" in {value: label for label, value in picker["choices"]}["x"]
+    v = Registry(tmp_path / "registry.db").get_version("x")
+    assert v.backbone.data_config["input_size"] == [3, 48, 48]
+    status, _, _ = h.train(**{**TRAIN, "image_size": 0})  # 0: the backbone's own, the same backbone as no size
+    assert "on vit_pico_patch4_32, " in status
+    assert Registry(tmp_path / "registry.db").get_version("x").backbone.data_config["input_size"] == [3, 32, 32]
 
 
 def test_the_library_bounds_epochs_and_batch_for_cli_and_api_too():
@@ -128,6 +145,9 @@ def test_odd_values_over_http_are_refusals(client):  # noqa: F811
     with pytest.raises(AppError, match="does not download from the Hugging Face hub"):
         client.predict("hf:cifar10", "", "x", "linear", 1, 32, None, None, "vit_pico_patch4_32", False, 32, 16,
                        api_name="/train")
+    with pytest.raises(AppError, match="\"Image size\" is not a multiple of vit_pico_patch4_32's patch size 4"):
+        client.predict("folder", str(CIFAR_MINI), "x", "linear", 1, 32, None, None, "vit_pico_patch4_32",
+                       False, 32, 16, 30, api_name="/train")
     with pytest.raises(AppError, match="Test images per task must be from 1"):
         client.predict(1e300, api_name="/continual")
 

@@ -102,8 +102,9 @@ def test_a_tampered_cache_file_is_not_trusted(tmp_path, monkeypatch):
 def test_random_weights_that_no_cpu_path_gives_are_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPTKIT_CACHE", str(tmp_path))
     with pytest.raises(BackboneError, match=r"^backbone vit_pico_patch4_32 \(random weights\) rebuilds here as "
-                                            r"e5f8c2052795, but its tasks were trained on 0123456789ab, .* copy "
-                                            r".*random-backbones.*0123\.safetensors here") as e:
+                                            r"e5f8c2052795, not the 0123456789ab its tasks were trained on, .*"
+                                            r"export the tasks again from the registry that trained them, or "
+                                            r"retrain them .* copy .*random-backbones.*0123\.safetensors here") as e:
         create_backbone(PICO, pretrained=False, expect="0123456789ab" * 5 + "0123")
     assert "\n" not in str(e.value)
 

@@ -11,15 +11,15 @@ import torch
 from PIL import Image, ImageFilter
 
 from adaptkit.artifacts import load_adapter
-from adaptkit.data import load_task_data
+from adaptkit.data import TransformedSubset, load_task_data
 from adaptkit.errors import ConfigError
 from adaptkit.inference import ROUTING_PREFIX, Predictor, Router, Whitener, collect_task_stats, fit_routing, split_state
-from adaptkit.inference.routing_stats import RoutingStats, frozen
+from adaptkit.inference.routing_stats import Calibration, RoutingStats, accumulate_stats, frozen
 from adaptkit.inference.token_stats import token_blocks
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.registry import Registry
 from adaptkit.training import TrainConfig, train
-from adaptkit.trunk import run_prefix, run_suffix
+from adaptkit.trunk import SPECTRUM, run_prefix, run_suffix
 
 CONFIG = TrainConfig(epochs=1, batch_size=64, lr=3e-3, num_workers=0, augment=False)
 FIRST, SECOND = "airplane,automobile,bird,cat,deer", "dog,frog,horse,ship,truck"
@@ -152,9 +152,15 @@ def test_the_frozen_pass_hands_back_the_tokens_without_changing_its_output(reg):
         for i, block in enumerate(trunk.blocks):
             h = block(h)
             means[i] = h[:, trunk.num_prefix_tokens:].mean(1)
+        patches = trunk.patch_embed(x).double().numpy()  # (3, 64, 192): the embeddings before positions
     assert torch.equal(split, plain) and torch.equal(taps[depth], plain)
-    for b in token_blocks(depth)[:-1]:
+    for b in token_blocks(depth)[1:-1]:
         assert torch.equal(taps[b], means[b])
+    # the spectrum: each image's 192 x 192 covariance, of rank 48 (4 x 4 pixels x 3 colours), its eigenvalues
+    lam = np.stack([np.linalg.eigvalsh(np.cov(p.T))[::-1][:48] for p in patches]).clip(0)
+    expected = np.log(lam + 1e-4 * lam.mean(1, keepdims=True))
+    assert taps[SPECTRUM].shape == (3, 48)
+    np.testing.assert_allclose(taps[SPECTRUM].numpy(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_a_router_reads_the_tokens_it_is_given_and_the_pooled_score_without_them(reg):
@@ -162,9 +168,98 @@ def test_a_router_reads_the_tokens_it_is_given_and_the_pooled_score_without_them
     router = Router(stats)
     assert router.blocks == token_blocks(6)
     feats = torch.randn(4, 192)
-    taps = {b: torch.randn(4, 192) * 50 for b in router.blocks}  # far from any photo's tokens
+    taps = {b: torch.randn(4, 48 if b == SPECTRUM else 192) * 50 for b in router.blocks}  # far from any photo's
     assert bool((router.fit(feats, taps) < 0.05).all())
     pooled = router.fit(feats)  # no tokens: the pooled output's score, as for older files
     for t, s in enumerate(stats):
         w = Whitener.of(s.means, s.counts, s.scatter, s.ood_shrinkage)
         torch.testing.assert_close(pooled[:, t], s.fit(w.scores(feats)).float())
+
+
+def _digits(n: int = 60) -> list[Image.Image]:
+    """Handwritten digits (scikit-learn's bundled 8 x 8 scans), blown up to 32 x 32: grey images of another kind."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images[:n]
+    return [Image.fromarray((255 - 255 * im / 16).astype(np.uint8)).resize((32, 32)).convert("RGB") for im in images]
+
+
+@pytest.fixture(scope="module")
+def first_fix(reg, tmp_path_factory, cifar_mini) -> Registry:
+    """A copy of ``reg`` whose files hold the token statistics as the first fix of issue 37 made them: the five
+    places without the patch spectrum, computed from the same training images by the same code."""
+    from tests.test_routing import _copy
+
+    reg = _copy(reg, tmp_path_factory.mktemp("first-fix"))
+    predictor = Predictor(reg, device="cpu")
+    for ref, classes in (("photos-a", FIRST), ("photos-b", SECOND)):
+        backbone = predictor.load(ref).host.backbone
+        data = load_task_data(f"folder:{cifar_mini}", backbone.data_config, augment=False, classes=classes,
+                              val_fraction=0.1, seed=0)
+        images = TransformedSubset(data.val.source, sorted([*data.train.indices, *data.val.indices]),
+                                   data.val.transform)
+        x = torch.stack([images[i][0] for i in range(len(images))])
+        y = torch.tensor([images[i][1] for i in range(len(images))])
+        places = token_blocks(6)[1:]
+        with torch.inference_mode(), frozen(backbone.model) as trunk:
+            taps = dict.fromkeys(places)
+            feats = run_prefix(trunk, x, 6, taps)
+        stats = accumulate_stats([(feats, y, taps)], len(data.classes), Calibration(len(y), len(data.classes)),
+                                 blocks=places)
+        row = reg.get_version(ref)
+        state, meta = load_adapter(reg.path_of(row))
+        reg.replace_file(row, {**split_state(state)[0], **stats.to_tensors()}, meta)
+    return reg
+
+
+def test_grey_images_beside_broad_colour_photo_tasks_are_rejected_with_the_spectrum(reg, first_fix, cifar_mini):
+    """Digits and grey photos look typical to a colour-photo task's mean tokens (the first fix rejects 0-1 % of
+    them); the spectrum of their patch embeddings lacks the colour directions (measured: 100 % and 64 %)."""
+    grey = [p.convert("L").convert("RGB") for p in _test_photos(cifar_mini, SECOND)]  # 100 photos, never trained on
+    before, now = Predictor(first_fix, device="cpu"), Predictor(reg, device="cpu")
+    for kind, images, old_at_most, new_at_least in (("digits", _digits(), 0.2, 0.9), ("grey", grey, 0.15, 0.4)):
+        old, new = _rejected(before.predict_auto(images, topk=1)), _rejected(now.predict_auto(images, topk=1))
+        assert old <= old_at_most and new >= new_at_least, (kind, old, new)
+
+
+def test_a_file_of_the_first_fix_is_scored_on_its_own_places_and_completed_by_routing_fit(first_fix, tmp_path,
+                                                                                         cifar_mini):
+    from tests.test_routing import _copy
+
+    stats = _stats(first_fix, "photos-a")
+    assert stats.tokens.blocks == token_blocks(6)[1:]
+    images = _digits(8) + _test_photos(cifar_mini, FIRST)[:8]
+    predictor = Predictor(first_fix, device="cpu")
+    routes = predictor.route(images, tasks=["photos-a"])
+    task = predictor.load("photos-a")
+    with torch.inference_mode(), frozen(task.host.backbone.model) as trunk:
+        taps = dict.fromkeys(stats.tokens.blocks)
+        run_prefix(trunk, predictor.preprocess(images, task), 6, taps)
+    expected = stats.tokens.fit(stats.tokens.scores(taps)).float()
+    torch.testing.assert_close(torch.tensor([r.fit for r in routes]), expected, rtol=1e-4, atol=1e-5)
+    copy = _copy(first_fix, tmp_path)
+    assert fit_routing(["photos-a", "photos-b"], registry=copy, device="cpu") == ["photos-a@1", "photos-b@1"]
+    assert _stats(copy, "photos-a").tokens.blocks == token_blocks(6)
+
+
+@pytest.mark.parametrize("width", [16, 96])  # fewer channels than patches (its covariance), more (the Gram matrix)
+def test_the_patch_spectrum_is_the_covariance_spectrum_and_a_grey_image_lacks_two_thirds_of_it(width):
+    import timm
+
+    from adaptkit.trunk import patch_spectrum
+
+    trunk = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=4,
+                              embed_dim=width, depth=1, num_heads=2).eval()
+    colour = torch.rand(2, 3, 32, 32)
+    grey = colour.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    with torch.inference_mode():
+        spectra = patch_spectrum(trunk, torch.cat([colour, grey]))
+        patches = trunk.patch_embed(colour).double().numpy()
+    k = min(63, width, 48)  # patches - 1, channels, values of a 4 x 4 colour patch
+    assert spectra.shape == (4, k)
+    lam = np.stack([np.linalg.eigvalsh(np.cov(p.T))[::-1][:k] for p in patches]).clip(0)
+    np.testing.assert_allclose(spectra[:2].numpy(), np.log(lam + 1e-4 * lam.mean(1, keepdims=True)), rtol=1e-4,
+                               atol=1e-4)
+    if k > 16:  # a grey patch has 16 values, not 48: its other eigenvalues sit at the floor (1e-4 of the mean)
+        relative = spectra - spectra.exp().mean(1, keepdim=True).log()
+        assert bool((relative[2:, 16:] < -6).all()) and bool((relative[:2, 16] > -5).all())

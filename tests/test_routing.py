@@ -6,6 +6,7 @@ frozen features alone.
 """
 
 import json
+import re
 import shutil
 import sqlite3
 
@@ -352,6 +353,13 @@ def test_cli_routing_fit_and_continual(two_tasks, tmp_path):
     assert report["tasks"] == ["digits@1", "photos@1"] and len(report["matrix"]) == 2
     code, output = _cli("continual", "--limit", "10", "--registry", reg.url)
     assert code == 0 and "average incremental accuracy" in output and "1. digits@1" in output
+    lines = output.splitlines()  # piped: plain tables, each under its title, as list and compare print them
+    assert not re.search("[│┃━─┏└]", output), output
+    assert lines[0] == "Accuracy (%) after each task is added, no task name given"
+    assert lines[1].split() == ["after", "task-id", "no", "task", "task", "given", "SimpleCIL"]
+    assert lines[2].split()[:2] == ["1.", "digits@1"] and lines[3].split()[:2] == ["2.", "photos@1"]
+    assert lines[4] == "No-task accuracy (%) on each task's test images (rows: after task k)"
+    assert lines[5].split() == ["after", "1", "2"] and len(lines[6].split()) == 2 and len(lines[7].split()) == 3
 
 
 def test_class_selection():

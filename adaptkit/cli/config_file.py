@@ -180,9 +180,11 @@ def recipe_options(version: Any, method_options: dict[str, dict[str, str]]) -> t
     if weights.startswith("file:"):
         opts["weights"] = weights[len("file:"):]
     opts["pretrained"] = weights != "random"
-    size = (version.backbone.data_config or {}).get("input_size")
-    if size and _default_size(version.backbone.name) not in (None, size[-1]):
-        opts["image_size"] = size[-1]
+    from adaptkit.backbone_info import other_image_size
+
+    size = other_image_size(version.backbone.name, version.backbone.data_config or {})
+    if size is not None:
+        opts["image_size"] = size
     opts["method"] = version.method
     by_setting = {setting: option for option, setting in method_options.get(version.method, {}).items()}
     by_setting["blocks"] = "blocks"
@@ -232,10 +234,3 @@ def recipe_yaml(version: Any, method_options: dict[str, dict[str, str]]) -> str:
     head = [f"# adaptkit train --config FILE: trains {version.ref} again", *(f"# note: {n}" for n in notes)]
     body = yaml.safe_dump({k.replace("_", "-"): v for k, v in opts.items()}, sort_keys=False, allow_unicode=True)
     return "\n".join(head) + "\n" + body
-
-
-def _default_size(name: str) -> int:
-    """The backbone's own input size, as timm's pretrained config gives it."""
-    from adaptkit.backbone_info import default_input_size
-
-    return default_input_size(name)

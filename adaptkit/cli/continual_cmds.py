@@ -7,8 +7,21 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from adaptkit.cli.common import ROUTER_NAMES, AdaptersOpt, RegistryOpt, RouterOpt, app, err, friendly, out, registry_of
+from adaptkit.cli.common import (
+    ROUTER_NAMES,
+    AdaptersOpt,
+    RegistryOpt,
+    RouterOpt,
+    app,
+    echo,
+    err,
+    friendly,
+    out,
+    registry_of,
+)
+from adaptkit.cli.tables import Col, print_table
 
 routing_app = typer.Typer(help="Routing statistics: what `predict` with no task needs of every task.",
                           no_args_is_help=True)
@@ -35,7 +48,7 @@ def routing_fit(
     done = fit_routing(tasks or None, registry=registry_of(registry, adapters), force=force, dataset=dataset,
                        device=device, data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
                        on_task=lambda ref, what: err.print(f"{ref}: {what}", soft_wrap=True))
-    out.print(f"wrote routing statistics for {len(done)} version(s)" + (f": {', '.join(done)}" if done else ""))
+    echo(escape(f"wrote routing statistics for {len(done)} version(s)" + (f": {', '.join(done)}" if done else "")))
 
 
 @app.command()
@@ -54,8 +67,6 @@ def continual(
     adapters: AdaptersOpt = None,
 ) -> None:
     """Evaluate the tasks as a class-incremental sequence: accuracy with no task name after each addition."""
-    from rich.table import Table
-
     from adaptkit.inference import evaluate_continual
 
     r = evaluate_continual(tasks or None, registry=registry_of(registry, adapters), router=router, limit=limit,
@@ -64,20 +75,22 @@ def continual(
     if as_json:
         out.print_json(json.dumps(r.to_dict()))
         return
-    table = Table(title="Accuracy (%) after each task is added, no task name given")
-    for name in ("after", "task-id", "no task", "task given", "SimpleCIL", *(["refined"] if refine else [])):
-        table.add_column(name, justify="left" if name == "after" else "right")
-    for k, ref in enumerate(r.tasks):
-        cells = [r.task_id[k], r.cil[k], r.til[k], r.simplecil[k], *([r.refined[k]] if refine else [])]
-        table.add_row(f"{k + 1}. {ref}", *(f"{100 * c:.1f}" for c in cells))
-    out.print(table)
-    matrix = Table(title="No-task accuracy (%) on each task's test images (rows: after task k)")
-    matrix.add_column("after")
-    for j in range(len(r.tasks)):
-        matrix.add_column(str(j + 1), justify="right")
-    for k, row in enumerate(r.matrix):
-        matrix.add_row(str(k + 1), *("" if a is None else f"{100 * a:.1f}" for a in row))
-    out.print(matrix)
+    names = ["task-id", "no task", "task given", "SimpleCIL", *(["refined"] if refine else [])]
+    rows = [[f"{k + 1}. {ref}", *(f"{100 * c:.1f}" for c in cells)]
+            for k, (ref, *cells) in enumerate(zip(r.tasks, r.task_id, r.cil, r.til, r.simplecil,
+                                                  *([r.refined] if refine else []), strict=True))]
+    _table("Accuracy (%) after each task is added, no task name given",
+           [Col("after", whole=True), *(Col(n, True) for n in names)], rows)
+    _table("No-task accuracy (%) on each task's test images (rows: after task k)",
+           [Col("after", True), *(Col(str(j + 1), True) for j in range(len(r.tasks)))],
+           [[str(k + 1), *("" if a is None else f"{100 * a:.1f}" for a in row)] for k, row in enumerate(r.matrix)])
     out.print(f"average incremental accuracy {100 * r.average_incremental:.1f}%, final {100 * r.final:.1f}%, "
               f"forgetting {100 * r.forgetting:.1f} points, router {r.router}, {sum(r.images)} test images",
               soft_wrap=True)
+
+
+def _table(title: str, cols: list[Col], rows: list[list[str]]) -> None:
+    """A table under its title: fitted to the terminal, or plain when piped (the title then a line of its own)."""
+    if not out.is_terminal:
+        echo(title)
+    print_table(out, cols, rows, title=title)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from adaptkit.cli.common import AdaptersOpt, RegistryOpt, app, friendly, out, registry_of
+from adaptkit.cli.common import AdaptersOpt, RegistryOpt, app, echo, friendly, out, registry_of
 
 
 @app.command()
@@ -33,9 +34,10 @@ def doctor(
         out.print(f"{f.kind}: {f.what}: {f.detail} [{state}]", soft_wrap=True, markup=False)
     left = [f for f in findings if f.repairable and not f.repaired]
     if not findings:
-        out.print(f"registry {reg.url} with adapters in {reg.storage.url}: every row has its file, nothing left over")
+        echo(escape(f"registry {reg.url} with adapters in {reg.storage.url}: every row has its file, nothing left "
+                    "over"))
     elif left:
-        out.print(f"{len(left)} problem(s) to repair: run `adaptkit doctor --repair`")
+        echo(f"{len(left)} problem(s) to repair: run `adaptkit doctor --repair`")
         raise typer.Exit(1)
     else:
-        out.print(f"{sum(f.repaired for f in findings)} problem(s) repaired")
+        echo(f"{sum(f.repaired for f in findings)} problem(s) repaired")

@@ -29,6 +29,8 @@ def _config_text(config: dict[str, Any]) -> str:
 @friendly
 def list_tasks(registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> None:
     """List the registered tasks and their default versions."""
+    from adaptkit.backbone_info import sized_name
+
     reg = registry_of(registry, adapters)
     tasks = reg.tasks()
     if not tasks:
@@ -46,9 +48,10 @@ def list_tasks(registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> No
             broken.append(f"{t.name}: {t.broken}")
             rows.append([str(t.name), "-", str(len(t.versions)), "broken", *["-"] * 5])
             continue
-        rows.append([t.name, f"v{d.version}", str(len(t.versions)), d.method, d.backbone.name,
-                     count(d.trainable_params), format_bytes(d.bytes), format_percent(d.metrics.get("test_top1")),
-                     t.dataset])
+        rows.append([t.name, f"v{d.version}", str(len(t.versions)), d.method,
+                     sized_name(d.backbone.name, d.backbone.data_config, " " if out.is_terminal else ""),
+                     count(d.trainable_params),
+                     format_bytes(d.bytes), format_percent(d.metrics.get("test_top1")), t.dataset])
     print_table(out, cols, rows, title=f"tasks in {reg.location}")
     for line in broken:
         echo(escape(f"broken {line}: run `adaptkit doctor`"))

@@ -23,6 +23,7 @@ from adaptkit.inference.router import DEFAULT_ROUTER, Router
 from adaptkit.inference.routing_stats import collect_task_stats, split_state
 from adaptkit.inference.token_stats import tapped_blocks
 from adaptkit.registry import Registry, TaskRow
+from adaptkit.trunk import SPECTRUM
 
 __all__ = ["fit_routing", "evaluate_continual", "compare_routers", "ContinualReport", "task_order"]
 
@@ -39,8 +40,9 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
                 dataset: str | None = None, device: str | None = None, data_dir: str | None = None,
                 download: bool = True, batch_size: int = 128,
                 on_task: Callable[[str, str], None] | None = None) -> list[str]:
-    """Compute routing statistics for registered versions that lack them, the rejection percentiles or the token
-    statistics (see :mod:`adaptkit.inference.routing_stats`); returns the refs that got new files.
+    """Compute routing statistics for registered versions that lack them, the rejection percentiles, the token
+    statistics or one of their places (the patch spectrum, added after the first token statistics; see
+    :mod:`adaptkit.inference.routing_stats`); returns the refs that got new files.
 
     Args:
         tasks: ``task`` or ``task@N`` refs (default: every task's default version).
@@ -62,9 +64,10 @@ def fit_routing(tasks: list[str] | None = None, *, registry: Registry | str | No
         row = registry.get_version(ref)
         state, meta = registry.load_version(row)
         own, stats = split_state(state)
-        complete = stats is not None and stats.calibrated and stats.tokens is not None
-        if stats is not None and stats.calibrated and not complete:  # no token statistics: their trunk may lack them
-            complete = not tapped_blocks(predictor.load(row.ref).host.backbone.model)
+        places = set(stats.tokens.blocks) if stats is not None and stats.tokens is not None else set()
+        complete = stats is not None and stats.calibrated and SPECTRUM in places
+        if stats is not None and stats.calibrated and not complete:  # places missing: their trunk may lack them
+            complete = set(tapped_blocks(predictor.load(row.ref).host.backbone.model)) <= places
         if complete and not force:
             (on_task or (lambda *a: None))(row.ref, "has routing statistics already")
             continue

@@ -18,7 +18,7 @@ import torch
 from adaptkit.backbone import create_backbone, recorded_image_size
 from adaptkit.checks import check_int
 from adaptkit.devices import resolve_device
-from adaptkit.errors import ArtifactError, ConfigError
+from adaptkit.errors import ArtifactError, BackboneError, ConfigError
 from adaptkit.inference.gate import Gate
 from adaptkit.inference.results import FrozenPrefix, ImageLike, LoadedTask, Prediction, _Host
 from adaptkit.inference.routed import AutoPredict
@@ -167,8 +167,14 @@ class Predictor(AutoPredict):
             for k in [k for k, v in self._refs.items() if v.host is old]:
                 del self._refs[k]
             _log.info("dropped backbone %s from memory", old.backbone.name)
-        backbone = create_backbone(row.backbone.name, weights=row.backbone.weights, device=self.device, expect=fp,
-                                   image_size=recorded_image_size(row.backbone.data_config))  # as it trained
+        try:
+            backbone = create_backbone(row.backbone.name, weights=row.backbone.weights, device=self.device,
+                                       expect=fp, image_size=recorded_image_size(row.backbone.data_config))
+        except BackboneError as exc:  # an imported task's backbone is the file's word: say where it came from
+            source = (row.train or {}).get("imported_from")
+            if not source or not exc.args:
+                raise
+            raise type(exc)(f"{row.ref} was imported from {source}: {exc.args[0]}") from exc
         from adaptkit.data import build_transform
 
         host = _Host(backbone=backbone, transform=build_transform(backbone.data_config, train=False))
@@ -256,13 +262,21 @@ class Predictor(AutoPredict):
         return [self._topk(row, task, topk) for row in self.logits(self.preprocess(images, task), task.ref)]
 
     def predict_mixed(self, images: list[ImageLike], refs: list[str], topk: int = 5) -> list[list[Prediction]]:
-        """Top-k predictions for images that each name their own task, in one backbone pass per backbone."""
+        """Top-k predictions for images that each name their own task, in one backbone pass per backbone (tasks on
+        backbones built at different input sizes in one batch each)."""
         check_int("topk", topk, 1)
         tasks = [self._task(r) for r in refs]
         if len(images) != len(tasks):
             raise ConfigError(f"{len(images)} images but {len(tasks)} task names: give one task per image")
-        x = torch.cat([self.preprocess([img], t) for img, t in zip(images, tasks, strict=True)])
-        return [self._topk(row, t, topk) for row, t in zip(self.logits_mixed(x, refs), tasks, strict=True)]
+        out: list[list[Prediction]] = [[] for _ in tasks]
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(tasks):  # a backbone built at another size takes other inputs: one batch per size
+            by_size.setdefault(tuple(t.host.backbone.data_config["input_size"]), []).append(i)
+        for members in by_size.values():
+            x = torch.cat([self.preprocess([images[i]], tasks[i]) for i in members])
+            for i, row in zip(members, self.logits_mixed(x, [refs[i] for i in members]), strict=True):
+                out[i] = self._topk(row, tasks[i], topk)
+        return out
 
     # -- helpers -----------------------------------------------------------------------------------------------
 

@@ -1,20 +1,24 @@
-"""The rejection score read on the blocks' tokens: how unlike a task's own images an image is, inside the backbone.
+"""The rejection score read inside the backbone: how unlike a task's own images an image is.
 
-The pooled output of a backbone pretrained on photos puts many images of other kinds (drawings, noise, digits)
-inside a broad photo task's spread; the tokens inside the backbone keep them apart. So a version also keeps, for a
-few blocks (:func:`token_blocks`, a rule fixed here, not chosen per data set), a Gaussian per class of the mean
-patch token after that block: the class means and the task's within-class covariance in a low-rank form (its
-leading :data:`TOKEN_RANK` eigenvectors and eigenvalues, and one variance for every other direction: probabilistic
-PCA), shrunk 1 % towards the mean variance as the pooled score is.
+The pooled output of a backbone pretrained on photos puts many images of other kinds (drawings, noise, digits, grey
+photos) inside a broad photo task's spread; the backbone's earlier places keep them apart. So a version also keeps,
+for a few places (:func:`token_blocks`, a rule fixed here, not chosen per data set), a Gaussian per class of a
+feature read there: the class means and the task's within-class covariance in a low-rank form (its leading
+:data:`TOKEN_RANK` eigenvectors and eigenvalues, and one variance for every other direction: probabilistic PCA),
+shrunk 1 % towards the mean variance as the pooled score is. The places: the spectrum of the image's patch
+embeddings (:func:`adaptkit.trunk.patch_spectrum`, place :data:`~adaptkit.trunk.SPECTRUM`: how many colours and
+how much detail the image has, which no mean token shows), the mean patch token after the last block of each quarter
+of the trunk, and the pooled output.
 
-At each block an image's distance to the task is its squared Mahalanobis distance to the nearest class mean,
-calibrated as the pooled score is: the block keeps the percentiles 0..100 of the distances of the task's own training
-images, each scored by the statistics of the other four folds, and an image's fit at the block is the share of those
-images that lie farther out. The blocks' evidence is combined by the largest of these calibrated percentiles (the
-smallest fit: an image unlike the task's own images at any block is unlike them), which is calibrated once more on
-the same held-out images: the task keeps the percentiles of ``1 - min fit`` too, and an image's fit to the task is
-the share of its own images whose smallest fit is smaller. (A sum of the blocks' distances, their log-likelihood,
-lets the block with the worst-conditioned covariance outvote the others.)
+At each place an image's distance to the task is its squared Mahalanobis distance to the nearest class mean,
+calibrated as the pooled score is: the place keeps the percentiles 0..100 of the distances of the task's own
+training images, each scored by the statistics of the other four folds, and an image's fit at the place is the share
+of those images that lie farther out. The places' evidence is combined by the largest of these calibrated percentiles
+(the smallest fit: an image unlike the task's own images at any place is unlike them), which is calibrated once more
+on the same held-out images: the task keeps the percentiles of ``1 - min fit`` too, and an image's fit to the task is
+the share of its own images whose smallest fit is smaller. (A sum of the places' distances, their log-likelihood,
+lets the place with the worst-conditioned covariance outvote the others.) Files written before the spectrum keep
+their places and are scored on them, as before.
 """
 
 from __future__ import annotations
@@ -25,20 +29,21 @@ from dataclasses import dataclass
 import torch
 
 from adaptkit.errors import ConfigError, step
-from adaptkit.trunk import splittable
+from adaptkit.trunk import SPECTRUM, splittable
 
 __all__ = ["TOKEN_RANK", "TOKEN_PREFIX", "token_blocks", "tapped_blocks", "TokenGaussian", "TokenStats",
            "TokenCalibration", "fit_from_quantiles", "interp"]
 
 TOKEN_RANK = 64  # leading eigenvectors of a block's within-class covariance kept (the rest: one variance)
-TOKEN_PREFIX = "tokens."  # under the routing prefix: tokens.<block>.<means|basis|var|rest>, tokens.quantiles
+TOKEN_PREFIX = "tokens."  # under the routing prefix: tokens.<place>.<means|basis|var|rest>, tokens.quantiles
 _PARTS = ("means", "basis", "var", "rest", "quantiles")
 
 
 def token_blocks(depth: int) -> tuple[int, ...]:
-    """The blocks (0-based) whose mean patch token the score reads: the last block of each quarter of the trunk
-    (depth 6: blocks 2, 3, 5, 6 counted from 1; depth 12: 3, 6, 9, 12), and the pooled output (index ``depth``)."""
-    return (*sorted({max(-(-depth * q // 4) - 1, 0) for q in range(1, 5)}), depth)
+    """The places the score reads: the spectrum of the patch embeddings (index :data:`~adaptkit.trunk.SPECTRUM`,
+    -1), the mean patch token after the last block of each quarter of the trunk (0-based; depth 6: blocks 2, 3, 5,
+    6 counted from 1; depth 12: 3, 6, 9, 12), and the pooled output (index ``depth``)."""
+    return (SPECTRUM, *sorted({max(-(-depth * q // 4) - 1, 0) for q in range(1, 5)}), depth)
 
 
 def tapped_blocks(trunk: torch.nn.Module) -> tuple[int, ...]:
@@ -144,21 +149,23 @@ class TokenStats:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str, dim: int) -> TokenStats | None:
         """Read what :meth:`to_tensors` wrote (None when there is none: files written before it); ``dim``: the
-        pooled features' size, which every block's must have."""
+        pooled features' size, which every block's must have (the spectrum's is its own)."""
         start = f"{prefix}{TOKEN_PREFIX}"
         mine = {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
         if not mine:
             return None
         bad = ConfigError("routing statistics have bad token statistics: refit them with " + step("routing_refit"))
-        blocks = sorted({int(k.split(".")[0]) for k in mine if k.split(".")[0].isdigit()})
+        blocks = sorted({int(k.split(".")[0]) for k in mine if k.split(".")[0].removeprefix("-").isdigit()})
         expected = {"quantiles", *(f"{b}.{p}" for b in blocks for p in _PARTS)}
         if not blocks or set(mine) != expected:
             raise bad
         quantiles = mine["quantiles"].float().flatten().cpu()
         gaussians = [TokenGaussian(**{p: mine[f"{b}.{p}"].float().cpu() for p in _PARTS}) for b in blocks]
-        for g in gaussians:
-            k = g.var.numel()
-            if (g.means.dim() != 2 or g.means.shape[1] != dim or g.basis.shape != (k, dim) or g.rest.numel() != 1
+        if blocks[0] < SPECTRUM:
+            raise bad
+        for b, g in zip(blocks, gaussians, strict=True):
+            k, width = g.var.numel(), dim if b != SPECTRUM else g.means.shape[-1]
+            if (g.means.dim() != 2 or g.means.shape[1] != width or g.basis.shape != (k, width) or g.rest.numel() != 1
                     or not bool((g.var > 0).all()) or not float(g.rest) > 0 or not _percentiles(g.quantiles)):
                 raise bad
         if not _percentiles(quantiles):

@@ -31,8 +31,16 @@ from adaptkit.artifacts import ROUTING_PREFIX, WEIGHT_SOURCES, AdapterMeta, chec
 from adaptkit.backbone import Backbone, create_backbone, recorded_image_size
 from adaptkit.errors import ArtifactError, ConfigError, param
 from adaptkit.families import LINEARS, family_of, linear_paths, outside_bias
-from adaptkit.interop.peft_checks import check_backbone, check_head, check_json_size, check_lora_fields, check_rank
-from adaptkit.metadata import given_fields_problem
+from adaptkit.interop.peft_checks import check_backbone, check_rank
+from adaptkit.interop.peft_folder import (
+    PEFT_PREFIX,
+    SIDE_FILE,
+    peft_name,
+    read_config,
+    read_side_file,
+    read_tensors,
+    split_tensors,
+)
 from adaptkit.methods import LoraConfig, LoraMethod, get_method
 from adaptkit.registry import Registry, VersionRow
 from adaptkit.tempfiles import folder_beside
@@ -40,7 +48,6 @@ from adaptkit.tempfiles import folder_beside
 __all__ = ["export_peft", "import_peft", "PEFT_EXTRA", "NO_PEFT_FORM", "SIDE_FILE"]
 
 PEFT_EXTRA = "PEFT export needs the peft extra: pip install 'adaptkit[peft]'"
-SIDE_FILE = "adaptkit.json"  # classes, backbone and data config beside the PEFT files
 NO_PEFT_FORM = {  # why a method cannot be written as a PEFT adapter
     "linear": "a linear probe adapts no layer and PEFT needs at least one",
     "full": "full fine-tuning changes every weight: it is a whole model, not a PEFT adapter",
@@ -49,10 +56,6 @@ NO_PEFT_FORM = {  # why a method cannot be written as a PEFT adapter
     "bitfit": "PEFT has no bias-only method (its bias='all' trains biases beside a LoRA, on the shared weights)",
     "vpt": "PEFT's prompt tuning works on language models' token embeddings, not a ViT's sequence",
 }
-_PREFIX = "base_model.model."
-_LAYERS = sorted({p for candidates in LINEARS.values() for paths in candidates for p in paths})  # every family's
-_LORA_KEY = re.compile(rf"blocks\.(\d+)\.({'|'.join(map(re.escape, _LAYERS))})\.lora_([AB])\.weight")
-_HEAD_KEYS = ("head.weight", "head.bias")
 
 
 def export_peft(registry: Registry | str | None, ref: str, dest_dir: str | os.PathLike, *,
@@ -105,7 +108,7 @@ def export_peft(registry: Registry | str | None, ref: str, dest_dir: str | os.Pa
                              target_modules=rf"blocks\.({blocks})\.({paths})", modules_to_save=["head"], bias="none")
     model = peft.get_peft_model(model, config)
     model.peft_config["default"].base_model_name_or_path = meta.backbone
-    tensors = {_PREFIX + _peft_name(k): t for k, t in state.items() if not k.startswith(ROUTING_PREFIX)}
+    tensors = {PEFT_PREFIX + peft_name(k): t for k, t in state.items() if not k.startswith(ROUTING_PREFIX)}
     result = peft.set_peft_model_state_dict(model, tensors)
     if result.unexpected_keys:
         raise ConfigError(f"{row.ref}: PEFT's model has no place for {result.unexpected_keys[0]}: re-export it "
@@ -147,17 +150,19 @@ def import_peft(registry: Registry | str | None, src_dir: str | os.PathLike, *, 
     peft = _need_peft("import")
     registry = registry if isinstance(registry, Registry) else Registry(registry)
     src = Path(src_dir).expanduser()
-    side = _read_side_file(src)
-    config = _read_config(peft, src)
-    tensors = _read_tensors(src)
+    side = read_side_file(src)
+    config = read_config(peft, src)
+    tensors = read_tensors(src)
     name = src.resolve().name if task is None else task
     check_task_name(name)
-    head, updates = _split(tensors, src)
+    head, updates = split_tensors(tensors, src)
     labels = _class_names(classes, labels_file, side, head["head.weight"].shape[0], src)
     backbone = _backbone(backbone, side, config, src, registry)
     if side.get("backbone_fingerprint", backbone.fingerprint) != backbone.fingerprint:
         raise ArtifactError(f"{src} was exported from a backbone with fingerprint {side['backbone_fingerprint'][:12]}"
-                            f", not this one ({backbone.fingerprint[:12]}): pass the backbone it was trained on")
+                            f", not this one ({backbone.fingerprint[:12]}): pass the backbone it was trained on "
+                            f"({param('backbone')} with {param('weights')} for a weights file or "
+                            f"{param('pretrained', False)} for random ones)")
     check_backbone(side.get("backbone") or getattr(config, "base_model_name_or_path", None),
                    head["head.weight"].shape[1], backbone, src)
     method = _lora_method(config, updates, backbone, src)
@@ -199,11 +204,6 @@ def _check_dest_dir(dest: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def _peft_name(name: str) -> str:
-    """adaptkit's ``blocks.0.attn.qkv.lora.lora_A`` -> PEFT's ``blocks.0.attn.qkv.lora_A.weight``."""
-    return name if name.startswith("head.") else name.replace(".lora.lora_", ".lora_") + ".weight"
-
-
 def _side_info(row: VersionRow, meta: AdapterMeta) -> dict[str, Any]:
     weights = meta.backbone_weights
     base = (f"timm.create_model({meta.backbone!r}, pretrained=True, num_classes={len(meta.classes)})"
@@ -214,101 +214,6 @@ def _side_info(row: VersionRow, meta: AdapterMeta) -> dict[str, Any]:
             "classes": meta.classes, "method": meta.method, "method_config": meta.method_config,
             "backbone": meta.backbone, "backbone_weights": weights, "backbone_fingerprint": meta.backbone_fingerprint,
             "data_config": meta.data_config, "dataset": meta.dataset, "base_model": base}
-
-
-def _read_side_file(src: Path) -> dict[str, Any]:
-    if not src.is_dir():
-        raise ArtifactError(f"{src} {'is not a folder' if src.exists() else 'does not exist'}: give the folder a "
-                            "PEFT save_pretrained wrote")
-    path = src / SIDE_FILE
-    try:
-        side = json.loads(path.read_text()) if path.is_file() and check_json_size(path) else {}
-    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json can read
-        raise ArtifactError(f"{path} is not readable JSON ({str(exc)[:200]}): fix or delete it") from None
-    side = side if isinstance(side, dict) else {}
-    problem = given_fields_problem(side)
-    if problem:
-        raise ArtifactError(f"{path}: {problem}: fix or delete it (its values are read at import only)")
-    return side
-
-
-def _read_config(peft: Any, src: Path) -> Any:
-    if not (src / "adapter_config.json").is_file():
-        raise ArtifactError(f"{src} has no adapter_config.json: give the folder a PEFT save_pretrained wrote")
-    check_json_size(src / "adapter_config.json")
-    try:
-        config = peft.PeftConfig.from_pretrained(str(src))
-    except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ArtifactError(f"{src}/adapter_config.json is not a PEFT config PEFT can read ({first})") from exc
-    c, kind = vars(config), str(getattr(config, "peft_type", "?")).rpartition(".")[2]
-    if kind == "LORA":
-        check_lora_fields(c, src)
-    problems = [
-        (kind != "LORA", f"is a {kind} adapter: only LoRA maps onto adaptkit"),
-        (c.get("use_dora"), "uses DoRA, whose magnitude vector adaptkit's LoRA lacks: retrain with use_dora=False"),
-        (c.get("bias", "none") != "none",
-         f"trains biases (bias={c.get('bias')!r}), which adaptkit keeps frozen: retrain with bias='none'"),
-        (c.get("lora_bias"), "trains a bias on lora_B (lora_bias=True): retrain without it"),
-        (c.get("layer_replication"), "replicates layers (layer_replication): adaptkit's backbone keeps its blocks"),
-        (c.get("target_parameters"), "adapts parameters (target_parameters), not layers: target the blocks' "
-                                     "qkv/proj/fc1/fc2 instead"),
-        (any(a != c.get("lora_alpha") for a in (c.get("alpha_pattern") or {}).values()),
-         "gives layers different alphas (alpha_pattern): adaptkit's LoRA has one alpha; retrain without it"),
-    ]
-    problem = next((text for bad, text in problems if bad), None)
-    if problem:
-        raise ConfigError(f"{src} {problem}")
-    return config
-
-
-def _read_tensors(src: Path) -> dict[str, torch.Tensor]:
-    path = src / "adapter_model.safetensors"
-    if not path.is_file():
-        if (src / "adapter_model.bin").is_file():
-            raise ArtifactError(f"{src} holds adapter_model.bin, a pickle adaptkit does not load: re-save it with "
-                                "save_pretrained(..., safe_serialization=True)")
-        raise ArtifactError(f"{src} has no adapter_model.safetensors: give the folder a PEFT save_pretrained wrote")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{path} is not a readable safetensors file ({exc}): save the adapter again") from exc
-    return {k: t.float() if t.is_floating_point() else t for k, t in tensors.items()}  # check_adapter refuses ints
-
-
-def _split(tensors: dict[str, torch.Tensor], src: Path) -> tuple[dict, dict]:
-    """PEFT's tensors as the head (``head.weight``, ``head.bias``) and the updates by (block, layer path)."""
-    head: dict[str, torch.Tensor] = {}
-    updates: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in sorted(tensors.items()):
-        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-        match = _LORA_KEY.fullmatch(name)
-        if match:
-            updates.setdefault((int(match[1]), match[2]), {})[match[3]] = t
-        elif name in _HEAD_KEYS:
-            head[name] = t
-        elif "lora_magnitude_vector" in name:
-            raise ConfigError(f"{src} uses DoRA ({name}), whose magnitude vector adaptkit's LoRA lacks: retrain "
-                              "with use_dora=False")
-        elif ".lora_" in name:
-            raise ConfigError(f"{src} adapts {name.split('.lora_')[0]}, which adaptkit's LoRA cannot: it adapts "
-                              f"the blocks' {', '.join(_LAYERS)} (a regex target_modules such as "
-                              r"'blocks\.\d+\.attn\.proj' keeps patch_embed.proj out)")
-        else:
-            raise ConfigError(f"{src} saves {name}, which is neither a LoRA update nor the head: adaptkit keeps the "
-                              "rest of the backbone frozen; retrain with modules_to_save=['head'] only")
-    if "head.weight" not in head or "head.bias" not in head:
-        raise ConfigError(f"the adapter saves no head: {src} needs the classifier, saved by training with "
-                          "modules_to_save=['head'] on timm.create_model(..., num_classes=N)")
-    check_head(head, src)
-    half = next((f"blocks.{i}.{p}" for (i, p), pair in updates.items() if len(pair) != 2), None)
-    if half or not updates:
-        what = f"{half} has lora_A or lora_B alone" if half else "holds no LoRA update"
-        raise ArtifactError(f"{src}: {what}: save the adapter again")
-    return head, updates
 
 
 def _class_names(classes: list[str] | str | None, labels_file: str | os.PathLike | None, side: dict[str, Any],

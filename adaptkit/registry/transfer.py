@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -16,7 +17,11 @@ from adaptkit.artifacts import AdapterMeta, adapter_bytes, check_task_name, load
 from adaptkit.errors import ArtifactError, ConfigError, param
 from adaptkit.registry.tables import BackboneRow, TaskRow, VersionRow
 
-__all__ = ["Transfers"]
+__all__ = ["CHECK_PARAMS", "Transfers"]
+
+_log = logging.getLogger(__name__)
+
+CHECK_PARAMS = 6_000_000  # random weights rebuilt at import up to this size (ViT-Ti: about 2 s on one busy core)
 
 
 class Transfers:
@@ -74,7 +79,11 @@ class Transfers:
         self._check_weights_source(meta, path)
         info = {"imported_from": str(path.resolve()), **({"recipe": meta.recipe} if meta.recipe else {})}
         self.check_new(meta, state, str(path))
-        return self.add_version(meta, state, train_info=info)
+        doubt = self._backbone_doubt(meta, path)
+        version = self.add_version(meta, state, train_info=info)
+        if doubt:
+            _log.warning("%s: %s", version.ref, doubt)
+        return version
 
     def check_new(self, meta: AdapterMeta, state: dict, where: str) -> None:
         """Refuse an import whose adapter is identical to a version its task has already."""
@@ -106,3 +115,47 @@ class Transfers:
             raise ArtifactError(f"{path} was trained on {meta.backbone} with weights from a local file "
                                 f"({meta.backbone_weights[5:]}) this registry does not know: train any task here "
                                 f"with {param('weights')} for that backbone first, then import it")
+
+    def _backbone_doubt(self, meta: AdapterMeta, path: Path) -> str | None:
+        """Check a backbone new to this registry where that is cheap, before the first prediction builds it.
+
+        Packaged weights (a file inside timm's or adaptkit's package) are built and a mismatch refused. Seeded random
+        weights are the same bits on every machine: up to :data:`CHECK_PARAMS` parameters they are built, and a
+        mismatch is returned as a doubt (it may be adaptkit 0.1's random weights, which the first prediction looks
+        for); larger ones are not built, and the doubt says what the first prediction will do. Hub weights and
+        files are checked by the first prediction only.
+        """
+        from adaptkit.backbone import create_backbone, describe_weights
+        from adaptkit.backbone_info import describe_arch, recorded_image_size
+
+        fp, weights, name = meta.backbone_fingerprint, meta.backbone_weights, meta.backbone
+        if weights not in ("package", "random") or self.known_backbone(fp):
+            return None
+        if weights == "package" and not _packaged(name):
+            return None
+        if weights == "random" and describe_arch(name).params > CHECK_PARAMS:
+            return (f"{path} says it was trained on {name} ({describe_weights(weights)}, fingerprint {fp[:12]}), "
+                    "new to this registry and too large to rebuild now: the first prediction rebuilds it and "
+                    "refuses the task if the weights differ")
+        found = create_backbone(name, weights=weights, image_size=recorded_image_size(meta.data_config)).fingerprint
+        if found == fp:
+            return None
+        if weights == "package":
+            raise ArtifactError(f"{path} was trained on {name} with packaged weights of fingerprint {fp[:12]}, but "
+                                f"this adaptkit's are {found[:12]}: export it again from a registry on this adaptkit "
+                                "version, or retrain the task here")
+        return (f"{path} says it was trained on {name} (random weights) of fingerprint {fp[:12]}, but adaptkit's "
+                f"random weights of {name} are {found[:12]}: unless they are adaptkit 0.1's (the first prediction "
+                "looks for those, up to minutes), this task cannot predict here: export it again from the registry "
+                "that trained it, or retrain it here")
+
+
+def _packaged(name: str) -> bool:
+    """Whether timm's pretrained config of ``name`` points at weights inside a package (no hub, no network)."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:
+        return False
+    return cfg is not None and bool(cfg.file or cfg.state_dict)

@@ -233,4 +233,5 @@ def _fit(model: TaskModel, data: Any, cfg: TrainConfig, device: torch.device, wo
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({n} thread{'' if n == 1 else 's'})"

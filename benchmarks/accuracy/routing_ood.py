@@ -28,12 +28,12 @@ its test images are never seen.
    one data set, which QDA gives one covariance, as routed prediction does for tasks trained on one data set; the
    "no groups" row gives each its own).
 
-5. The rejection score by layer: the same per-task Mahalanobis score on the mean patch token after each block,
-   against the pooled output the shipped score reads (AUROC, each broad task against sets of no task of its own).
+5. The rejection score by layer: the per-task Mahalanobis score on the mean patch token after each block against
+   the pooled output (AUROC, each broad task against sets of no task of its own).
+6. The default router against a joint linear probe over every class of each group, with groups of colour photos of
+   two sources (CIFAR-10 beside ``common/photos.py``'s crops, which need scikit-image: ``pip install -e .[bench]``).
 
-    python benchmarks/common/data.py --no-emoji      # optional: the folders are made on first use anyway
-    # about a minute the first time, seconds from the cache:
-    OMP_NUM_THREADS=2 python benchmarks/accuracy/routing_ood.py
+    OMP_NUM_THREADS=2 python benchmarks/accuracy/routing_ood.py  # about a minute the first time, then seconds
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from adaptkit.models import PACKAGED_BACKBONE
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common
 from common import block_features, lbfgs_linear, print_table  # noqa: E402
 from common.data import ROOT, heldout_specs, make_split, routing_specs  # noqa: E402
+from common.photos import make_other_photos  # noqa: E402
 
 REGISTERED = ("digits", "glyphs", "photos5", "grey5")
 OVERLAP = {frozenset(("glyphs", "glyphs20")), frozenset(("photos2", "photos5"))}  # pairs that share classes
@@ -277,7 +278,9 @@ def table_task_id(feats: dict, stats: dict, sets: list[tuple[str, ...]]) -> tupl
     return ["tasks", "router", "mean over tasks %", "over images %", "each task's test images routed home %"], rows
 
 
-PHOTO_PAIRS = [("photos2", "photos3"), ("photos2", "photos3", "grey2")]  # colour photos of two pools, disjoint classes
+# colour photos of two CIFAR-10 pools with disjoint classes; beside crops of six photos of another source
+PHOTO_PAIRS = [("photos2", "photos3"), ("photos2", "photos3", "grey2"), ("photos5", "other"), ("photos3", "other"),
+               ("photos2", "photos3", "other")]
 
 
 def table_ceiling(feats: dict, stats: dict, sets: list[tuple[str, ...]]) -> tuple[list[str], list[list[str]]]:
@@ -324,7 +327,9 @@ def main() -> None:
     feats = dump(args.features, routing_specs)
     more = dump(args.features.with_name("routing-heldout-features.pt"),
                 lambda: {**heldout_specs(), "split": f"folder:{make_split()}"})
-    more = {**{k: v for k, v in more.items() if k != "split"}, **split_tasks(more["split"])}
+    more = {**{k: v for k, v in more.items() if k != "split"}, **split_tasks(more["split"]),
+            **dump(args.features.with_name("routing-other-features.pt"),  # common/photos.py: another source
+                   lambda: {"other": f"folder:{make_other_photos(ROOT)}"})}
     stats = {t: task_stats(e) for t, e in feats.items()}
     more_stats = {t: task_stats(e) for t, e in more.items()}
     sizes = ", ".join(f"{t} {len(e['train'][1]) + len(e['val'][1])}/{len(e['test'][1])}" for t, e in feats.items())

@@ -1,5 +1,6 @@
-"""The routed pass with "no task fits" read on the blocks' tokens (issue 37) against the routed pass as it was (the
-pooled output's score): the same tasks, files with and without the token statistics, rounds interleaved.
+"""The routed pass with "no task fits" read on the blocks' tokens and the patch spectrum (issue 37) against the
+routed pass as it was (the pooled output's score) and as the first fix left it (the tokens without the spectrum): the
+same tasks, files with and without the token statistics or the spectrum's place, rounds interleaved.
 
 The tasks are adapters r=64 with random weights (as ``bench_routing.py``); each one's routing statistics and both
 rejection scores are computed by adaptkit's own code from a frozen pass over 60 images near one of the batch's, so
@@ -40,12 +41,13 @@ def task_stats(backbone, x: torch.Tensor, tasks: int, classes: int) -> list:
     return out
 
 
-def use_stats(reg: Registry, refs: list[str], stats: list, tokens: bool) -> None:
-    """Write each task's statistics into its file, with or without the tokens' (as files written before)."""
+def use_stats(reg: Registry, refs: list[str], stats: list, drop: str) -> None:
+    """Write each task's statistics into its file, without the tensors whose names start with ``drop`` after the
+    routing prefix (as files written before: ``tokens.``, none; ``tokens.-1.``, no spectrum; "": all kept)."""
     for ref, st in zip(refs, stats, strict=True):
         row = reg.get_version(ref)
         state, meta = load_adapter(reg.path_of(row))
-        tensors = {k: v for k, v in st.to_tensors().items() if tokens or not k.startswith(f"{ROUTING_PREFIX}tokens.")}
+        tensors = {k: v for k, v in st.to_tensors().items() if not drop or not k.startswith(f"{ROUTING_PREFIX}{drop}")}
         reg.replace_file(row, {**split_state(state)[0], **tensors}, meta)
 
 
@@ -72,31 +74,32 @@ def main() -> None:
             refs = [f"t{i}" for i in range(args.tasks)]
             predictors = {}
             stats = task_stats(backbone, x, args.tasks, 10)
-            for label, tokens in (("pooled score (before)", False), ("block tokens (now)", True)):
-                folder = Path(tmp) / label.split()[0]
+            for label, drop in (("pooled score (before)", "tokens."), ("block tokens (first fix)", "tokens.-1."),
+                                ("block tokens and spectrum (now)", "")):
+                folder = Path(tmp) / label.split()[-1].strip("()")
                 folder.mkdir()
                 reg = Registry(folder / "reg.db")
                 register_routed(reg, backbone, refs, 10, 64, x)
-                use_stats(reg, refs, stats, tokens)
+                use_stats(reg, refs, stats, drop)
                 predictors[label] = Predictor(reg, device=args.device)
-                if tokens:
+                if not drop:
                     sizes.append([name, *(f"{b / 1e3:.0f}" for b in token_bytes(reg, refs[0]))])
             batch = list(x.to(args.device))
             spread = {k: len({r.task for r in p.predict_auto(batch)}) for k, p in predictors.items()}
             cases = {f"routed, rejection on the {k}": (lambda p=p, b=batch: p.predict_auto(b))
                      for k, p in predictors.items()}
-            now = predictors["block tokens (now)"]
+            now = predictors["block tokens and spectrum (now)"]
             cases["routed, --accept-all (no rejection)"] = lambda p=now, b=batch: p.predict_auto(b, accept_all=True)
             times = round_robin(cases, repeats)
             base = times["routed, rejection on the pooled score (before)"]
             rows += [[name, args.batch, k, f"{t * 1e3:.1f}", ratio(t, base)] for k, t in times.items()]
-            rows[-3][2] += f" (batch spread over {max(spread.values())} tasks)"
-            print_table(["backbone", "batch", "how", "ms", "vs before"], rows[-3:])
+            rows[-4][2] += f" (batch spread over {max(spread.values())} tasks)"
+            print_table(["backbone", "batch", "how", "ms", "vs before"], rows[-4:])
             sys.stdout.flush()
     print(f"# routed prediction over {args.tasks} tasks, median of {repeats} interleaved rounds; {machine_line()}")
     print_table(["backbone", "batch", "how", "ms", "vs before"], rows)
     print("\nrouting statistics per task (10 classes), kB")
-    print_table(["backbone", "pooled (before)", "block tokens (added)"], sizes)
+    print_table(["backbone", "pooled (before)", "block tokens and spectrum (added)"], sizes)
 
 
 if __name__ == "__main__":
