@@ -37,11 +37,13 @@ def main() -> None:
     parser.add_argument("--backbone", default="vit_pico_patch4_32")
     parser.add_argument("--pretrained", action="store_true", help="the backbone's pretrained weights (else random)")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit-train", type=int, default=None, help="train on at most this many images a task")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         registry = Registry(tmp / "registry.db")
-        config = TrainConfig(epochs=args.epochs, batch_size=32, lr=3e-3, augment=False)
+        config = TrainConfig(epochs=args.epochs, batch_size=32, lr=3e-3, augment=False, limit_train=args.limit_train,
+                             limit_eval=args.limit_train)
         common = {"backbone": args.backbone, "pretrained": args.pretrained, "registry": registry, "config": config}
         tasks = [
             ("digits", "digits", "adapter"),

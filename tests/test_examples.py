@@ -11,7 +11,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def test_continual_tasks_leave_the_first_task_unchanged():
-    result = subprocess.run([sys.executable, str(EXAMPLES / "continual_tasks.py"), "--epochs", "1"],
+    result = subprocess.run([sys.executable, str(EXAMPLES / "continual_tasks.py"), "--epochs", "1",
+                             "--limit-train", "128"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("unchanged") == 3

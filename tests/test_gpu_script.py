@@ -71,3 +71,7 @@ def test_every_figure_was_measured(report):
     assert inference[:2] == ["bare backbone", "one task (adapter r64)"] and len(inference) == 6
     assert len(_table(report, "### serving through AdapterCache")) == 2
     assert "synthetic JPEGs" in report  # no archive given: the fallback a GPU machine without ../shared takes
+    # torchrun --nproc_per_node 1 joins a process group and trains through DDP, as many processes do (the only way
+    # a one-GPU machine runs DDP's code path on NCCL); the row records the backend and the world size
+    torchrun = {r[0]: r[1] for r in _table(report, "### torchrun --nproc_per_node 1")}
+    assert "DDP backend gloo, world size 1" in torchrun["device"], torchrun

@@ -105,30 +105,35 @@ def test_metadata_round_trips(exported, predictor):
     assert json.loads(custom["classes"]) == task.classes
 
 
-def test_registry_graph_runs_each_sample_through_its_own_task(trained, tmp_path, predictor, batch):
-    refs = ["lora", "adapter", "vpt"]
-    path = export_onnx_registry(trained, tmp_path, refs)
+@pytest.fixture(scope="module")
+def registry_graph(trained, tmp_path_factory) -> Path:
+    """Every exportable method in one graph, exported once into a folder (it names the file)."""
+    return export_onnx_registry(trained, tmp_path_factory.mktemp("registry-graph"), METHODS)
+
+
+def test_registry_graph_runs_each_sample_through_its_own_task(registry_graph, predictor, batch):
+    path = registry_graph
     assert path.name == "tasks.onnx"
     meta = read_onnx_metadata(path)
-    assert meta["class_counts"] == [10, 10, 5]
-    assert [t["ref"] for t in meta["tasks"]] == ["lora@1", "adapter@1", "vpt@1"]
-    assert meta["tasks"][2]["classes"] == predictor.load("vpt").classes
+    assert meta["class_counts"] == [5 if m == "vpt" else 10 for m in METHODS]
+    assert [t["ref"] for t in meta["tasks"]] == [f"{m}@1" for m in METHODS]
+    vpt = METHODS.index("vpt")
+    assert meta["tasks"][vpt]["classes"] == predictor.load("vpt").classes
     session = _session(path)
-    for index in ([0, 1, 2, 1, 0], [2, 2, 2, 2, 2], [1]):
+    for index in ([0, 1, vpt, 1, 0], [vpt] * 5, [1]):
         x = batch[: len(index)]
         got = session.run(None, {"image": x.numpy(), "task_index": np.array(index, dtype=np.int64)})[0]
         assert got.shape == (len(index), 10)
         for b, i in enumerate(index):
-            want = predictor.logits(x[b: b + 1], refs[i]).numpy()[0]
+            want = predictor.logits(x[b: b + 1], METHODS[i]).numpy()[0]
             assert np.abs(got[b, : len(want)] - want).max() <= TOL
             assert np.all(got[b, len(want):] == -np.inf)  # padding of a task with fewer classes
 
 
-def test_registry_graph_of_every_method_pair_equals_each_task_alone(trained, tmp_path, predictor, batch):
+def test_registry_graph_of_every_method_pair_equals_each_task_alone(registry_graph, predictor, batch):
     """Every exportable method in one graph; each pair of them in one batch, and each task in a batch of its own:
     a task with nothing at a site (LoRA at SSF's sites, SSF at an adapter's) must leave the sample unchanged there."""
-    path = export_onnx_registry(trained, tmp_path, METHODS)
-    session = _session(path)
+    session = _session(registry_graph)
     want = {m: predictor.logits(batch[:2], m).numpy() for m in METHODS}
     pairs = [(i, j) for i in range(len(METHODS)) for j in range(len(METHODS))]
     for i, j in pairs:

@@ -71,8 +71,15 @@ def test_detach_restores_exact_backbone_output(pico, images):
 
 
 @pytest.fixture(scope="module")
-def vit_base():
-    return create_backbone("vit_base_patch16_224", pretrained=False)
+def vit_base(tmp_path_factory):
+    """ViT-B/16 for counting parameters: timm's own random initialisation, read from a file (seconds, where adaptkit's
+    seeded random weights take about 20 s for ViT-B; the counts do not depend on the values)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("vit-base") / "w.safetensors"
+    state = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return create_backbone("vit_base_patch16_224", weights=path)
 
 
 def test_parallel_adapter_count_matches_closed_form(vit_base):

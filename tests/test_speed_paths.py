@@ -1,12 +1,13 @@
 """The fast paths of serving stay correct: mixed batches, merged LoRA, switching and unloading tasks.
 
-Every test runs a random-weight ``vit_tiny_patch16_224`` on the CPU with tasks whose weights are drawn at random (not
-zero), so that each task changes the output and a wrong slot, a missing module or a stale bank shows up in the logits.
+Every test runs a random-weight ViT (the 32x32 test ViT: the paths are the same as at any size, at a fraction of the
+cost) on the CPU with tasks whose weights are drawn at random (not zero), so that each task changes the output and a
+wrong slot, a missing module or a stale bank shows up in the logits.
 """
 
 import pytest
 import torch
-from conftest import task_meta
+from conftest import PICO, task_meta
 
 from adaptkit.backbone import create_backbone
 from adaptkit.inference import Predictor
@@ -14,7 +15,7 @@ from adaptkit.methods import get_method, merge_lora, merge_ssf, unwrap
 from adaptkit.methods.base import TaskSite
 from adaptkit.registry import Registry
 
-BACKBONE = "vit_tiny_patch16_224"
+BACKBONE = PICO
 
 # task -> (method, config, number of classes)
 TASKS = {
@@ -66,7 +67,7 @@ def own_registry(tmp_path) -> Registry:
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    return torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def test_mixed_batch_equals_each_sample_alone(registry, images):
@@ -82,7 +83,7 @@ def test_mixed_batch_equals_each_sample_alone(registry, images):
 def test_mixed_batch_of_every_method_equals_each_sample_alone(registry):
     """Every method in one batch, VPT tasks with 3 (deep) and 10 (shallow) prompts among tasks without prompts."""
     refs = [*TASKS, "vpt10s", "ssf", "vpt3"]
-    x = torch.randn(len(refs), 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(len(refs), 3, 32, 32, generator=torch.Generator().manual_seed(1))
     predictor = Predictor(registry, device="cpu")
     mixed = predictor.logits_mixed(x, refs)
     for i, ref in enumerate(refs):

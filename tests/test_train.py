@@ -112,16 +112,9 @@ def _torchrun_train(tmp_path, cifar_mini, processes: int):
     return Registry(reg)
 
 
-def test_one_process_torchrun_trains_through_ddp(tmp_path, cifar_mini):
-    """``torchrun --nproc_per_node 1`` joins a process group and trains through DDP, as many processes do (the only
-    way a one-GPU machine runs DDP's code path on NCCL); the row records the backend."""
-    [task] = _torchrun_train(tmp_path, cifar_mini, 1).tasks()
-    assert task.versions[0].train["world_size"] == 1
-    assert task.versions[0].train["ddp_backend"] == "gloo"
-
-
 def test_two_process_ddp_writes_one_version(tmp_path, cifar_mini):
-    """Under torchrun (gloo on the CPU) both ranks train; only rank 0 writes the file and the row."""
+    """Under torchrun (gloo on the CPU) both ranks train; only rank 0 writes the file and the row. (One process under
+    ``torchrun --nproc_per_node 1``, DDP's code path on one GPU, is the GPU script's torchrun part: test_gpu_script.)"""
     registry = _torchrun_train(tmp_path, cifar_mini, 2)
     [task] = registry.tasks()
     assert [v.version for v in task.versions] == [1]
