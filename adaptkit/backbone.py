@@ -28,12 +28,13 @@ import timm
 import torch
 from torch import nn
 
-from adaptkit.backbone_info import check_image_size, check_size_value, hub_cached, recorded_image_size
+from adaptkit.backbone_info import check_image_size, check_size_value, default_input_size, hub_cached
 from adaptkit.devices import resolve_device
 from adaptkit.errors import BackboneError, OfflineError, param
 from adaptkit.hashing import tensors_sha256
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.random_weights import legacy_cache_file, recover_legacy, seeded_init
+from adaptkit.sizes import OWN_SIZE_KEY, recorded_image_size
 from adaptkit.suggest import closest
 
 __all__ = ["DEFAULT_BACKBONE", "Backbone", "BackboneSpec", "create_backbone", "fingerprint", "recorded_image_size",
@@ -177,6 +178,8 @@ def create_backbone(
         _match(model, name, source if size is None else "resampled", found, expect)
     model.requires_grad_(False).eval().to(device)
     data_config = timm.data.resolve_data_config({"input_size": (3, size, size)} if size else {}, model=model)
+    if size:  # the architecture's own size beside it, so that listings tell the sizes apart without timm
+        data_config[OWN_SIZE_KEY] = default_input_size(name)
     return Backbone(name=name, model=model, weights=source, fingerprint=expect or found, data_config=data_config,
                     num_params=sum(p.numel() for p in model.parameters()))
 

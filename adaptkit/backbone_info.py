@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from adaptkit.errors import BackboneError, param
 from adaptkit.families import FAMILIES
+from adaptkit.sizes import other_image_size, recorded_image_size, sized_name  # noqa: F401 (re-exported)
 
 __all__ = ["MAX_IMAGE_SIZE", "ArchInfo", "check_image_size", "default_input_size", "describe_arch", "hub_cached",
            "other_image_size", "recorded_image_size", "sized_name", "supported_classes"]
@@ -85,28 +86,6 @@ def default_input_size(name: str) -> int:
     except RuntimeError:
         cfg = None
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
-
-
-def recorded_image_size(data_config: dict) -> int | None:
-    """The input size a backbone was built at, from the data config recorded with it (None if it names none)."""
-    size = data_config.get("input_size") if isinstance(data_config, dict) else None
-    if isinstance(size, list | tuple) and size and isinstance(size[-1], int) and size[-1] == size[-2]:
-        return int(size[-1])
-    return None
-
-
-def other_image_size(name: str, data_config: dict) -> int | None:
-    """The input size recorded with backbone ``name`` when it is not the architecture's own (None at its own size
-    or when the data config names none): what tells two sizes of one backbone apart in a listing or a recipe."""
-    size = recorded_image_size(data_config)
-    return None if size is None or size == default_input_size(name) else size
-
-
-def sized_name(name: str, data_config: dict, sep: str = "") -> str:
-    """The backbone's name as listings show it: ``vit_small_patch14_dinov2.lvd142m@224px`` at another size than its
-    own, the bare name at its own (``sep=" "``: a place a terminal's table may break the line)."""
-    size = other_image_size(name, data_config)
-    return name if size is None else f"{name}{sep}@{size}px"
 
 
 def check_image_size(name: str, image_size: object) -> int | None:

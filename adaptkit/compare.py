@@ -104,8 +104,8 @@ def compare(registry: Registry | str) -> CostReport:
     Args:
         registry: a :class:`Registry`, or its path or URL.
     """
-    from adaptkit.backbone_info import other_image_size
     from adaptkit.registry import Registry
+    from adaptkit.sizes import other_image_size
 
     if not isinstance(registry, Registry):
         registry = Registry(registry)
@@ -124,7 +124,7 @@ def compare(registry: Registry | str) -> CostReport:
         rows.extend(_row(task, v, full) for v in good)
         default = task.default
         bb, key = default.backbone, (default.backbone.name, default.backbone.weights)
-        if key not in backbones or other_image_size(bb.name, bb.data_config or {}) is None:
+        if key not in backbones or other_image_size(bb.data_config or {}) is None:
             backbones[key] = bb.num_params * FP32  # one stored copy, at its own size, whatever sizes it runs at
         params, size = _full_cost(default, len(task.classes))
         full_total_params += params

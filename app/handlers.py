@@ -23,12 +23,12 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from adaptkit.backbone_info import sized_name
 from adaptkit.compare import compare, format_bytes, format_percent
 from adaptkit.data.roots import resolve_roots
 from adaptkit.errors import AdaptkitError, render
 from adaptkit.inference import Predictor, left_out_note
 from adaptkit.registry import Registry, TaskRow
+from adaptkit.sizes import sized_name
 from adaptkit.training import train
 from adaptkit_app import inputs, tables, training
 from adaptkit_app.inputs import PageInputError

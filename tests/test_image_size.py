@@ -3,6 +3,9 @@ recorded with the version, and predicted at the size a task trained at."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import PICO
@@ -18,6 +21,7 @@ from adaptkit.compare import compare
 from adaptkit.errors import BackboneError
 from adaptkit.inference import Predictor
 from adaptkit.registry import Registry
+from adaptkit.sizes import OWN_SIZE_KEY
 from adaptkit.training import TrainConfig, train
 
 runner = CliRunner()
@@ -96,6 +100,7 @@ def test_task_predicts_at_the_size_it_trained_at(tmp_path, cifar_mini):
     assert big.backbone.fingerprint != own.backbone.fingerprint  # two registry rows
     assert big.device == "cpu (1 thread)"  # QUICK's threads=1, as `show` prints it
     assert list(big.backbone.data_config["input_size"]) == [3, 48, 48]
+    assert big.backbone.data_config[OWN_SIZE_KEY] == 32 and OWN_SIZE_KEY not in own.backbone.data_config
     _, meta = reg.load_version(big)
     assert list(meta.data_config["input_size"]) == [3, 48, 48]  # the file says it too
     predictor = Predictor(reg, device="cpu")
@@ -133,6 +138,11 @@ def test_cli_image_size(tmp_path, cifar_mini):
     assert rows["big"][4] == f"{PICO}@48px" and rows["own"][4] == PICO, out.output
     out = runner.invoke(app, ["show", "own", "--recipe", "--registry", str(reg)])
     assert out.exit_code == 0 and "image-size" not in out.output, out.output
+    code = (f"from adaptkit.cli import app\ntry:\n    app(['list', '--registry', {str(reg)!r}], "
+            "standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+            "import sys\nprint(sorted(m for m in ('torch', 'timm') if m in sys.modules))")
+    listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert f"{PICO}@48px" in listed and listed.splitlines()[-1] == "[]", listed  # the size is read without torch
     image = cifar_mini / "test" / "cat" / "0000.jpg"
     out = runner.invoke(app, ["predict", "big", str(image), "--json", "--registry", str(reg)])
     assert out.exit_code == 0 and '"predictions"' in out.output, out.output

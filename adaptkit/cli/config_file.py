@@ -180,9 +180,9 @@ def recipe_options(version: Any, method_options: dict[str, dict[str, str]]) -> t
     if weights.startswith("file:"):
         opts["weights"] = weights[len("file:"):]
     opts["pretrained"] = weights != "random"
-    from adaptkit.backbone_info import other_image_size
+    from adaptkit.sizes import other_image_size
 
-    size = other_image_size(version.backbone.name, version.backbone.data_config or {})
+    size = other_image_size(version.backbone.data_config or {})
     if size is not None:
         opts["image_size"] = size
     opts["method"] = version.method

@@ -29,7 +29,7 @@ def _config_text(config: dict[str, Any]) -> str:
 @friendly
 def list_tasks(registry: RegistryOpt = None, adapters: AdaptersOpt = None) -> None:
     """List the registered tasks and their default versions."""
-    from adaptkit.backbone_info import sized_name
+    from adaptkit.sizes import sized_name
 
     reg = registry_of(registry, adapters)
     tasks = reg.tasks()
