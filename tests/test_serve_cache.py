@@ -195,7 +195,9 @@ def test_settings_are_checked(tmp_path):
 
 def test_a_prefetched_task_that_is_resident_counts_as_used(reg):
     imgs = random_images(1)
-    cache = AdapterCache(Predictor(reg, device="cpu"), cache_mb=2.5 * one_task_mb(reg))
+    # resolve_ttl_s=0: alpha's row is always older than its reuse time when prefetch comes (a slow batch for beta
+    # on a busy machine did that, and alpha was evicted); only eviction order depends on it
+    cache = AdapterCache(Predictor(reg, device="cpu"), cache_mb=2.5 * one_task_mb(reg), resolve_ttl_s=0)
     cache.predict_mixed(imgs, ["alpha"])
     cache.predict_mixed(imgs, ["beta"])
     cache.prefetch(["alpha"])  # queued behind the next batch: not the one to evict for it

@@ -142,10 +142,9 @@ class AdapterCache:
         """
         if self._thread is None:
             return
-        rows = [self.fresh(r) for r in refs]
-        with self._meta:
-            for row in rows:
-                if row is not None and self._resident.get(row.ref, ("",))[0] == row.sha256:
+        with self._meta:  # the row last resolved, however long ago: only the order of eviction depends on it
+            for _, row in filter(None, (self._rows.get(r) for r in refs)):
+                if self._resident.get(row.ref, ("",))[0] == row.sha256:
                     self._resident.move_to_end(row.ref)
             new = [r for r in dict.fromkeys(refs) if r not in self._pending]
             self._pending.update(new)
