@@ -161,10 +161,18 @@ def test_bad_token_statistics_are_refused_where_they_are_read(reg):
     state = load_adapter(reg.path_of(row))[0]
     routing = {k: v for k, v in state.items() if k.startswith(ROUTING_PREFIX)}
     key = f"{ROUTING_PREFIX}tokens.quantiles"
+    spectrum = {k: v for k, v in routing.items() if k.startswith(f"{ROUTING_PREFIX}tokens.{SPECTRUM}.")}
+    wide = {k: v.repeat_interleave(5, dim=-1) if k.endswith((".means", ".basis")) else v  # 240 > 192 values
+            for k, v in spectrum.items()}
     for broken in ({**routing, key: routing[key].flip(0)},  # percentiles must not decrease
-                   {k: v for k, v in routing.items() if not k.endswith(".basis")}):  # a part missing
+                   {k: v for k, v in routing.items() if not k.endswith(".basis")},  # a part missing
+                   {**routing, **wide}):  # a spectrum longer than the features
         with pytest.raises(ConfigError, match="token statistics"):
             RoutingStats.from_tensors(broken)
+    tokens = RoutingStats.from_tensors(routing).tokens  # a spectrum of another length than the backbone's
+    taps = {b: torch.zeros(2, 40 if b == SPECTRUM else 192) for b in tokens.blocks}
+    with pytest.raises(ConfigError, match="48 values at place -1, but this backbone gives 40: refit"):
+        tokens.scores(taps)
 
 
 def test_the_frozen_pass_hands_back_the_tokens_without_changing_its_output(reg):

@@ -132,6 +132,11 @@ class TokenStats:
     def scores(self, taps: dict[int, torch.Tensor]) -> torch.Tensor:
         """Mean patch tokens per block (block -> (B, d)) -> (B,) the task's score, ``1 - min fit`` over its blocks
         (see the module's docstring)."""
+        for b, g in zip(self.blocks, self.gaussians, strict=True):
+            if taps[b].shape[-1] != g.means.shape[-1]:  # a spectrum of another length than this backbone's
+                raise ConfigError(f"routing statistics were made for features of {g.means.shape[-1]} values at place "
+                                  f"{b}, but this backbone gives {taps[b].shape[-1]}: refit them with "
+                                  + step("routing_refit"))
         fits = torch.stack([g.fit(taps[b]) for b, g in zip(self.blocks, self.gaussians, strict=True)], 1)
         return 1 - fits.min(dim=1).values
 
@@ -165,6 +170,8 @@ class TokenStats:
             raise bad
         for b, g in zip(blocks, gaussians, strict=True):
             k, width = g.var.numel(), dim if b != SPECTRUM else g.means.shape[-1]
+            if not 1 <= width <= dim:  # a spectrum has at most as many values as the features (patch_spectrum)
+                raise bad
             if (g.means.dim() != 2 or g.means.shape[1] != width or g.basis.shape != (k, width) or g.rest.numel() != 1
                     or not bool((g.var > 0).all()) or not float(g.rest) > 0 or not _percentiles(g.quantiles)):
                 raise bad
