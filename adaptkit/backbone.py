@@ -28,7 +28,14 @@ import timm
 import torch
 from torch import nn
 
-from adaptkit.backbone_info import check_image_size, check_size_value, default_input_size, hub_cached
+from adaptkit.backbone_info import (
+    check_image_size,
+    check_size_value,
+    default_input_size,
+    hub_cached,
+    packaged_weights,
+    pretrained_cfg,
+)
 from adaptkit.devices import resolve_device
 from adaptkit.errors import BackboneError, OfflineError, param
 from adaptkit.hashing import tensors_sha256
@@ -237,14 +244,11 @@ def _create(name: str, pretrained: bool, size: int | None = None) -> nn.Module:
 
 def _hub_or_package(name: str) -> str:
     """Check that pretrained weights can be had without a long wait; return ``hub`` or ``package``."""
-    try:
-        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
-    except RuntimeError:
-        cfg = None
-    if cfg is None or not (cfg.file or cfg.state_dict or cfg.hf_hub_id or cfg.url):
+    cfg = pretrained_cfg(name, registered_only=True)
+    if cfg is None or not (packaged_weights(cfg) or cfg.hf_hub_id or cfg.url):
         raise BackboneError(f"{name} has no pretrained weights in timm: give {param('weights')} or "
                             f"{param('pretrained', False)}")
-    if cfg.file or cfg.state_dict:
+    if packaged_weights(cfg):
         return "package"
     if cfg.hf_hub_id and hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename):
         return "hub"

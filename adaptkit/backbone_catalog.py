@@ -18,7 +18,7 @@ import timm
 
 import adaptkit
 from adaptkit.backbone import DEFAULT_BACKBONE
-from adaptkit.backbone_info import ArchInfo, describe_arch, hub_cached, supported_classes
+from adaptkit.backbone_info import ArchInfo, describe_arch, hub_cached, packaged_weights, supported_classes
 from adaptkit.errors import BackboneError
 from adaptkit.models import PACKAGED_BACKBONE
 from adaptkit.random_weights import cache_dir
@@ -77,7 +77,7 @@ def _cached(cfg: object) -> bool:
     """Whether the weights of a pretrained config are on this machine, without asking the network."""
     if cfg is None:
         return False
-    if cfg.file or cfg.state_dict:
+    if packaged_weights(cfg):
         return cfg.state_dict is not None or Path(cfg.file).is_file()
     return bool(cfg.hf_hub_id) and hub_cached(cfg.hf_hub_id, cfg.hf_hub_filename)
 

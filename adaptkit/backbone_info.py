@@ -21,7 +21,8 @@ from adaptkit.families import FAMILIES
 from adaptkit.sizes import other_image_size, recorded_image_size, sized_name  # noqa: F401 (re-exported)
 
 __all__ = ["MAX_IMAGE_SIZE", "ArchInfo", "check_image_size", "default_input_size", "describe_arch", "hub_cached",
-           "other_image_size", "recorded_image_size", "sized_name", "supported_classes"]
+           "other_image_size", "packaged_weights", "pretrained_cfg", "recorded_image_size", "sized_name",
+           "supported_classes"]
 
 MAX_IMAGE_SIZE = 1024  # px: a ViT/14 at 1024 already runs 5,329 tokens, 21x the cost of 224 (attention: more)
 
@@ -79,12 +80,23 @@ def describe_arch(name: str) -> ArchInfo:
                     patch=int(patch[-1] if isinstance(patch, tuple | list) else patch), input_size=int(size))
 
 
+def pretrained_cfg(name: str, registered_only: bool = False) -> object | None:
+    """timm's pretrained config of ``name``, or None where timm has none (``registered_only``: no config made up
+    for a tag timm does not register)."""
+    try:
+        return timm.models.get_pretrained_cfg(name, allow_unregistered=not registered_only)
+    except RuntimeError:
+        return None
+
+
+def packaged_weights(cfg: object | None) -> bool:
+    """Whether a pretrained config's weights ship inside a package (a file or a state dict: no hub, no network)."""
+    return cfg is not None and bool(cfg.file or cfg.state_dict)
+
+
 def default_input_size(name: str) -> int:
     """The side of the input that timm's pretrained config gives ``name`` (224 if it names none)."""
-    try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except RuntimeError:
-        cfg = None
+    cfg = pretrained_cfg(name)
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
 
 

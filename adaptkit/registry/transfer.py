@@ -126,12 +126,12 @@ class Transfers:
         files are checked by the first prediction only.
         """
         from adaptkit.backbone import create_backbone, describe_weights
-        from adaptkit.backbone_info import describe_arch, recorded_image_size
+        from adaptkit.backbone_info import describe_arch, packaged_weights, pretrained_cfg, recorded_image_size
 
         fp, weights, name = meta.backbone_fingerprint, meta.backbone_weights, meta.backbone
         if weights not in ("package", "random") or self.known_backbone(fp):
             return None
-        if weights == "package" and not _packaged(name):
+        if weights == "package" and not packaged_weights(pretrained_cfg(name, registered_only=True)):
             return None
         if weights == "random" and describe_arch(name).params > CHECK_PARAMS:
             return (f"{path} says it was trained on {name} ({describe_weights(weights)}, fingerprint {fp[:12]}), "
@@ -148,14 +148,3 @@ class Transfers:
                 f"random weights of {name} are {found[:12]}: unless they are adaptkit 0.1's (the first prediction "
                 "looks for those, up to minutes), this task cannot predict here: export it again from the registry "
                 "that trained it, or retrain it here")
-
-
-def _packaged(name: str) -> bool:
-    """Whether timm's pretrained config of ``name`` points at weights inside a package (no hub, no network)."""
-    import timm
-
-    try:
-        cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
-    except RuntimeError:
-        return False
-    return cfg is not None and bool(cfg.file or cfg.state_dict)
